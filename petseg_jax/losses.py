@@ -1,0 +1,187 @@
+"""Per-pixel segmentation losses: softmax cross-entropy (the tutorial's), CE + soft Dice, softmax focal.
+
+All losses are computed in float32, whatever the dtype of the logits (bfloat16 logits from a mixed-precision
+model included), and are pure functions usable inside ``jax.jit`` / ``jax.pmap``.
+
+Reduction (Keras semantics). The tutorial trains with ``SparseCategoricalCrossentropy(from_logits=True)``
+whose default reduction, ``"sum_over_batch_size"``, divides the summed (sample-weighted) loss by the number
+of loss elements (pixels), not by the sum of the sample weights; its class-weight variant passes per-pixel
+sample weights ``class_weights[label]``. So here::
+
+  loss = sum_pixels(valid * class_weights[label] * pixel_loss) / sum_pixels(valid)
+
+where ``valid`` comes from ``weights`` (1 everywhere when ``weights`` is None, 0 for padding examples):
+with all-valid pixels this is exactly Keras' value with ``sample_weight=class_weights[label]``; padding
+pixels are left out of both sums, so a padded eval batch gives the mean over its real pixels. Class weights
+therefore scale the loss (weights ``(2, 2, 1)`` make it larger), they are not renormalized.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+LOSSES = ("cross_entropy", "cross_entropy+dice", "focal")
+
+# Additive smoothing of the soft Dice ratio: keeps it defined (= 1) for a class absent from both the truth
+# and the prediction of a batch, and is negligible next to the pixel counts of a batch.
+DICE_SMOOTH = 1.0
+
+
+def _check_shapes(logits: jax.Array, labels: jax.Array) -> None:
+  if logits.ndim != labels.ndim + 1 or logits.shape[:-1] != labels.shape:
+    raise ValueError(
+        f"logits of shape {logits.shape} do not match labels of shape {labels.shape}; expected logits of "
+        f"shape {labels.shape + ('num_classes',)}.")
+  if not jnp.issubdtype(labels.dtype, jnp.integer):
+    raise ValueError(f"labels must be integer class ids, got dtype {labels.dtype}.")
+
+
+def _pixel_weights(weights: Any, labels: jax.Array) -> jax.Array:
+  """float32 per-pixel validity weights from per-example ``(B,)`` or per-pixel weights (or None)."""
+  if weights is None:
+    return jnp.ones(labels.shape, jnp.float32)
+  weights = jnp.asarray(weights, jnp.float32)
+  if weights.shape != labels.shape[:weights.ndim]:
+    raise ValueError(
+        f"weights of shape {weights.shape} must be per example {labels.shape[:1]} or a prefix of the "
+        f"labels' shape {labels.shape}.")
+  weights = weights.reshape(weights.shape + (1,) * (labels.ndim - weights.ndim))
+  return jnp.broadcast_to(weights, labels.shape)
+
+
+def _class_weight_array(class_weights: Sequence[float] | None, num_classes: int) -> np.ndarray | None:
+  if class_weights is None or len(class_weights) == 0:
+    return None
+  cw = np.asarray(class_weights, np.float32)
+  if cw.shape != (num_classes,) or not np.all(np.isfinite(cw)) or np.any(cw < 0):
+    raise ValueError(
+        f"class_weights={tuple(class_weights)} must be {num_classes} finite non-negative numbers, one per "
+        "class (config train.class_weights), or () for none.")
+  return cw
+
+
+def _safe_divide(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
+  # 0 (not NaN, and with finite gradients) when every pixel has weight 0: the numerator is 0 then too.
+  return numerator / jnp.where(denominator > 0, denominator, 1.0)
+
+
+def softmax_focal_loss(logits: jax.Array, labels: jax.Array, gamma: float = 2.0) -> jax.Array:
+  """Per-pixel softmax focal loss ``-(1 - p_t)**gamma * log(p_t)`` (Lin et al. 2017), in float32.
+
+  ``optax.sigmoid_focal_loss`` is the binary/multi-label form; this is the multi-class softmax form, with
+  ``p_t`` the softmax probability of the true class. ``gamma=0`` is exactly the cross-entropy.
+
+  Args:
+    logits: ``(..., C)`` logits, any float dtype.
+    labels: ``(...)`` integer class ids in ``[0, C)``.
+    gamma: focusing parameter >= 0.
+
+  Returns:
+    float32 array with the shape of ``labels``.
+  """
+  if gamma < 0:
+    raise ValueError(f"focal gamma must be >= 0, got {gamma}.")
+  logits = jnp.asarray(logits, jnp.float32)
+  labels = jnp.asarray(labels)
+  _check_shapes(logits, labels)
+  log_pt = jnp.take_along_axis(jax.nn.log_softmax(logits), labels[..., None], axis=-1)[..., 0]
+  if gamma == 0:
+    return -log_pt
+  # -expm1(log p_t) = 1 - p_t without cancellation when p_t is close to 1.
+  one_minus_pt = -jnp.expm1(log_pt)
+  if float(gamma).is_integer():
+    modulator = jax.lax.integer_pow(one_minus_pt, int(gamma))
+  else:
+    # Fractional powers have an infinite derivative at 0 (a perfectly classified pixel); a tiny floor
+    # keeps gradients finite and changes the loss by < 1e-12**gamma * |log p_t| ~ 0.
+    modulator = jnp.power(jnp.maximum(one_minus_pt, 1e-12), gamma)
+  return -modulator * log_pt
+
+
+def soft_dice_loss(logits: jax.Array, labels: jax.Array, weights: Any = None,
+                   smooth: float = DICE_SMOOTH) -> jax.Array:
+  """``1 - mean_c soft Dice_c`` over the whole batch, from softmax probabilities, in float32.
+
+  ``Dice_c = (2 * sum(w p_c y_c) + smooth) / (sum(w p_c) + sum(w y_c) + smooth)``, sums over every pixel of
+  the batch (batch-level Dice), ``p`` the softmax probabilities, ``y`` the one-hot labels, ``w`` the
+  validity weights. Class weights do not enter the Dice term.
+
+  Args:
+    logits: ``(B, ..., C)`` logits, any float dtype.
+    labels: ``(B, ...)`` integer class ids in ``[0, C)``.
+    weights: optional per-example ``(B,)`` or per-pixel validity weights (0 = padding).
+    smooth: additive smoothing (see ``DICE_SMOOTH``).
+
+  Returns:
+    float32 scalar in ``[0, 1]``; ~0 for a confident perfect prediction.
+  """
+  logits = jnp.asarray(logits, jnp.float32)
+  labels = jnp.asarray(labels)
+  _check_shapes(logits, labels)
+  num_classes = logits.shape[-1]
+  valid = _pixel_weights(weights, labels)[..., None]
+  probs = jax.nn.softmax(logits) * valid
+  onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32) * valid
+  axes = tuple(range(labels.ndim))
+  intersection = jnp.sum(probs * onehot, axis=axes)
+  total = jnp.sum(probs, axis=axes) + jnp.sum(onehot, axis=axes)
+  dice = (2.0 * intersection + smooth) / (total + smooth)
+  return 1.0 - jnp.mean(dice)
+
+
+def segmentation_loss(
+    logits: jax.Array,
+    labels: jax.Array,
+    *,
+    loss: str = "cross_entropy",
+    class_weights: Sequence[float] | None = (),
+    weights: Any = None,
+    focal_gamma: float = 2.0,
+) -> jax.Array:
+  """Scalar float32 training/eval loss.
+
+  Args:
+    logits: ``(B, H, W, C)`` logits, any float dtype (cast to float32 first).
+    labels: ``(B, H, W)`` integer class ids in ``[0, C)`` (out-of-range labels give a NaN loss for
+      cross-entropy, they are not validated under jit).
+    loss: one of ``LOSSES``:
+      "cross_entropy": sparse softmax cross-entropy (``optax.softmax_cross_entropy_with_integer_labels``).
+      "cross_entropy+dice": the cross-entropy above + ``soft_dice_loss`` (weight 1 each).
+      "focal": ``softmax_focal_loss`` with ``focal_gamma``.
+    class_weights: ``()``/None, or C non-negative numbers: each pixel's loss is multiplied by the weight of
+      its true class (the tutorial's sample-weight variant, e.g. ``(2.0, 2.0, 1.0)``). Applies to the
+      cross-entropy and focal terms, not to the Dice term.
+    weights: optional per-example ``(B,)`` or per-pixel ``(B, H, W)`` validity weights; 0 excludes a
+      padding example/pixel from the loss and from the pixel count.
+    focal_gamma: focusing parameter of "focal".
+
+  Returns:
+    float32 scalar: ``sum(valid * class_weight[label] * pixel_loss) / sum(valid)`` (see the module
+    docstring for why this matches Keras), plus the Dice term for "cross_entropy+dice"; 0 if no pixel
+    is valid.
+
+  Raises:
+    ValueError: for an unknown ``loss``, bad ``class_weights`` or mismatched shapes.
+  """
+  if loss not in LOSSES:
+    raise ValueError(f"Unknown loss {loss!r} (config train.loss); choose one of {LOSSES}.")
+  logits = jnp.asarray(logits, jnp.float32)
+  labels = jnp.asarray(labels)
+  _check_shapes(logits, labels)
+  cw = _class_weight_array(class_weights, logits.shape[-1])
+  valid = _pixel_weights(weights, labels)
+
+  if loss == "focal":
+    pixel_loss = softmax_focal_loss(logits, labels, gamma=focal_gamma)
+  else:
+    pixel_loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  pixel_weight = valid if cw is None else valid * jnp.asarray(cw)[labels]
+  value = _safe_divide(jnp.sum(pixel_weight * pixel_loss), jnp.sum(valid))
+  if loss == "cross_entropy+dice":
+    value = value + soft_dice_loss(logits, labels, weights)
+  return value

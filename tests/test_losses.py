@@ -1,0 +1,173 @@
+"""Tests for petseg_jax.losses."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from petseg_jax import losses
+
+
+def _data(seed=0, shape=(4, 6, 5), num_classes=3, scale=2.0):
+  rng = np.random.default_rng(seed)
+  logits = (scale * rng.normal(size=shape + (num_classes,))).astype(np.float32)
+  labels = rng.integers(0, num_classes, shape).astype(np.int32)
+  return logits, labels
+
+
+def _np_log_softmax(logits):
+  x = logits.astype(np.float64)
+  x = x - x.max(-1, keepdims=True)
+  return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def _np_ce(logits, labels):
+  return -np.take_along_axis(_np_log_softmax(logits), labels[..., None], -1)[..., 0]
+
+
+def test_cross_entropy_matches_numpy():
+  logits, labels = _data()
+  value = losses.segmentation_loss(logits, labels, loss="cross_entropy")
+  assert value.shape == () and value.dtype == jnp.float32
+  np.testing.assert_allclose(value, _np_ce(logits, labels).mean(), rtol=1e-6)
+
+
+def test_per_example_weights_exclude_padding():
+  logits, labels = _data(1)
+  padded = losses.segmentation_loss(logits, labels, weights=np.array([1, 1, 1, 0], np.float32))
+  np.testing.assert_allclose(padded, losses.segmentation_loss(logits[:3], labels[:3]), rtol=1e-6)
+  # Changing a padding example's content changes nothing.
+  logits2 = logits.copy()
+  logits2[3] = 100.0
+  np.testing.assert_allclose(
+      losses.segmentation_loss(logits2, labels, weights=np.array([1, 1, 1, 0], np.float32)), padded, rtol=1e-6)
+
+
+def test_per_pixel_weights_match_numpy():
+  logits, labels = _data(2)
+  w = (np.random.default_rng(3).random(labels.shape) > 0.5).astype(np.float32)
+  value = losses.segmentation_loss(logits, labels, weights=w)
+  np.testing.assert_allclose(value, (w * _np_ce(logits, labels)).sum() / w.sum(), rtol=1e-6)
+
+
+def test_class_weights_keras_reduction():
+  logits, labels = _data(4)
+  cw = np.array([2.0, 2.0, 1.0])
+  value = losses.segmentation_loss(logits, labels, class_weights=(2.0, 2.0, 1.0))
+  # Keras "sum_over_batch_size": divide by the number of pixels, not by the sum of the weights.
+  np.testing.assert_allclose(value, (cw[labels] * _np_ce(logits, labels)).mean(), rtol=1e-6)
+  assert float(value) > float(losses.segmentation_loss(logits, labels))
+  # With padding: padded pixels leave both sums.
+  w = np.array([1, 0, 1, 1], np.float32)
+  value = losses.segmentation_loss(logits, labels, class_weights=cw, weights=w)
+  keep = w.astype(bool)
+  np.testing.assert_allclose(
+      value, (cw[labels[keep]] * _np_ce(logits[keep], labels[keep])).mean(), rtol=1e-6)
+
+
+def test_class_weights_match_keras_sample_weight():
+  tf = pytest.importorskip("tensorflow")
+  try:
+    tf.config.set_visible_devices([], "GPU")  # Keep TF off the GPU that JAX uses.
+  except RuntimeError:
+    pass  # TF already initialized its devices in this process (by another test); nothing to change.
+  keras = pytest.importorskip("keras")
+  logits, labels = _data(5)
+  cw = np.array([2.0, 2.0, 1.0], np.float32)
+  # The tutorial's add_sample_weights: per-pixel sample weights of shape (B, H, W, 1).
+  sample_weight = cw[labels][..., None]
+  keras_value = keras.losses.SparseCategoricalCrossentropy(from_logits=True)(
+      labels[..., None], logits, sample_weight=sample_weight)
+  value = losses.segmentation_loss(logits, labels, class_weights=tuple(cw))
+  np.testing.assert_allclose(value, np.asarray(keras_value), rtol=1e-5)
+
+
+def test_bfloat16_logits_computed_in_float32():
+  logits, labels = _data(6)
+  bf16 = jnp.asarray(logits, jnp.bfloat16)
+  for name in losses.LOSSES:
+    value = losses.segmentation_loss(bf16, labels, loss=name)
+    assert value.dtype == jnp.float32
+    # Same as float32 logits holding the bf16-rounded values: nothing else is computed in bf16.
+    reference = losses.segmentation_loss(bf16.astype(jnp.float32), labels, loss=name)
+    np.testing.assert_allclose(value, reference, rtol=1e-6)
+  np.testing.assert_allclose(
+      losses.segmentation_loss(bf16, labels),
+      _np_ce(np.asarray(bf16.astype(jnp.float32)), labels).mean(), rtol=1e-6)
+
+
+def test_focal_gamma_zero_is_cross_entropy():
+  logits, labels = _data(7)
+  np.testing.assert_allclose(
+      losses.segmentation_loss(logits, labels, loss="focal", focal_gamma=0.0),
+      losses.segmentation_loss(logits, labels, loss="cross_entropy"), rtol=1e-6)
+
+
+def test_focal_matches_numpy_and_downweights_easy_pixels():
+  logits, labels = _data(8)
+  ce = _np_ce(logits, labels)
+  pt = np.exp(-ce)
+  cw = np.array([2.0, 2.0, 1.0])
+  value = losses.segmentation_loss(logits, labels, loss="focal", class_weights=cw)
+  np.testing.assert_allclose(value, (cw[labels] * (1 - pt) ** 2 * ce).mean(), rtol=1e-5)
+  np.testing.assert_allclose(
+      losses.segmentation_loss(logits, labels, loss="focal", focal_gamma=0.5),
+      ((1 - pt) ** 0.5 * ce).mean(), rtol=1e-5)
+  assert float(losses.segmentation_loss(logits, labels, loss="focal")) < ce.mean()
+
+
+def test_dice_loss_perfect_prediction_and_numpy_reference():
+  _, labels = _data(9)
+  perfect = 20.0 * np.eye(3, dtype=np.float32)[labels]
+  assert float(losses.soft_dice_loss(perfect, labels)) < 1e-6
+  wrong = 20.0 * np.eye(3, dtype=np.float32)[(labels + 1) % 3]
+  assert float(losses.soft_dice_loss(wrong, labels)) > 0.95  # Only the smoothing term is left.
+
+  logits, labels = _data(10)
+  p = np.exp(_np_log_softmax(logits))
+  y = np.eye(3)[labels]
+  dice = (2 * (p * y).sum((0, 1, 2)) + 1) / (p.sum((0, 1, 2)) + y.sum((0, 1, 2)) + 1)
+  np.testing.assert_allclose(losses.soft_dice_loss(logits, labels), 1 - dice.mean(), rtol=1e-5)
+  combined = losses.segmentation_loss(logits, labels, loss="cross_entropy+dice")
+  np.testing.assert_allclose(combined, _np_ce(logits, labels).mean() + 1 - dice.mean(), rtol=1e-5)
+
+
+def test_dice_loss_ignores_padding():
+  logits, labels = _data(11)
+  w = np.array([1, 1, 0, 0], np.float32)
+  np.testing.assert_allclose(
+      losses.soft_dice_loss(logits, labels, w), losses.soft_dice_loss(logits[:2], labels[:2]), rtol=1e-6)
+
+
+def test_jit_grad_finite_including_all_padding_and_perfect_predictions():
+  _, labels = _data(12)
+  perfect = 200.0 * np.eye(3, dtype=np.float32)[labels]  # p_t == 1 exactly in float32.
+
+  @jax.jit
+  def loss_and_grads(logits, weights):
+    out = {}
+    for name in losses.LOSSES:
+      out[name] = jax.value_and_grad(
+          lambda lg: losses.segmentation_loss(
+              lg, labels, loss=name, class_weights=(2.0, 2.0, 1.0), weights=weights))(logits)
+    return out
+
+  for weights in (np.ones(4, np.float32), np.zeros(4, np.float32)):
+    for name, (value, grad) in loss_and_grads(perfect, weights).items():
+      assert np.isfinite(value) and np.all(np.isfinite(grad)), name
+  for name, (value, _) in loss_and_grads(perfect, np.zeros(4, np.float32)).items():
+    assert abs(float(value)) < 1e-6, name  # No valid pixel: 0, not NaN.
+
+
+def test_bad_arguments_raise_clear_errors():
+  logits, labels = _data(13)
+  with pytest.raises(ValueError, match="Unknown loss 'dice'.*cross_entropy.*focal"):
+    losses.segmentation_loss(logits, labels, loss="dice")
+  with pytest.raises(ValueError, match="class_weights"):
+    losses.segmentation_loss(logits, labels, class_weights=(1.0, 2.0))
+  with pytest.raises(ValueError, match="do not match labels"):
+    losses.segmentation_loss(logits[:2], labels)
+  with pytest.raises(ValueError, match="weights of shape"):
+    losses.segmentation_loss(logits, labels, weights=np.ones(3))
+  with pytest.raises(ValueError, match="gamma"):
+    losses.segmentation_loss(logits, labels, loss="focal", focal_gamma=-1.0)
