@@ -105,7 +105,7 @@ def confusion_matrix(
   # Outer product summed over pixels: only int32 elementwise ops and one reduction, avoiding an integer
   # matmul (no cuBLAS kernel for int32) and a scatter-add into C*C bins (atomic contention on GPU).
   # XLA:CPU materializes an int32 (N, C, C) temporary (36 MB for 64x128x128 pixels) and took ~16 ms
-  # for such a batch on 2 cores here, as long as a float32 one-hot matmul; not measured on GPU.
+  # for such a batch on 2 cores here (a float32 one-hot matmul: ~13 ms); not measured on GPU.
   return jnp.sum(
       true_onehot[:, :, None] & pred_onehot[:, None, :], axis=0, dtype=jnp.int32)
 
