@@ -99,18 +99,17 @@ def _subpixel_kernel(kernel: Array) -> Array:
   So on an input padded by one row at the top, the 2-tap window ``(in[j-1], in[j])`` uses taps
   ``(K2, K0)`` for even outputs and ``(0, K1)`` for odd ones; the same holds for columns.
   """
-  zero = jnp.zeros_like(kernel[0])
-  # taps[parity] = (tap for window offset -1, tap for offset 0) along one axis, as kernel indices.
+  zero = jnp.zeros_like(kernel[0, 0])
+  # taps[parity] = (kernel index for window offset -1, for offset 0) along one axis; None = no tap.
   taps = {0: (2, 0), 1: (None, 1)}
 
-  def pick(rows, parity_y, parity_x):
-    ky = taps[parity_y]
-    kx = taps[parity_x]
+  def window_kernel(parity_y: int, parity_x: int) -> Array:  # (2, 2, in, out)
     return jnp.stack([
-        jnp.stack([zero if (a is None or b is None) else kernel[a, b] for b in kx]) for a in ky])
+        jnp.stack([zero if a is None or b is None else kernel[a, b] for b in taps[parity_x]])
+        for a in taps[parity_y]])
 
-  # (2, 2, in, out) per parity, stacked so that the output channel index is (py, px, out): depth-to-space.
-  per_parity = [pick(None, py, px) for py in (0, 1) for px in (0, 1)]
+  # Output channel index ordered (py, px, out), as depth_to_space expects.
+  per_parity = [window_kernel(py, px) for py in (0, 1) for px in (0, 1)]
   return jnp.stack(per_parity, axis=3).reshape(2, 2, kernel.shape[2], 4 * kernel.shape[3])
 
 

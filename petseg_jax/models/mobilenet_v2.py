@@ -1,0 +1,126 @@
+"""MobileNetV2 feature encoder with Keras-compatible layer names.
+
+The architecture, channel rounding, BatchNorm hyper-parameters and padding follow
+``keras.applications.MobileNetV2(include_top=False)`` exactly, so Keras ImageNet weights load by layer name
+(see ``petseg_jax.weights``) and the encoder computes the same function. Only the layers the U-Net taps
+are built: the network stops at ``block_16_project`` (as the tutorial's ``down_stack`` model does), so
+``block_16_project_BN`` and ``Conv_1`` are not part of it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from petseg_jax.models.layers import DepthwiseConv3x3, keras_same_padding
+
+Array = jax.Array
+
+# The U-Net skip connections and bottleneck, in order of decreasing resolution (stride 2, 4, 8, 16, 32).
+TAP_NAMES = (
+    "block_1_expand_relu",
+    "block_3_expand_relu",
+    "block_6_expand_relu",
+    "block_13_expand_relu",
+    "block_16_project",
+)
+
+# (filters, stride, expansion) of inverted residual blocks 0..16, as in Keras' MobileNetV2.
+BLOCKS = (
+    (16, 1, 1),
+    (24, 2, 6), (24, 1, 6),
+    (32, 2, 6), (32, 1, 6), (32, 1, 6),
+    (64, 2, 6), (64, 1, 6), (64, 1, 6), (64, 1, 6),
+    (96, 1, 6), (96, 1, 6), (96, 1, 6),
+    (160, 2, 6), (160, 1, 6), (160, 1, 6),
+    (320, 1, 6),
+)
+
+BN_EPSILON = 1e-3
+BN_MOMENTUM = 0.999
+
+
+def make_divisible(value: float, divisor: int = 8) -> int:
+  """Keras' channel rounding: nearest multiple of ``divisor``, never below 90% of ``value``."""
+  rounded = max(divisor, int(value + divisor / 2) // divisor * divisor)
+  if rounded < 0.9 * value:
+    rounded += divisor
+  return rounded
+
+
+def block_channels(alpha: float) -> list[tuple[int, int, int, int]]:
+  """(block_id, expanded channels, output channels, stride) for every inverted residual block."""
+  in_channels = make_divisible(32 * alpha)
+  out = []
+  for block_id, (filters, stride, expansion) in enumerate(BLOCKS):
+    out_channels = make_divisible(int(filters * alpha))
+    out.append((block_id, expansion * in_channels, out_channels, stride))
+    in_channels = out_channels
+  return out
+
+
+class MobileNetV2Encoder(nn.Module):
+  """MobileNetV2 up to ``block_16_project``, returning the five U-Net taps.
+
+  Attributes:
+    alpha: width multiplier (Keras ``alpha``); channels are rounded as Keras does.
+    dtype: computation dtype (e.g. ``jnp.bfloat16``); parameters stay float32.
+    impl: convolution formulation, "fast" or "reference" (see ``petseg_jax.models.layers``).
+    bn_axis_name: pmap axis over which training-mode BatchNorm statistics are averaged.
+
+  Input: images (N, H, W, 3) scaled to [-1, 1], H and W divisible by 32.
+  Output: dict ``{tap_name: activation}`` for the names in ``TAP_NAMES``.
+  """
+
+  alpha: float = 1.0
+  dtype: Any = None
+  impl: str = "fast"
+  bn_axis_name: str | None = None
+
+  def _bn(self, name: str, train: bool) -> nn.BatchNorm:
+    return nn.BatchNorm(
+        use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
+        dtype=self.dtype, axis_name=self.bn_axis_name if train else None, name=name)
+
+  def _conv1x1(self, features: int, name: str) -> nn.Conv:
+    return nn.Conv(features, (1, 1), use_bias=False, dtype=self.dtype, name=name)
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool = False) -> dict[str, Array]:
+    height, width = x.shape[1:3]
+    if height % 32 or width % 32:
+      raise ValueError(
+          f"MobileNetV2Encoder needs height and width divisible by 32; got {height}x{width}. "
+          "Resize the input (config.data.image_size).")
+    relu6 = lambda y: jnp.clip(y, 0, 6)
+    taps = {}
+    pads = [keras_same_padding(height, 3, 2), keras_same_padding(width, 3, 2)]
+    x = nn.Conv(make_divisible(32 * self.alpha), (3, 3), strides=(2, 2), padding=pads, use_bias=False,
+                dtype=self.dtype, name="Conv1")(x)
+    x = relu6(self._bn("bn_Conv1", train)(x))
+
+    for block_id, expanded, out_channels, stride in block_channels(self.alpha):
+      inputs = x
+      prefix = f"block_{block_id}_" if block_id else "expanded_conv_"
+      if block_id:
+        x = self._conv1x1(expanded, prefix + "expand")(x)
+        x = relu6(self._bn(prefix + "expand_BN", train)(x))
+        taps[prefix + "expand_relu"] = x
+      if stride == 2:
+        # Keras' correct_pad: asymmetric zero padding, then a "valid" stride-2 depthwise conv.
+        pad = [keras_same_padding(x.shape[1], 3, 2), keras_same_padding(x.shape[2], 3, 2)]
+        x = jnp.pad(x, [(0, 0), *pad, (0, 0)])
+      x = DepthwiseConv3x3(strides=stride, padding="same" if stride == 1 else "valid", impl=self.impl,
+                           dtype=self.dtype, name=prefix + "depthwise")(x)
+      x = relu6(self._bn(prefix + "depthwise_BN", train)(x))
+      x = self._conv1x1(out_channels, prefix + "project")(x)
+      taps[prefix + "project"] = x
+      if block_id == 16:
+        break  # The tap is the projection before its BatchNorm, as in the tutorial.
+      x = self._bn(prefix + "project_BN", train)(x)
+      if inputs.shape[-1] == out_channels and stride == 1:
+        x = x + inputs
+    return {name: taps[name] for name in TAP_NAMES}

@@ -1,0 +1,94 @@
+"""The tutorial's "modified U-Net": MobileNetV2 encoder + pix2pix upsampling decoder."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from petseg_jax.models.layers import ConvTranspose3x3s2
+from petseg_jax.models.mobilenet_v2 import TAP_NAMES, MobileNetV2Encoder
+
+Array = jax.Array
+
+# Keras' BatchNormalization defaults, used by the pix2pix upsample blocks.
+DECODER_BN_MOMENTUM = 0.99
+DECODER_BN_EPSILON = 1e-3
+
+
+class UpsampleBlock(nn.Module):
+  """pix2pix ``upsample``: ConvTranspose 3x3 stride 2 (no bias, N(0, 0.02)) → BatchNorm → Dropout → ReLU."""
+
+  features: int
+  dropout: float = 0.0
+  dtype: Any = None
+  impl: str = "fast"
+  bn_axis_name: str | None = None
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool = False) -> Array:
+    x = ConvTranspose3x3s2(self.features, use_bias=False, impl=self.impl, dtype=self.dtype,
+                           kernel_init=nn.initializers.normal(0.02), name="conv_transpose")(x)
+    x = nn.BatchNorm(use_running_average=not train, momentum=DECODER_BN_MOMENTUM,
+                     epsilon=DECODER_BN_EPSILON, dtype=self.dtype,
+                     axis_name=self.bn_axis_name if train else None, name="bn")(x)
+    if self.dropout > 0:
+      x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    return nn.relu(x)
+
+
+class Decoder(nn.Module):
+  """Upsamples the bottleneck, concatenating the skips in reverse order, to per-pixel logits."""
+
+  num_classes: int = 3
+  filters: Sequence[int] = (512, 256, 128, 64)
+  dropout: float = 0.0
+  dtype: Any = None
+  impl: str = "fast"
+  bn_axis_name: str | None = None
+
+  @nn.compact
+  def __call__(self, taps: dict[str, Array], train: bool = False) -> Array:
+    skips = [taps[name] for name in TAP_NAMES]
+    x = skips[-1]
+    if len(self.filters) != len(skips) - 1:
+      raise ValueError(f"decoder_filters needs {len(skips) - 1} entries, got {tuple(self.filters)}")
+    for i, (features, skip) in enumerate(zip(self.filters, reversed(skips[:-1]))):
+      x = UpsampleBlock(features, self.dropout, self.dtype, self.impl, self.bn_axis_name,
+                        name=f"up_{i}")(x, train)
+      x = jnp.concatenate([x, skip.astype(x.dtype)], axis=-1)
+    # Keras Conv2DTranspose defaults for the last layer: glorot-uniform kernel, zero bias.
+    return ConvTranspose3x3s2(self.num_classes, use_bias=True, impl=self.impl, dtype=self.dtype,
+                              name="last")(x)
+
+
+class UNet(nn.Module):
+  """MobileNetV2 U-Net returning logits (N, H, W, num_classes); softmax lives in the loss.
+
+  Variables: ``params``/``batch_stats`` with subtrees ``encoder`` (Keras MobileNetV2 layer names) and
+  ``decoder`` (``up_0``..``up_3``, ``last``), so that training can freeze the encoder by path.
+
+  Call with ``train=True`` for training-mode BatchNorm and dropout. ``frozen_encoder=True`` runs the encoder
+  as Keras does for ``trainable=False`` (BatchNorm on running statistics) and stops gradients at its
+  outputs, so no encoder backward pass is computed.
+  """
+
+  num_classes: int = 3
+  alpha: float = 1.0
+  decoder_filters: Sequence[int] = (512, 256, 128, 64)
+  dropout: float = 0.0
+  dtype: Any = None
+  impl: str = "fast"
+  bn_axis_name: str | None = None
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool = False, frozen_encoder: bool = False) -> Array:
+    taps = MobileNetV2Encoder(self.alpha, self.dtype, self.impl, self.bn_axis_name, name="encoder")(
+        x, train=train and not frozen_encoder)
+    if frozen_encoder:
+      taps = jax.tree.map(jax.lax.stop_gradient, taps)
+    logits = Decoder(self.num_classes, tuple(self.decoder_filters), self.dropout, self.dtype, self.impl,
+                     self.bn_axis_name, name="decoder")(taps, train=train)
+    return logits.astype(jnp.float32)

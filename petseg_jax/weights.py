@@ -1,0 +1,325 @@
+"""Keras ⇄ Flax weight import for the MobileNetV2 encoder and the tutorial U-Net.
+
+Keras layer names are kept as Flax module names, so conversion is a rename of each layer's variables:
+``kernel``/``depthwise_kernel`` → ``kernel``, ``gamma`` → ``scale``, ``beta`` → ``bias``,
+``moving_mean``/``moving_variance`` → ``batch_stats`` ``mean``/``var``. Two layouts differ: depthwise
+kernels are (3, 3, C, 1) in Keras and (3, 3, 1, C) here, and ``Conv2DTranspose`` kernels are
+(3, 3, out, in) in Keras and (3, 3, in, out) here.
+
+Converted encoder weights are stored as ``.npz`` files (flattened ``params/...`` and ``batch_stats/...``
+arrays plus the width ``alpha``); ``scripts/convert_keras_weights.py`` writes them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from petseg_jax.models.mobilenet_v2 import MobileNetV2Encoder, make_divisible
+
+Variables = dict[str, Any]
+LayerArrays = dict[str, dict[str, np.ndarray]]  # Keras layer name → variable name → array.
+
+# The stock ImageNet alpha-0.35 encoder, converted from Keras (Apache-2.0, see assets/WEIGHTS_LICENSE.md).
+BUNDLED_ENCODER_WEIGHTS = str(Path(__file__).parent / "assets" / "mobilenet_v2_0.35_imagenet.npz")
+# Widths for which keras.applications publishes ImageNet MobileNetV2 weights.
+IMAGENET_ALPHAS = (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)
+
+_KERAS_TO_FLAX = {
+    "kernel": ("params", "kernel"),
+    "depthwise_kernel": ("params", "kernel"),
+    "bias": ("params", "bias"),
+    "gamma": ("params", "scale"),
+    "beta": ("params", "bias"),
+    "moving_mean": ("batch_stats", "mean"),
+    "moving_variance": ("batch_stats", "var"),
+}
+
+
+class WeightsError(ValueError):
+  """A weight source that cannot be used: missing file, wrong alpha, missing layer, wrong shape."""
+
+
+def _var_name(name: str) -> str:
+  """'block_1_expand/kernel:0' → 'kernel'."""
+  return name.split("/")[-1].split(":")[0]
+
+
+def _infer_alpha(layers: LayerArrays) -> float | None:
+  """The ImageNet alpha whose first conv width matches the weights, if one does."""
+  if "Conv1" not in layers or "kernel" not in layers["Conv1"]:
+    return None
+  width = layers["Conv1"]["kernel"].shape[-1]
+  last = layers.get("block_16_project", {}).get("kernel")
+  for alpha in IMAGENET_ALPHAS:
+    if make_divisible(32 * alpha) == width and (
+        last is None or last.shape[-1] == make_divisible(int(320 * alpha))):
+      return alpha
+  return None
+
+
+_SUBLAYER_ORDER = ("expand", "expand_BN", "depthwise", "depthwise_BN", "project", "project_BN")
+
+
+def _network_order(layer: str) -> tuple[int, int, str]:
+  """Sort key putting MobileNetV2 layer names in network order (so errors name the first problem)."""
+  if layer in ("Conv1", "bn_Conv1"):
+    return (-1, int(layer != "Conv1"), layer)
+  if layer.startswith("expanded_conv_"):
+    block, rest = 0, layer[len("expanded_conv_"):]
+  elif layer.startswith("block_"):
+    number, _, rest = layer[len("block_"):].partition("_")
+    block = int(number) if number.isdigit() else 99
+  else:
+    return (99, 0, layer)
+  return (block, _SUBLAYER_ORDER.index(rest) if rest in _SUBLAYER_ORDER else 9, layer)
+
+
+def read_keras_h5(path: str | os.PathLike) -> LayerArrays:
+  """Reads a legacy Keras HDF5 weight file (the layout ``keras.applications`` downloads) by layer name."""
+  import h5py  # Only needed for this file format.
+
+  path = Path(path)
+  try:
+    with h5py.File(path, "r") as f:
+      group = f["model_weights"] if "model_weights" in f else f
+      if "layer_names" not in group.attrs:
+        raise WeightsError(
+            f"{path}: not a legacy Keras HDF5 weight file (no 'layer_names' attribute). Keras 3 "
+            "'.weights.h5' and '.keras' files are read through Keras; name them with those suffixes.")
+      layers: LayerArrays = {}
+      for raw in group.attrs["layer_names"]:
+        layer = raw.decode() if isinstance(raw, bytes) else str(raw)
+        names = group[layer].attrs.get("weight_names", [])
+        arrays = {}
+        for raw_w in names:
+          w = raw_w.decode() if isinstance(raw_w, bytes) else str(raw_w)
+          arrays[_var_name(w)] = np.asarray(group[layer][w])
+        if arrays:
+          layers[layer] = arrays
+      return layers
+  except OSError as e:
+    raise WeightsError(f"{path}: cannot read as an HDF5 weight file ({e}).") from None
+
+
+def read_keras_model(model: Any) -> LayerArrays:
+  """Collects the weights of a Keras model (and of its nested sub-models) by layer name."""
+  layers: LayerArrays = {}
+
+  def visit(layer: Any) -> None:
+    children = getattr(layer, "layers", None)
+    if children:  # A sub-model (e.g. the tutorial's down_stack): descend, its layers keep their names.
+      for child in children:
+        visit(child)
+      return
+    arrays = {_var_name(w.path if hasattr(w, "path") else w.name): np.asarray(w.numpy())
+              for w in layer.weights}
+    if arrays:
+      layers[layer.name] = arrays
+
+  visit(model)
+  return layers
+
+
+def _keras_mobilenet(alpha: float, weights: str) -> Any:
+  import keras  # Heavy import; only needed when Keras itself must read the weights.
+
+  return keras.applications.MobileNetV2(
+      input_shape=(224, 224, 3), alpha=alpha, include_top=False, weights=weights)
+
+
+def _read_source(source: Any, alpha: float) -> LayerArrays:
+  if not isinstance(source, (str, os.PathLike)):
+    return read_keras_model(source)
+  if str(source) == "imagenet":
+    if alpha not in IMAGENET_ALPHAS:
+      raise WeightsError(
+          f"Keras publishes ImageNet MobileNetV2 weights only for alpha in {IMAGENET_ALPHAS}; got "
+          f"alpha={alpha}. Use one of those, or model.encoder_weights=None for a random encoder.")
+    try:
+      return read_keras_model(_keras_mobilenet(alpha, "imagenet"))
+    except Exception as e:  # Keras raises a bare URL/OS error offline.
+      raise WeightsError(
+          f"Could not get the ImageNet MobileNetV2 (alpha={alpha}) weights through keras.applications "
+          f"({type(e).__name__}: {e}). Offline, point model.encoder_weights at a Keras weight file "
+          "(e.g. ../shared/weights/mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top.h5), "
+          f"at the bundled converted alpha-0.35 weights ({BUNDLED_ENCODER_WEIGHTS}), or set it to None "
+          "for a randomly initialised encoder.") from None
+  path = Path(source)
+  if not path.is_file():
+    raise WeightsError(
+        f"Encoder weight file {path} does not exist. model.encoder_weights takes 'imagenet', a Keras "
+        "weight file (.h5, .weights.h5, .keras), a converted .npz file, or None.")
+  name = path.name
+  if name.endswith(".keras"):
+    import keras
+
+    return read_keras_model(keras.models.load_model(path, compile=False))
+  if name.endswith(".weights.h5"):
+    try:
+      return read_keras_model(_keras_mobilenet(alpha, str(path)))
+    except ValueError as e:
+      raise WeightsError(f"{path}: does not load into a Keras MobileNetV2 with alpha={alpha} ({e}). "
+                         "Check config.model.alpha against the file.") from None
+  return read_keras_h5(path)
+
+
+def encoder_template(alpha: float) -> Variables:
+  """Shapes of ``MobileNetV2Encoder(alpha)`` variables (no computation)."""
+  model = MobileNetV2Encoder(alpha)
+  return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
+
+
+def _convert_layers(layers: LayerArrays, template: Mapping[str, Any], source_desc: str,
+                    alpha: float | None, keras_layout: Mapping[str, str] | None = None) -> Variables:
+  """Fills ``template`` ({'params': {layer: ...}, 'batch_stats': ...}) from Keras layer arrays."""
+  keras_layout = keras_layout or {}
+  found_alpha = _infer_alpha(layers)
+  hint = ""
+  if alpha is not None and found_alpha is not None and found_alpha != alpha:
+    hint = f" The weights look like alpha={found_alpha}, but alpha={alpha} was asked for (config.model.alpha)."
+  out: dict[str, dict[str, dict[str, np.ndarray]]] = {"params": {}, "batch_stats": {}}
+  layer_names = sorted(set(template.get("params", {})) | set(template.get("batch_stats", {})),
+                       key=_network_order)
+  for layer in layer_names:
+    if layer not in layers:
+      raise WeightsError(f"{source_desc}: layer '{layer}' is missing from the weights.{hint}")
+    for keras_var, array in layers[layer].items():
+      collection, flax_var = _KERAS_TO_FLAX.get(keras_var, (None, None))
+      if collection is None:
+        raise WeightsError(f"{source_desc}: layer '{layer}' has an unknown variable '{keras_var}'.")
+      if flax_var == "kernel" and layer.endswith("depthwise"):
+        # Keras 2 names it 'depthwise_kernel', Keras 3 'kernel'.
+        array = array.transpose(0, 1, 3, 2)  # (3, 3, C, 1) → (3, 3, 1, C)
+      elif keras_var == "kernel" and keras_layout.get(layer) == "conv_transpose":
+        array = array.transpose(0, 1, 3, 2)  # (3, 3, out, in) → (3, 3, in, out)
+      expected = template[collection][layer][flax_var].shape
+      if tuple(array.shape) != tuple(expected):
+        keras_shape = layers[layer][keras_var].shape
+        raise WeightsError(
+            f"{source_desc}: layer '{layer}' variable '{keras_var}' has shape {tuple(keras_shape)} in the "
+            f"weights but the model expects {tuple(expected)} (in Flax layout).{hint}")
+      out[collection].setdefault(layer, {})[flax_var] = np.asarray(array, np.float32)
+  for collection in ("params", "batch_stats"):
+    for layer, variables in template.get(collection, {}).items():
+      missing = set(variables) - set(out[collection].get(layer, {}))
+      if missing:
+        raise WeightsError(f"{source_desc}: layer '{layer}' lacks {sorted(missing)}.{hint}")
+  return out
+
+
+def encoder_variables_from_keras(source: Any, alpha: float) -> Variables:
+  """Converts Keras MobileNetV2 weights into ``MobileNetV2Encoder(alpha)`` variables.
+
+  Args:
+    source: a Keras model (e.g. ``keras.applications.MobileNetV2(...)`` or a model containing it), a path
+      to a Keras weight file (legacy ``.h5`` as ``keras.applications`` downloads it, Keras 3
+      ``.weights.h5`` or ``.keras``), or ``"imagenet"`` (downloads through ``keras.applications``).
+    alpha: the encoder width the weights must fit.
+
+  Returns:
+    ``{"params": ..., "batch_stats": ...}`` as NumPy float32 arrays.
+
+  Raises:
+    WeightsError: naming the layer and both shapes on any mismatch, or the way out when unavailable.
+  """
+  desc = source if isinstance(source, (str, os.PathLike)) else f"Keras model '{getattr(source, 'name', '?')}'"
+  return _convert_layers(_read_source(source, alpha), encoder_template(alpha), str(desc), alpha)
+
+
+def unet_variables_from_keras(keras_model: Any, alpha: float | None = None) -> Variables:
+  """Converts a Keras model built as in the tutorial into ``UNet`` variables.
+
+  The tutorial model is: the MobileNetV2 ``down_stack`` sub-model, four pix2pix ``upsample`` Sequentials
+  (Conv2DTranspose → BatchNormalization [→ Dropout] → ReLU), and a last Conv2DTranspose with bias.
+  The decoder layers are found in the model's (topological) layer order.
+  """
+  import keras
+
+  layers = read_keras_model(keras_model)
+  alpha = alpha if alpha is not None else _infer_alpha(layers)
+  if alpha is None:
+    raise WeightsError("Cannot infer the encoder alpha from the Keras model; pass alpha=.")
+  encoder = _convert_layers(layers, encoder_template(alpha), f"Keras model '{keras_model.name}'", alpha)
+
+  upsample_blocks = [l for l in keras_model.layers
+                     if isinstance(l, keras.Sequential)
+                     and any(isinstance(s, keras.layers.Conv2DTranspose) for s in l.layers)]
+  last = [l for l in keras_model.layers if isinstance(l, keras.layers.Conv2DTranspose)]
+  if not upsample_blocks or len(last) != 1:
+    raise WeightsError(
+        f"Keras model '{keras_model.name}' is not built like the tutorial: expected upsample Sequentials "
+        f"and one top-level Conv2DTranspose, found {len(upsample_blocks)} and {len(last)}.")
+  decoder: Variables = {"params": {}, "batch_stats": {}}
+  for i, block in enumerate(upsample_blocks):
+    conv = next(s for s in block.layers if isinstance(s, keras.layers.Conv2DTranspose))
+    bn = next(s for s in block.layers if isinstance(s, keras.layers.BatchNormalization))
+    gamma, beta, mean, var = (np.asarray(w) for w in bn.get_weights())
+    decoder["params"][f"up_{i}"] = {
+        "conv_transpose": {"kernel": np.asarray(conv.get_weights()[0]).transpose(0, 1, 3, 2)},
+        "bn": {"scale": gamma, "bias": beta}}
+    decoder["batch_stats"][f"up_{i}"] = {"bn": {"mean": mean, "var": var}}
+  kernel, bias = last[0].get_weights()
+  decoder["params"]["last"] = {"kernel": np.asarray(kernel).transpose(0, 1, 3, 2), "bias": np.asarray(bias)}
+  return {collection: {"encoder": encoder[collection], "decoder": decoder[collection]}
+          for collection in ("params", "batch_stats")}
+
+
+def save_encoder_variables(path: str | os.PathLike, variables: Variables, alpha: float) -> None:
+  """Writes converted encoder variables as ``.npz`` (atomically: temporary file, then rename)."""
+  flat = flax.traverse_util.flatten_dict(jax.device_get(variables), sep="/")
+  path = Path(path)
+  tmp = path.with_name(path.name + ".tmp.npz")
+  np.savez(tmp, __alpha__=np.float64(alpha), **{k: np.asarray(v) for k, v in flat.items()})
+  os.replace(tmp, path)
+
+
+def load_converted_encoder(path: str | os.PathLike, alpha: float) -> Variables:
+  """Reads a ``.npz`` written by ``save_encoder_variables`` and checks it against ``alpha``."""
+  path = Path(path)
+  if not path.is_file():
+    raise WeightsError(f"Converted encoder weight file {path} does not exist.")
+  with np.load(path) as data:
+    file_alpha = float(data["__alpha__"]) if "__alpha__" in data else None
+    flat = {k: data[k] for k in data.files if k != "__alpha__"}
+  if file_alpha is not None and abs(file_alpha - alpha) > 1e-9:
+    raise WeightsError(
+        f"{path} holds alpha={file_alpha} encoder weights, but config.model.alpha={alpha}. Set "
+        f"config.model.alpha={file_alpha} or use weights for alpha={alpha}.")
+  variables = flax.traverse_util.unflatten_dict(flat, sep="/")
+  template = encoder_template(alpha)
+  for key, leaf in flax.traverse_util.flatten_dict(template, sep="/").items():
+    if key not in flat:
+      raise WeightsError(f"{path}: '{key}' is missing.")
+    if flat[key].shape != leaf.shape:
+      raise WeightsError(f"{path}: '{key}' has shape {flat[key].shape}, the model expects {leaf.shape}.")
+  return variables
+
+
+def load_encoder_variables(spec: str | None, alpha: float) -> Variables | None:
+  """Resolves ``config.model.encoder_weights``: "imagenet", a Keras file, a converted .npz, or None/""."""
+  if spec is None or spec == "" or str(spec).lower() == "none":
+    return None
+  if str(spec).endswith(".npz"):
+    return load_converted_encoder(spec, alpha)
+  return encoder_variables_from_keras(spec, alpha)
+
+
+def merge_encoder_variables(unet_variables: Variables, encoder_variables: Variables) -> Variables:
+  """Returns ``unet_variables`` with the ``encoder`` subtree replaced by ``encoder_variables``."""
+  merged = flax.core.unfreeze(unet_variables)
+  merged = jax.tree.map(lambda x: x, dict(merged))
+  for collection in ("params", "batch_stats"):
+    expected = jax.tree.map(lambda x: x.shape, merged[collection]["encoder"])
+    given = jax.tree.map(lambda x: x.shape, encoder_variables[collection])
+    if expected != given:
+      raise WeightsError("Encoder variables do not fit the model's encoder (check config.model.alpha).")
+    merged[collection] = dict(merged[collection])
+    merged[collection]["encoder"] = jax.tree.map(jnp.asarray, encoder_variables[collection])
+  return merged

@@ -1,0 +1,36 @@
+"""Converts Keras MobileNetV2 weights into petseg_jax's encoder weight format (.npz).
+
+  python scripts/convert_keras_weights.py --source ../shared/weights/<file>.h5 --alpha 0.35 \
+      --output encoder_0.35.npz
+
+``--source`` takes a legacy Keras ``.h5`` (as ``keras.applications`` downloads it), a Keras 3 ``.weights.h5``
+or ``.keras`` file, or ``imagenet`` (downloads through ``keras.applications``; needs a network). The output
+loads with ``config.model.encoder_weights=<output>``.
+"""
+
+import sys
+
+from absl import app, flags
+
+from petseg_jax import weights
+
+FLAGS = flags.DEFINE_string("source", None, "Keras weight file, or 'imagenet'.", required=True)
+ALPHA = flags.DEFINE_float("alpha", 1.0, "MobileNetV2 width multiplier of the weights.")
+OUTPUT = flags.DEFINE_string("output", None, "Where to write the converted .npz.", required=True)
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  if not OUTPUT.value.endswith(".npz"):
+    sys.exit(f"--output must end with .npz, got {OUTPUT.value!r}")
+  try:
+    variables = weights.encoder_variables_from_keras(FLAGS.value, ALPHA.value)
+  except weights.WeightsError as e:
+    sys.exit(f"error: {e}")
+  weights.save_encoder_variables(OUTPUT.value, variables, ALPHA.value)
+  count = sum(v.size for c in variables.values() for layer in c.values() for v in layer.values())
+  print(f"wrote {OUTPUT.value}: MobileNetV2 alpha={ALPHA.value} encoder, {count:,} values")
+
+
+if __name__ == "__main__":
+  app.run(main)

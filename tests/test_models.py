@@ -1,0 +1,249 @@
+"""The Flax model equals the Keras tutorial model: layers, encoder taps, whole U-Net, real weights."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from petseg_jax import weights
+from petseg_jax.models import TAP_NAMES, MobileNetV2Encoder, UNet
+from petseg_jax.models.layers import ConvTranspose3x3s2, DepthwiseConv3x3
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+WEIGHTS_035 = SHARED / "weights" / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top.h5"
+WEIGHTS_100 = SHARED / "weights" / "mobilenet_v2_1.0_160_no_top_imagenet_dogs_finetuned.h5"
+PETS = SHARED / "data" / "oxford_iiit_pet_sample" / "images"
+
+
+def relative_error(a, b) -> float:
+  a = np.asarray(a, np.float64)
+  b = np.asarray(b, np.float64)
+  return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-12))
+
+
+def _random(shape, seed=0):
+  return np.random.default_rng(seed).uniform(-1, 1, shape).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- fast == reference layers
+
+
+@pytest.mark.parametrize("stride,padding,size", [(1, "same", 16), (2, "valid", 17), (1, "same", 7)])
+def test_depthwise_fast_equals_reference_forward_and_grads(stride, padding, size):
+  x = _random((2, size, size, 8))
+  fast = DepthwiseConv3x3(strides=stride, padding=padding, impl="fast")
+  ref = DepthwiseConv3x3(strides=stride, padding=padding, impl="reference")
+  variables = fast.init(jax.random.key(0), x)
+  np.testing.assert_allclose(fast.apply(variables, x), ref.apply(variables, x), atol=1e-5)
+
+  def loss(module, v, x):
+    return jnp.sum(jnp.sin(module.apply(v, x)))
+
+  g_fast = jax.grad(lambda v, x: loss(fast, v, x), argnums=(0, 1))(variables, x)
+  g_ref = jax.grad(lambda v, x: loss(ref, v, x), argnums=(0, 1))(variables, x)
+  for a, b in zip(jax.tree.leaves(g_fast), jax.tree.leaves(g_ref)):
+    assert relative_error(a, b) < 1e-5
+
+
+@pytest.mark.parametrize("use_bias", [False, True])
+def test_conv_transpose_fast_equals_reference_forward_and_grads(use_bias):
+  x = _random((2, 5, 6, 7))
+  fast = ConvTranspose3x3s2(4, use_bias=use_bias, impl="fast", bias_init=jax.nn.initializers.normal(1.0))
+  ref = ConvTranspose3x3s2(4, use_bias=use_bias, impl="reference")
+  variables = fast.init(jax.random.key(1), x)
+  y = fast.apply(variables, x)
+  assert y.shape == (2, 10, 12, 4)
+  np.testing.assert_allclose(y, ref.apply(variables, x), atol=1e-5)
+  g_fast = jax.grad(lambda v, x: jnp.sum(jnp.sin(fast.apply(v, x))), argnums=(0, 1))(variables, x)
+  g_ref = jax.grad(lambda v, x: jnp.sum(jnp.sin(ref.apply(v, x))), argnums=(0, 1))(variables, x)
+  for a, b in zip(jax.tree.leaves(g_fast), jax.tree.leaves(g_ref)):
+    assert relative_error(a, b) < 1e-5
+
+
+def test_layers_equal_keras_layers():
+  keras = pytest.importorskip("keras")
+  x = _random((2, 8, 8, 6), seed=3)
+  k_dw = keras.layers.DepthwiseConv2D(3, strides=1, padding="same", use_bias=False)
+  k_dw.build(x.shape)
+  k_kernel = _random((3, 3, 6, 1), seed=4)
+  k_dw.set_weights([k_kernel])
+  ours = DepthwiseConv3x3()
+  y = ours.apply({"params": {"kernel": k_kernel.transpose(0, 1, 3, 2)}}, x)
+  assert relative_error(y, k_dw(x)) < 1e-5
+
+  k_ct = keras.layers.Conv2DTranspose(5, 3, strides=2, padding="same", use_bias=True)
+  k_ct.build(x.shape)
+  kernel, bias = _random((3, 3, 5, 6), seed=5), _random((5,), seed=6)
+  k_ct.set_weights([kernel, bias])
+  for impl in ("fast", "reference"):
+    y = ConvTranspose3x3s2(5, use_bias=True, impl=impl).apply(
+        {"params": {"kernel": kernel.transpose(0, 1, 3, 2), "bias": bias}}, x)
+    assert relative_error(y, k_ct(x)) < 1e-5, impl
+
+
+# ----------------------------------------------------------------------------- encoder == Keras MobileNetV2
+
+
+@pytest.mark.parametrize("alpha,size", [(0.35, 96), (1.0, 128), (1.4, 160), (0.35, 160), (1.0, 96)])
+def test_encoder_equals_keras_random_weights(alpha, size):
+  pytest.importorskip("keras")
+  from tests.keras_reference import keras_encoder, randomize_keras_weights
+
+  base, taps_model = keras_encoder(alpha, size)
+  randomize_keras_weights(base, seed=int(alpha * 100) + size)
+  x = _random((2, size, size, 3), seed=size)
+  expected = taps_model(x, training=False)
+  variables = weights.encoder_variables_from_keras(base, alpha)
+  taps = jax.jit(lambda v, x: MobileNetV2Encoder(alpha).apply(v, x))(variables, x)
+  assert set(taps) == set(TAP_NAMES)
+  for name, want in zip(TAP_NAMES, expected):
+    assert taps[name].shape == tuple(want.shape), name
+    assert relative_error(taps[name], want) < 1e-4, name
+
+
+def test_tap_resolutions_at_128():
+  model = MobileNetV2Encoder(1.0)
+  shapes = jax.eval_shape(lambda: model.init_with_output(jax.random.key(0), jnp.zeros((1, 128, 128, 3))))[0]
+  assert [shapes[n].shape[1] for n in TAP_NAMES] == [64, 32, 16, 8, 4]
+  assert [shapes[n].shape[-1] for n in TAP_NAMES] == [96, 144, 192, 576, 320]
+
+
+def test_input_size_not_divisible_by_32_is_a_clear_error():
+  with pytest.raises(ValueError, match="divisible by 32"):
+    MobileNetV2Encoder(0.35).init(jax.random.key(0), jnp.zeros((1, 100, 100, 3)))
+
+
+# ----------------------------------------------------------------------------- whole U-Net == Keras tutorial
+
+
+@pytest.mark.parametrize("alpha,size,impl", [(1.0, 128, "fast"), (0.35, 96, "fast"), (0.35, 96, "reference")])
+def test_unet_equals_keras_tutorial_model(alpha, size, impl):
+  pytest.importorskip("keras")
+  from tests.keras_reference import keras_unet, randomize_keras_weights
+
+  k_model = keras_unet(alpha, size)
+  randomize_keras_weights(k_model, seed=7)
+  x = _random((2, size, size, 3), seed=8)
+  expected = np.asarray(k_model(x, training=False))
+  variables = weights.unet_variables_from_keras(k_model)
+  logits = jax.jit(lambda v, x: UNet(alpha=alpha, impl=impl).apply(v, x))(variables, x)
+  assert logits.shape == (2, size, size, 3)
+  assert relative_error(logits, expected) < 1e-4
+
+
+def test_parameter_counts_match_keras_tutorial_model():
+  """model.summary() of the tutorial model: 6,504,227 total, 4,660,323 trainable (alpha 1.0, 128x128)."""
+  variables = jax.eval_shape(lambda: UNet(alpha=1.0).init(jax.random.key(0), jnp.zeros((1, 128, 128, 3))))
+  count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+  total = count(variables)
+  trainable = count(variables["params"]["decoder"])
+  assert (total, trainable) == (6_504_227, 4_660_323)
+  keras = pytest.importorskip("keras")
+  from tests.keras_reference import keras_unet
+
+  k_model = keras_unet(1.0, 128)
+  assert k_model.count_params() == total
+  assert sum(int(np.prod(w.shape)) for w in k_model.trainable_weights) == trainable
+  del keras
+
+
+# ----------------------------------------------------------------------------- real ImageNet weights
+
+
+def _pet_batch(size: int) -> np.ndarray:
+  from PIL import Image
+
+  names = ["Abyssinian_1.jpg", "american_bulldog_10.jpg", "Bengal_1.jpg"]
+  images = [np.asarray(Image.open(PETS / n).convert("RGB").resize((size, size), Image.BILINEAR))
+            for n in names]
+  return np.stack(images).astype(np.float32) / 127.5 - 1.0
+
+
+@pytest.mark.parametrize("path,alpha", [(WEIGHTS_035, 0.35), (WEIGHTS_100, 1.0)])
+def test_real_weights_give_keras_taps_on_real_pets(path, alpha):
+  if not path.exists() or not PETS.exists():
+    pytest.skip(f"shared weights/data not found beside the repo ({SHARED})")
+  pytest.importorskip("keras")
+  from tests.keras_reference import keras_encoder
+
+  _, taps_model = keras_encoder(alpha, 128, weights=str(path))
+  x = _pet_batch(128)
+  expected = taps_model(x, training=False)
+  variables = weights.encoder_variables_from_keras(str(path), alpha)
+  taps = jax.jit(lambda v, x: MobileNetV2Encoder(alpha).apply(v, x))(variables, x)
+  for name, want in zip(TAP_NAMES, expected):
+    assert relative_error(taps[name], want) < 1e-4, name
+
+
+# ----------------------------------------------------------------------------- conversion errors and formats
+
+
+def test_wrong_alpha_names_layer_and_shapes():
+  if not WEIGHTS_035.exists():
+    pytest.skip("shared weights not found")
+  with pytest.raises(weights.WeightsError, match=r"Conv1.*\(3, 3, 3, 16\).*\(3, 3, 3, 32\).*alpha=0.35"):
+    weights.encoder_variables_from_keras(str(WEIGHTS_035), 1.0)
+
+
+def test_missing_layer_is_named(tmp_path):
+  h5py = pytest.importorskip("h5py")
+  path = tmp_path / "partial.h5"
+  with h5py.File(path, "w") as f:
+    f.attrs["layer_names"] = [b"Conv1"]
+    g = f.create_group("Conv1")
+    g.attrs["weight_names"] = [b"Conv1/kernel:0"]
+    g.create_dataset("Conv1/kernel:0", data=np.zeros((3, 3, 3, 16), np.float32))
+  with pytest.raises(weights.WeightsError, match="layer 'bn_Conv1' is missing"):
+    weights.encoder_variables_from_keras(str(path), 0.35)
+
+
+def test_missing_file_and_no_imagenet_alpha():
+  with pytest.raises(weights.WeightsError, match="does not exist"):
+    weights.load_encoder_variables("/nonexistent/weights.h5", 1.0)
+  with pytest.raises(weights.WeightsError, match="only for alpha in"):
+    weights.load_encoder_variables("imagenet", 0.6)
+
+
+def test_imagenet_offline_error_names_the_ways_out(monkeypatch):
+  def offline(alpha, source):
+    raise OSError("URL fetch failure: network unreachable")
+
+  monkeypatch.setattr(weights, "_keras_mobilenet", offline)
+  with pytest.raises(weights.WeightsError, match="(?s)Offline.*Keras weight file.*bundled.*None"):
+    weights.encoder_variables_from_keras("imagenet", 0.35)
+
+
+def test_converted_npz_roundtrip_and_alpha_check(tmp_path):
+  variables = jax.tree.map(np.asarray, MobileNetV2Encoder(0.35).init(jax.random.key(3), jnp.zeros((1, 32, 32, 3))))
+  path = tmp_path / "enc.npz"
+  weights.save_encoder_variables(path, variables, 0.35)
+  loaded = weights.load_encoder_variables(str(path), 0.35)
+  jax.tree.map(np.testing.assert_array_equal, loaded, variables)
+  with pytest.raises(weights.WeightsError, match="alpha=0.35.*config.model.alpha=1.0"):
+    weights.load_encoder_variables(str(path), 1.0)
+
+
+def test_bundled_weights_equal_the_keras_file():
+  if not WEIGHTS_035.exists():
+    pytest.skip("shared weights not found")
+  bundled = weights.load_encoder_variables(weights.BUNDLED_ENCODER_WEIGHTS, 0.35)
+  from_keras = weights.encoder_variables_from_keras(str(WEIGHTS_035), 0.35)
+  jax.tree.map(np.testing.assert_array_equal, bundled, from_keras)
+
+
+def test_merge_encoder_variables_replaces_only_the_encoder():
+  model = UNet(alpha=0.35)
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
+  encoder = jax.tree.map(lambda x: np.full(x.shape, 0.5, np.float32),
+                         {k: variables[k]["encoder"] for k in ("params", "batch_stats")})
+  merged = weights.merge_encoder_variables(variables, encoder)
+  assert all(np.all(np.asarray(x) == 0.5) for x in jax.tree.leaves(merged["params"]["encoder"]))
+  jax.tree.map(np.testing.assert_array_equal, merged["params"]["decoder"], variables["params"]["decoder"])
