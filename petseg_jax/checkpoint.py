@@ -1,0 +1,289 @@
+"""Orbax checkpoints of a training workdir: the last K, the best by validation mIoU, resume, init-from.
+
+Layout of a workdir::
+
+  config.json              the run's configuration (resume refuses an incompatible one)
+  checkpoints/<step>/      the last ``train.keep_checkpoints`` checkpoints (periodic + final)
+  checkpoints_best/<step>/ the checkpoint with the best validation mIoU so far
+  lock                     held (flock) by the training process using the workdir
+
+A checkpoint holds the host copy of ``{"step", "params", "batch_stats", "opt_state"}``. Orbax writes each
+one into a temporary directory and renames it when complete, and lists only completed steps, so a
+checkpoint interrupted while being written is never restored (its temporary directory is removed when the
+next manager opens the directory).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+LATEST_DIR = "checkpoints"
+BEST_DIR = "checkpoints_best"
+CONFIG_FILE = "config.json"
+LOCK_FILE = "lock"
+BEST_METRIC = "eval_miou"
+
+# Config keys that must agree between a run and the checkpoints it resumes: they fix the parameter and
+# optimizer-state shapes or the batch layout of the data order.
+RESUME_KEYS = (
+    "model.num_classes", "model.alpha", "model.decoder_filters", "model.freeze_encoder",
+    "data.image_size", "train.batch_size", "train.frozen_params", "train.unfreeze_after_epochs",
+)
+
+
+class CheckpointError(ValueError):
+  """A checkpoint or workdir that cannot be used; the message says which and what to do."""
+
+
+def _state_dict(state: Any) -> dict[str, Any]:
+  """The checkpointed part of a TrainState, as host NumPy copies (never views of donated buffers)."""
+  tree = {"step": state.step, "params": state.params, "batch_stats": state.batch_stats,
+          "opt_state": state.opt_state}
+  return jax.tree.map(lambda x: np.array(x, copy=True), jax.device_get(tree))
+
+
+def _check_finite(tree: dict[str, Any], step: int) -> None:
+  """Never write a diverged state: a NaN checkpoint would poison every resume."""
+  for collection in ("params", "batch_stats"):
+    if not all(np.all(np.isfinite(x)) for x in jax.tree.leaves(tree[collection])):
+      raise FloatingPointError(
+          f"The {collection} at step {step} contain NaN/inf; not saving them. Lower "
+          "config.train.learning_rate and resume from the last checkpoint.")
+
+
+def _manager(directory: Path, *, best: bool, keep: int = 1, read_only: bool = False
+             ) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=None if read_only else 1 if best else keep,
+      best_fn=(lambda metrics: metrics[BEST_METRIC]) if best else None,
+      best_mode="max",
+      keep_checkpoints_without_metrics=not best,
+      # Readers neither create nor clean up: evaluating a workdir must not change it. (Orbax's read_only
+      # mode does the same but warns on every open.)
+      create=not read_only,
+      cleanup_tmp_directories=not read_only,
+      # Synchronous writes: the train step donates the state buffers, and a save costs little next to
+      # an epoch; the checkpoint is complete when save() returns.
+      enable_async_checkpointing=False)
+  return ocp.CheckpointManager(directory.absolute(), options=options)
+
+
+class Checkpointer:
+  """The two managers of a training run: periodic/final (last K) and best by ``eval_miou``."""
+
+  def __init__(self, workdir: str | os.PathLike, keep: int):
+    if keep < 1:
+      raise CheckpointError(f"config.train.keep_checkpoints={keep}; it must be >= 1.")
+    self.workdir = Path(workdir)
+    self.latest = _manager(self.workdir / LATEST_DIR, best=False, keep=keep)
+    self.best = _manager(self.workdir / BEST_DIR, best=True)
+
+  def latest_step(self) -> int | None:
+    return self.latest.latest_step()
+
+  def best_metric(self) -> float | None:
+    """The best ``eval_miou`` saved so far, or None."""
+    step = self.best.best_step()
+    return None if step is None else float(self.best.metrics(step)[BEST_METRIC])
+
+  def save(self, state: Any) -> int:
+    """Saves ``state`` (unreplicated) as a periodic/final checkpoint; returns its step."""
+    tree = _state_dict(state)
+    step = int(tree["step"])
+    _check_finite(tree, step)
+    if step not in self.latest.all_steps():
+      self.latest.save(step, args=ocp.args.StandardSave(tree), force=True)
+    return step
+
+  def save_best(self, state: Any, miou: float) -> None:
+    """Saves ``state`` as the best checkpoint (call only when ``miou`` beats ``best_metric()``)."""
+    tree = _state_dict(state)
+    _check_finite(tree, int(tree["step"]))
+    self.best.save(int(tree["step"]), args=ocp.args.StandardSave(tree),
+                   metrics={BEST_METRIC: float(miou)}, force=True)
+
+  def restore_latest(self, target_state: Any) -> Any:
+    return _restore_into(self.latest, self.latest.latest_step(), target_state)
+
+  def close(self) -> None:
+    self.latest.close()
+    self.best.close()
+
+
+def _restore_into(manager: ocp.CheckpointManager, step: int, target_state: Any) -> Any:
+  target = _state_dict(target_state)
+  try:
+    tree = manager.restore(step, args=ocp.args.StandardRestore(target))
+  except (ValueError, KeyError, TypeError) as e:
+    raise CheckpointError(
+        f"Checkpoint {manager.directory / str(step)} does not fit the model/optimizer of this config "
+        f"(was it written with a different model.alpha, decoder_filters, freezing or weight_decay?): "
+        f"{e}") from e
+  return target_state.replace(step=int(tree["step"]), params=tree["params"],
+                              batch_stats=tree["batch_stats"], opt_state=tree["opt_state"])
+
+
+def _checkpoint_root(path: Path) -> Path:
+  """A workdir or its checkpoints/ dir → the workdir."""
+  return path.parent if path.name in (LATEST_DIR, BEST_DIR) else path
+
+
+def available_steps(workdir: str | os.PathLike) -> list[int]:
+  """Completed periodic/final checkpoint steps of a workdir, ascending (empty if none)."""
+  directory = _checkpoint_root(Path(workdir)) / LATEST_DIR
+  if not directory.is_dir():
+    return []
+  return sorted(_manager(directory, best=False, read_only=True).all_steps())
+
+
+def best_step(workdir: str | os.PathLike) -> int | None:
+  """Step of the best-mIoU checkpoint of a workdir, or None."""
+  directory = _checkpoint_root(Path(workdir)) / BEST_DIR
+  if not directory.is_dir():
+    return None
+  return _manager(directory, best=True, read_only=True).best_step()
+
+
+def _locate(workdir: str | os.PathLike, which: str | int) -> tuple[ocp.CheckpointManager, int]:
+  """The manager and step of ``which`` ("latest" | "best" | a step) in a workdir.
+
+  ``workdir`` may also be a workdir's checkpoints/ directory, or one step's directory (which then wins).
+  """
+  path = Path(workdir)
+  if path.name.isdigit() and path.parent.name in (LATEST_DIR, BEST_DIR):
+    path, which = path.parent, int(path.name)
+  root = _checkpoint_root(path)
+  if not root.is_dir():
+    raise CheckpointError(f"{root} does not exist; expected the --workdir of a training run.")
+  steps, best = available_steps(root), best_step(root)
+  have = f"available steps: {steps or 'none'}; best: {best if best is not None else 'none'}"
+  if which == "best":
+    if best is None:
+      raise CheckpointError(f"No best checkpoint in {root / BEST_DIR} (no evaluation finished yet); "
+                            f"use --checkpoint latest. ({have})")
+    return _manager(root / BEST_DIR, best=True, read_only=True), best
+  if which == "latest":
+    if not steps:
+      raise CheckpointError(f"No checkpoint in {root / LATEST_DIR}; is {root} a training workdir? ({have})")
+    return _manager(root / LATEST_DIR, best=False, read_only=True), steps[-1]
+  try:
+    step = int(which)
+  except (TypeError, ValueError):
+    raise CheckpointError(f"Checkpoint {which!r}: expected 'latest', 'best' or a step number.") from None
+  if step in steps:
+    return _manager(root / LATEST_DIR, best=False, read_only=True), step
+  if step == best:
+    return _manager(root / BEST_DIR, best=True, read_only=True), step
+  raise CheckpointError(f"No checkpoint for step {step} in {root} ({have}).")
+
+
+def restore(workdir: str | os.PathLike, which: str | int = "latest", target_state: Any = None) -> Any:
+  """Restores checkpoint ``which`` ("latest" | "best" | step) of a workdir into ``target_state``.
+
+  ``target_state`` is a TrainState built for the run's config (``train.create_train_state``); the result
+  is that state with step, params, batch_stats and opt_state from the checkpoint.
+  """
+  manager, step = _locate(workdir, which)
+  return _restore_into(manager, step, target_state)
+
+
+def restore_variables(workdir: str | os.PathLike, which: str | int = "latest"
+                      ) -> tuple[dict[str, Any], int]:
+  """``({"params", "batch_stats"}, step)`` of a checkpoint, without needing the optimizer.
+
+  For evaluation, prediction and ``model.init_from``: the optimizer state is read raw and dropped, so a
+  checkpoint of any freezing/optimizer setting works.
+  """
+  manager, step = _locate(workdir, which)
+  tree = manager.restore(step, args=ocp.args.StandardRestore())
+  return {"params": tree["params"], "batch_stats": tree["batch_stats"]}, step
+
+
+# --- workdir bookkeeping ---------------------------------------------------------------------------------
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def _config_to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  # Through JSON so tuples and lists compare equal to what config.json holds.
+  return json.loads(config.to_json_best_effort())
+
+
+def check_resume_config(workdir: str | os.PathLike, config: ml_collections.ConfigDict) -> None:
+  """Raises CheckpointError if ``workdir/config.json`` differs from ``config`` in a RESUME_KEYS key."""
+  path = Path(workdir) / CONFIG_FILE
+  if not path.exists():
+    return
+  try:
+    saved = _flatten(json.loads(path.read_text()))
+  except json.JSONDecodeError as e:
+    raise CheckpointError(f"{path} is not valid JSON ({e}); restore it or use a new --workdir.") from e
+  current = _flatten(_config_to_dict(config))
+  differing = [f"{key}: saved {saved.get(key)!r}, now {current.get(key)!r}"
+               for key in RESUME_KEYS if saved.get(key) != current.get(key)]
+  if differing:
+    raise CheckpointError(
+        f"Cannot resume in {workdir}: its checkpoints were trained with a different configuration ("
+        + "; ".join(differing) + "). Use a new --workdir, or model.init_from=" + str(workdir)
+        + " to start a new run from its parameters.")
+
+
+def write_config(workdir: str | os.PathLike, config: ml_collections.ConfigDict) -> Path:
+  """Writes the run's configuration to ``workdir/config.json`` (human-readable)."""
+  path = Path(workdir) / CONFIG_FILE
+  path.write_text(json.dumps(_config_to_dict(config), indent=2, sort_keys=True) + "\n")
+  return path
+
+
+def read_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
+  """The configuration a run saved in its workdir (or the workdir above a checkpoints/ dir)."""
+  path = _checkpoint_root(Path(workdir)) / CONFIG_FILE
+  if not path.exists():
+    raise CheckpointError(f"{path} not found: is {workdir} a training workdir?")
+  return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+@contextlib.contextmanager
+def lock_workdir(workdir: str | os.PathLike) -> Iterator[None]:
+  """Holds an exclusive lock on the workdir; a second process using the same workdir gets a clear error.
+
+  flock is released by the kernel when the process dies, so a crashed run leaves no stale lock.
+  """
+  path = Path(workdir) / LOCK_FILE
+  with open(path, "a+") as f:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+      if e.errno not in (errno.EAGAIN, errno.EACCES):
+        raise
+      f.seek(0)
+      owner = f.read().strip() or "unknown"
+      raise CheckpointError(
+          f"Workdir {workdir} is in use by another training process (pid {owner}). Wait for it to finish, "
+          "stop it, or use a different --workdir.") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
