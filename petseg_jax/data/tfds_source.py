@@ -14,6 +14,7 @@ import urllib.parse
 
 from absl import logging
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core.download import download_manager
 
 from petseg_jax.data import folder_builder
 from petseg_jax.data.errors import DataError
@@ -89,7 +90,7 @@ def prepare_official_builder(name: str, *, data_dir: str = "", manual_dir: str =
   logging.info("Preparing %s in %s (archives found in %s: %s)", name, data_dir, manual, present or "none")
   try:
     builder.download_and_prepare(download_config=config)
-  except tfds.download.NonMatchingChecksumError as e:
+  except download_manager.NonMatchingChecksumError as e:
     raise DataError(f"The archives in {manual} are not the official ones (size/sha256 differ from tfds' "
                     f"checksums): {e}\nRe-download them from {_HOMEPAGE}.") from e
   except OSError as e:
