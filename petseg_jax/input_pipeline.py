@@ -19,7 +19,6 @@ resumes exactly.
 
 from __future__ import annotations
 
-import logging as std_logging
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -38,15 +37,6 @@ try:
 except RuntimeError:
   pass  # TensorFlow's devices were initialised already (by another import); nothing we can change now.
 
-
-class _DropCustomConfigWarning(std_logging.Filter):
-  """tfds warns 'Using custom data configuration' for every folder builder it makes; that is by design here."""
-
-  def filter(self, record: std_logging.LogRecord) -> bool:
-    return not str(record.msg).startswith("Using custom data configuration")
-
-
-std_logging.getLogger("absl").addFilter(_DropCustomConfigWarning())
 
 __all__ = [
     "BUNDLED_SAMPLE_DIR", "CLASS_NAMES", "DataError", "EvalInput", "TrainInput", "get_dataset_builder",
@@ -341,9 +331,10 @@ class TrainInput:
       raise DataError(f"Batch size {batch_size} is larger than the {self.num_examples} examples of split "
                       f"{self.split!r}: no full training batch. Lower config.train.batch_size.")
     self._base = _base_dataset(data_config, self.split)
-    # Keeping the shuffle buffer >= one batch makes the (drop-remainder) epoch read its input to the end
-    # before the last batch comes out, so the cache is completed even if the caller stops after that batch.
-    self.shuffle_buffer = max(int(data_config.shuffle_buffer), self.batch_size)
+    # A shuffle buffer larger than one batch makes the (drop-remainder) epoch read its input to the end before
+    # the last full batch comes out, so the cache is completed even if the caller stops right after that
+    # batch (e.g. itertools.islice) instead of exhausting the iterator.
+    self.shuffle_buffer = max(int(data_config.shuffle_buffer), 2 * self.batch_size)
 
   def epoch(self, epoch: int, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
     """Batches of one epoch, a pure function of (seed, epoch); `start_step` skips the first batches.

@@ -40,6 +40,9 @@ def _describe_unreadable(data: bytes) -> str:
   if not data:
     return "the file is empty (0 bytes)"
   head = data[:64]
+  for magic, fmt in ((b"\xff\xd8\xff", "JPEG"), (b"\x89PNG", "PNG"), (b"GIF8", "GIF"), (b"BM", "BMP")):
+    if head.startswith(magic):
+      return f"corrupt {fmt} file: it starts like a {fmt} but its header cannot be parsed"
   if all(32 <= b < 127 or b in (9, 10, 13) for b in head):
     return f"not an image: it is text starting with {head[:32].decode('ascii', 'replace')!r}"
   return f"not a recognisable image (first bytes {head[:8]!r})"
@@ -151,10 +154,19 @@ def _read_bytes(path: PathLike) -> bytes:
 def load_image(path: PathLike) -> np.ndarray:
   """Loads an image file as uint8 RGB (H, W, 3), decoded by content (JPEG, PNG, GIF, CMYK, grayscale...).
 
+  Gives exactly the pixels the input pipeline gets for the same file: plain RGB JPEGs (stored as they are by
+  the tfds builders) are decoded by TensorFlow's JPEG decoder, whose output differs from PIL's by a few
+  levels; every other file is converted by PIL, as the folder builder stores it.
+
   Raises:
     DataError: missing, empty, not an image, corrupt or truncated; the message names the file.
   """
-  return decode_image_bytes(_read_bytes(path), os.fspath(path))
+  data = _read_bytes(path)
+  rgb, header = decode_image_and_header(data, os.fspath(path))
+  if header.format == "JPEG" and header.mode == "RGB":
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top  (only needed here)
+    return tf.io.decode_image(data, channels=3, expand_animations=False).numpy()
+  return rgb
 
 
 def decode_trimap_bytes(data: bytes, name: str = "<bytes>") -> np.ndarray:

@@ -1,0 +1,88 @@
+"""Looks at the data: writes input image / true mask PNGs and prints the class histogram of a split.
+
+  python scripts/show_data.py --config configs/quickstart.py --num 4 --output /tmp/show \
+      [--split test] [--augment] [--config.data.source=synthetic]
+
+The images are exactly what the model gets (resized, scaled; with --augment the training augmentation of
+epoch 0). The histogram counts the labels of every pixel of the split (evaluation preprocessing).
+"""
+
+import sys
+from pathlib import Path
+
+# Config files import their base as `from configs import default`: make the repo root importable.
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from absl import app  # pylint: disable=g-import-not-at-top
+from absl import flags
+from ml_collections import config_flags
+import numpy as np
+
+from petseg_jax import input_pipeline
+from petseg_jax import plots
+
+FLAGS = flags.FLAGS
+
+config_flags.DEFINE_config_file("config", str(REPO_ROOT / "configs" / "quickstart.py"),
+                                "Configuration file; override fields with --config.section.key=value.",
+                                lock_config=True)
+flags.DEFINE_integer("num", 4, "Number of examples to draw.")
+flags.DEFINE_string("output", None, "Folder for the PNGs.")
+flags.DEFINE_string("split", None, "Split to show (default: config.data.train_split).")
+flags.DEFINE_bool("augment", False, "Show training batches (shuffled and augmented, epoch 0) of the train split.")
+flags.DEFINE_integer("batch_size", 32, "Batch size used to read the split.")
+flags.mark_flags_as_required(["output"])
+
+
+def class_histogram(eval_input: input_pipeline.EvalInput, num_classes: int) -> np.ndarray:
+  """Pixel count per class over every (real, not padded) example of an EvalInput."""
+  counts = np.zeros(num_classes, np.int64)
+  for batch in eval_input:
+    weights = np.broadcast_to(batch["weight"][:, None, None], batch["mask"].shape)
+    counts += np.bincount(batch["mask"].ravel(), weights=weights.ravel(), minlength=num_classes
+                          ).astype(np.int64)[:num_classes]
+  return counts
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  config = FLAGS.config
+  data = config.data
+  split = FLAGS.split or data.train_split
+  output = Path(FLAGS.output)
+  try:
+    if FLAGS.augment:
+      if FLAGS.split and FLAGS.split != data.train_split:
+        raise app.UsageError("--augment shows the train split (config.data.train_split); drop --split.")
+      batches = input_pipeline.TrainInput(data, min(FLAGS.batch_size, FLAGS.num), seed=config.seed).epoch(0)
+    else:
+      batches = iter(input_pipeline.EvalInput(data, split, FLAGS.batch_size))
+    written = 0
+    while written < FLAGS.num:
+      batch = next(batches, None)
+      if batch is None:
+        break
+      valid = batch["weight"] > 0 if "weight" in batch else np.ones(len(batch["image"]), bool)
+      for image, mask in zip(batch["image"][valid], batch["mask"][valid]):
+        if written == FLAGS.num:
+          break
+        path = plots.save_prediction_triplets(image[None], mask[None], None,
+                                              output / f"{split}_{written:03d}.png", input_range=data.input_range)
+        print(f"wrote {path}")
+        written += 1
+
+    eval_input = input_pipeline.EvalInput(data, split, FLAGS.batch_size)
+    counts = class_histogram(eval_input, len(input_pipeline.CLASS_NAMES))
+  except input_pipeline.DataError as e:
+    sys.exit(f"Data error: {e}")
+  total = counts.sum()
+  print(f"\nClass histogram of split {split!r} ({eval_input.num_examples} examples, {total} pixels at "
+        f"{data.image_size}x{data.image_size}, mask_resize={data.mask_resize}):")
+  for name, count in zip(input_pipeline.CLASS_NAMES, counts):
+    print(f"  {name:<10} {count:>12d}  {count / max(total, 1):7.2%}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,562 @@
+"""Tests of the input pipeline: the three sources, messy files, preprocessing, batching, determinism, caching."""
+
+import itertools
+import logging
+import os
+from pathlib import Path
+import shutil
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+from PIL import Image
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from configs import default
+from petseg_jax import input_pipeline as ip
+from petseg_jax.data import decode
+from petseg_jax.data import folder_builder
+from petseg_jax.data import synthetic
+from petseg_jax.data import tfds_source
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# Real pairs used for small folders: cats and dogs, several breeds (name, official list line).
+TRAIN_PAIRS = [
+    ("Abyssinian_100", "1 1 1"), ("Bengal_128", "6 1 2"), ("Birman_102", "7 1 3"),
+    ("american_bulldog_150", "2 2 1"), ("great_pyrenees_108", "16 2 10"), ("samoyed_147", "30 2 20"),
+]
+TEST_PAIRS = [("Abyssinian_2", "1 1 1"), ("american_bulldog_2", "2 2 1"), ("Siamese_257", "33 1 11")]
+
+
+def data_config(**overrides):
+  config = default.get_config().data
+  config.image_size = 64
+  for key, value in overrides.items():
+    setattr(config, key, value)
+  return config
+
+
+def synthetic_config(**overrides):
+  return data_config(**{"source": "synthetic", "num_synthetic_train": 40, "num_synthetic_eval": 10,
+                        "image_size": 32, **overrides})
+
+
+def make_folder(root: Path, source: Path, train=TRAIN_PAIRS, test=TEST_PAIRS) -> Path:
+  """An official-layout folder with copies of some real pairs."""
+  (root / "images").mkdir(parents=True)
+  (root / "annotations" / "trimaps").mkdir(parents=True)
+  for split_file, pairs in (("trainval.txt", train), ("test.txt", test)):
+    lines = []
+    for name, ids in pairs:
+      shutil.copy(source / "images" / f"{name}.jpg", root / "images" / f"{name}.jpg")
+      shutil.copy(source / "annotations" / "trimaps" / f"{name}.png",
+                  root / "annotations" / "trimaps" / f"{name}.png")
+      lines.append(f"{name} {ids}\n")
+    (root / "annotations" / split_file).write_text("".join(lines))
+  return root
+
+
+def first_batches(iterable, n):
+  return list(itertools.islice(iterable, n))
+
+
+def assert_batches_equal(a, b):
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    assert x.keys() == y.keys()
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k])
+
+
+@pytest.fixture(scope="module")
+def quirks_folder(tmp_path_factory, pets_sample_dir):
+  """Real pairs plus the messy-but-valid files: GIF- and RGBA-PNG-named .jpg, grayscale and CMYK JPEGs."""
+  root = make_folder(tmp_path_factory.mktemp("quirks"), pets_sample_dir)
+  src = pets_sample_dir
+  trimaps = root / "annotations" / "trimaps"
+  shutil.copy(src / "images" / "Abyssinian_34.jpg", root / "images" / "Abyssinian_34.jpg")  # A GIF.
+  shutil.copy(src / "annotations" / "trimaps" / "Abyssinian_34.png", trimaps / "Abyssinian_34.png")
+  rgb = Image.open(src / "images" / "Bengal_1.jpg").convert("RGB")
+  rgba = rgb.convert("RGBA")
+  rgba.putalpha(128)
+  rgba.save(root / "images" / "Bengal_9001.jpg", format="PNG")
+  rgb.convert("L").save(root / "images" / "Bengal_9002.jpg", format="JPEG", quality=95)
+  rgb.convert("CMYK").save(root / "images" / "Bengal_9003.jpg", format="JPEG", quality=95)
+  for n in ("9001", "9002", "9003"):
+    shutil.copy(src / "annotations" / "trimaps" / "Bengal_1.png", trimaps / f"Bengal_{n}.png")
+  with open(root / "annotations" / "trainval.txt", "a") as f:
+    f.write("Abyssinian_34 1 1 1\nBengal_9001 6 1 6\nBengal_9002 6 1 6\n")
+  with open(root / "annotations" / "test.txt", "a") as f:
+    f.write("# a comment line, and a blank line\n\nBengal_9003 6 1 6\n")
+  return root
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Decoding and messy files.
+
+
+def test_load_image_decodes_by_content(quirks_folder, pets_sample_dir):
+  images = quirks_folder / "images"
+  original = np.asarray(Image.open(pets_sample_dir / "images" / "Bengal_1.jpg").convert("RGB"), np.int32)
+  gif = ip.load_image(images / "Abyssinian_34.jpg")
+  assert gif.dtype == np.uint8 and gif.shape == (202, 250, 3)
+  for name, tolerance in (("Bengal_9001", 0), ("Bengal_9003", 6)):
+    decoded = ip.load_image(images / f"{name}.jpg")
+    assert decoded.dtype == np.uint8 and decoded.shape == original.shape, name
+    assert np.abs(decoded.astype(np.int32) - original).mean() <= tolerance, name  # RGBA: alpha dropped.
+  gray = ip.load_image(images / "Bengal_9002.jpg")
+  assert gray.shape == original.shape
+  np.testing.assert_array_equal(gray[..., 0], gray[..., 1])
+
+
+def test_quirky_folder_builds_and_keeps_pixels(quirks_folder):
+  config = data_config(source="folder", data_dir=str(quirks_folder))
+  assert ip.split_size(config, "train") == len(TRAIN_PAIRS) + 3
+  assert ip.split_size(config, "test") == len(TEST_PAIRS) + 1
+  seen = set()
+  for split in ("train", "test"):
+    for ex in tfds.as_numpy(ip.raw_dataset(config, split)):
+      name = ex["file_name"].decode()
+      seen.add(name)
+      # What the pipeline decodes is what load_image gives (GIF/PNG/gray/CMYK converted once, losslessly kept).
+      np.testing.assert_array_equal(ex["image"], ip.load_image(quirks_folder / "images" / name))
+      trimap = decode.load_trimap(quirks_folder / "annotations" / "trimaps" / name.replace(".jpg", ".png"))
+      np.testing.assert_array_equal(ex["segmentation_mask"][..., 0], trimap)
+  assert {"Abyssinian_34.jpg", "Bengal_9001.jpg", "Bengal_9002.jpg", "Bengal_9003.jpg"} <= seen
+
+
+def _plant(problem: str, root: Path) -> tuple[str, str]:
+  """Plants one problem in a clean folder; returns (offending file name, words the error must contain)."""
+  images, trimaps = root / "images", root / "annotations" / "trimaps"
+  victim = TRAIN_PAIRS[1][0]
+  image, trimap = images / f"{victim}.jpg", trimaps / f"{victim}.png"
+  if problem == "truncated":
+    data = image.read_bytes()
+    image.write_bytes(data[:len(data) // 2])
+    return image.name, "truncated"
+  if problem == "corrupt":
+    data = bytearray(image.read_bytes())
+    data[200:] = os.urandom(len(data) - 200)  # Valid header, garbage entropy-coded data.
+    image.write_bytes(bytes(data))
+    return image.name, "corrupt"
+  if problem == "zero_bytes":
+    image.write_bytes(b"")
+    return image.name, "empty"
+  if problem == "text":
+    image.write_text("404 Not Found: this is not an image\n")
+    return image.name, "text"
+  if problem == "missing_trimap":
+    trimap.unlink()
+    return trimap.name, "missing trimap"
+  if problem == "trimap_size":
+    Image.open(trimap).resize((50, 40), Image.Resampling.NEAREST).save(trimap)
+    return trimap.name, "50x40"
+  if problem in ("trimap_value_0", "trimap_value_4"):
+    value = int(problem[-1])
+    t = np.asarray(Image.open(trimap)).copy()
+    t[5:9, 5:9] = value
+    Image.fromarray(t).save(trimap)
+    return trimap.name, f"[{value}]"
+  if problem == "missing_image":
+    with open(root / "annotations" / "trainval.txt", "a") as f:
+      f.write("Bengal_777 6 1 6\n")
+    return "Bengal_777.jpg", "missing image"
+  raise ValueError(problem)
+
+
+BAD_CASES = ["truncated", "corrupt", "zero_bytes", "text", "missing_trimap", "trimap_size", "trimap_value_0",
+             "trimap_value_4", "missing_image"]
+
+
+@pytest.mark.parametrize("problem", BAD_CASES)
+def test_bad_file_is_named_or_skipped(problem, tmp_path, pets_sample_dir, tfds_data_dir, caplog):
+  root = make_folder(tmp_path / "pets", pets_sample_dir)
+  bad_name, words = _plant(problem, root)
+  config = data_config(source="folder", data_dir=str(root))
+  with pytest.raises(ip.DataError) as info:
+    ip.get_dataset_builder(config)
+  message = str(info.value)
+  assert bad_name in message and words in message, message
+  assert "skip_bad_examples" in message
+  # A failed build leaves nothing behind that a later run could pick up.
+  layout = folder_builder.check_layout(str(root))
+  splits = {s: folder_builder.read_split_list(p) for s, p in layout.lists.items()}
+  name = folder_builder.config_name(layout, folder_builder.fingerprint(layout, splits, False))
+  assert not [p for p in (tfds_data_dir / "pets_folder" / name).rglob("*") if p.is_file()]
+  assert not [p for p in tfds_data_dir.rglob("*incomplete*")]
+
+  config.skip_bad_examples = True
+  with caplog.at_level(logging.WARNING):
+    num_train = ip.split_size(config, "train")
+  expected = len(TRAIN_PAIRS) if problem == "missing_image" else len(TRAIN_PAIRS) - 1
+  assert num_train == expected
+  assert ip.split_size(config, "test") == len(TEST_PAIRS)
+  skips = [r.getMessage() for r in caplog.records if "Skipping bad example" in r.getMessage()]
+  assert len(skips) == 1 and bad_name in skips[0], skips
+  assert any("Skipped 1 of" in r.getMessage() for r in caplog.records)
+  batch = next(iter(ip.EvalInput(config, "train", 4)))
+  assert set(np.unique(batch["mask"])) <= {0, 1, 2}
+
+
+@pytest.mark.parametrize("problem", ["no_dir", "empty_setting", "no_images", "no_list", "empty_list",
+                                     "unreadable_images"])
+def test_layout_errors_name_the_path(problem, tmp_path, pets_sample_dir, monkeypatch):
+  root = make_folder(tmp_path / "pets", pets_sample_dir, train=TRAIN_PAIRS[:1], test=TEST_PAIRS[:1])
+  expected = str(root)
+  if problem == "no_dir":
+    root = tmp_path / "nowhere"
+    expected = "nowhere"
+  elif problem == "empty_setting":
+    root, expected = "", "data_dir is empty"
+  elif problem == "no_images":
+    shutil.rmtree(root / "images")
+    expected = str(root / "images")
+  elif problem == "no_list":
+    (root / "annotations" / "test.txt").unlink()
+    expected = str(root / "annotations" / "test.txt")
+  elif problem == "empty_list":
+    (root / "annotations" / "trainval.txt").write_text("# only a comment\n\n")
+    expected = str(root / "annotations" / "trainval.txt")
+  elif problem == "unreadable_images":
+    images = str(root / "images")
+    real_listdir = os.listdir
+
+    def listdir(path="."):
+      if os.path.abspath(path) == images:
+        raise PermissionError(13, "Permission denied", path)
+      return real_listdir(path)
+
+    # The tests run as root, for whom chmod does not deny reading; simulate what a user would get.
+    monkeypatch.setattr(os, "listdir", listdir)
+    expected = f"{images}: permission denied"
+  with pytest.raises(ip.DataError) as info:
+    ip.get_dataset_builder(data_config(source="folder", data_dir=str(root)))
+  message = str(info.value)
+  assert expected in message and "Expected layout" in message, message
+
+
+def test_split_list_lines_are_checked(tmp_path):
+  path = tmp_path / "trainval.txt"
+  path.write_text("Abyssinian_1 1 1 1\nAbyssinian_1 1 1 1\n")
+  with pytest.raises(ip.DataError, match="line 2.*listed twice"):
+    folder_builder.read_split_list(str(path))
+  path.write_text("Abyssinian_1 99 1 1\n")
+  with pytest.raises(ip.DataError, match="line 1.*CLASS_ID 99"):
+    folder_builder.read_split_list(str(path))
+  path.write_text("Persian_3\nbeagle_4\n")  # Name-only lines: breed and species from the official naming.
+  entries = folder_builder.read_split_list(str(path))
+  assert [(folder_builder.BREEDS[e.label], e.species) for e in entries] == [("Persian", 0), ("beagle", 1)]
+
+
+def test_prepared_folder_is_keyed_by_path_and_content(tmp_path, pets_sample_dir, monkeypatch):
+  a = make_folder(tmp_path / "a" / "pets", pets_sample_dir, train=TRAIN_PAIRS[:2], test=TEST_PAIRS[:1])
+  b = make_folder(tmp_path / "b" / "pets", pets_sample_dir, train=TRAIN_PAIRS[:2], test=TEST_PAIRS[:1])
+  builder_a = folder_builder.prepare_folder_builder(str(a))
+  builder_b = folder_builder.prepare_folder_builder(str(b))
+  assert builder_a.data_dir != builder_b.data_dir  # Same folder name, different paths: no collision.
+
+  def no_rebuild(*args):
+    raise AssertionError("rebuilt an unchanged folder")
+
+  monkeypatch.setattr(folder_builder, "_encode_example", no_rebuild)
+  assert folder_builder.prepare_folder_builder(str(a)).data_dir == builder_a.data_dir
+  monkeypatch.undo()
+  trimap = a / "annotations" / "trimaps" / f"{TRAIN_PAIRS[0][0]}.png"
+  t = np.asarray(Image.open(trimap)).copy()
+  t[:4, :4] = 3
+  Image.fromarray(t).save(trimap)
+  os.utime(trimap, ns=(1, 10**18))  # A changed file (size or mtime) gets a new prepared copy.
+  assert folder_builder.prepare_folder_builder(str(a)).data_dir != builder_a.data_dir
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The three sources on real and synthetic pixels.
+
+
+def test_shared_sample_folder(pets_sample_dir):
+  config = data_config(source="folder", data_dir=str(pets_sample_dir), image_size=32)
+  lines = {s: len((pets_sample_dir / "annotations" / f).read_text().split("\n")) - 1
+           for s, f in (("train", "trainval.txt"), ("test", "test.txt"))}
+  assert ip.split_size(config, "train") == lines["train"] == 356
+  eval_input = ip.EvalInput(config, "test", 64)
+  assert eval_input.num_examples == lines["test"] == 235
+  total, counts = 0.0, np.zeros(3)
+  for batch in eval_input:
+    assert batch["image"].dtype == np.float32 and batch["image"].shape == (64, 32, 32, 3)
+    assert batch["mask"].dtype == np.int32 and batch["mask"].shape == (64, 32, 32)
+    assert -1.0 <= batch["image"].min() and batch["image"].max() <= 1.0
+    assert set(np.unique(batch["mask"])) <= {0, 1, 2}
+    counts += np.bincount(batch["mask"][batch["weight"] > 0].ravel(), minlength=3)
+    total += batch["weight"].sum()
+  assert total == 235
+  assert all(counts > 0.05 * counts.sum())  # Pets, background and borders all present.
+
+
+def _write_official_archives(folder: Path, src: Path) -> None:
+  """images.tar.gz / annotations.tar.gz in the official layout, from a few real pairs."""
+  with tarfile.open(folder / "images.tar.gz", "w:gz") as tar:
+    for name, _ in TRAIN_PAIRS[:4] + TEST_PAIRS[:2]:
+      tar.add(src / "images" / f"{name}.jpg", arcname=f"images/{name}.jpg")
+  with tarfile.open(folder / "annotations.tar.gz", "w:gz") as tar:
+    for name, _ in TRAIN_PAIRS[:4] + TEST_PAIRS[:2]:
+      tar.add(src / "annotations" / "trimaps" / f"{name}.png", arcname=f"annotations/trimaps/{name}.png")
+    for split_file, pairs in (("trainval.txt", TRAIN_PAIRS[:4]), ("test.txt", TEST_PAIRS[:2])):
+      path = folder / split_file
+      path.write_text("".join(f"{n} {ids}\n" for n, ids in pairs))
+      tar.add(path, arcname=f"annotations/{split_file}")
+
+
+def test_tfds_source_from_manual_archives(tmp_path, pets_sample_dir, monkeypatch):
+  manual = tmp_path / "manual"
+  manual.mkdir()
+  _write_official_archives(manual, pets_sample_dir)
+  builder_cls = tfds.builder_cls("oxford_iiit_pet")
+  # tfds checks manually placed archives against the official size/sha256: substitute ours.
+  url_infos = {url: tfds.core.download.checksums.compute_url_info(manual / info.filename)
+               for url, info in builder_cls.url_infos.items()}
+  monkeypatch.setattr(builder_cls, "url_infos", url_infos)
+  monkeypatch.setattr(tfds_source, "_network_available", lambda hosts: pytest.fail("probed the network"))
+  config = data_config(source="tfds", data_dir=str(tmp_path / "tfds"), manual_dir=str(manual))
+  assert ip.split_size(config, "train") == 4 and ip.split_size(config, "test") == 2
+  for ex in tfds.as_numpy(ip.raw_dataset(config, "test")):
+    name = ex["file_name"].decode()
+    np.testing.assert_array_equal(ex["image"], ip.load_image(pets_sample_dir / "images" / name))
+    trimap = decode.load_trimap(pets_sample_dir / "annotations" / "trimaps" / name.replace(".jpg", ".png"))
+    np.testing.assert_array_equal(ex["segmentation_mask"][..., 0], trimap)
+  batches = list(ip.EvalInput(config, "test", 4))
+  assert len(batches) == 1 and batches[0]["weight"].tolist() == [1, 1, 0, 0]
+  assert set(np.unique(batches[0]["mask"][:2])) == {0, 1, 2}
+
+
+def test_tfds_source_offline_errors(tmp_path, monkeypatch):
+  monkeypatch.setattr(tfds_source, "_network_available", lambda hosts: False)
+  config = data_config(source="tfds", data_dir=str(tmp_path / "tfds"))
+  with pytest.raises(ip.DataError) as info:
+    ip.get_dataset_builder(config)
+  message = str(info.value)
+  assert "cannot be reached" in message and "manual_dir" in message and "source=folder" in message
+  assert "images.tar.gz" in message and str(tmp_path / "tfds" / "downloads" / "manual") in message
+  manual = tmp_path / "manual"
+  manual.mkdir()
+  (manual / "images.tar.gz").write_bytes(b"")
+  config.manual_dir = str(manual)
+  with pytest.raises(ip.DataError, match="lacks annotations.tar.gz"):
+    ip.get_dataset_builder(config)
+
+
+def test_synthetic_examples_are_deterministic_and_recoverable():
+  image, trimap = synthetic.render_example(0, 3, 64)
+  again, trimap_again = synthetic.render_example(0, 3, 64)
+  np.testing.assert_array_equal(image, again)
+  np.testing.assert_array_equal(trimap, trimap_again)
+  assert not np.array_equal(image, synthetic.render_example(1, 3, 64)[0])
+  assert image.dtype == np.uint8 and image.shape == (64, 64, 3) and trimap.shape == (64, 64)
+  images, trimaps = synthetic.generate(16, 64)
+  assert set(np.unique(trimaps)) == {1, 2, 3}
+  for img, tri in zip(images, trimaps):
+    assert (synthetic.mask_from_image(img) == tri).mean() > 0.99
+    assert not np.array_equal(tri, tri[:, ::-1])  # Asymmetric: a wrong flip would show.
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Preprocessing.
+
+
+def test_mask_resize_nearest_keeps_values_bilinear_invents_them():
+  # Pet left of a diagonal edge, border right of it, no background; the edge crosses every sub-pixel phase.
+  y, x = np.mgrid[:75, :100]
+  trimap = tf.constant(np.where(x < 20 + y, 1, 3).astype(np.uint8)[..., None])
+  nearest = ip._resize_trimap_to_labels(trimap, 64, "nearest").numpy()
+  bilinear = ip._resize_trimap_to_labels(trimap, 64, "bilinear").numpy()
+  assert set(np.unique(nearest)) == {0, 2}
+  assert set(np.unique(bilinear)) == {0, 1, 2}  # "Background" invented along the edge: the old mistake.
+
+
+def test_nearest_masks_on_real_data_have_no_new_values(quirks_folder):
+  config = data_config(source="folder", data_dir=str(quirks_folder), image_size=32)
+  raw = list(tfds.as_numpy(ip.raw_dataset(config, "train")))
+  batches = list(ip.EvalInput(config, "train", 16))
+  masks = batches[0]["mask"][batches[0]["weight"] > 0]
+  for ex, mask in zip(raw, masks):
+    assert set(np.unique(mask)) <= set(np.unique(ex["segmentation_mask"]) - 1)
+
+
+def test_input_ranges():
+  images = {}
+  for input_range in ("[-1,1]", "[0,1]"):
+    batch = next(iter(ip.EvalInput(synthetic_config(input_range=input_range), "test", 10)))
+    images[input_range] = batch["image"]
+  assert images["[0,1]"].min() >= 0 and images["[0,1]"].max() <= 1
+  assert images["[-1,1]"].min() >= -1 and images["[-1,1]"].max() <= 1 and images["[-1,1]"].min() < -0.5
+  np.testing.assert_allclose(images["[0,1]"] * 2 - 1, images["[-1,1]"], atol=1e-5)
+
+
+def test_preprocess_images_matches_eval(quirks_folder):
+  config = data_config(source="folder", data_dir=str(quirks_folder))
+  names = [ex["file_name"].decode() for ex in tfds.as_numpy(ip.raw_dataset(config, "test"))]
+  batch = next(iter(ip.EvalInput(config, "test", 8)))
+  images = [ip.load_image(quirks_folder / "images" / n) for n in names]
+  np.testing.assert_array_equal(ip.preprocess_images(images, config), batch["image"][:len(names)])
+
+
+def test_bad_config_values_are_named():
+  for field, value in (("source", "s3"), ("image_size", 100), ("input_range", "[0,255]"),
+                       ("mask_resize", "cubic")):
+    with pytest.raises(ip.DataError, match=f"config.data.{field}"):
+      ip.split_size(synthetic_config(**{field: value}), "train")
+  with pytest.raises(ip.DataError, match="'validation'.*synthetic"):
+    ip.split_size(synthetic_config(), "validation")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training batches: augmentation, determinism, resume, caching.
+
+
+def _unaugmented(config, split="train"):
+  batch = next(iter(ip.EvalInput(config, split, 1000)))
+  keep = batch["weight"] > 0
+  return batch["image"][keep], batch["mask"][keep]
+
+
+def test_flip_keeps_image_and_mask_aligned():
+  config = synthetic_config(random_flip=True)
+  images, masks = _unaugmented(config)
+  flipped = 0
+  for batch in ip.TrainInput(config, 8, seed=1).epoch(0):
+    for image, mask in zip(batch["image"], batch["mask"]):
+      match = [i for i in range(len(images)) if np.array_equal(image, images[i])]
+      mirror = [i for i in range(len(images)) if np.array_equal(image, images[i][:, ::-1])]
+      assert len(match) + len(mirror) == 1
+      if match:
+        np.testing.assert_array_equal(mask, masks[match[0]])
+      else:
+        np.testing.assert_array_equal(mask, masks[mirror[0]][:, ::-1])
+        flipped += 1
+      pixels = np.round((image + 1) * 127.5).astype(np.uint8)
+      assert (synthetic.mask_from_image(pixels) - 1 == mask).mean() > 0.99
+  assert 5 <= flipped <= 35  # About half of 40.
+
+
+def test_random_resized_crop_and_color_jitter():
+  config = synthetic_config(random_flip=False, random_resized_crop=True)
+  images, _ = _unaugmented(config)
+  batches = list(ip.TrainInput(config, 8, seed=0).epoch(0))
+  changed = 0
+  for batch in batches:
+    for image, mask in zip(batch["image"], batch["mask"]):
+      changed += not any(np.array_equal(image, i) for i in images)
+      pixels = np.round((image + 1) * 127.5).astype(np.uint8)
+      assert (synthetic.mask_from_image(pixels) - 1 == mask).mean() > 0.9  # Aligned up to edge resampling.
+  assert changed > 20
+  assert_batches_equal(batches, list(ip.TrainInput(config, 8, seed=0).epoch(0)))
+
+  config = synthetic_config(random_flip=False, color_jitter=True, input_range="[0,1]")
+  batches = list(ip.TrainInput(config, 8, seed=0).epoch(0))
+  for batch in batches:
+    assert batch["image"].dtype == np.float32 and 0 <= batch["image"].min() and batch["image"].max() <= 1
+  assert_batches_equal(batches, list(ip.TrainInput(config, 8, seed=0).epoch(0)))
+
+
+def test_training_epochs_are_pure_functions_of_seed_and_epoch():
+  config = synthetic_config(random_flip=True, random_resized_crop=True, shuffle_buffer=16)
+  train = ip.TrainInput(config, 8, seed=3)
+  assert (train.num_examples, train.steps_per_epoch) == (40, 5)
+  epoch2 = list(train.epoch(2))
+  assert len(epoch2) == 5
+  assert_batches_equal(epoch2, list(ip.TrainInput(config, 8, seed=3).epoch(2)))  # A fresh object (restart).
+  assert_batches_equal(epoch2, list(train.epoch(2)))  # The same object again.
+  for start in (1, 4, 5):
+    assert_batches_equal(epoch2[start:], list(train.epoch(2, start_step=start)))
+  assert not np.array_equal(epoch2[0]["image"], list(train.epoch(3))[0]["image"])
+  assert not np.array_equal(epoch2[0]["image"], list(ip.TrainInput(config, 8, seed=4).epoch(2))[0]["image"])
+  with pytest.raises(ip.DataError, match="start_step=6"):
+    next(train.epoch(0, start_step=6))
+
+
+def test_cache_is_filled_once_and_reused(monkeypatch):
+  calls = []
+  render = synthetic.render_example
+  monkeypatch.setattr(synthetic, "render_example", lambda *args: calls.append(args) or render(*args))
+  # 39 examples, batch 8: a remainder of 7, and a tiny configured shuffle buffer (the worst case).
+  config = synthetic_config(num_synthetic_train=39, shuffle_buffer=1)
+  train = ip.TrainInput(config, 8, seed=0)
+  # Consume exactly steps_per_epoch batches without exhausting the iterator, as a training loop does.
+  assert len(first_batches(train.epoch(0), train.steps_per_epoch)) == 4
+  assert len(calls) == 39
+  for epoch in (1, 2):
+    list(train.epoch(epoch))
+  assert len(calls) == 39  # Later epochs come from the cache: nothing decoded or drawn again.
+  eval_input = ip.EvalInput(config, "test", 4)
+  list(eval_input)
+  list(eval_input)
+  assert len(calls) == 39 + 10
+
+
+@pytest.mark.parametrize("batch_size,num_devices", [(5, None), (4, None), (16, None), (4, 2), (6, 3)])
+def test_eval_counts_every_example_exactly_once(batch_size, num_devices):
+  config = synthetic_config()
+  images, masks = _unaugmented(config, "test")
+  assert len(images) == 10
+  eval_input = ip.EvalInput(config, "test", batch_size, num_devices=num_devices)
+  assert eval_input.num_examples == 10
+  batches = list(eval_input)
+  assert len(batches) == eval_input.num_batches == -(-10 // batch_size)
+  seen_images, seen_masks = [], []
+  for batch in batches:
+    if num_devices:
+      assert batch["image"].shape == (num_devices, batch_size // num_devices, 32, 32, 3)
+      assert batch["weight"].shape == (num_devices, batch_size // num_devices)
+      batch = {k: v.reshape((-1,) + v.shape[2:]) for k, v in batch.items()}
+    assert batch["weight"].dtype == np.float32 and batch["image"].shape[0] == batch_size
+    seen_images.extend(batch["image"][batch["weight"] > 0])
+    seen_masks.extend(batch["mask"][batch["weight"] > 0])
+  np.testing.assert_array_equal(np.stack(seen_images), images)  # Each once, in order, none padded in.
+  np.testing.assert_array_equal(np.stack(seen_masks), masks)
+  assert_batches_equal(batches, list(eval_input))
+
+
+def test_device_sharded_training_batches():
+  config = synthetic_config()
+  batch = next(ip.TrainInput(config, 8, seed=0, num_devices=2).epoch(0))
+  assert batch["image"].shape == (2, 4, 32, 32, 3) and batch["mask"].shape == (2, 4, 32, 32)
+  flat = next(ip.TrainInput(config, 8, seed=0).epoch(0))
+  np.testing.assert_array_equal(batch["image"].reshape(flat["image"].shape), flat["image"])
+  for cls, args in ((ip.TrainInput, (config, 7)), (ip.EvalInput, (config, "test", 7))):
+    with pytest.raises(ip.DataError, match="7 is not divisible by the number of devices 2"):
+      cls(*args, **({"seed": 0} if cls is ip.TrainInput else {}), num_devices=2)
+  with pytest.raises(ip.DataError, match="larger than the 40 examples"):
+    ip.TrainInput(config, 64, seed=0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The bundled sample and the show_data script.
+
+
+def test_bundled_sample():
+  root = Path(ip.BUNDLED_SAMPLE_DIR)
+  assert root.is_dir() and (root / "LICENSE.md").is_file()
+  assert "CC BY-SA 4.0" in (root / "LICENSE.md").read_text()
+  assert sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) < 1.5e6
+  config = data_config(source="folder", data_dir=str(root), image_size=32)
+  assert ip.split_size(config, "train") == 48 and ip.split_size(config, "test") == 24
+  for path in sorted((root / "images").iterdir())[:10]:
+    header = decode.read_header(path)
+    assert header.format == "JPEG" and min(header.width, header.height) == 160
+
+
+def test_show_data_script(tmp_path):
+  out = tmp_path / "show"
+  result = subprocess.run(
+      [sys.executable, "scripts/show_data.py", "--config", "configs/default.py", "--num", "3", "--output",
+       str(out), "--config.data.source=synthetic", "--config.data.image_size=32",
+       "--config.data.num_synthetic_train=20"],
+      cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert sorted(p.name for p in out.iterdir()) == ["train_000.png", "train_001.png", "train_002.png"]
+  assert "Class histogram of split 'train' (20 examples" in result.stdout
+  for name in ip.CLASS_NAMES:
+    assert name in result.stdout
