@@ -1,0 +1,516 @@
+"""Training and evaluation loop: from a config to checkpoints, metrics and figures in a workdir.
+
+Modelled on google/flax examples/imagenet/train.py. The steps are ``jax.pmap``-ed over all local devices
+(one device is the same code path): gradients are averaged with ``pmean`` and BatchNorm statistics are
+computed over the global batch (``UNet(bn_axis_name="batch")``), so N devices train like one device with
+the same global batch. Metrics are summed confusion matrices, exact over a split.
+
+The workdir receives config.json, checkpoints/ and checkpoints_best/ (see ``checkpoint.py``),
+metrics.jsonl (one JSON object per evaluation), TensorBoard event files and figures/.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import itertools
+import json
+import logging as std_logging
+import math
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from absl import logging
+import flax
+from flax import jax_utils
+from flax.training import train_state
+import jax
+from jax import lax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import tensorflow as tf
+import tqdm
+
+from petseg_jax import checkpoint
+from petseg_jax import input_pipeline
+from petseg_jax import losses
+from petseg_jax import metrics as metrics_lib
+from petseg_jax import models
+from petseg_jax import optim
+from petseg_jax import plots
+from petseg_jax import weights
+from tensorflow.core.framework import summary_pb2
+
+AXIS = "batch"  # pmap axis name; also the UNet's BatchNorm axis.
+METRICS_FILE = "metrics.jsonl"
+FIGURES_DIR = "figures"
+
+
+class TrainState(train_state.TrainState):
+  batch_stats: Any
+
+
+class TrainingInterrupted(RuntimeError):
+  """Raised after SIGINT/SIGTERM once the current step is done and a checkpoint is written."""
+
+  def __init__(self, message: str, signum: int):
+    super().__init__(message)
+    self.signum = signum
+
+
+def create_model(config: ml_collections.ConfigDict, bn_axis_name: str | None = AXIS) -> models.UNet:
+  """The UNet of ``config.model``; BatchNorm statistics synced over the pmap axis while training."""
+  return models.create_model(config.model, bn_axis_name=bn_axis_name)
+
+
+def initialized(rng: jax.Array, image_size: int, model: models.UNet) -> dict[str, Any]:
+  """Randomly initialized ``{"params", "batch_stats"}``."""
+  init = jax.jit(functools.partial(model.init, train=False))
+  variables = init({"params": rng}, jnp.zeros((1, image_size, image_size, 3), jnp.float32))
+  return flax.core.unfreeze(variables)
+
+
+def create_learning_rate_fn(train_config: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+  """``train.lr_schedule``: "constant" or "cosine" (to 0 at ``total_steps``), after a linear warmup."""
+  lr, warmup = train_config.learning_rate, train_config.warmup_steps
+  if train_config.lr_schedule == "constant":
+    main = optax.constant_schedule(lr)
+  elif train_config.lr_schedule == "cosine":
+    main = optax.cosine_decay_schedule(lr, decay_steps=max(total_steps - warmup, 1))
+  else:
+    raise ValueError(f"config.train.lr_schedule={train_config.lr_schedule!r}; expected 'constant' or "
+                     "'cosine'.")
+  if warmup <= 0:
+    return main
+  return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), main], [warmup])
+
+
+def unfreeze_step(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int | None:
+  """The step at which a frozen encoder starts training, or None if it stays frozen (or never was)."""
+  if not config.model.freeze_encoder or config.train.unfreeze_after_epochs < 0:
+    return None
+  return config.train.unfreeze_after_epochs * steps_per_epoch
+
+
+def create_train_state(rng: jax.Array, config: ml_collections.ConfigDict, model: models.UNet,
+                       learning_rate_fn: optax.Schedule, steps_per_epoch: int) -> TrainState:
+  """Initial state: random init, ``model.encoder_weights`` loaded, the freezing optimizer."""
+  variables = initialized(rng, config.data.image_size, model)
+  encoder = weights.load_encoder_variables(config.model.encoder_weights or None, config.model.alpha)
+  if encoder is not None:
+    variables = weights.merge_encoder_variables(variables, encoder)
+  labels = optim.param_labels(variables["params"], config.train.frozen_params)
+  tx = optim.create_optimizer(config.train, learning_rate_fn, labels,
+                              freeze=config.model.freeze_encoder,
+                              unfreeze_step=unfreeze_step(config, steps_per_epoch))
+  return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
+                           batch_stats=variables["batch_stats"])
+
+
+def encoder_frozen(config: ml_collections.ConfigDict, params: Any, step: int, steps_per_epoch: int) -> bool:
+  """Whether the model runs its encoder frozen (running-stat BatchNorm, no backward pass) at ``step``.
+
+  Only when ``train.frozen_params`` cover the whole encoder; a partial pattern (e.g. the first blocks)
+  freezes those parameters in the optimizer alone.
+  """
+  if not config.model.freeze_encoder:
+    return False
+  if not optim.covers_subtree(optim.param_labels(params, config.train.frozen_params), "encoder"):
+    return False
+  start = unfreeze_step(config, steps_per_epoch)
+  return start is None or step < start
+
+
+def load_init_from(state: TrainState, path: str) -> TrainState:
+  """``model.init_from``: params and batch_stats of a previous run's latest checkpoint (not its optimizer)."""
+  variables, step = checkpoint.restore_variables(path, "latest")
+  for collection in ("params", "batch_stats"):
+    expected = jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), getattr(state, collection))
+    found = jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), variables[collection])
+    if expected != found:
+      raise checkpoint.CheckpointError(
+          f"model.init_from={path!r} (step {step}): its {collection} do not fit this model; check "
+          "model.alpha, model.decoder_filters and model.num_classes against its config.json.")
+  logging.info("Initialized params and batch_stats from %s (step %d).", path, step)
+  return state.replace(params=jax.tree.map(jnp.asarray, variables["params"]),
+                       batch_stats=jax.tree.map(jnp.asarray, variables["batch_stats"]))
+
+
+def _loss(config: ml_collections.ConfigDict, logits: jax.Array, labels: jax.Array,
+          weights: jax.Array | None = None) -> jax.Array:
+  return losses.segmentation_loss(logits, labels, loss=config.train.loss,
+                                  class_weights=tuple(config.train.class_weights), weights=weights)
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], dropout_rng: jax.Array, *,
+               config: ml_collections.ConfigDict, frozen_encoder: bool
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer step on a device's shard of the global batch (run under ``pmap(axis_name=AXIS)``)."""
+  # Dropout masks depend on (seed, step, device) only: resumed runs draw the same ones.
+  rng = jax.random.fold_in(jax.random.fold_in(dropout_rng, state.step), lax.axis_index(AXIS))
+
+  def loss_fn(params):
+    logits, updates = state.apply_fn(
+        {"params": params, "batch_stats": state.batch_stats}, batch["image"], train=True,
+        frozen_encoder=frozen_encoder, mutable=["batch_stats"], rngs={"dropout": rng})
+    return _loss(config, logits, batch["mask"]), (logits, updates["batch_stats"])
+
+  (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  # Equal shards: the mean of the per-device mean gradients is the gradient of the global-batch mean.
+  grads = lax.pmean(grads, AXIS)
+  new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  confusion = metrics_lib.confusion_matrix(logits, batch["mask"], num_classes=config.model.num_classes)
+  return new_state, {"loss": lax.pmean(loss, AXIS), "confusion": lax.psum(confusion, AXIS)}
+
+
+def eval_step(state: TrainState, batch: dict[str, jax.Array], *, config: ml_collections.ConfigDict
+              ) -> dict[str, jax.Array]:
+  """Summed loss and confusion matrix of a device's shard (padding examples have weight 0)."""
+  logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats}, batch["image"],
+                          train=False)
+  weight = batch["weight"]
+  # The loss is a mean over valid pixels; weight it by their number so that the split loss is exact.
+  num_pixels = jnp.sum(weight) * np.prod(batch["mask"].shape[1:])
+  loss_sum = _loss(config, logits, batch["mask"], weight) * num_pixels
+  confusion = metrics_lib.confusion_matrix(logits, batch["mask"], weight,
+                                           num_classes=config.model.num_classes)
+  return lax.psum({"loss_sum": loss_sum, "num_pixels": num_pixels, "confusion": confusion}, AXIS)
+
+
+def evaluate(p_eval_step: Callable, state: TrainState, eval_input: Any) -> dict[str, Any]:
+  """Loss and ``metrics.compute_metrics`` over the whole eval split (``state`` replicated)."""
+  confusion, loss_sum, num_pixels = 0, 0.0, 0.0
+  for batch in eval_input:
+    out = jax.device_get(jax_utils.unreplicate(p_eval_step(state, batch)))
+    confusion = confusion + np.asarray(out["confusion"], np.int64)  # int64 on the host: no overflow.
+    loss_sum += float(out["loss_sum"])
+    num_pixels += float(out["num_pixels"])
+  result = metrics_lib.compute_metrics(confusion)
+  result["loss"] = loss_sum / num_pixels
+  return result
+
+
+def predict(model: models.UNet, variables: dict[str, Any], images: np.ndarray) -> np.ndarray:
+  """Class maps (N, H, W) of a few images, on one device."""
+  logits = jax.jit(functools.partial(model.apply, train=False))(variables, images)
+  return np.asarray(jnp.argmax(logits, axis=-1))
+
+
+# --- the loop's bookkeeping ------------------------------------------------------------------------------
+
+class _QuietOrbaxInfo(std_logging.Filter):
+  """Drops Orbax's INFO records (a dozen per checkpoint); its warnings and errors still show."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return record.levelno > std_logging.INFO or f"{os.sep}orbax{os.sep}" not in record.pathname
+
+
+_QUIET_ORBAX = _QuietOrbaxInfo()
+
+
+class SummaryWriter:
+  """TensorBoard scalars written with TensorFlow core alone.
+
+  ``tf.summary.scalar`` and ``flax.metrics.tensorboard`` need the ``tensorboard`` package; this writes the
+  same event records (a tensor summary tagged for the "scalars" plugin) through ``tf.summary.write``.
+  """
+
+  _METADATA = summary_pb2.SummaryMetadata(
+      plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"),
+      data_class=summary_pb2.DATA_CLASS_SCALAR)
+
+  def __init__(self, logdir: str | os.PathLike):
+    self._writer = tf.summary.create_file_writer(str(logdir))
+
+  def scalar(self, tag: str, value: float, step: int) -> None:
+    with self._writer.as_default():
+      tf.summary.write(tag, tf.constant(value, tf.float32), step=step, metadata=self._METADATA)
+
+  def flush(self) -> None:
+    self._writer.flush()
+
+  def close(self) -> None:
+    self._writer.close()
+
+
+class _StopRequest:
+  """SIGINT/SIGTERM handler: asks the loop to stop after the current step; a second signal aborts."""
+
+  def __init__(self):
+    self.signum: int | None = None
+
+  def __call__(self, signum, frame):
+    if self.signum is not None:
+      raise KeyboardInterrupt
+    self.signum = signum
+    logging.warning("Received %s: stopping after the current step and writing a checkpoint "
+                    "(send it again to abort without one).", signal.Signals(signum).name)
+
+
+@contextlib.contextmanager
+def _graceful_stop() -> Iterator[_StopRequest]:
+  request = _StopRequest()
+  if threading.current_thread() is not threading.main_thread():
+    yield request  # Signal handlers can only be installed from the main thread.
+    return
+  previous = {s: signal.signal(s, request) for s in (signal.SIGINT, signal.SIGTERM)}
+  try:
+    yield request
+  finally:
+    for s, handler in previous.items():
+      signal.signal(s, handler)
+
+
+class _TrainMetrics:
+  """Per-step train metrics kept on the device until a log point, then summed on the host."""
+
+  def __init__(self):
+    self.pending: list[tuple[int, dict[str, jax.Array]]] = []
+    self.loss_sum, self.num_steps, self.confusion = 0.0, 0, 0
+
+  def add(self, step: int, step_metrics: dict[str, jax.Array]) -> None:
+    self.pending.append((step, step_metrics))
+
+  def flush(self, learning_rate: float, last_checkpoint: str) -> dict[str, float] | None:
+    """Fetches pending steps (the only host sync), checks the loss; returns the interval's means."""
+    if not self.pending:
+      return None
+    steps = [s for s, _ in self.pending]
+    fetched = jax.device_get([jax_utils.unreplicate(m) for _, m in self.pending])
+    self.pending = []
+    step_losses = np.array([float(m["loss"]) for m in fetched])
+    bad = np.flatnonzero(~np.isfinite(step_losses))
+    if bad.size:
+      raise FloatingPointError(
+          f"Training diverged: the loss is {step_losses[bad[0]]} at step {steps[bad[0]]}. Lower "
+          f"config.train.learning_rate (now {learning_rate:g}) or add warmup (train.warmup_steps). "
+          f"Nothing was saved after the divergence; last good checkpoint: {last_checkpoint}.")
+    confusion = sum(np.asarray(m["confusion"], np.int64) for m in fetched)
+    self.loss_sum += float(step_losses.sum())
+    self.num_steps += len(steps)
+    self.confusion = self.confusion + confusion
+    return {"loss": float(step_losses.mean()),
+            "pixel_accuracy": float(np.trace(confusion) / confusion.sum())}
+
+  def summary(self) -> dict[str, Any] | None:
+    """Means since the last ``reset()`` (call after ``flush``); None if no step ran since."""
+    if not self.num_steps:
+      return None
+    result = metrics_lib.compute_metrics(self.confusion)
+    result["loss"] = self.loss_sum / self.num_steps
+    return result
+
+  def reset(self) -> None:
+    self.loss_sum, self.num_steps, self.confusion = 0.0, 0, 0
+
+
+def _flat_record(prefix: str, result: dict[str, Any] | None) -> dict[str, Any]:
+  if result is None:
+    return {}
+  record = {f"{prefix}_{k}": result[k] for k in ("loss", "pixel_accuracy", "miou", "dice")}
+  record.update({f"{prefix}_iou_{name}": v for name, v in result["iou"].items()})
+  return record
+
+
+def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
+  with open(path, "a") as f:
+    f.write(json.dumps(record) + "\n")
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def _truncate_metrics(path: Path, last_step: int) -> None:
+  """Drops records after the checkpoint a run resumes from (they will be recomputed)."""
+  if not path.exists():
+    return
+  records = read_metrics(path.parent)
+  kept = [record for record in records if record["step"] <= last_step]
+  if len(kept) != len(records):
+    path.write_text("".join(json.dumps(record) + "\n" for record in kept))
+
+
+def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
+  """The records of ``workdir/metrics.jsonl`` (one per evaluation), oldest first."""
+  path = Path(workdir) / METRICS_FILE
+  if not path.exists():
+    return []
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _save_figure(model: models.UNet, state: TrainState, eval_input: Any, num_examples: int,
+                 input_range: str, path: Path) -> None:
+  batch = next(iter(eval_input))
+  images = batch["image"].reshape((-1,) + batch["image"].shape[-3:])[:num_examples]
+  masks = batch["mask"].reshape((-1,) + batch["mask"].shape[-2:])[:num_examples]
+  host_state = jax.device_get(jax_utils.unreplicate(state))
+  predictions = predict(model, {"params": host_state.params, "batch_stats": host_state.batch_stats}, images)
+  plots.save_prediction_triplets(images, masks, predictions, path, input_range=input_range)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> TrainState:
+  """Trains ``config`` in ``workdir`` (resuming from its latest checkpoint) and returns the final state.
+
+  Raises:
+    TrainingInterrupted: after SIGINT/SIGTERM, once a checkpoint of the current step is written.
+    FloatingPointError: the loss became NaN/inf; nothing after the divergence is saved.
+    checkpoint.CheckpointError: the workdir is locked by another process or holds an incompatible run.
+  """
+  workdir = Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  logging.get_absl_logger().addFilter(_QUIET_ORBAX)
+  with checkpoint.lock_workdir(workdir):
+    ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep_checkpoints)
+    try:
+      return _train_and_evaluate(config, workdir, ckpt)
+    finally:
+      ckpt.close()
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
+                        ckpt: checkpoint.Checkpointer) -> TrainState:
+  start_time = time.time()
+  resume_step = ckpt.latest_step()
+  if resume_step is not None:
+    checkpoint.check_resume_config(workdir, config)
+  checkpoint.write_config(workdir, config)
+
+  num_devices = jax.local_device_count()
+  if config.train.batch_size % num_devices:
+    raise ValueError(f"config.train.batch_size={config.train.batch_size} must be divisible by the number "
+                     f"of devices ({num_devices}).")
+  logging.info("devices: %d (%s)", num_devices, jax.local_devices()[0].platform)
+
+  train_input = input_pipeline.TrainInput(config.data, config.train.batch_size, seed=config.seed,
+                                          num_devices=num_devices)
+  eval_input = input_pipeline.EvalInput(config.data, config.data.eval_split, config.train.batch_size,
+                                        num_devices=num_devices)
+  steps_per_epoch = train_input.steps_per_epoch
+  if steps_per_epoch < 1:
+    raise ValueError(f"The train split has {train_input.num_examples} examples, fewer than one batch of "
+                     f"config.train.batch_size={config.train.batch_size}; lower the batch size.")
+  total_steps = (config.train.num_train_steps if config.train.num_train_steps > 0
+                 else config.train.num_epochs * steps_per_epoch)
+  num_epochs = math.ceil(total_steps / steps_per_epoch)
+  logging.info("train: %d examples, %d steps/epoch, %d steps (%d epochs); eval (%s): %d examples",
+               train_input.num_examples, steps_per_epoch, total_steps, num_epochs,
+               config.data.eval_split, eval_input.num_examples)
+
+  model = create_model(config)
+  init_rng, dropout_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+  learning_rate_fn = create_learning_rate_fn(config.train, total_steps)
+  state = create_train_state(init_rng, config, model, learning_rate_fn, steps_per_epoch)
+  metrics_path = workdir / METRICS_FILE
+  if resume_step is not None:
+    state = ckpt.restore_latest(state)
+    _truncate_metrics(metrics_path, resume_step)
+    logging.info("Resuming from %s at step %d.", workdir / checkpoint.LATEST_DIR, resume_step)
+  elif config.model.init_from:
+    state = load_init_from(state, config.model.init_from)
+  step = int(state.step)
+  best_miou = ckpt.best_metric()
+  host_params = state.params
+
+  state = jax_utils.replicate(state)
+  dropout_rngs = jax_utils.replicate(dropout_rng)
+  p_eval_step = jax.pmap(functools.partial(eval_step, config=config), axis_name=AXIS)
+  p_train_steps = {}  # frozen_encoder → compiled step (unfreezing switches once).
+
+  def p_train_step(frozen: bool) -> Callable:
+    if frozen not in p_train_steps:
+      p_train_steps[frozen] = jax.pmap(
+          functools.partial(train_step, config=config, frozen_encoder=frozen), axis_name=AXIS,
+          donate_argnums=(0,))
+    return p_train_steps[frozen]
+
+  def last_checkpoint() -> str:
+    last = ckpt.latest_step()
+    return f"step {last} in {workdir / checkpoint.LATEST_DIR}" if last is not None else "none"
+
+  def save() -> None:
+    ckpt.save(jax_utils.unreplicate(state))
+
+  writer = SummaryWriter(workdir)
+  figures = workdir / FIGURES_DIR
+  train_metrics = _TrainMetrics()
+  train_time, train_examples = 0.0, 0
+  if step >= total_steps:
+    logging.info("Already trained to step %d (of %d); nothing to do.", step, total_steps)
+  with _graceful_stop() as stop:
+    for epoch in range(step // steps_per_epoch, num_epochs if step < total_steps else 0):
+      frozen = encoder_frozen(config, host_params, step, steps_per_epoch)
+      run_step = p_train_step(frozen)
+      epoch_end = min((epoch + 1) * steps_per_epoch, total_steps)
+      batches = train_input.epoch(epoch, start_step=step - epoch * steps_per_epoch)
+      bar = tqdm.tqdm(total=epoch_end - epoch * steps_per_epoch, initial=step - epoch * steps_per_epoch,
+                      desc=f"epoch {epoch + 1}/{num_epochs}" + (" (encoder frozen)" if frozen else ""),
+                      unit="step", disable=None, leave=False)
+      epoch_start, epoch_first_step = time.time(), step
+      for batch in itertools.islice(batches, epoch_end - step):
+        state, step_metrics = run_step(state, batch, dropout_rngs)
+        step += 1
+        train_metrics.add(step, step_metrics)
+        bar.update(1)
+        if step % config.train.log_every_steps == 0 or stop.signum is not None:
+          interval = train_metrics.flush(float(learning_rate_fn(step - 1)), last_checkpoint())
+          bar.set_postfix(loss=f"{interval['loss']:.4f}", acc=f"{interval['pixel_accuracy']:.4f}")
+          writer.scalar("train/loss", interval["loss"], step)
+          writer.scalar("train/pixel_accuracy", interval["pixel_accuracy"], step)
+          writer.scalar("train/learning_rate", float(learning_rate_fn(step - 1)), step)
+        if step % config.train.checkpoint_every_steps == 0 or stop.signum is not None:
+          train_metrics.flush(float(learning_rate_fn(step - 1)), last_checkpoint())
+          save()
+        if stop.signum is not None:
+          bar.close()
+          raise TrainingInterrupted(
+              f"Stopped by {signal.Signals(stop.signum).name} after step {step}; checkpoint saved in "
+              f"{workdir / checkpoint.LATEST_DIR}. Run the same command again to resume.", stop.signum)
+      bar.close()
+      train_metrics.flush(float(learning_rate_fn(step - 1)), last_checkpoint())  # Also syncs the device.
+      train_time += time.time() - epoch_start
+      train_examples += (step - epoch_first_step) * config.train.batch_size
+
+      if (epoch + 1) % config.train.eval_every_epochs and step < total_steps:
+        continue
+      eval_result = evaluate(p_eval_step, state, eval_input)
+      train_result = train_metrics.summary()
+      record = {"step": step, "epoch": round(step / steps_per_epoch, 3),
+                **_flat_record("train", train_result), **_flat_record("eval", eval_result),
+                "images_per_sec": train_examples / max(train_time, 1e-9),
+                "learning_rate": float(learning_rate_fn(step - 1)),
+                "elapsed_sec": time.time() - start_time, "wall_time": time.time()}
+      _append_jsonl(metrics_path, record)
+      for key, value in record.items():
+        if key not in ("step", "wall_time") and value is not None:
+          # "eval_miou" → "eval/miou": TensorBoard groups the train and eval curves.
+          writer.scalar(key.replace("_", "/", 1) if key.startswith(("train_", "eval_")) else key,
+                        value, step)
+      writer.flush()
+      train_line = ("train loss %.4f acc %.4f mIoU %.4f | " % (
+          train_result["loss"], train_result["pixel_accuracy"], train_result["miou"])
+                    if train_result else "")
+      logging.info("epoch %d/%d (step %d): %seval loss %.4f acc %.4f mIoU %.4f Dice %.4f | %.1f img/s",
+                   epoch + 1, num_epochs, step, train_line, eval_result["loss"],
+                   eval_result["pixel_accuracy"], eval_result["miou"], eval_result["dice"],
+                   record["images_per_sec"])
+      train_metrics.reset()
+      train_time, train_examples = 0.0, 0
+      if config.train.num_figure_examples > 0:
+        _save_figure(model, state, eval_input, config.train.num_figure_examples,
+                     config.data.input_range, figures / f"predictions_step_{step:07d}.png")
+      if best_miou is None or eval_result["miou"] > best_miou:
+        best_miou = eval_result["miou"]
+        ckpt.save_best(jax_utils.unreplicate(state), best_miou)
+
+  save()
+  writer.close()
+  history = read_metrics(workdir)
+  if history:
+    plots.save_training_curves(history, figures / "training_curves.png")
+  logging.info("Done: step %d in %.1f s; workdir %s", step, time.time() - start_time, workdir)
+  return jax.device_get(jax_utils.unreplicate(state))

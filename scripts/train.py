@@ -1,0 +1,49 @@
+"""Trains a U-Net: ``python scripts/train.py [--config configs/X.py] --workdir DIR [--config.a.b=v ...]``.
+
+This file is intentionally kept short (as google/flax examples/imagenet/main.py): the logic lives in
+``petseg_jax/train.py``. Without --config it trains the quickstart (offline, real pet images, a few
+minutes on a CPU). Running the same command again in the same workdir resumes from the latest checkpoint.
+"""
+
+import sys
+from pathlib import Path
+
+# Config files import their base as `from configs import default`: make the repo root importable.
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from absl import app  # pylint: disable=g-import-not-at-top
+from absl import flags
+from absl import logging
+import jax
+from ml_collections import config_flags
+import tensorflow as tf
+
+from petseg_jax import train
+
+FLAGS = flags.FLAGS
+
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, figures and TensorBoard logs.")
+config_flags.DEFINE_config_file(
+    "config", str(REPO_ROOT / "configs" / "quickstart.py"),
+    "Training configuration file; override fields with --config.section.key=value.",
+    lock_config=True)
+flags.mark_flags_as_required(["workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  # Hide GPUs from TensorFlow (used for data only), so that it does not claim memory JAX needs.
+  tf.config.set_visible_devices([], "GPU")
+  logging.info("JAX process %d / %d; local devices: %r", jax.process_index(), jax.process_count(),
+               jax.local_devices())
+  try:
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except train.TrainingInterrupted as e:
+    logging.error("%s", e)
+    sys.exit(128 + e.signum)
+
+
+if __name__ == "__main__":
+  app.run(main)
