@@ -13,8 +13,9 @@ are trimap - 1 (0 pet, 1 background, 2 border), images are scaled to `input_rang
 
 The decoded and resized split is cached (uint8) once per `TrainInput`/`EvalInput`; every epoch is derived
 from that cache. A training epoch is a pure function of (seed, epoch): the shuffle seed is derived from both,
-and augmentations use stateless random ops keyed by (seed, epoch, example id), so `epoch(e, start_step)`
-resumes exactly.
+and each example's augmentation (flip decision, stateless-op seeds) is looked up by its id in tables drawn
+from (seed, epoch), so `epoch(e, start_step)` resumes exactly, in the same or a new process. (The tf.data
+shuffle also depends on TensorFlow's global seed, which this project never sets.)
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from petseg_jax.data import folder_builder
 from petseg_jax.data import synthetic
 from petseg_jax.data import tfds_source
 from petseg_jax.data.errors import DataError
+from petseg_jax.metrics import CLASS_NAMES  # ("pet", "background", "border"): label = trimap - 1.
 
 try:
   # Data work runs on the CPU; keep TensorFlow off the accelerators JAX uses.
@@ -43,7 +45,6 @@ __all__ = [
     "load_image", "preprocess_images", "raw_dataset", "split_size",
 ]
 
-CLASS_NAMES = ("pet", "background", "border")
 BUNDLED_SAMPLE_DIR = folder_builder.BUNDLED_SAMPLE_DIR
 SOURCES = ("tfds", "folder", "synthetic")
 INPUT_RANGES = ("[-1,1]", "[0,1]")
@@ -162,7 +163,7 @@ def _resize_trimap_to_labels(trimap: tf.Tensor, size: int, mask_resize: str) -> 
     trimap = tf.image.resize(trimap, [size, size], method="nearest")
   else:
     # The first tutorial's mistake, kept for ablations: interpolating labels invents classes at boundaries
-    # (a pet/background edge, 1|2, blends into values that round to anything in between).
+    # (every pet|border edge, 1|3, blends through 2 and gains a line of "background" inside the border).
     trimap = tf.image.resize(tf.cast(trimap, tf.float32), [size, size], method="bilinear")
     trimap = tf.cast(tf.clip_by_value(tf.round(trimap), 1.0, 3.0), tf.uint8)
   return trimap[..., 0] - 1
