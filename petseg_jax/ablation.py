@@ -1,0 +1,783 @@
+"""Ablation sweeps: named config variants × seeds, each trained in its own workdir, then one report.
+
+A sweep file is a Python file whose ``get_sweep()`` returns::
+
+    {"seeds": [0, 1, 2],                          # optional, default [0]
+     "overrides": {"train.num_epochs": 10},       # optional, common to every run
+     "variants": {"frozen": {"model.freeze_encoder": True}, ...},
+     "grid": {"model.alpha": [0.35, 1.0], ...}}   # "variants" and/or "grid"
+
+Keys are dotted paths into the base config (``configs/*.py``). A grid expands to the cartesian product of
+its values; with both "variants" and "grid", every variant is crossed with every grid point. A variant's
+overrides win over the common ones. ``get_sweep`` may take one string argument, given after a colon:
+``sweeps/freeze.py:tfds`` calls ``get_sweep("tfds")`` (as ``config_flags`` does for config files).
+
+Layout of a sweep directory::
+
+    DIR/sweep.json                    the plan: base config, sweep file, every run and its overrides
+    DIR/<variant>/seed_<s>/           a training workdir (``train.train_and_evaluate``) plus
+        ablation_run.json             what this run is (variant, seed, overrides, resolved config)
+        ablation_status.json          done | failed | running | interrupted, attempts, wall time, error
+        train.log                     the training output (all attempts)
+    DIR/summary.csv, summary.md, summary.png
+
+Runs are trained one after another, each in a fresh Python process by default (a crash, an out-of-memory
+kill or a bad value in one variant cannot take the sweep down). A finished run is skipped when the sweep is
+run again; an interrupted one resumes from its latest checkpoint (training's own resume).
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import csv
+import dataclasses
+import datetime
+import importlib.util
+import itertools
+import json
+import math
+import os
+from pathlib import Path
+import re
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import ml_collections
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PLAN_FILE = "sweep.json"
+RUN_SPEC_FILE = "ablation_run.json"
+STATUS_FILE = "ablation_status.json"
+LOG_FILE = "train.log"
+METRICS_FILE = "metrics.jsonl"  # Written by train.py (train.METRICS_FILE); read without importing TF.
+COMPILATION_CACHE_DIR = "jax_cache"
+CONFIG_FILE = "config.json"  # Written by train.py (checkpoint.CONFIG_FILE).
+SWEEP_KEYS = ("seeds", "overrides", "variants", "grid")
+
+DONE, FAILED, RUNNING, INTERRUPTED, SKIPPED = "done", "failed", "running", "interrupted", "skipped"
+
+
+class SweepError(ValueError):
+  """A sweep file, an override or a sweep directory that cannot be used; the message says what to fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """One training run of a sweep."""
+  variant: str
+  seed: int
+  variant_overrides: dict[str, Any]  # What distinguishes the variant (its own and its grid point's).
+  overrides: dict[str, Any]  # Everything applied to the base config: common, then variant, then seed.
+  dirname: str  # Relative to the sweep directory.
+
+
+@dataclasses.dataclass
+class RunResult:
+  """What happened to a run in this invocation."""
+  run: Run
+  status: str  # DONE, FAILED, SKIPPED (already done) or INTERRUPTED.
+  error: str = ""
+  wall_time_sec: float = 0.0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading config and sweep files.
+
+
+def _split_arg(spec: str) -> tuple[Path, str | None]:
+  """'path.py:arg' → (path.py, 'arg'); 'path.py' → (path.py, None)."""
+  path, sep, arg = str(spec).partition(".py:")
+  if sep:
+    return Path(path + ".py"), arg
+  return Path(spec), None
+
+
+def _call_python_file(spec: str, function: str, what: str) -> Any:
+  """Imports ``path.py`` (repo root importable, as for ``configs/``) and returns ``function([arg])``."""
+  path, arg = _split_arg(spec)
+  if not path.is_file():
+    raise SweepError(f"{what} file {path} not found.")
+  if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))  # Config and sweep files import `configs.default`, `sweeps._common`.
+  module_name = f"_petseg_{what.replace(' ', '_')}_{abs(hash(str(path.resolve())))}"
+  module_spec = importlib.util.spec_from_file_location(module_name, path)
+  module = importlib.util.module_from_spec(module_spec)
+  try:
+    module_spec.loader.exec_module(module)
+  except Exception as e:
+    raise SweepError(f"{what} file {path} failed to import: {type(e).__name__}: {e}") from e
+  fn = getattr(module, function, None)
+  if not callable(fn):
+    raise SweepError(f"{what} file {path} defines no {function}() function.")
+  try:
+    return fn(arg) if arg is not None else fn()
+  except TypeError as e:
+    if arg is not None:
+      raise SweepError(f"{path}: {function}({arg!r}) failed ({e}); does {function} take an argument?") from e
+    raise
+  except SweepError:
+    raise
+  except Exception as e:
+    raise SweepError(f"{path}: {function}() raised {type(e).__name__}: {e}") from e
+
+
+def absolute_spec(spec: str | os.PathLike) -> str:
+  """'configs/x.py:arg' with the path made absolute (run directories must not depend on the cwd)."""
+  path, arg = _split_arg(str(spec))
+  return str(path.resolve()) + (f":{arg}" if arg is not None else "")
+
+
+def load_config(spec: str | os.PathLike) -> ml_collections.ConfigDict:
+  """The ConfigDict of a config file (``configs/x.py`` or ``configs/x.py:arg``)."""
+  config = _call_python_file(str(spec), "get_config", "config")
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise SweepError(f"{spec}: get_config() returned {type(config).__name__}, not a ConfigDict.")
+  return config
+
+
+def _check_overrides(overrides: Any, where: str) -> dict[str, Any]:
+  if not isinstance(overrides, Mapping):
+    raise SweepError(f"{where} must be a dict {{'section.key': value}}, got {type(overrides).__name__}.")
+  for key in overrides:
+    if not isinstance(key, str) or not key or any(not part for part in key.split(".")):
+      raise SweepError(f"{where}: key {key!r} is not a dotted config path such as 'model.freeze_encoder'.")
+  return dict(overrides)
+
+
+def validate_sweep(sweep: Any, source: str = "sweep") -> dict[str, Any]:
+  """Checks the structure of a ``get_sweep()`` result; returns it with defaults filled in."""
+  if not isinstance(sweep, Mapping):
+    raise SweepError(f"{source}: get_sweep() must return a dict, got {type(sweep).__name__}.")
+  unknown = sorted(set(sweep) - set(SWEEP_KEYS))
+  if unknown:
+    raise SweepError(f"{source}: unknown top-level key(s) {unknown}; allowed: {list(SWEEP_KEYS)}.")
+  seeds = sweep.get("seeds", [0])
+  if (not isinstance(seeds, (list, tuple)) or not seeds
+      or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)):
+    raise SweepError(f"{source}: 'seeds' must be a non-empty list of ints, got {seeds!r}.")
+  if len(set(seeds)) != len(seeds):
+    raise SweepError(f"{source}: 'seeds' has duplicates: {list(seeds)}.")
+  overrides = _check_overrides(sweep.get("overrides", {}), f"{source}: 'overrides'")
+  variants = sweep.get("variants", {})
+  if not isinstance(variants, Mapping):
+    raise SweepError(f"{source}: 'variants' must be a dict {{name: {{key: value}}}}.")
+  for name, variant in variants.items():
+    if not isinstance(name, str) or not name.strip():
+      raise SweepError(f"{source}: variant name {name!r} must be a non-empty string.")
+    _check_overrides(variant, f"{source}: variant {name!r}")
+  grid = sweep.get("grid", {})
+  if not isinstance(grid, Mapping):
+    raise SweepError(f"{source}: 'grid' must be a dict {{key: [values]}}.")
+  _check_overrides(grid, f"{source}: 'grid'")
+  for key, values in grid.items():
+    if not isinstance(values, (list, tuple)) or not values:
+      raise SweepError(f"{source}: grid key {key!r} needs a non-empty list of values, got {values!r}.")
+  if not variants and not grid:
+    raise SweepError(f"{source}: declare 'variants' and/or 'grid' (nothing to compare).")
+  for key in itertools.chain(overrides, grid, *variants.values()):
+    if key == "seed":
+      raise SweepError(f"{source}: do not override 'seed'; list the seeds in 'seeds'.")
+  return {"seeds": list(seeds), "overrides": overrides,
+          "variants": {name: dict(v) for name, v in variants.items()},
+          "grid": {key: list(values) for key, values in grid.items()}}
+
+
+def load_sweep(spec: str | os.PathLike) -> dict[str, Any]:
+  """The validated ``get_sweep()`` of a sweep file (``sweeps/x.py`` or ``sweeps/x.py:arg``)."""
+  return validate_sweep(_call_python_file(str(spec), "get_sweep", "sweep"), str(spec))
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+  """'train.num_epochs=3' → ('train.num_epochs', 3); values are Python literals, else strings."""
+  key, sep, value = text.partition("=")
+  if not sep or not key.strip():
+    raise SweepError(f"Override {text!r} must look like section.key=value.")
+  try:
+    parsed = ast.literal_eval(value)
+  except (ValueError, SyntaxError):
+    parsed = value  # A plain string, e.g. a path or "train[:80%]".
+  return key.strip(), parsed
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Expanding a sweep into runs.
+
+
+def format_value(value: Any) -> str:
+  """Short, readable text of an override value (for names and tables)."""
+  if isinstance(value, str):
+    if "/" in value and Path(value).suffix:
+      return Path(value).name  # A weight file: its name says enough.
+    return value if value else "''"
+  if isinstance(value, float):
+    return f"{value:g}"
+  if isinstance(value, (list, tuple)):
+    return "(" + ",".join(format_value(v) for v in value) + ")"
+  return str(value)
+
+
+def format_overrides(overrides: Mapping[str, Any]) -> str:
+  """``{"model.alpha": 1.0}`` → ``"model.alpha=1"``."""
+  return "; ".join(f"{key}={format_value(value)}" for key, value in overrides.items()) or "(base)"
+
+
+def _grid_points(grid: Mapping[str, Sequence[Any]]) -> list[tuple[str, dict[str, Any]]]:
+  if not grid:
+    return []
+  keys = list(grid)
+  # Name grid points by the last key component unless two keys share it.
+  last = [key.split(".")[-1] for key in keys]
+  short = {key: (name if last.count(name) == 1 else key) for key, name in zip(keys, last)}
+  points = []
+  for values in itertools.product(*(grid[key] for key in keys)):
+    overrides = dict(zip(keys, values))
+    name = ",".join(f"{short[key]}={format_value(value)}" for key, value in overrides.items())
+    points.append((name, overrides))
+  return points
+
+
+def slug(name: str) -> str:
+  """A directory name for a variant name."""
+  return re.sub(r"[^A-Za-z0-9._=,+-]+", "_", name).strip("._") or "variant"
+
+
+def expand_variants(sweep: Mapping[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+  """(name, variant overrides) in declaration order: variants × grid points."""
+  variants = list(sweep["variants"].items())
+  points = _grid_points(sweep["grid"])
+  if variants and points:
+    expanded = [(f"{vname},{pname}", {**voverrides, **poverrides})
+                for vname, voverrides in variants for pname, poverrides in points]
+  else:
+    expanded = variants or points
+  seen: dict[str, str] = {}
+  for name, _ in expanded:
+    if slug(name) in seen:
+      raise SweepError(f"Variants {seen[slug(name)]!r} and {name!r} map to the same directory "
+                       f"{slug(name)!r}; rename one.")
+    seen[slug(name)] = name
+  return expanded
+
+
+def expand_runs(sweep: Mapping[str, Any]) -> list[Run]:
+  """Every (variant, seed) run, variant-major."""
+  runs = []
+  for name, variant_overrides in expand_variants(sweep):
+    for seed in sweep["seeds"]:
+      overrides = {**sweep["overrides"], **variant_overrides, "seed": seed}
+      runs.append(Run(variant=name, seed=seed, variant_overrides=dict(variant_overrides),
+                      overrides=overrides, dirname=f"{slug(name)}/seed_{seed}"))
+  return runs
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Applying overrides.
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, Any],
+                    where: str = "") -> ml_collections.ConfigDict:
+  """A copy of ``config`` with ``{"section.key": value}`` applied; unknown keys and wrong types raise.
+
+  Lists given for tuple fields become tuples and ints for float fields become floats (what a sweep file
+  naturally writes); any other type change is refused by ``ConfigDict`` and reported here.
+  """
+  config = copy.deepcopy(config)
+  prefix = f"{where}: " if where else ""
+  for key, value in overrides.items():
+    node, parts = config, key.split(".")
+    for depth, part in enumerate(parts):
+      if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+        parent = ".".join(parts[:depth]) or "the config"
+        fields = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+        raise SweepError(f"{prefix}override {key!r}: {parent} has no field {part!r}"
+                         + (f" (fields: {', '.join(fields)})" if fields else "") + ".")
+      if depth < len(parts) - 1:
+        node = node[part]
+    field, old = parts[-1], node[parts[-1]]
+    if isinstance(old, ml_collections.ConfigDict):
+      raise SweepError(f"{prefix}override {key!r} names a whole section; override its fields instead.")
+    if isinstance(old, tuple) and isinstance(value, list):
+      value = tuple(value)
+    elif isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+      value = float(value)
+    try:
+      node[field] = value
+    except (TypeError, ValueError) as e:
+      raise SweepError(f"{prefix}override {key}={value!r}: the config's field holds "
+                       f"{type(old).__name__} {old!r} ({e}).") from e
+  return config
+
+
+def config_to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """JSON-normal form of a config (tuples → lists), as ``config.json`` holds it."""
+  return json.loads(config.to_json_best_effort())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Running.
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+  if not path.exists():
+    return None
+  try:
+    return json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise SweepError(f"{path} is not valid JSON ({e}); delete it to re-run that run.") from e
+
+
+def _write_json(path: Path, data: Any) -> None:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_suffix(path.suffix + ".tmp")
+  tmp.write_text(json.dumps(data, indent=2) + "\n")
+  tmp.replace(path)  # Atomic: a killed sweep never leaves half a status file.
+
+
+def read_status(workdir: str | os.PathLike) -> dict[str, Any]:
+  """``ablation_status.json`` of a run ({} if it never started)."""
+  return _read_json(Path(workdir) / STATUS_FILE) or {}
+
+
+def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
+  """The evaluation records of a run's ``metrics.jsonl``, oldest first."""
+  path = Path(workdir) / METRICS_FILE
+  if not path.exists():
+    return []
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def train_from_spec(workdir: str | os.PathLike) -> None:
+  """Trains the run described by ``workdir/ablation_run.json`` in this process."""
+  workdir = Path(workdir)
+  spec = _read_json(workdir / RUN_SPEC_FILE)
+  if spec is None:
+    raise SweepError(f"{workdir / RUN_SPEC_FILE} not found: is {workdir} a sweep run directory?")
+  config = apply_overrides(load_config(spec["base_config"]), spec["overrides"], spec["variant"])
+  if config_to_dict(config) != spec["config"]:
+    raise SweepError(f"{spec['base_config']} changed since the sweep was planned; re-run the sweep.")
+  from petseg_jax import train  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
+  train.train_and_evaluate(config, workdir)
+
+
+def _last_error_line(log_path: Path) -> str:
+  """The most telling line of a failed run's log: its last exception line, else its last line."""
+  if not log_path.exists():
+    return ""
+  lines = [line.strip() for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
+  for line in reversed(lines):
+    if re.match(r"^([A-Za-z_][\w.]*(Error|Exception|Interrupted)|KeyboardInterrupt)\b", line):
+      return line[:500]
+  return lines[-1][:500] if lines else ""
+
+
+def _subprocess_env(sweep_dir: Path) -> dict[str, str]:
+  env = dict(os.environ)
+  paths = [str(REPO_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+  env["PYTHONPATH"] = os.pathsep.join(paths)
+  # Seeds of a variant, and variants that differ only in data, compile the same XLA programs: a
+  # persistent compilation cache shared by the sweep's processes compiles them once.
+  env.setdefault("JAX_COMPILATION_CACHE_DIR", str(sweep_dir / COMPILATION_CACHE_DIR))
+  env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
+  return env
+
+
+def _train_subprocess(workdir: Path, sweep_dir: Path, log_path: Path, attempt: int) -> int:
+  """Trains ``workdir``'s run in a fresh Python process, output appended to ``log_path``; its exit code.
+
+  On KeyboardInterrupt (Ctrl-C reaches the child too) the child gets time to write its checkpoint; if it
+  is still running after 30 s it is sent SIGTERM (training stops gracefully on that as well), then killed.
+  """
+  with open(log_path, "a") as f:
+    f.write(f"\n=== attempt {attempt} at {datetime.datetime.now().isoformat(timespec='seconds')}\n")
+    f.flush()
+    process = subprocess.Popen([sys.executable, "-m", "petseg_jax.ablation", str(workdir)],
+                               stdout=f, stderr=subprocess.STDOUT, env=_subprocess_env(sweep_dir))
+    try:
+      return process.wait()
+    except KeyboardInterrupt:
+      for action, timeout in ((None, 30), (process.terminate, 120), (process.kill, None)):
+        if action is not None:
+          action()
+        try:
+          process.wait(timeout=timeout)
+          break
+        except subprocess.TimeoutExpired:
+          continue
+      raise
+
+
+def execute_run(run: Run, config: ml_collections.ConfigDict, base_config: str, sweep_dir: Path, *,
+                in_process: bool = False, log: Callable[[str], None] = print) -> RunResult:
+  """Trains one planned run (``config`` = its resolved config) unless it is done; records its status."""
+  workdir = sweep_dir / run.dirname
+  expected = config_to_dict(config)
+  spec = _read_json(workdir / RUN_SPEC_FILE)
+  if spec is not None and spec.get("config") != expected:
+    return RunResult(run, FAILED, f"{workdir} holds a run of a different configuration (the sweep or base "
+                     "config changed); delete that directory or use a new --workdir.")
+  status = read_status(workdir)
+  if status.get("status") == DONE:
+    return RunResult(run, SKIPPED, wall_time_sec=status.get("wall_time_sec", 0.0))
+  _write_json(workdir / RUN_SPEC_FILE, {
+      "variant": run.variant, "seed": run.seed, "variant_overrides": run.variant_overrides,
+      "overrides": run.overrides, "base_config": base_config, "config": expected})
+  attempts = status.get("attempts", 0) + 1
+  previous_time = status.get("wall_time_sec", 0.0)
+  _write_json(workdir / STATUS_FILE, {"status": RUNNING, "attempts": attempts,
+                                      "wall_time_sec": previous_time, "pid": os.getpid()})
+  log_path = workdir / LOG_FILE
+  start = time.time()
+  error, state = "", DONE
+  try:
+    if in_process:
+      from petseg_jax import train  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
+      try:
+        train_from_spec(workdir)
+      except train.TrainingInterrupted:
+        state, error = INTERRUPTED, "interrupted; run the sweep again to resume"
+      except Exception as e:  # pylint: disable=broad-except  (any failure of one run is reported)
+        with open(log_path, "a") as f:
+          f.write(traceback.format_exc())
+        error, state = f"{type(e).__name__}: {e}"[:1000], FAILED
+    else:
+      returncode = _train_subprocess(workdir, sweep_dir, log_path, attempts)
+      if returncode in (128 + signal.SIGINT, 128 + signal.SIGTERM):
+        state, error = INTERRUPTED, "interrupted; run the sweep again to resume"
+      elif returncode != 0:
+        state = FAILED
+        error = f"exit code {returncode}: {_last_error_line(log_path)} (see {log_path})"
+  except KeyboardInterrupt:
+    state, error = INTERRUPTED, "interrupted; run the sweep again to resume"
+  wall = time.time() - start
+  if state == DONE:
+    saved = _read_json(workdir / CONFIG_FILE)
+    if saved != expected:
+      state, error = FAILED, f"{workdir / CONFIG_FILE} differs from the planned config."
+    elif not read_metrics(workdir):
+      state, error = FAILED, f"training finished without writing {workdir / METRICS_FILE}."
+  _write_json(workdir / STATUS_FILE, {"status": state, "attempts": attempts,
+                                      "wall_time_sec": previous_time + wall, "error": error})
+  result = RunResult(run, state, error, previous_time + wall)
+  if state == INTERRUPTED:
+    raise KeyboardInterrupt(f"Sweep interrupted during {run.dirname}; run it again to resume.")
+  return result
+
+
+def plan_runs(base_config: str, sweep: Mapping[str, Any], extra_overrides: Mapping[str, Any] | None = None,
+              only: Sequence[str] | None = None
+              ) -> list[tuple[Run, ml_collections.ConfigDict | None, str]]:
+  """(run, resolved config or None, planning error) for every run; a bad override fails its run only."""
+  sweep = dict(sweep)
+  sweep["overrides"] = {**sweep["overrides"], **(extra_overrides or {})}
+  runs = expand_runs(sweep)
+  if only:
+    names = {run.variant for run in runs}
+    missing = sorted(set(only) - names)
+    if missing:
+      raise SweepError(f"--only: no variant(s) {missing}; the sweep has {sorted(names)}.")
+    runs = [run for run in runs if run.variant in only]
+  base = load_config(base_config)
+  planned = []
+  for run in runs:
+    try:
+      planned.append((run, apply_overrides(base, run.overrides, f"variant {run.variant!r}"), ""))
+    except SweepError as e:
+      planned.append((run, None, str(e)))
+  return planned
+
+
+def run_sweep(base_config: str, sweep_spec: str, sweep_dir: str | os.PathLike, *,
+              extra_overrides: Mapping[str, Any] | None = None, only: Sequence[str] | None = None,
+              in_process: bool = False, log: Callable[[str], None] = print) -> list[RunResult]:
+  """Plans, trains (skipping finished runs) and reports a sweep; returns what happened to each run."""
+  sweep_dir = Path(sweep_dir)
+  base_config, sweep_spec = absolute_spec(base_config), absolute_spec(sweep_spec)
+  sweep = load_sweep(sweep_spec)
+  planned = plan_runs(base_config, sweep, extra_overrides)  # The plan (and report) cover every run;
+  if only:  # --only restricts what is trained now.
+    plan_runs(base_config, sweep, extra_overrides, only)  # Checks the names first.
+  sweep_dir.mkdir(parents=True, exist_ok=True)
+  _write_json(sweep_dir / PLAN_FILE, {
+      "base_config": str(base_config), "sweep": str(sweep_spec), "seeds": sweep["seeds"],
+      "overrides": {**sweep["overrides"], **(extra_overrides or {})},
+      "runs": [{"variant": run.variant, "seed": run.seed, "dir": run.dirname,
+                "variant_overrides": run.variant_overrides, "error": error}
+               for run, _, error in planned]})
+  to_train = [item for item in planned if not only or item[0].variant in only]
+  results = []
+  for index, (run, config, error) in enumerate(to_train):
+    prefix = f"[{index + 1}/{len(to_train)}] {run.dirname}"
+    if config is None:
+      log(f"{prefix}: FAILED before training: {error}")
+      results.append(RunResult(run, FAILED, error))
+      continue
+    log(f"{prefix}: {format_overrides(run.variant_overrides)}")
+    result = execute_run(run, config, str(base_config), sweep_dir, in_process=in_process, log=log)
+    if result.status == SKIPPED:
+      log(f"{prefix}: already done, skipped.")
+    elif result.status == DONE:
+      log(f"{prefix}: done in {result.wall_time_sec:.0f} s.")
+    else:
+      log(f"{prefix}: FAILED: {result.error}")
+    results.append(result)
+  return results
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The report.
+
+
+def parameter_counts(config: ml_collections.ConfigDict) -> dict[str, int]:
+  """Total, trainable and frozen parameter counts of a run's model (BatchNorm statistics excluded).
+
+  Frozen = never updated: the ``train.frozen_params`` of a ``model.freeze_encoder`` run that is not
+  unfrozen later (``train.unfreeze_after_epochs`` < 0).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from petseg_jax import models  # pylint: disable=g-import-not-at-top
+  from petseg_jax import optim  # pylint: disable=g-import-not-at-top
+  model = models.create_model(config.model)
+  size = config.data.image_size
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3))))
+  params = shapes["params"]
+  total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+  frozen = 0
+  if config.model.freeze_encoder and config.train.unfreeze_after_epochs < 0:
+    labels = optim.param_labels(params, tuple(config.train.frozen_params))
+    frozen = sum(int(np.prod(x.shape)) for x, label in zip(jax.tree.leaves(params), jax.tree.leaves(labels))
+                 if label == optim.FROZEN)
+  return {"params_total": total, "params_trainable": total - frozen, "params_frozen": frozen}
+
+
+def run_throughput(records: Sequence[Mapping[str, Any]]) -> float | None:
+  """Training images/s of a run: mean of the per-evaluation-interval rates, the first interval (which
+  includes XLA compilation) left out when there are later ones."""
+  rates = [r["images_per_sec"] for r in records if r.get("images_per_sec") is not None]
+  if len(rates) > 1:
+    rates = rates[1:]
+  return float(np.mean(rates)) if rates else None
+
+
+def metric_keys(records: Sequence[Mapping[str, Any]]) -> list[str]:
+  """The final validation metrics reported: mIoU, per-class IoU, pixel accuracy (in that order)."""
+  # Per-class IoUs in the order train.py writes them (the class order).
+  keys = ["eval_miou"] + [k for r in records for k in r if k.startswith("eval_iou_")]
+  return list(dict.fromkeys(keys)) + ["eval_pixel_accuracy"]
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+  """Mean and sample standard deviation (ddof=1; NaN for a single value)."""
+  values = np.asarray(values, np.float64)
+  if values.size == 0:
+    return math.nan, math.nan
+  return float(values.mean()), float(values.std(ddof=1)) if values.size > 1 else math.nan
+
+
+def collect_runs(sweep_dir: str | os.PathLike) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+  """The plan and, for every planned run, its status, final metrics record and metrics history."""
+  sweep_dir = Path(sweep_dir)
+  plan = _read_json(sweep_dir / PLAN_FILE)
+  if plan is None:
+    raise SweepError(f"{sweep_dir / PLAN_FILE} not found: {sweep_dir} is not a sweep directory (run the "
+                     "sweep first, or point --workdir at the right place).")
+  runs = []
+  for entry in plan["runs"]:
+    workdir = sweep_dir / entry["dir"]
+    status = read_status(workdir) if not entry["error"] else {"status": FAILED, "error": entry["error"]}
+    records = read_metrics(workdir) if status.get("status") == DONE else []
+    spec = _read_json(workdir / RUN_SPEC_FILE) if status.get("status") == DONE else None
+    runs.append({**entry, "workdir": workdir, "status": status.get("status", "not run"),
+                 "error": status.get("error", ""), "wall_time_sec": status.get("wall_time_sec"),
+                 "records": records, "final": records[-1] if records else None,
+                 "config": spec["config"] if spec else None})
+  return plan, runs
+
+
+def summarize(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+  """One row per variant (plan order): overrides, seeds, mean/std of final metrics, speed, params, time."""
+  rows: dict[str, dict[str, Any]] = {}
+  param_cache: dict[str, dict[str, int]] = {}
+  all_records = [r for run in runs for r in run["records"]]
+  keys = metric_keys(all_records) if all_records else ["eval_miou", "eval_pixel_accuracy"]
+  for variant in dict.fromkeys(run["variant"] for run in runs):
+    members = [run for run in runs if run["variant"] == variant]
+    done = [run for run in members if run["final"] is not None]
+    row: dict[str, Any] = {
+        "variant": variant, "overrides": format_overrides(members[0]["variant_overrides"]),
+        "seeds_done": len(done), "seeds_planned": len(members),
+        "seeds": " ".join(str(run["seed"]) for run in done)}
+    for key in keys:
+      row[f"{key}_mean"], row[f"{key}_std"] = _mean_std(
+          [run["final"][key] for run in done if run["final"].get(key) is not None])
+    rates = [x for x in (run_throughput(run["records"]) for run in done) if x is not None]
+    row["images_per_sec_mean"], row["images_per_sec_std"] = _mean_std(rates)
+    row["final_step"] = done[0]["final"]["step"] if done else None
+    row["final_epoch"] = done[0]["final"].get("epoch") if done else None
+    walls = [run["wall_time_sec"] for run in done if run["wall_time_sec"] is not None]
+    row["wall_time_sec_mean"] = float(np.mean(walls)) if walls else math.nan
+    row["wall_time_sec_total"] = float(np.sum(walls)) if walls else math.nan
+    if done:
+      key = json.dumps(done[0]["config"]["model"], sort_keys=True) + json.dumps(
+          done[0]["config"]["train"], sort_keys=True) + str(done[0]["config"]["data"]["image_size"])
+      if key not in param_cache:
+        param_cache[key] = parameter_counts(ml_collections.ConfigDict(done[0]["config"]))
+      row.update(param_cache[key])
+    else:
+      row.update({"params_total": None, "params_trainable": None, "params_frozen": None})
+    row["errors"] = " | ".join(f"seed {run['seed']}: {run['status']}: {run['error']}"
+                               for run in members if run["final"] is None)
+    rows[variant] = row
+  return list(rows.values())
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+  if value is None or (isinstance(value, float) and math.isnan(value)):
+    return ""
+  if isinstance(value, float):
+    return f"{value:.{digits}f}"
+  return str(value)
+
+
+def _pm(row: Mapping[str, Any], key: str, digits: int = 4) -> str:
+  mean, std = row.get(f"{key}_mean"), row.get(f"{key}_std")
+  if mean is None or math.isnan(mean):
+    return "–"
+  return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None and not math.isnan(std) else "")
+
+
+def write_csv(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
+  columns = list(dict.fromkeys(k for row in rows for k in row))
+  with open(path, "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=columns)
+    writer.writeheader()
+    for row in rows:
+      writer.writerow({k: ("" if v is None or (isinstance(v, float) and math.isnan(v)) else v)
+                       for k, v in row.items()})
+  return path
+
+
+def _param_text(row: Mapping[str, Any]) -> str:
+  if row.get("params_total") is None:
+    return "–"
+  return f"{row['params_trainable'] / 1e6:.2f}M / {row['params_frozen'] / 1e6:.2f}M"
+
+
+def write_markdown(plan: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
+  keys = [k[:-5] for k in rows[0] if k.startswith("eval_") and k.endswith("_mean")] if rows else []
+  titles = {"eval_miou": "mIoU", "eval_pixel_accuracy": "pixel acc."}
+  headers = (["variant", "overrides", "seeds"] + [titles.get(k, k.replace("eval_iou_", "IoU "))
+                                                   for k in keys]
+             + ["train img/s", "params trainable / frozen", "wall time / run"])
+  lines = [
+      f"# Sweep {plan['sweep']}", "",
+      f"- base config: `{plan['base_config']}`",
+      f"- common overrides: `{format_overrides(plan['overrides'])}`",
+      f"- seeds: {plan['seeds']}",
+      f"- report written {datetime.datetime.now().isoformat(timespec='seconds')}",
+      "- metrics: the final validation evaluation of each run, mean ± sample std over seeds; train img/s: "
+      "mean over evaluation intervals after the first (which includes compilation)", "",
+      "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+  for row in rows:
+    cells = ([row["variant"], f"`{row['overrides']}`", f"{row['seeds_done']}/{row['seeds_planned']}"]
+             + [_pm(row, k) for k in keys]
+             + [_pm(row, "images_per_sec", 1), _param_text(row),
+                (f"{row['wall_time_sec_mean']:.0f} s" if not math.isnan(row["wall_time_sec_mean"]) else "–")])
+    lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+  failures = [row for row in rows if row["errors"]]
+  if failures:
+    lines += ["", "## Runs without results", ""]
+    lines += [f"- **{row['variant']}**: {row['errors']}" for row in failures]
+  path.write_text("\n".join(lines) + "\n")
+  return path
+
+
+def save_summary_figure(runs: Sequence[Mapping[str, Any]], rows: Sequence[Mapping[str, Any]],
+                        path: Path, dpi: int = 100) -> Path | None:
+  """Bar chart of final mIoU (mean ± std over seeds) and the validation-mIoU curves of every variant."""
+  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  rows = [row for row in rows if row["seeds_done"]]
+  if not rows:
+    return None
+  height = max(4.0, 0.35 * len(rows) + 1.5)
+  fig = Figure(figsize=(14.0, height), dpi=dpi, layout="constrained")
+  FigureCanvasAgg(fig)
+  bar_ax, curve_ax = fig.subplots(1, 2, width_ratios=[1.0, 1.2])
+  names = [row["variant"] for row in rows]
+  means = np.array([row["eval_miou_mean"] for row in rows])
+  stds = np.nan_to_num(np.array([row["eval_miou_std"] for row in rows]))
+  positions = np.arange(len(rows))[::-1]  # First variant on top.
+  colors = [f"C{i % 10}" for i in range(len(rows))]
+  bar_ax.barh(positions, means, xerr=stds, color=colors, alpha=0.85, capsize=3)
+  for y, mean in zip(positions, means):
+    bar_ax.text(mean, y, f" {mean:.3f}", va="center", fontsize=8)
+  bar_ax.set_yticks(positions, names, fontsize=8)
+  low = max(0.0, float(np.nanmin(means - stds)) - 0.05)
+  bar_ax.set_xlim(low, min(1.0, float(np.nanmax(means + stds)) + 0.06))
+  bar_ax.set_xlabel("final validation mIoU (mean ± std over seeds)")
+  bar_ax.grid(True, axis="x", alpha=0.3)
+  for color, row in zip(colors, rows):
+    curves = [run["records"] for run in runs if run["variant"] == row["variant"] and run["final"]]
+    by_epoch: dict[float, list[float]] = {}
+    for records in curves:
+      for record in records:
+        by_epoch.setdefault(float(record.get("epoch", record["step"])), []).append(record["eval_miou"])
+    epochs = sorted(by_epoch)
+    mean = np.array([np.mean(by_epoch[e]) for e in epochs])
+    curve_ax.plot(epochs, mean, "o-", color=color, markersize=3, label=row["variant"])
+    if len(curves) > 1:
+      std = np.array([np.std(by_epoch[e], ddof=1) if len(by_epoch[e]) > 1 else 0.0 for e in epochs])
+      curve_ax.fill_between(epochs, mean - std, mean + std, color=color, alpha=0.15)
+  curve_ax.set_xlabel("epoch")
+  curve_ax.set_ylabel("validation mIoU")
+  curve_ax.set_title("validation mIoU during training (mean ± std over seeds)")
+  curve_ax.grid(True, alpha=0.3)
+  curve_ax.legend(fontsize=7, loc="lower right")
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path, dpi=dpi, format="png")
+  fig.clear()
+  return path
+
+
+def write_report(sweep_dir: str | os.PathLike) -> dict[str, Path]:
+  """Writes ``summary.csv``, ``summary.md`` and ``summary.png`` from the runs found in ``sweep_dir``."""
+  sweep_dir = Path(sweep_dir)
+  plan, runs = collect_runs(sweep_dir)
+  rows = summarize(runs)
+  paths = {"csv": write_csv(rows, sweep_dir / "summary.csv"),
+           "md": write_markdown(plan, rows, sweep_dir / "summary.md")}
+  figure = save_summary_figure(runs, rows, sweep_dir / "summary.png")
+  if figure is not None:
+    paths["png"] = figure
+  return paths
+
+
+def _worker_main(argv: Sequence[str]) -> int:
+  """``python -m petseg_jax.ablation RUN_DIR``: trains one planned run (what a sweep runs per process)."""
+  if len(argv) != 2:
+    print(f"usage: python -m petseg_jax.ablation RUN_DIR (got {list(argv[1:])})", file=sys.stderr)
+    return 2
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  flags.FLAGS(argv[:1])  # Parse no flags: absl logging then works as under app.run.
+  logging.set_verbosity(logging.INFO)
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf.config.set_visible_devices([], "GPU")  # TF is for data only; leave the accelerators to JAX.
+  from petseg_jax import train  # pylint: disable=g-import-not-at-top
+  try:
+    train_from_spec(argv[1])
+  except train.TrainingInterrupted as e:
+    logging.error("%s", e)
+    return 128 + e.signum
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(_worker_main(sys.argv))
