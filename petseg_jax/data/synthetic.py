@@ -6,7 +6,7 @@ Each example is a pure function of (seed, index, size), drawn with NumPy in well
 The task is learnable on purpose, even by a small frozen-encoder model in ~100 steps:
   * pet: a union of 2-4 ellipses (body, head, ears/tail) in a warm colour (red > blue) with a spotty texture;
   * background: a cool colour (blue > red) with stripes and smooth noise;
-  * border: a dark outline band of ~2.5 px (at 128 px) around the pet's boundary, like the "not classified"
+  * border: a dark outline band of ~5 px (at 128 px) around the pet's boundary, like the "not classified"
     band of the real trimaps.
 Textures scale brightness only, so the colour rule "dark -> border, else red > blue -> pet" recovers the mask
 from the image almost exactly (`mask_from_image`, used by tests to check image/mask alignment).
@@ -62,11 +62,11 @@ def render_example(seed: int, index: int, size: int) -> tuple[np.ndarray, np.nda
   # Pet shape: a body, a head on its long axis, and 0-2 small ears/tail; placed off-centre so it is asymmetric.
   u = lambda lo, hi: float(rng.uniform(lo, hi))  # Python floats keep the arrays float32.
   cx, cy = u(0.35, 0.65), u(0.35, 0.65)
-  a, b = u(0.22, 0.34), u(0.14, 0.24)
+  a, b = u(0.25, 0.36), u(0.17, 0.26)
   theta = u(0, np.pi)
   dist = _ellipse_distance(x, y, cx, cy, a, b, theta)
   direction = theta + (np.pi if rng.random() < 0.5 else 0.0) + u(-0.6, 0.6)
-  hr = u(0.10, 0.16)
+  hr = u(0.11, 0.17)
   hx, hy = cx + 0.85 * a * np.cos(direction), cy + 0.85 * a * np.sin(direction)
   dist = np.minimum(dist, _ellipse_distance(x, y, hx, hy, hr, hr * u(0.75, 1.0), u(0, np.pi)))
   for _ in range(int(rng.integers(0, 3))):
@@ -74,7 +74,7 @@ def render_example(seed: int, index: int, size: int) -> tuple[np.ndarray, np.nda
     px, py = hx + hr * np.cos(ang), hy + hr * np.sin(ang)
     dist = np.minimum(dist, _ellipse_distance(x, y, px, py, u(0.03, 0.06), u(0.015, 0.03), ang))
   dist_px = dist * size
-  half_band = max(1.0, size / 96.0)
+  half_band = max(1.0, size / 50.0)
   trimap = np.full((size, size), BACKGROUND, np.uint8)
   trimap[dist_px < -half_band] = PET
   trimap[np.abs(dist_px) <= half_band] = BORDER
