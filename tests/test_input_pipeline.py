@@ -139,9 +139,9 @@ def _plant(problem: str, root: Path) -> tuple[str, str]:
     image.write_bytes(data[:len(data) // 2])
     return image.name, "truncated"
   if problem == "corrupt":
-    data = bytearray(image.read_bytes())
-    data[200:] = os.urandom(len(data) - 200)  # Valid header, garbage entropy-coded data.
-    image.write_bytes(bytes(data))
+    data = image.read_bytes()
+    # The JPEG signature and JFIF segment, then garbage (fixed, so the test is deterministic).
+    image.write_bytes(data[:20] + np.random.default_rng(0).bytes(len(data) - 20))
     return image.name, "corrupt"
   if problem == "zero_bytes":
     image.write_bytes(b"")
