@@ -1,0 +1,413 @@
+"""Benchmarks training, inference and the input pipeline, optionally against the Keras tutorial model.
+
+    python scripts/benchmark.py --mode train|infer|input [--batch-size 64] [--steps 10] [--warmup 2]
+        [--config configs/default.py] [--set model.dtype=bfloat16 ...] [--compare-keras] [--json]
+
+By default it runs the tutorial model (configs/default.py: MobileNetV2 alpha 1.0, 128x128, frozen encoder,
+batch 64) with random weights on one fixed synthetic host batch, fed to every step as the training loop feeds
+its batches (the input pipeline is timed on its own by ``--mode input``). Every rate is the median over ``--steps`` timed steps after ``--warmup`` untimed ones.
+
+* ``train``: the project's real ``train.train_step`` (pmapped and donated as the training loop does) with the
+  encoder frozen and, unless ``--skip-finetune``, fine-tuning the whole network; time to the first
+  finished step (initialization and compilation included); FLOPs per image from XLA's cost analysis.
+* ``infer``: the jitted ``model.apply(train=False)``.
+* ``input``: ``input_pipeline.TrainInput`` on real JPEGs (``--data-dir``, default the shared Oxford-IIIT
+  Pet sample beside the repo, else the bundled one): the first epoch (decode + resize + cache) and later,
+  cached epochs. The folder is prepared into a temporary tfds data dir, so the first epoch is a cold one.
+* ``--compare-keras``: the tutorial's Keras model (TensorFlow backend) at the same batch and image size in
+  the same process: ``model.fit`` for ``train``, the compiled call (``tf.function``) for ``infer``.
+
+Human-readable lines go to stdout (stderr with ``--json``); the last stdout line is always one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import functools
+import importlib.util
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# Config files import their base as `from configs import default`: make the repo root importable.
+sys.path.insert(0, str(REPO_ROOT))
+
+import jax  # pylint: disable=g-import-not-at-top
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "default.py"
+SHARED_SAMPLE = REPO_ROOT.parent / "shared" / "data" / "oxford_iiit_pet_sample"
+BUNDLED_SAMPLE = REPO_ROOT / "petseg_jax" / "assets" / "pets_sample"
+MODES = ("train", "infer", "input")
+
+_log_stream = sys.stdout
+
+
+def log(message: str) -> None:
+  print(message, file=_log_stream, flush=True)
+
+
+# --- configuration ---------------------------------------------------------------------------------------
+
+
+def load_config(path: str | os.PathLike) -> ml_collections.ConfigDict:
+  """``get_config()`` of a config file (as ``ml_collections.config_flags`` would load it)."""
+  path = Path(path)
+  if not path.is_file():
+    raise SystemExit(f"--config {path}: no such file (e.g. configs/default.py).")
+  spec = importlib.util.spec_from_file_location(f"_benchmark_config_{path.stem}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def apply_override(config: ml_collections.ConfigDict, assignment: str) -> None:
+  """``--set a.b=value``: the value is parsed as a Python literal when it is one, else kept a string."""
+  key, sep, text = assignment.partition("=")
+  if not sep:
+    raise SystemExit(f"--set {assignment!r}: expected KEY=VALUE, e.g. --set model.dtype=bfloat16.")
+  *parents, leaf = key.strip().split(".")
+  node = config
+  for part in parents:
+    if part not in node:
+      raise SystemExit(f"--set {assignment!r}: config has no section {part!r} (keys: {sorted(node.keys())}).")
+    node = node[part]
+  if leaf not in node:
+    raise SystemExit(f"--set {assignment!r}: config has no key {key!r} (keys here: {sorted(node.keys())}).")
+  try:
+    value = ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    value = text
+  if isinstance(value, list):
+    value = tuple(value)
+  node[leaf] = value
+
+
+def benchmark_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
+  """The config file with the benchmark's defaults (synthetic data, random weights) and ``--set``s."""
+  config = load_config(args.config)
+  config.data.source = "synthetic"
+  config.model.encoder_weights = ""  # Speed does not depend on the values; nothing to download or read.
+  if args.batch_size is not None:
+    config.train.batch_size = args.batch_size
+  for assignment in args.set:
+    apply_override(config, assignment)
+  if args.impl:
+    config.model.conv_impl = args.impl  # Read by models.create_model (default "fast").
+  return config
+
+
+# --- measuring -------------------------------------------------------------------------------------------
+
+
+def peak_rss_mb() -> float:
+  """Peak resident set size of this process so far (Linux reports KiB, macOS bytes)."""
+  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def load_average() -> float | None:
+  try:
+    return round(os.getloadavg()[0], 2)
+  except OSError:
+    return None
+
+
+def cpu_name() -> str:
+  try:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+      if line.startswith("model name"):
+        return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
+def device_description() -> str:
+  device = jax.devices()[0]
+  if device.platform == "cpu":
+    return f"cpu: {cpu_name()} ({os.cpu_count()} cores)"
+  return f"{device.platform}: {device.device_kind} x{jax.local_device_count()}"
+
+
+def time_steps(step: Callable[[], Any], warmup: int, steps: int) -> list[float]:
+  """Seconds of each of ``steps`` calls after ``warmup`` calls; ``step`` must block until its result exists."""
+  for _ in range(warmup):
+    step()
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    step()
+    times.append(time.perf_counter() - start)
+  return times
+
+
+def summarize(times: list[float], batch_size: int) -> dict[str, float]:
+  median = statistics.median(times)
+  return {"step_ms_median": 1e3 * median, "step_ms_min": 1e3 * min(times), "step_ms_max": 1e3 * max(times),
+          "images_per_sec": batch_size / median}
+
+
+def xla_flops(compiled: Any) -> float | None:
+  """FLOPs of a compiled computation according to XLA's cost analysis (None if it gives none)."""
+  try:
+    analysis = compiled.cost_analysis()
+  except Exception:  # pylint: disable=broad-except  # Some backends do not implement it.
+    return None
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0] if analysis else None
+  if not analysis or "flops" not in analysis:
+    return None
+  return float(analysis["flops"])
+
+
+def synthetic_batch(batch_size: int, image_size: int, num_classes: int, seed: int = 0
+                    ) -> dict[str, np.ndarray]:
+  rng = np.random.default_rng(seed)
+  return {"image": rng.uniform(-1, 1, (batch_size, image_size, image_size, 3)).astype(np.float32),
+          "mask": rng.integers(0, num_classes, (batch_size, image_size, image_size)).astype(np.int32)}
+
+
+# --- JAX -------------------------------------------------------------------------------------------------
+
+
+def bench_train(config: ml_collections.ConfigDict, args: argparse.Namespace) -> dict[str, Any]:
+  """Frozen-encoder (and fine-tuning) train steps of ``petseg_jax.train``, pmapped as the loop does."""
+  from flax import jax_utils
+  from petseg_jax import train
+
+  batch_size, size = config.train.batch_size, config.data.image_size
+  num_devices = jax.local_device_count()
+  if batch_size % num_devices:
+    raise SystemExit(f"--batch-size {batch_size} must be divisible by the {num_devices} local devices.")
+  host_batch = synthetic_batch(batch_size, size, config.model.num_classes)
+  # A host batch sharded over local devices, fed to every step as the training loop feeds its batches.
+  batch = {k: v.reshape((num_devices, batch_size // num_devices) + v.shape[1:]) for k, v in host_batch.items()}
+  results: dict[str, Any] = {}
+  variants = [("frozen", True)] if config.model.freeze_encoder else []
+  if not args.skip_finetune or not variants:
+    variants.append(("finetune", False))
+  for name, frozen in variants:
+    variant_config = ml_collections.ConfigDict(config.to_dict())
+    variant_config.model.freeze_encoder = frozen
+    start = time.perf_counter()
+    model = train.create_model(variant_config)
+    init_rng, dropout_rng = jax.random.split(jax.random.PRNGKey(variant_config.seed))
+    learning_rate_fn = train.create_learning_rate_fn(variant_config.train, 1000)
+    state = train.create_train_state(init_rng, variant_config, model, learning_rate_fn, steps_per_epoch=100)
+    state = jax_utils.replicate(state)
+    dropout_rngs = jax_utils.replicate(dropout_rng)
+    # As train._train_and_evaluate builds its step: pmapped over local devices, the state donated.
+    p_step = jax.pmap(functools.partial(train.train_step, config=variant_config, frozen_encoder=frozen),
+                      axis_name=train.AXIS, donate_argnums=(0,))
+    # Compiled ahead of time once: the same executable gives the cost analysis and runs the steps.
+    compiled = p_step.lower(state, batch, dropout_rngs).compile()
+    flops = xla_flops(compiled)
+    holder = {"state": state}
+
+    def step():
+      holder["state"], metrics = compiled(holder["state"], batch, dropout_rngs)
+      jax.block_until_ready(metrics)
+
+    step()
+    first_step_s = time.perf_counter() - start  # Init, lowering, compilation (cached by pmap) and one step.
+    stats = summarize(time_steps(step, args.warmup, args.steps), batch_size)
+    stats["first_step_s"] = first_step_s
+    stats["flops_per_image"] = flops / (batch_size // num_devices) if flops else None
+    results[name] = stats
+    del holder, state
+    log(f"JAX train ({name} encoder): {stats['images_per_sec']:.1f} img/s, step median "
+        f"{stats['step_ms_median']:.0f} ms (min {stats['step_ms_min']:.0f}, max {stats['step_ms_max']:.0f}), "
+        f"first step {first_step_s:.1f} s, "
+        + (f"{stats['flops_per_image'] / 1e9:.2f} GFLOPs/image (XLA)" if flops else "FLOPs n/a"))
+  main = results["frozen" if "frozen" in results else "finetune"]
+  out = {"images_per_sec": main["images_per_sec"], "step_ms_median": main["step_ms_median"],
+         "compile_s": main["first_step_s"], "flops_per_image": main["flops_per_image"],
+         "variants": results}
+  if "frozen" in results and "finetune" in results:
+    out["frozen_to_finetune_step_ratio"] = (results["frozen"]["step_ms_median"]
+                                            / results["finetune"]["step_ms_median"])
+    log(f"frozen / fine-tuning step time: {out['frozen_to_finetune_step_ratio']:.2f}")
+  return out
+
+
+def bench_infer(config: ml_collections.ConfigDict, args: argparse.Namespace) -> dict[str, Any]:
+  """Jitted ``model.apply(train=False)`` on one device."""
+  from petseg_jax import models
+
+  batch_size, size = config.train.batch_size, config.data.image_size
+  start = time.perf_counter()
+  model = models.create_model(config.model)
+  images = jnp.asarray(synthetic_batch(batch_size, size, config.model.num_classes)["image"])
+  variables = jax.jit(functools.partial(model.init, train=False))(
+      jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3), jnp.float32))
+  apply = jax.jit(functools.partial(model.apply, train=False)).lower(variables, images).compile()
+  flops = xla_flops(apply)
+  step = lambda: jax.block_until_ready(apply(variables, images))
+  step()
+  first_step_s = time.perf_counter() - start
+  stats = summarize(time_steps(step, args.warmup, args.steps), batch_size)
+  stats.update(compile_s=first_step_s, flops_per_image=flops / batch_size if flops else None)
+  log(f"JAX inference: {stats['images_per_sec']:.1f} img/s, step median {stats['step_ms_median']:.0f} ms, "
+      f"first call {first_step_s:.1f} s, "
+      + (f"{flops / batch_size / 1e9:.2f} GFLOPs/image (XLA)" if flops else "FLOPs n/a"))
+  return stats
+
+
+def bench_input(config: ml_collections.ConfigDict, args: argparse.Namespace) -> dict[str, Any]:
+  """``TrainInput`` on a real-JPEG folder: preparation, the first (decoding) epoch, then cached epochs."""
+  data_dir = Path(args.data_dir) if args.data_dir else (SHARED_SAMPLE if SHARED_SAMPLE.is_dir()
+                                                        else BUNDLED_SAMPLE)
+  config.data.source = "folder"
+  config.data.data_dir = str(data_dir)
+  config.data.cache = True
+  with tempfile.TemporaryDirectory(prefix="benchmark_tfds_") as tfds_dir:
+    os.environ["TFDS_DATA_DIR"] = tfds_dir  # A cold, private preparation; removed afterwards.
+    import tensorflow as tf
+    tf.config.set_visible_devices([], "GPU")
+    from petseg_jax import input_pipeline
+
+    start = time.perf_counter()
+    train_input = input_pipeline.TrainInput(config.data, config.train.batch_size, seed=config.seed,
+                                            num_devices=jax.local_device_count())
+    prepare_s = time.perf_counter() - start
+    per_epoch = train_input.steps_per_epoch * config.train.batch_size
+
+    def run_epoch(epoch: int) -> float:
+      start = time.perf_counter()
+      count = 0
+      for batch in train_input.epoch(epoch):
+        count += batch["image"].shape[0] * batch["image"].shape[1]
+      if count != per_epoch:
+        raise RuntimeError(f"epoch {epoch} gave {count} images, expected {per_epoch}")
+      return time.perf_counter() - start
+
+    first_s = run_epoch(0)
+    cached = [run_epoch(epoch) for epoch in range(1, 1 + max(args.steps, 1))]
+  cached_rate = per_epoch / statistics.median(cached)
+  stats = {"images_per_sec": cached_rate, "first_epoch_images_per_sec": per_epoch / first_s,
+           "prepare_s": prepare_s, "epoch_images": per_epoch, "data_dir": str(data_dir),
+           "step_ms_median": 1e3 * statistics.median(cached) / train_input.steps_per_epoch,
+           "compile_s": prepare_s + first_s}
+  log(f"input pipeline ({data_dir}, {train_input.num_examples} train examples, {per_epoch} per epoch): "
+      f"preparation {prepare_s:.1f} s, first epoch {per_epoch / first_s:.0f} img/s, cached "
+      f"{cached_rate:.0f} img/s (median of {len(cached)} epochs)")
+  return stats
+
+
+# --- Keras -----------------------------------------------------------------------------------------------
+
+
+def bench_keras(config: ml_collections.ConfigDict, args: argparse.Namespace, mode: str) -> dict[str, Any]:
+  """The tutorial's Keras model: ``model.fit`` steps (train) or its compiled call (infer)."""
+  import tensorflow as tf
+  tf.config.set_visible_devices([], "GPU")
+  import keras
+  from petseg_jax.keras_reference import keras_unet
+
+  batch_size, size = config.train.batch_size, config.data.image_size
+  host = synthetic_batch(batch_size, size, config.model.num_classes)
+  start = time.perf_counter()
+  model = keras_unet(config.model.alpha, size, config.model.num_classes,
+                     decoder_filters=tuple(config.model.decoder_filters))
+  if mode == "train":
+    # The tutorial's compile(); one batch repeated, like the JAX side's batch held on the device.
+    model.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=["accuracy"])
+    dataset = tf.data.Dataset.from_tensors((host["image"], host["mask"])).repeat()
+    ends: list[float] = []
+    timer = keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs: ends.append(
+        time.perf_counter()))
+    model.fit(dataset, epochs=1, steps_per_epoch=1 + args.warmup + args.steps, callbacks=[timer], verbose=0)
+    first_step_s = ends[0] - start
+    times = list(np.diff(ends[args.warmup:]))
+  else:
+    infer = tf.function(lambda x: model(x, training=False))
+    images = tf.constant(host["image"])
+    step = lambda: infer(images).numpy()
+    step()
+    first_step_s = time.perf_counter() - start
+    times = time_steps(step, args.warmup, args.steps)
+  stats = summarize(times, batch_size)
+  stats["first_step_s"] = first_step_s
+  log(f"Keras {tf.__version__}/{keras.__version__} {'fit' if mode == 'train' else 'inference'}: "
+      f"{stats['images_per_sec']:.1f} img/s, step median {stats['step_ms_median']:.0f} ms, first step "
+      f"{first_step_s:.1f} s")
+  return stats
+
+
+# --- main ------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--mode", choices=MODES, default="train")
+  parser.add_argument("--batch-size", type=int, default=None, help="default: config.train.batch_size")
+  parser.add_argument("--steps", type=int, default=10, help="timed steps (input: cached epochs)")
+  parser.add_argument("--warmup", type=int, default=2, help="untimed steps after the first one")
+  parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="config file (default: the tutorial)")
+  parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="config override, e.g. --set model.dtype=bfloat16 --set data.image_size=64")
+  parser.add_argument("--impl", choices=("fast", "reference"), default=None,
+                      help="convolution formulation (petseg_jax.models.layers); default: the model's")
+  parser.add_argument("--skip-finetune", action="store_true", help="train: time the frozen encoder only")
+  parser.add_argument("--data-dir", default="", help="input: official-layout folder (default: shared "
+                      "sample beside the repo, else the bundled one)")
+  parser.add_argument("--compare-keras", action="store_true", help="also time the Keras tutorial model")
+  parser.add_argument("--json", action="store_true", help="only the JSON line on stdout (text to stderr)")
+  args = parser.parse_args(argv)
+  if args.steps < 1 or args.warmup < 0:
+    parser.error("--steps must be >= 1 and --warmup >= 0")
+  if args.compare_keras and args.mode == "input":
+    parser.error("--compare-keras applies to --mode train and infer")
+  return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+  global _log_stream
+  args = parse_args(argv)
+  if args.json:
+    _log_stream = sys.stderr
+  config = benchmark_config(args)
+  load_start = load_average()
+  log(f"device: {device_description()}; jax {jax.__version__}; load average {load_start}")
+  log(f"config: {args.config}; batch {config.train.batch_size}, {config.data.image_size}x"
+      f"{config.data.image_size}, alpha {config.model.alpha}, dtype {config.model.dtype}, conv impl "
+      f"{config.model.get('conv_impl', 'fast')}")
+  bench = {"train": bench_train, "infer": bench_infer, "input": bench_input}[args.mode]
+  result = bench(config, args)
+  result["peak_rss_mb"] = peak_rss_mb()  # Before Keras runs (TensorFlow is imported by train.py anyway).
+  if args.compare_keras:
+    keras_stats = bench_keras(config, args, args.mode)
+    result["keras_images_per_sec"] = keras_stats["images_per_sec"]
+    result["keras_step_ms_median"] = keras_stats["step_ms_median"]
+    result["keras_first_step_s"] = keras_stats["first_step_s"]
+    result["ratio"] = result["images_per_sec"] / keras_stats["images_per_sec"]
+    result["peak_rss_mb_with_keras"] = peak_rss_mb()
+    log(f"JAX / Keras images/s: {result['ratio']:.2f}")
+  else:
+    result["ratio"] = None
+  result.update(mode=args.mode, device=device_description(), batch_size=config.train.batch_size,
+                image_size=config.data.image_size, alpha=config.model.alpha, dtype=config.model.dtype,
+                conv_impl=config.model.get("conv_impl", "fast"), jax_version=jax.__version__,
+                load_average_start=load_start, load_average_end=load_average())
+  print(json.dumps(result, default=float))
+  return result
+
+
+if __name__ == "__main__":
+  main()
