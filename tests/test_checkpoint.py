@@ -1,0 +1,163 @@
+"""Checkpoints: round trip, keep-last-K, best by mIoU, partial writes, NaN refusal, lock, config check."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from petseg_jax import checkpoint
+from petseg_jax import optim
+from petseg_jax import train
+
+
+def _tiny_state(freeze: bool = True) -> train.TrainState:
+  """A TrainState shaped like the UNet's (encoder/decoder subtrees) with the real freezing optimizer."""
+  params = {"encoder": {"conv": {"kernel": jnp.arange(6.0).reshape(2, 3)}},
+            "decoder": {"last": {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros((2,))}}}
+  batch_stats = {"encoder": {"bn": {"mean": jnp.zeros(3), "var": jnp.ones(3)}}}
+  train_config = ml_collections.ConfigDict({"weight_decay": 0.0, "encoder_lr_multiplier": 1.0})
+  tx = optim.create_optimizer(train_config, optax.constant_schedule(1e-3),
+                              optim.param_labels(params, ("encoder/.*",)), freeze=freeze,
+                              unfreeze_step=None)
+  return train.TrainState.create(apply_fn=None, params=params, tx=tx, batch_stats=batch_stats)
+
+
+def _stepped(state: train.TrainState, steps: int) -> train.TrainState:
+  grads = jax.tree.map(jnp.ones_like, state.params)
+  for _ in range(steps):
+    state = state.apply_gradients(grads=grads)
+  return state
+
+
+def _assert_trees_equal(a, b):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_round_trip_is_exact(tmp_path, freeze):
+  template = _tiny_state(freeze)
+  state = _stepped(template, 3)
+  ckpt = checkpoint.Checkpointer(tmp_path, keep=2)
+  ckpt.save(state)
+  restored = ckpt.restore_latest(template)
+  ckpt.close()
+  assert restored.step == 3 and isinstance(restored.step, int)
+  _assert_trees_equal(restored.params, state.params)
+  _assert_trees_equal(restored.batch_stats, state.batch_stats)
+  _assert_trees_equal(restored.opt_state, state.opt_state)
+  # The restored state keeps training exactly like the original.
+  _assert_trees_equal(_stepped(restored, 2).params, _stepped(state, 2).params)
+
+
+def test_keeps_last_k_and_best(tmp_path):
+  template = _tiny_state()
+  ckpt = checkpoint.Checkpointer(tmp_path, keep=2)
+  for step, miou in ((1, 0.3), (2, 0.7), (3, 0.5), (4, None)):
+    state = _stepped(template, step)
+    ckpt.save(state)
+    if miou is not None and (ckpt.best_metric() is None or miou > ckpt.best_metric()):
+      ckpt.save_best(state, miou)
+  assert ckpt.best_metric() == pytest.approx(0.7)
+  ckpt.close()
+  assert checkpoint.available_steps(tmp_path) == [3, 4]
+  assert checkpoint.best_step(tmp_path) == 2
+  assert checkpoint.restore(tmp_path, "latest", template).step == 4
+  best = checkpoint.restore(tmp_path, "best", template)
+  assert best.step == 2
+  _assert_trees_equal(best.params, _stepped(template, 2).params)
+  assert checkpoint.restore(tmp_path, 3, template).step == 3
+  assert checkpoint.restore(tmp_path, "2", template).step == 2  # The best step, by number.
+  variables, step = checkpoint.restore_variables(tmp_path / checkpoint.LATEST_DIR / "3")
+  assert step == 3 and set(variables) == {"params", "batch_stats"}
+  _assert_trees_equal(variables["params"], _stepped(template, 3).params)
+
+
+def test_partially_written_checkpoint_is_never_restored(tmp_path):
+  template = _tiny_state()
+  ckpt = checkpoint.Checkpointer(tmp_path, keep=3)
+  ckpt.save(_stepped(template, 1))
+  ckpt.close()
+  # What a process killed while Orbax writes step 2 leaves behind: the temporary directory, never renamed.
+  partial = tmp_path / checkpoint.LATEST_DIR / "2.orbax-checkpoint-tmp-1700000000"
+  (partial / "default").mkdir(parents=True)
+  (partial / "default" / "garbage").write_bytes(b"\0" * 10)
+  assert checkpoint.available_steps(tmp_path) == [1]
+  assert checkpoint.restore(tmp_path, "latest", template).step == 1
+  # The next training process cleans it up and resumes from step 1.
+  ckpt = checkpoint.Checkpointer(tmp_path, keep=3)
+  assert ckpt.latest_step() == 1
+  ckpt.close()
+  assert not partial.exists()
+
+
+def test_refuses_to_save_non_finite_state(tmp_path):
+  template = _tiny_state()
+  ckpt = checkpoint.Checkpointer(tmp_path, keep=2)
+  ckpt.save(_stepped(template, 1))
+  bad = _stepped(template, 2)
+  bad = bad.replace(params=jax.tree.map(lambda x: x * jnp.nan, bad.params))
+  with pytest.raises(FloatingPointError, match="step 2"):
+    ckpt.save(bad)
+  with pytest.raises(FloatingPointError):
+    ckpt.save_best(bad, 0.9)
+  ckpt.close()
+  assert checkpoint.available_steps(tmp_path) == [1]
+  assert checkpoint.best_step(tmp_path) is None
+
+
+def test_restore_errors_are_clear(tmp_path):
+  template = _tiny_state()
+  with pytest.raises(checkpoint.CheckpointError, match="does not exist"):
+    checkpoint.restore(tmp_path / "nope", "latest", template)
+  ckpt = checkpoint.Checkpointer(tmp_path, keep=2)
+  with pytest.raises(checkpoint.CheckpointError, match="No checkpoint"):
+    checkpoint.restore(tmp_path, "latest", template)
+  ckpt.save(_stepped(template, 5))
+  ckpt.close()
+  with pytest.raises(checkpoint.CheckpointError, match="No best checkpoint"):
+    checkpoint.restore(tmp_path, "best", template)
+  with pytest.raises(checkpoint.CheckpointError, match=r"step 7.*available steps: \[5\]"):
+    checkpoint.restore(tmp_path, 7, template)
+  with pytest.raises(checkpoint.CheckpointError, match="'latest', 'best' or a step"):
+    checkpoint.restore(tmp_path, "newest", template)
+  # A state of another optimizer layout (fine-tuning instead of frozen) cannot take this checkpoint.
+  with pytest.raises(checkpoint.CheckpointError, match="does not fit"):
+    checkpoint.restore(tmp_path, "latest", _tiny_state(freeze=False))
+
+
+def test_workdir_lock(tmp_path):
+  with checkpoint.lock_workdir(tmp_path):
+    with pytest.raises(checkpoint.CheckpointError, match=f"in use by another training process \\(pid {os.getpid()}\\)"):
+      with checkpoint.lock_workdir(tmp_path):
+        pass
+  with checkpoint.lock_workdir(tmp_path):  # Released: usable again.
+    pass
+
+
+def test_resume_config_check(tmp_path):
+  config = ml_collections.ConfigDict({
+      "seed": 0,
+      "data": {"image_size": 64, "source": "synthetic"},
+      "model": {"num_classes": 3, "alpha": 0.35, "decoder_filters": (64, 32, 32, 16),
+                "freeze_encoder": True},
+      "train": {"batch_size": 8, "frozen_params": ("encoder/.*",), "unfreeze_after_epochs": -1,
+                "learning_rate": 1e-3},
+  })
+  checkpoint.write_config(tmp_path, config)
+  saved = json.loads((tmp_path / checkpoint.CONFIG_FILE).read_text())
+  assert saved["model"]["decoder_filters"] == [64, 32, 32, 16]
+  checkpoint.check_resume_config(tmp_path, config)  # Same config: fine.
+  config.train.learning_rate = 1e-4  # Not part of the architecture or data shape: fine.
+  checkpoint.check_resume_config(tmp_path, config)
+  config.model.alpha = 1.0
+  config.data.image_size = 128
+  with pytest.raises(checkpoint.CheckpointError, match=r"model\.alpha: saved 0\.35, now 1\.0.*data\.image_size"):
+    checkpoint.check_resume_config(tmp_path, config)
+  assert checkpoint.read_config(tmp_path).model.alpha == 0.35
