@@ -1,0 +1,364 @@
+"""Using a trained workdir: its config and checkpoint, evaluation of a split, prediction on image files.
+
+The library side of ``scripts/evaluate.py`` and ``scripts/predict.py``. Evaluation runs the training loop's
+own ``train.eval_step``/``train.evaluate`` on ``input_pipeline.EvalInput`` (every image exactly once), so
+its numbers are those the run logged for the same checkpoint and data. Prediction preprocesses images with
+``input_pipeline.preprocess_images`` (the evaluation preprocessing) and predicts fixed-size batches, so one
+compilation serves every image size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import functools
+import json
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+from absl import app
+from absl import flags
+from flax import jax_utils
+import jax
+import jax.numpy as jnp
+import ml_collections
+from ml_collections import config_flags
+import numpy as np
+import optax
+from PIL import Image
+
+from petseg_jax import checkpoint
+from petseg_jax import input_pipeline
+from petseg_jax import metrics as metrics_lib
+from petseg_jax import models
+from petseg_jax import plots
+from petseg_jax import train
+from petseg_jax.data import decode
+
+EVAL_DIR = "eval"
+# Files a folder argument of predict expands to (case-insensitive). Named files are tried whatever their
+# extension: decoding goes by content.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+class WorkdirError(ValueError):
+  """A workdir, checkpoint or config that cannot be used; the message says which and what to do."""
+
+
+# --- the run: config and variables -----------------------------------------------------------------------
+
+def _lists_to_tuples(value: Any) -> Any:
+  """config.json stores tuples as lists; config fields (and --config.x=y overrides) want tuples."""
+  if isinstance(value, dict):
+    return {k: _lists_to_tuples(v) for k, v in value.items()}
+  if isinstance(value, list):
+    return tuple(_lists_to_tuples(v) for v in value)
+  return value
+
+
+def load_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
+  """The configuration saved by the training run in ``workdir`` (tuples restored).
+
+  Raises:
+    WorkdirError: the workdir does not exist or holds no readable config.json.
+  """
+  path = Path(workdir)
+  if not path.is_dir():
+    raise WorkdirError(f"--workdir {workdir} does not exist; pass the workdir of a training run "
+                       "(scripts/train.py --workdir).")
+  try:
+    config = checkpoint.read_config(path)
+  except json.JSONDecodeError as e:
+    raise WorkdirError(f"{path / checkpoint.CONFIG_FILE} is not valid JSON ({e}).") from e
+  except checkpoint.CheckpointError as e:
+    raise WorkdirError(str(e)) from e
+  return ml_collections.ConfigDict(_lists_to_tuples(config.to_dict()))
+
+
+@contextlib.contextmanager
+def config_override_errors(argv: Sequence[str]) -> Iterator[None]:
+  """Turns ml_collections' traceback for a ``--config.x=y`` naming a field the config lacks into a clear
+  message and exit code 1. Wrap ``config_flags.DEFINE_config_*`` in it (they apply overrides already)."""
+  try:
+    yield
+  except (AttributeError, KeyError) as e:
+    names = [arg.split("=")[0] for arg in argv[1:] if arg.startswith(("--config.", "-config."))]
+    error: Any = e
+    while error.args and isinstance(error.args[0], Exception):  # AttributeError(KeyError(...)).
+      error = error.args[0]
+    field, _, hint = str(error.args[0] if error.args else error).partition("\n")
+    field = field.strip("\"'")
+    print(f"FATAL Flags parsing error: unknown config field {field!r} in "
+          f"{' '.join(names)}. {hint + ' ' if hint else ''}Pass --helpfull to list the --config.* fields.",
+          file=sys.stderr)
+    sys.exit(1)
+
+
+def define_run_config_flag(argv: Sequence[str], fallback: ml_collections.ConfigDict
+                           ) -> tuple[ml_collections.ConfigDict, WorkdirError | None]:
+  """Defines ``--config``, defaulting to the saved config of the ``--workdir`` named in ``argv``.
+
+  ``config_flags.DEFINE_config_dict`` needs its config before the flags are parsed, so ``--workdir`` is
+  read from the raw arguments first. If it is missing or unusable, ``fallback`` (e.g. configs/default.py)
+  stands in and the error is returned, so that ``--config.x=y`` still parse and the script reports the
+  error itself. An override naming a field the config lacks exits with a clear message.
+
+  Returns:
+    ``(saved config or fallback, error or None)``.
+  """
+  workdir_flag = flags.FlagValues()
+  flags.DEFINE_string("workdir", None, "", flag_values=workdir_flag)
+  config, error = fallback, None
+  try:
+    workdir_flag(list(argv), known_only=True)
+    if workdir_flag.workdir is not None:  # Else absl reports the missing required flag.
+      config = load_config(workdir_flag.workdir)
+  except flags.Error as e:
+    error = WorkdirError(str(e))
+  except WorkdirError as e:
+    error = e
+  with config_override_errors(argv):
+    # A copy: the flag applies the overrides to the config it is given, and the caller keeps the saved one.
+    config_flags.DEFINE_config_dict("config", copy.deepcopy(config), "The run's saved config; override "
+                                    "fields with --config.section.key=value.", lock_config=True)
+  return config, error
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """``app.run(main, flags_parser=parse_flags)``: absl's parser, and a clear message (no traceback) for a
+  ``--config.x=y`` naming a field a config file lacks (ml_collections raises AttributeError)."""
+  with config_override_errors(argv):
+    return app.parse_flags_with_usage(argv)
+
+
+def _shapes(tree: Any) -> Any:
+  return jax.tree.map(lambda x: (tuple(x.shape), str(np.dtype(x.dtype))), tree)
+
+
+def restore_model(config: ml_collections.ConfigDict, workdir: str | os.PathLike, which: str | int
+                  ) -> tuple[models.UNet, dict[str, Any], int]:
+  """``(model, {"params", "batch_stats"}, step)`` of checkpoint ``which`` ("latest" | "best" | step).
+
+  Raises:
+    WorkdirError: no such checkpoint, or it does not fit the model of ``config``.
+  """
+  try:
+    variables, step = checkpoint.restore_variables(workdir, which)
+  except checkpoint.CheckpointError as e:
+    raise WorkdirError(str(e)) from e
+  model = train.create_model(config)
+  size = config.data.image_size
+  expected = jax.eval_shape(functools.partial(model.init, train=False), jax.random.PRNGKey(0),
+                            jnp.zeros((1, size, size, 3), jnp.float32))
+  for collection in ("params", "batch_stats"):
+    if _shapes(expected[collection]) != _shapes(variables[collection]):
+      raise WorkdirError(
+          f"The checkpoint of step {step} in {workdir} does not fit the model of the config: its "
+          f"{collection} differ. Do not override config.model.* fields (alpha, decoder_filters, "
+          "num_classes) of a trained run.")
+  return model, variables, step
+
+
+# --- evaluation ------------------------------------------------------------------------------------------
+
+def data_tag(data_config: ml_collections.ConfigDict, saved_data_config: ml_collections.ConfigDict,
+             split: str) -> str:
+  """File-name tag of an evaluation: the split, prefixed by the data's name when not the run's own data.
+
+  Keeps the evaluation of another folder from overwriting that of the run's own data.
+  """
+  tag = split
+  if (data_config.source, data_config.data_dir) != (saved_data_config.source, saved_data_config.data_dir):
+    name = Path(data_config.data_dir).name if data_config.data_dir else data_config.source
+    tag = f"{name}_{split}"
+  return re.sub(r"[^A-Za-z0-9_.-]+", "-", tag)
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, model: models.UNet, variables: dict[str, Any],
+                        split: str) -> tuple[dict[str, Any], np.ndarray, int]:
+  """Metrics of ``variables`` on ``split`` of ``config.data`` with the training loop's eval step.
+
+  Batches of ``config.train.batch_size`` over all local devices, as in training.
+
+  Returns:
+    ``(metrics, confusion, num_images)``: ``metrics`` as ``metrics.compute_metrics`` plus "loss";
+    ``confusion`` the summed (C, C) matrix, rows true class, columns predicted.
+  """
+  eval_input = input_pipeline.EvalInput(config.data, split, config.train.batch_size,
+                                        num_devices=jax.local_device_count())
+  state = train.TrainState.create(apply_fn=model.apply, params=variables["params"], tx=optax.identity(),
+                                  batch_stats=variables["batch_stats"])
+  p_eval_step = jax.pmap(functools.partial(train.eval_step, config=config), axis_name=train.AXIS)
+  # train.evaluate returns the metrics, not the matrix they come from; collect the per-batch matrices it
+  # sums (device arrays: no extra host syncs inside the loop).
+  batch_confusions = []
+
+  def recording_eval_step(state, batch):
+    out = p_eval_step(state, batch)
+    batch_confusions.append(out["confusion"])
+    return out
+
+  result = train.evaluate(recording_eval_step, jax_utils.replicate(state), eval_input)
+  confusion = sum(np.asarray(jax_utils.unreplicate(c), np.int64) for c in batch_confusions)
+  return result, confusion, eval_input.num_examples
+
+
+def save_confusion(confusion: np.ndarray, result: dict[str, Any], directory: str | os.PathLike, tag: str,
+                   step: int, extra: dict[str, Any]) -> tuple[Path, Path]:
+  """Writes ``<directory>/<tag>_<step>_confusion.{json,png}``; returns both paths."""
+  directory = Path(directory)
+  directory.mkdir(parents=True, exist_ok=True)
+  stem = directory / f"{tag}_{step}_confusion"
+  json_path = stem.with_suffix(".json")
+  record = {**extra, "checkpoint_step": step, "class_names": list(input_pipeline.CLASS_NAMES),
+            "confusion": confusion.tolist(), "rows": "true class", "columns": "predicted class",
+            "metrics": result}
+  json_path.write_text(json.dumps(record, indent=2) + "\n")
+  png_path = plots.save_confusion_matrix(confusion, stem.with_suffix(".png"),
+                                         class_names=input_pipeline.CLASS_NAMES)
+  return json_path, png_path
+
+
+def summary_record(result: dict[str, Any], num_images: int, step: int) -> dict[str, Any]:
+  """The one-line JSON summary of an evaluation (the last line evaluate.py prints)."""
+  return {"pixel_accuracy": result["pixel_accuracy"], "miou": result["miou"], "iou": result["iou"],
+          "dice": result["dice"], "num_images": num_images, "checkpoint_step": step}
+
+
+def format_evaluation(result: dict[str, Any], num_images: int) -> str:
+  """``metrics.format_metrics_table`` plus the loss."""
+  return metrics_lib.format_metrics_table(result, num_images) + f"\n{'loss':<14} {result['loss']:>8.4f}"
+
+
+# --- prediction ------------------------------------------------------------------------------------------
+
+def expand_inputs(paths: Iterable[str | os.PathLike]) -> tuple[list[Path], list[tuple[str, str]]]:
+  """Files to predict: named files as given, folders expanded to their image files (sorted, not recursive).
+
+  Returns:
+    ``(files, problems)``: ``files`` without repeats; ``problems`` lists ``(path, reason)`` for missing
+    paths and folders without image files.
+  """
+  files, problems = [], []
+  for path in map(Path, paths):
+    if path.is_dir():
+      found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+      if not found:
+        problems.append((str(path), f"folder holds no image files ({', '.join(IMAGE_EXTENSIONS)})"))
+      files.extend(found)
+    elif path.exists():
+      files.append(path)
+    else:
+      problems.append((str(path), "no such file or folder"))
+  unique = {path.resolve(): path for path in reversed(files)}  # The first occurrence wins.
+  return [path for path in files if unique[path.resolve()] is path], problems
+
+
+def trimap_path(image_path: str | os.PathLike) -> Path | None:
+  """``<root>/annotations/trimaps/NAME.png`` of an image ``<root>/images/NAME.*`` if it exists, else None."""
+  image_path = Path(image_path)
+  if image_path.parent.name != "images":
+    return None
+  path = image_path.parent.parent / "annotations" / "trimaps" / (image_path.stem + ".png")
+  return path if path.is_file() else None
+
+
+def _unique_names(files: Sequence[Path]) -> list[str]:
+  """Output names: the file stem, made unique (a.jpg and a.png, or the same name in two folders)."""
+  names, used = [], set()
+  for path in files:
+    name = path.stem
+    if name in used:
+      name = f"{path.stem}_{path.suffix.lstrip('.').lower() or 'noext'}"
+    base, i = name, 2
+    while name in used:
+      name, i = f"{base}_{i}", i + 1
+    used.add(name)
+    names.append(name)
+  return names
+
+
+def resize_mask(mask: np.ndarray, height: int, width: int) -> np.ndarray:
+  """A class mask resized to (height, width) with nearest neighbour (uint8)."""
+  return np.asarray(Image.fromarray(mask.astype(np.uint8)).resize((width, height), Image.NEAREST))
+
+
+@dataclasses.dataclass
+class PredictReport:
+  """What ``predict_files`` did: outputs per predicted file, ``(path, reason)`` per failed file (the reason
+  names the file) and per warning."""
+  outputs: dict[str, list[Path]] = dataclasses.field(default_factory=dict)
+  failures: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+  warnings: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+
+
+def _write_outputs(path: Path, name: str, image: np.ndarray, mask: np.ndarray, output_dir: Path,
+                   report: PredictReport) -> list[Path]:
+  height, width = image.shape[:2]
+  full_mask = resize_mask(mask, height, width)
+  written = [output_dir / f"{name}_mask.png", output_dir / f"{name}_overlay.png"]
+  Image.fromarray(full_mask, mode="L").save(written[0])
+  Image.fromarray(plots.overlay(image, full_mask)).save(written[1])
+  trimap_file = trimap_path(path)
+  if trimap_file is not None:
+    try:
+      trimap = decode.load_trimap(trimap_file)
+      if trimap.shape != (height, width):
+        raise input_pipeline.DataError(f"{trimap_file}: trimap is {trimap.shape[1]}x{trimap.shape[0]}, "
+                                       f"the image {width}x{height}")
+    except input_pipeline.DataError as e:
+      report.warnings.append((str(path), f"no triplet figure: {e}"))
+    else:
+      written.append(plots.save_prediction_triplets(image[None], (trimap - 1)[None], full_mask[None],
+                                                    output_dir / f"{name}_triplet.png"))
+  return written
+
+
+def predict_files(config: ml_collections.ConfigDict, model: models.UNet, variables: dict[str, Any],
+                  files: Sequence[Path], output_dir: str | os.PathLike, batch_size: int,
+                  on_done: Callable[[Path, list[Path]], None] | None = None,
+                  on_failure: Callable[[str, str], None] | None = None) -> PredictReport:
+  """Predicts each file and writes ``<name>_mask.png``, ``<name>_overlay.png`` and, when its trimap is
+  known (Oxford layout), ``<name>_triplet.png`` into ``output_dir``.
+
+  Images are decoded by content, preprocessed as in evaluation and predicted in batches padded to
+  ``batch_size`` (one compilation). Masks are class ids 0/1/2, one byte per pixel, resized back to the
+  image's size with nearest neighbour. Unreadable files are recorded in the report and skipped.
+  """
+  output_dir = Path(output_dir)
+  output_dir.mkdir(parents=True, exist_ok=True)
+  report = PredictReport()
+  names = dict(zip(files, _unique_names(files)))
+
+  def fail(path: Path, reason: str) -> None:
+    report.failures.append((str(path), reason))
+    if on_failure:
+      on_failure(str(path), reason)
+
+  for start in range(0, len(files), batch_size):
+    chunk = []
+    for path in files[start:start + batch_size]:
+      try:
+        chunk.append((path, input_pipeline.load_image(path)))
+      except input_pipeline.DataError as e:
+        fail(path, str(e))
+    if not chunk:
+      continue
+    images = input_pipeline.preprocess_images([image for _, image in chunk], config.data)
+    padded = np.zeros((batch_size,) + images.shape[1:], images.dtype)
+    padded[:len(images)] = images
+    masks = train.predict(model, variables, padded)
+    for (path, image), mask in zip(chunk, masks):
+      try:
+        written = _write_outputs(path, names[path], image, mask, output_dir, report)
+      except OSError as e:
+        fail(path, f"{path}: cannot write its outputs to {output_dir} ({e})")
+        continue
+      report.outputs[str(path)] = written
+      if on_done:
+        on_done(path, written)
+  return report

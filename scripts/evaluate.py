@@ -1,0 +1,66 @@
+"""Evaluates a trained checkpoint: ``python scripts/evaluate.py --workdir DIR [--checkpoint best|latest|STEP]``.
+
+The run's saved config (DIR/config.json) is the default of --config; ``--config.x=y`` overrides it, e.g.
+``--config.data.source=folder --config.data.data_dir=PATH`` evaluates any folder in the official
+Oxford-IIIT Pet layout. Every image of the split is evaluated exactly once, with the training loop's eval
+step. Prints a table and, as its last line, one JSON object; writes the confusion matrix to
+DIR/eval/<split>_<step>_confusion.{json,png} (prefixed by the data folder's name for other data).
+The logic lives in ``petseg_jax/inference.py``.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+# Config files import their base as `from configs import default`: make the repo root importable.
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from absl import app  # pylint: disable=g-import-not-at-top
+from absl import flags
+from absl import logging
+import tensorflow as tf
+
+from configs import default
+from petseg_jax import checkpoint
+from petseg_jax import inference
+from petseg_jax import input_pipeline
+
+FLAGS = flags.FLAGS
+
+flags.DEFINE_string("workdir", None, "Workdir of a training run (scripts/train.py --workdir).")
+flags.DEFINE_string("checkpoint", "latest", "Which checkpoint: 'latest', 'best' (validation mIoU) or a step.")
+flags.DEFINE_string("split", None, "Split to evaluate; default: the run's config.data.eval_split.")
+flags.mark_flags_as_required(["workdir"])
+_SAVED_CONFIG, _CONFIG_ERROR = inference.define_run_config_flag(sys.argv, fallback=default.get_config())
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  tf.config.set_visible_devices([], "GPU")  # TensorFlow reads data only; the accelerators are JAX's.
+  try:
+    if _CONFIG_ERROR is not None:
+      raise _CONFIG_ERROR
+    config = FLAGS.config
+    split = FLAGS.split or config.data.eval_split
+    model, variables, step = inference.restore_model(config, FLAGS.workdir, FLAGS.checkpoint)
+    logging.info("Evaluating step %d of %s on split %r of %s", step, FLAGS.workdir, split, config.data.source)
+    result, confusion, num_images = inference.evaluate_checkpoint(config, model, variables, split)
+    data = {"split": split, "source": config.data.source, "data_dir": config.data.data_dir,
+            "workdir": str(FLAGS.workdir)}
+    tag = inference.data_tag(config.data, _SAVED_CONFIG.data, split)
+    paths = inference.save_confusion(confusion, result, Path(FLAGS.workdir) / inference.EVAL_DIR, tag, step,
+                                     data)
+  except (inference.WorkdirError, checkpoint.CheckpointError, input_pipeline.DataError, OSError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+  where = config.data.data_dir or config.data.source
+  print(f"Checkpoint step {step} ({FLAGS.checkpoint}) of {FLAGS.workdir}; split {split!r} of {where}")
+  print(inference.format_evaluation(result, num_images))
+  print("Confusion matrix: " + ", ".join(str(p) for p in paths))
+  print(json.dumps(inference.summary_record(result, num_images, step)))
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=inference.parse_flags)

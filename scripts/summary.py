@@ -1,0 +1,41 @@
+"""Prints the model's parameters per module: ``python scripts/summary.py [--config configs/X.py]``.
+
+Trainable / frozen as the config trains them (model.freeze_encoder, train.frozen_params) and BatchNorm
+moving statistics, with Keras-style totals. Needs no weights (shapes only). The logic lives in
+``petseg_jax/summary.py``.
+"""
+
+import sys
+from pathlib import Path
+
+# Config files import their base as `from configs import default`: make the repo root importable.
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from absl import app  # pylint: disable=g-import-not-at-top
+from absl import flags
+from ml_collections import config_flags
+
+from petseg_jax import inference
+from petseg_jax import summary
+
+FLAGS = flags.FLAGS
+
+with inference.config_override_errors(sys.argv):
+  config_flags.DEFINE_config_file("config", str(REPO_ROOT / "configs" / "default.py"),
+                                  "Configuration file; override fields with --config.section.key=value.",
+                                  lock_config=True)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  try:
+    print(summary.summarize(FLAGS.config))
+  except ValueError as e:  # Invalid model fields or frozen_params patterns; the message names them.
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=inference.parse_flags)
