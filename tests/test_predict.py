@@ -1,0 +1,102 @@
+"""scripts/predict.py: masks at the original size, overlays, triplets for Oxford-layout images, bad files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+import pytest
+
+from petseg_jax import inference
+from petseg_jax import input_pipeline
+from petseg_jax import train
+from tests import trained_run
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory):
+  return trained_run.trained_workdir(tmp_path_factory)
+
+
+def _random_image(rng, height, width, mode="RGB") -> Image.Image:
+  return Image.fromarray(rng.integers(0, 256, (height, width, 3), np.uint8)).convert(mode)
+
+
+@pytest.fixture
+def inputs(tmp_path) -> dict[str, Path]:
+  """An Oxford-layout folder (a JPEG and a GIF named .jpg, with trimaps) and a loose folder with a PNG, a
+  BMP, a zero-byte .jpg and a text file named .jpg."""
+  rng = np.random.default_rng(0)
+  root = tmp_path / "oxford"
+  (root / "images").mkdir(parents=True)
+  (root / "annotations" / "trimaps").mkdir(parents=True)
+  for name, size, fmt in (("cat_1", (50, 70), "JPEG"), ("dog_2", (29, 41), "GIF")):
+    _random_image(rng, *size).save(root / "images" / f"{name}.jpg", format=fmt)
+    trimap = rng.integers(1, 4, size, np.uint8)
+    Image.fromarray(trimap, mode="L").save(root / "annotations" / "trimaps" / f"{name}.png")
+  loose = tmp_path / "loose"
+  loose.mkdir()
+  _random_image(rng, 45, 33, "RGBA").save(loose / "odd.png")
+  _random_image(rng, 32, 32, "L").save(loose / "gray.bmp")
+  (loose / "zero.jpg").write_bytes(b"")
+  (loose / "text.jpg").write_text("this is not an image\n")
+  return {"oxford": root, "loose": loose}
+
+
+def test_predict_outputs_and_bad_files(workdir, inputs, tmp_path):
+  out, single = tmp_path / "out", tmp_path / "single"
+  mixed, alone = trained_run.run_scripts(
+      ("predict.py", "--workdir", workdir, "--output", out, "--checkpoint", "best", "--batch_size", 3,
+       inputs["oxford"] / "images", inputs["loose"]),
+      ("predict.py", "--workdir", workdir, "--output", single, inputs["loose"] / "odd.png"))
+
+  # Bad files are reported by name and make the exit code 1; the good files still get their outputs.
+  assert mixed.returncode == 1, mixed.stderr
+  assert "Traceback" not in mixed.stderr
+  assert "zero.jpg" in mixed.stderr and "empty" in mixed.stderr
+  assert "text.jpg" in mixed.stderr and "not an image" in mixed.stderr
+  originals = {"cat_1": inputs["oxford"] / "images" / "cat_1.jpg",
+               "dog_2": inputs["oxford"] / "images" / "dog_2.jpg",
+               "odd": inputs["loose"] / "odd.png", "gray": inputs["loose"] / "gray.bmp"}
+  for name, path in originals.items():
+    with Image.open(path) as image:
+      size = image.size
+    mask = Image.open(out / f"{name}_mask.png")
+    assert mask.mode == "L" and mask.size == size, name  # One byte per pixel, the original size.
+    assert set(np.unique(np.asarray(mask))) <= {0, 1, 2}, name
+    assert Image.open(out / f"{name}_overlay.png").size == size, name
+    # The three-panel figure only where the trimap is known (Oxford layout).
+    assert (out / f"{name}_triplet.png").exists() == (name in ("cat_1", "dog_2")), name
+  assert not list(out.glob("zero*")) and not list(out.glob("text*"))
+
+  # All files good: exit code 0; the mask does not depend on the batch it was predicted in.
+  assert alone.returncode == 0, alone.stderr
+  np.testing.assert_array_equal(np.asarray(Image.open(single / "odd_mask.png")),
+                                np.asarray(Image.open(out / "odd_mask.png")))
+
+
+def test_masks_are_the_models_prediction_resized_back(workdir, inputs, tmp_path):
+  """The written mask is the model's prediction on the eval-preprocessed image, resized back (nearest)."""
+  config = inference.load_config(workdir)
+  model, variables, _ = inference.restore_model(config, workdir, "latest")
+  path = inputs["oxford"] / "images" / "cat_1.jpg"
+  report = inference.predict_files(config, model, variables, [path], tmp_path, batch_size=2)
+  assert not report.failures and len(report.outputs[str(path)]) == 3
+  image = input_pipeline.load_image(path)
+  expected = train.predict(model, variables, input_pipeline.preprocess_images([image], config.data))[0]
+  expected = inference.resize_mask(expected, *image.shape[:2])
+  np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "cat_1_mask.png")), expected)
+
+
+def test_expand_inputs_and_output_names(tmp_path):
+  (tmp_path / "a.png").write_bytes(b"x")
+  (tmp_path / "a.jpg").write_bytes(b"x")
+  (tmp_path / "notes.txt").write_text("skip me")
+  (tmp_path / "empty").mkdir()
+  files, problems = inference.expand_inputs([tmp_path, tmp_path / "a.png", tmp_path / "empty",
+                                             tmp_path / "gone.jpg"])
+  assert files == [tmp_path / "a.jpg", tmp_path / "a.png"]  # Folder expanded, sorted, no repeats.
+  assert [p for p, _ in problems] == [str(tmp_path / "empty"), str(tmp_path / "gone.jpg")]
+  assert inference._unique_names(files) == ["a", "a_png"]
+  assert inference.trimap_path(tmp_path / "a.png") is None
