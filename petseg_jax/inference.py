@@ -3,8 +3,8 @@
 The library side of ``scripts/evaluate.py`` and ``scripts/predict.py``. Evaluation runs the training loop's
 own ``train.eval_step``/``train.evaluate`` on ``input_pipeline.EvalInput`` (every image exactly once), so
 its numbers are those the run logged for the same checkpoint and data. Prediction preprocesses images with
-``input_pipeline.preprocess_images`` (the evaluation preprocessing) and predicts fixed-size batches, so one
-compilation serves every image size.
+``input_pipeline.preprocess_images`` (the evaluation preprocessing) and predicts batches padded to one
+fixed shape, whatever the images' sizes (``train.predict``).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Evaluates a trained checkpoint: ``python scripts/evaluate.py --workdir DIR [--checkpoint best|latest|STEP]``.
+"""Evaluates a trained checkpoint: ``python scripts/evaluate.py --workdir DIR [--checkpoint latest|best|N]``.
 
 The run's saved config (DIR/config.json) is the default of --config; ``--config.x=y`` overrides it, e.g.
 ``--config.data.source=folder --config.data.data_dir=PATH`` evaluates any folder in the official
