@@ -391,7 +391,7 @@ def _train_subprocess(workdir: Path, sweep_dir: Path, log_path: Path, attempt: i
   """Trains ``workdir``'s run in a fresh Python process, output appended to ``log_path``; its exit code.
 
   On KeyboardInterrupt (Ctrl-C reaches the child too) the child gets time to write its checkpoint; if it
-  is still running after 30 s it is sent SIGTERM (training stops gracefully on that as well), then killed.
+  is still running after 60 s it is sent SIGTERM (training stops gracefully on that as well), then killed.
   """
   with open(log_path, "a") as f:
     f.write(f"\n=== attempt {attempt} at {datetime.datetime.now().isoformat(timespec='seconds')}\n")
@@ -401,7 +401,7 @@ def _train_subprocess(workdir: Path, sweep_dir: Path, log_path: Path, attempt: i
     try:
       return process.wait()
     except KeyboardInterrupt:
-      for action, timeout in ((None, 30), (process.terminate, 120), (process.kill, None)):
+      for action, timeout in ((None, 60), (process.terminate, 120), (process.kill, None)):
         if action is not None:
           action()
         try:
@@ -534,26 +534,19 @@ def run_sweep(base_config: str, sweep_spec: str, sweep_dir: str | os.PathLike, *
 
 
 def parameter_counts(config: ml_collections.ConfigDict) -> dict[str, int]:
-  """Total, trainable and frozen parameter counts of a run's model (BatchNorm statistics excluded).
+  """Keras-style parameter counts of a run's model (``summary.count_parameters``).
 
-  Frozen = never updated: the ``train.frozen_params`` of a ``model.freeze_encoder`` run that is not
-  unfrozen later (``train.unfreeze_after_epochs`` < 0).
+  ``params_frozen`` counts parameters never updated in the run: those of ``train.frozen_params`` under
+  ``model.freeze_encoder``, unless ``train.unfreeze_after_epochs`` unfreezes them later (then they count
+  as trainable). ``params_total`` = trainable + frozen + BatchNorm statistics, as Keras counts.
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from petseg_jax import models  # pylint: disable=g-import-not-at-top
-  from petseg_jax import optim  # pylint: disable=g-import-not-at-top
-  model = models.create_model(config.model)
-  size = config.data.image_size
-  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3))))
-  params = shapes["params"]
-  total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-  frozen = 0
-  if config.model.freeze_encoder and config.train.unfreeze_after_epochs < 0:
-    labels = optim.param_labels(params, tuple(config.train.frozen_params))
-    frozen = sum(int(np.prod(x.shape)) for x, label in zip(jax.tree.leaves(params), jax.tree.leaves(labels))
-                 if label == optim.FROZEN)
-  return {"params_total": total, "params_trainable": total - frozen, "params_frozen": frozen}
+  from petseg_jax import summary  # pylint: disable=g-import-not-at-top  (imports JAX)
+  counts = summary.totals(summary.count_parameters(config))
+  trainable, frozen = counts["trainable"], counts["frozen"]
+  if config.model.freeze_encoder and config.train.unfreeze_after_epochs >= 0:
+    trainable, frozen = trainable + frozen, 0
+  return {"params_total": counts["total"], "params_trainable": trainable, "params_frozen": frozen,
+          "params_batch_stats": counts["batch_stats"]}
 
 
 def run_throughput(records: Sequence[Mapping[str, Any]]) -> float | None:
@@ -624,13 +617,12 @@ def summarize(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     row["wall_time_sec_mean"] = float(np.mean(walls)) if walls else math.nan
     row["wall_time_sec_total"] = float(np.sum(walls)) if walls else math.nan
     if done:
-      key = json.dumps(done[0]["config"]["model"], sort_keys=True) + json.dumps(
-          done[0]["config"]["train"], sort_keys=True) + str(done[0]["config"]["data"]["image_size"])
+      key = json.dumps([done[0]["config"][k] for k in ("model", "train")], sort_keys=True)
       if key not in param_cache:
         param_cache[key] = parameter_counts(ml_collections.ConfigDict(done[0]["config"]))
       row.update(param_cache[key])
     else:
-      row.update({"params_total": None, "params_trainable": None, "params_frozen": None})
+      row.update(dict.fromkeys(("params_total", "params_trainable", "params_frozen", "params_batch_stats")))
     row["errors"] = " | ".join(f"seed {run['seed']}: {run['status']}: {run['error']}"
                                for run in members if run["final"] is None)
     rows[variant] = row

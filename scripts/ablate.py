@@ -10,6 +10,7 @@ sweep goes on. The report is DIR/summary.csv, DIR/summary.md and DIR/summary.png
 ``petseg_jax/ablation.py`` for the sweep file format).
 """
 
+import signal
 import sys
 from pathlib import Path
 
@@ -37,9 +38,16 @@ flags.DEFINE_bool("in-process", False, "Train in this process instead of one sub
 flags.mark_flags_as_required(["workdir"])
 
 
+def _terminate(signum, frame):
+  del frame
+  # Like Ctrl-C: the running training is asked to checkpoint and stop, then the sweep stops.
+  raise KeyboardInterrupt(f"Received {signal.Signals(signum).name}.")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  signal.signal(signal.SIGTERM, _terminate)
   try:
     if not FLAGS["report-only"].value:
       if not FLAGS.sweep:
@@ -58,6 +66,11 @@ def main(argv):
     paths = ablation.write_report(FLAGS.workdir)
   except ablation.SweepError as e:
     sys.exit(f"error: {e}")
+  except KeyboardInterrupt as e:
+    # The interrupted run saved a checkpoint; report what is finished so far.
+    paths = ablation.write_report(FLAGS.workdir)
+    print(f"{e or 'Interrupted.'} Partial report: {paths['md']}", file=sys.stderr)
+    sys.exit(130)
   print("\n" + Path(paths["md"]).read_text())
   print("Report: " + ", ".join(str(p) for p in paths.values()))
   failed = [r for r in results if r.status == ablation.FAILED]
