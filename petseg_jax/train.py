@@ -183,6 +183,17 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array], *, config: ml_coll
   return lax.psum({"loss_sum": loss_sum, "num_pixels": num_pixels, "confusion": confusion}, AXIS)
 
 
+def pmapped_train_step(config: ml_collections.ConfigDict, frozen_encoder: bool) -> Callable:
+  """``train_step`` pmapped over the local devices; the state's buffers are donated."""
+  return jax.pmap(functools.partial(train_step, config=config, frozen_encoder=frozen_encoder),
+                  axis_name=AXIS, donate_argnums=(0,))
+
+
+def pmapped_eval_step(config: ml_collections.ConfigDict) -> Callable:
+  """``eval_step`` pmapped over the local devices."""
+  return jax.pmap(functools.partial(eval_step, config=config), axis_name=AXIS)
+
+
 def evaluate(p_eval_step: Callable, state: TrainState, eval_input: Any) -> dict[str, Any]:
   """Loss and ``metrics.compute_metrics`` over the whole eval split (``state`` replicated)."""
   confusion, loss_sum, num_pixels = 0, 0.0, 0.0
@@ -418,15 +429,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
 
   state = jax_utils.replicate(state)
   dropout_rngs = jax_utils.replicate(dropout_rng)
-  p_eval_step = jax.pmap(functools.partial(eval_step, config=config), axis_name=AXIS)
-  p_train_steps = {}  # frozen_encoder → compiled step (unfreezing switches once).
-
-  def p_train_step(frozen: bool) -> Callable:
-    if frozen not in p_train_steps:
-      p_train_steps[frozen] = jax.pmap(
-          functools.partial(train_step, config=config, frozen_encoder=frozen), axis_name=AXIS,
-          donate_argnums=(0,))
-    return p_train_steps[frozen]
+  p_eval_step = pmapped_eval_step(config)
+  p_train_steps = {}  # frozen_encoder → pmapped step, compiled once per phase.
 
   def last_checkpoint() -> str:
     last = ckpt.latest_step()
@@ -439,12 +443,17 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
   figures = workdir / FIGURES_DIR
   train_metrics = _TrainMetrics()
   train_time, train_examples = 0.0, 0
+  first_epoch = step // steps_per_epoch
   if step >= total_steps:
     logging.info("Already trained to step %d (of %d); nothing to do.", step, total_steps)
+    first_epoch = num_epochs
   with _graceful_stop() as stop:
-    for epoch in range(step // steps_per_epoch, num_epochs if step < total_steps else 0):
+    for epoch in range(first_epoch, num_epochs):
+      # Unfreezing happens at an epoch boundary: one compiled step per phase.
       frozen = encoder_frozen(config, host_params, step, steps_per_epoch)
-      run_step = p_train_step(frozen)
+      if frozen not in p_train_steps:
+        p_train_steps[frozen] = pmapped_train_step(config, frozen)
+      run_step = p_train_steps[frozen]
       epoch_end = min((epoch + 1) * steps_per_epoch, total_steps)
       batches = train_input.epoch(epoch, start_step=step - epoch * steps_per_epoch)
       bar = tqdm.tqdm(total=epoch_end - epoch * steps_per_epoch, initial=step - epoch * steps_per_epoch,

@@ -19,7 +19,14 @@ import jax
 from ml_collections import config_flags
 import tensorflow as tf
 
+from petseg_jax import checkpoint
+from petseg_jax import input_pipeline
 from petseg_jax import train
+from petseg_jax import weights
+
+# Problems with a clear message of their own: shown without a traceback.
+USER_ERRORS = (FloatingPointError, checkpoint.CheckpointError, input_pipeline.DataError,
+               weights.WeightsError)
 
 FLAGS = flags.FLAGS
 
@@ -43,6 +50,9 @@ def main(argv):
   except train.TrainingInterrupted as e:
     logging.error("%s", e)
     sys.exit(128 + e.signum)
+  except USER_ERRORS as e:
+    logging.error("%s: %s", type(e).__name__, e)
+    sys.exit(1)
 
 
 if __name__ == "__main__":

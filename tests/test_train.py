@@ -1,0 +1,324 @@
+"""Training: frozen encoder, pmap equivalence, learning, resume, NaN guard, CLI.
+
+Every loop run uses tiny synthetic configs (32x32, alpha 0.35). Compilation dominates their cost, so the
+module turns on JAX's persistent compilation cache: runs with the same config compile once.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from flax import jax_utils
+import jax
+from jax.experimental.compilation_cache import compilation_cache
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import synthetic
+from petseg_jax import checkpoint
+from petseg_jax import input_pipeline
+from petseg_jax import models
+from petseg_jax import train
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TRAIN_SCRIPT = REPO_ROOT / "scripts" / "train.py"
+STEPS_PER_EPOCH = 8  # 64 synthetic examples / batch 8.
+
+
+@pytest.fixture(scope="module", autouse=True)
+def persistent_compilation_cache(tmp_path_factory):
+  """Compiled steps shared by this module's runs (and its subprocesses, through the environment)."""
+  path = str(tmp_path_factory.mktemp("jax_cache"))
+  old = {name: getattr(jax.config, name) for name in
+         ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")}
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  compilation_cache.reset_cache()
+  yield path
+  for name, value in old.items():
+    jax.config.update(name, value)
+  compilation_cache.reset_cache()
+
+
+def tiny_config(**train_overrides):
+  """16 steps (2 epochs) on 64 synthetic 32x32 examples; the encoder is unfrozen after epoch 1."""
+  config = synthetic.get_config()
+  config.data.image_size = 32
+  config.data.num_synthetic_train = 64
+  config.data.num_synthetic_eval = 12  # The second eval batch is padded.
+  config.train.batch_size = 8
+  config.train.num_epochs = 2
+  config.train.unfreeze_after_epochs = 1
+  config.train.encoder_lr_multiplier = 0.5
+  config.train.checkpoint_every_steps = STEPS_PER_EPOCH
+  config.train.log_every_steps = 4
+  config.train.num_figure_examples = 2
+  for key, value in train_overrides.items():
+    config.train[key] = value
+  return config
+
+
+def _state(config):
+  model = train.create_model(config)
+  return train.create_train_state(jax.random.PRNGKey(config.seed), config, model,
+                                  train.create_learning_rate_fn(config.train, 100), STEPS_PER_EPOCH)
+
+
+@pytest.fixture(scope="module")
+def initial_state():
+  """The tiny config's initial TrainState (what a run starts from)."""
+  return _state(tiny_config())
+
+
+def _random_batch(config, num_devices=1, seed=0):
+  rs = np.random.RandomState(seed)
+  size, batch = config.data.image_size, config.train.batch_size
+  image = rs.uniform(-1, 1, (batch, size, size, 3)).astype(np.float32)
+  mask = rs.randint(0, 3, (batch, size, size)).astype(np.int32)
+  shard = lambda x: x.reshape((num_devices, batch // num_devices) + x.shape[1:])
+  return {"image": shard(image), "mask": shard(mask)}
+
+
+def _trees_equal(a, b) -> bool:
+  return jax.tree.structure(a) == jax.tree.structure(b) and all(
+      np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def _leaves_changed(a, b) -> list[bool]:
+  return [not np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))]
+
+
+# --- the frozen encoder ---------------------------------------------------------------------------------
+
+def _flops(lowered) -> float:
+  cost = lowered.compile().cost_analysis()
+  return (cost[0] if isinstance(cost, list) else cost)["flops"]
+
+
+def test_frozen_step_does_not_differentiate_the_encoder(initial_state):
+  config = tiny_config()
+  state, batch = jax_utils.replicate(initial_state), _random_batch(config)
+  rng = jax_utils.replicate(jax.random.PRNGKey(0))
+  # The training loop's own steps (so that its runs below find them in the compilation cache).
+  frozen = _flops(train.pmapped_train_step(config, True).lower(state, batch, rng))
+  fine_tune = _flops(train.pmapped_train_step(config, False).lower(state, batch, rng))
+  encoder = models.MobileNetV2Encoder(config.model.alpha)
+  image = jnp.zeros(batch["image"].shape[1:])
+  encoder_forward = _flops(jax.jit(encoder.apply).lower(encoder.init(jax.random.PRNGKey(0), image), image))
+  # The encoder's backward pass (input and weight gradients) costs about twice its forward pass; the
+  # frozen step must not contain it (the same optimizer is compiled into both steps).
+  assert fine_tune - frozen > 1.5 * encoder_forward, (frozen, fine_tune, encoder_forward)
+
+
+# --- pmap: N devices == 1 device ------------------------------------------------------------------------
+
+_PMAP_SCRIPT = r"""
+import functools, json, sys
+sys.path.insert(0, sys.argv[1])
+import jax, numpy as np
+from flax import jax_utils
+from tests.test_train import _random_batch, _state, tiny_config
+from petseg_jax import train
+
+assert jax.local_device_count() == 2, jax.local_devices()
+config = tiny_config()
+state = _state(config)
+results = {}
+for n in (1, 2):
+  devices = jax.local_devices()[:n]
+  step = jax.pmap(functools.partial(train.train_step, config=config, frozen_encoder=True),
+                  axis_name=train.AXIS, devices=devices)
+  evaluate = jax.pmap(functools.partial(train.eval_step, config=config), axis_name=train.AXIS,
+                      devices=devices)
+  replicated = jax_utils.replicate(state, devices)
+  rng = jax_utils.replicate(jax.random.PRNGKey(1), devices)
+  losses, confusions = [], []
+  for i in range(3):
+    replicated, m = step(replicated, _random_batch(config, n, seed=i), rng)
+    losses.append(float(m["loss"][0]))
+    confusions.append(np.asarray(m["confusion"][0]).tolist())
+  batch = _random_batch(config, n, seed=7)
+  batch["weight"] = np.array([1.0] * 5 + [0.0] * 3, np.float32).reshape(n, -1)  # 3 padding examples.
+  ev = jax.tree.map(lambda x: np.asarray(x[0]).tolist(), evaluate(replicated, batch))
+  final = jax.device_get(jax_utils.unreplicate(replicated))
+  leaves = [np.asarray(x).ravel() for x in jax.tree.leaves((final.params, final.batch_stats))]
+  results[n] = {"losses": losses, "confusions": confusions, "eval": ev,
+                "variables": np.concatenate(leaves).tolist()}
+print("RESULT" + json.dumps(results))
+"""
+
+
+def test_two_devices_equal_one_device_for_the_same_global_batch(persistent_compilation_cache):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", TF_CPP_MIN_LOG_LEVEL="2",
+             JAX_COMPILATION_CACHE_DIR=persistent_compilation_cache)
+  proc = subprocess.run([sys.executable, "-c", _PMAP_SCRIPT, str(REPO_ROOT)], capture_output=True, text=True,
+                        env=env, cwd=REPO_ROOT, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT"))
+  one, two = json.loads(line[len("RESULT"):]).values()
+  np.testing.assert_allclose(two["losses"], one["losses"], rtol=1e-5)
+  # Confusion matrices: the same pixels counted; argmax ties may flip a handful under float reordering.
+  assert np.abs(np.array(two["confusions"]) - np.array(one["confusions"])).sum() <= 10
+  assert np.array(one["confusions"]).sum() == 3 * 8 * 32 * 32
+  np.testing.assert_allclose(two["variables"], one["variables"], atol=1e-5)
+  assert one["eval"]["num_pixels"] == two["eval"]["num_pixels"] == 5 * 32 * 32
+  np.testing.assert_allclose(two["eval"]["loss_sum"], one["eval"]["loss_sum"], rtol=1e-5)
+
+
+# --- the training loop ----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def uninterrupted_run(tmp_path_factory):
+  """The tiny config trained in one go: (workdir, final state)."""
+  workdir = tmp_path_factory.mktemp("uninterrupted")
+  return workdir, train.train_and_evaluate(tiny_config(), workdir)
+
+
+def test_run_writes_checkpoints_metrics_figures_and_summaries(uninterrupted_run):
+  workdir, final = uninterrupted_run
+  assert final.step == 2 * STEPS_PER_EPOCH
+  assert json.loads((workdir / "config.json").read_text())["data"]["image_size"] == 32
+  assert checkpoint.available_steps(workdir) == [8, 16]
+  assert checkpoint.best_step(workdir) in (8, 16)
+  records = train.read_metrics(workdir)
+  assert [r["step"] for r in records] == [8, 16]
+  for key in ("epoch", "train_loss", "train_pixel_accuracy", "eval_loss", "eval_miou", "eval_pixel_accuracy",
+              "eval_dice", "eval_iou_pet", "eval_iou_background", "eval_iou_border", "images_per_sec",
+              "elapsed_sec", "wall_time"):
+    assert all(np.isfinite(r[key]) for r in records), key
+  best = max(records, key=lambda r: r["eval_miou"])
+  assert checkpoint.best_step(workdir) == best["step"]
+  figures = workdir / train.FIGURES_DIR
+  assert sorted(p.name for p in figures.iterdir()) == [
+      "predictions_step_0000008.png", "predictions_step_0000016.png", "training_curves.png"]
+  # TensorBoard event file with the evaluation scalars.
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  (events,) = workdir.glob("events.out.tfevents.*")
+  tags = {(e.step, v.tag): float(tf.make_ndarray(v.tensor))
+          for e in tf.compat.v1.train.summary_iterator(str(events)) for v in e.summary.value}
+  assert tags[(16, "eval/miou")] == pytest.approx(records[-1]["eval_miou"])
+  assert (4, "train/loss") in tags
+
+
+def test_encoder_frozen_then_unfrozen(uninterrupted_run, initial_state):
+  workdir, final = uninterrupted_run
+  initial = initial_state
+  after_epoch_1 = checkpoint.restore(workdir, 8, initial)
+  # Epoch 1: encoder parameters and BatchNorm statistics untouched; the decoder trained.
+  assert _trees_equal(after_epoch_1.params["encoder"], initial.params["encoder"])
+  assert _trees_equal(after_epoch_1.batch_stats["encoder"], initial.batch_stats["encoder"])
+  assert all(_leaves_changed(after_epoch_1.params["decoder"], initial.params["decoder"]))
+  # Epoch 2 (train.unfreeze_after_epochs=1): the encoder is fine-tuned, its statistics updated.
+  assert all(_leaves_changed(final.params["encoder"], after_epoch_1.params["encoder"]))
+  assert all(_leaves_changed(final.batch_stats["encoder"], after_epoch_1.batch_stats["encoder"]))
+
+
+def test_resume_after_sigterm_is_bit_identical(uninterrupted_run, tmp_path, monkeypatch):
+  workdir = tmp_path / "interrupted"
+  epoch_fn = input_pipeline.TrainInput.epoch
+
+  def epoch_with_sigterm(self, epoch, start_step=0):
+    for i, batch in enumerate(epoch_fn(self, epoch, start_step)):
+      if (epoch, start_step + i) == (0, 5):
+        os.kill(os.getpid(), signal.SIGTERM)  # Arrives while step 6 is being prepared.
+      yield batch
+
+  monkeypatch.setattr(input_pipeline.TrainInput, "epoch", epoch_with_sigterm)
+  with pytest.raises(train.TrainingInterrupted, match="SIGTERM after step 6") as raised:
+    train.train_and_evaluate(tiny_config(), workdir)
+  assert raised.value.signum == signal.SIGTERM
+  assert checkpoint.available_steps(workdir) == [6]
+  assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # Handlers restored.
+  monkeypatch.undo()
+
+  resumed = train.train_and_evaluate(tiny_config(), workdir)
+  _, final = uninterrupted_run
+  assert resumed.step == final.step
+  assert _trees_equal(resumed.params, final.params)
+  assert _trees_equal(resumed.batch_stats, final.batch_stats)
+  assert _trees_equal(resumed.opt_state, final.opt_state)
+  records, reference = train.read_metrics(workdir), train.read_metrics(uninterrupted_run[0])
+  assert [r["step"] for r in records] == [8, 16]
+  assert [r["eval_miou"] for r in records] == [r["eval_miou"] for r in reference]
+
+
+def test_resume_refuses_an_incompatible_config(uninterrupted_run):
+  workdir, _ = uninterrupted_run
+  config = tiny_config()
+  config.model.alpha = 0.5
+  config.data.image_size = 64
+  with pytest.raises(checkpoint.CheckpointError, match=r"model\.alpha: saved 0\.35, now 0\.5.*data\.image_size"):
+    train.train_and_evaluate(config, workdir)
+
+
+def test_init_from_a_previous_run(uninterrupted_run, initial_state):
+  workdir, final = uninterrupted_run
+  loaded = train.load_init_from(initial_state, str(workdir / checkpoint.LATEST_DIR))
+  assert loaded.step == 0
+  assert _trees_equal(loaded.params, final.params)
+  assert _trees_equal(loaded.batch_stats, final.batch_stats)
+  # A model whose last layer has another shape (e.g. other num_classes) is refused.
+  params = jax.tree.map(lambda x: x, initial_state.params)
+  params["decoder"]["last"] = jax.tree.map(lambda x: x[..., :2], params["decoder"]["last"])
+  with pytest.raises(checkpoint.CheckpointError, match="do not fit this model"):
+    train.load_init_from(initial_state.replace(params=params), str(workdir))
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+  workdir = tmp_path / "diverging"
+  train.train_and_evaluate(tiny_config(num_train_steps=4), workdir)
+  with pytest.raises(FloatingPointError, match=r"at step \d+\. Lower config\.train\.learning_rate") as raised:
+    train.train_and_evaluate(tiny_config(num_train_steps=8, learning_rate=1e30), workdir)
+  assert "last good checkpoint: step 4" in str(raised.value)
+  assert checkpoint.available_steps(workdir) == [4]
+  restored, step = checkpoint.restore_variables(workdir, "latest")
+  assert step == 4
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(restored))
+
+
+# --- the command line -----------------------------------------------------------------------------------
+
+def _run_cli(*args, env_extra=None, timeout=600):
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", **(env_extra or {}))
+  return subprocess.run([sys.executable, str(TRAIN_SCRIPT), *map(str, args)], capture_output=True, text=True,
+                        cwd=REPO_ROOT, env=env, timeout=timeout)
+
+
+def test_cli_config_typo_names_the_key(tmp_path):
+  proc = _run_cli("--config", REPO_ROOT / "configs" / "synthetic.py", "--workdir", tmp_path / "w",
+                  "--config.train.batchsize=3")
+  assert proc.returncode != 0
+  assert "batchsize" in proc.stderr
+  assert not (tmp_path / "w").exists()
+
+
+def test_quickstart_cli_short_run(tmp_path):
+  """The embedded default config (real pet images, pretrained encoder), shortened to 3 steps."""
+  workdir = tmp_path / "quick"
+  proc = _run_cli("--workdir", workdir, "--config.train.num_train_steps=3", "--config.train.log_every_steps=1",
+                  "--config.data.eval_split=test[:32]")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "devices: 1" in proc.stderr
+  saved = json.loads((workdir / "config.json").read_text())
+  assert saved["data"]["source"] == "folder" and saved["model"]["alpha"] == 0.35
+  assert checkpoint.available_steps(workdir) == [3]
+  (record,) = train.read_metrics(workdir)
+  assert record["step"] == 3 and 0 <= record["eval_miou"] <= 1
+  assert (workdir / train.FIGURES_DIR / "predictions_step_0000003.png").exists()
+  assert (workdir / train.FIGURES_DIR / "training_curves.png").exists()
+
+
+# --- learning -------------------------------------------------------------------------------------------
+
+def test_synthetic_training_reaches_high_miou(tmp_path):
+  config = synthetic.get_config()
+  config.train.num_train_steps = 48
+  config.train.eval_every_epochs = 100  # Only the final evaluation.
+  config.train.num_figure_examples = 0
+  train.train_and_evaluate(config, tmp_path)
+  (record,) = train.read_metrics(tmp_path)
+  assert record["eval_miou"] > 0.8, record
