@@ -339,9 +339,47 @@ def _write_json(path: Path, data: Any) -> None:
   tmp.replace(path)  # Atomic: a killed sweep never leaves half a status file.
 
 
+def _pid_alive(pid: Any) -> bool:
+  if not isinstance(pid, int) or pid <= 0:
+    return False
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+def training_complete(workdir: str | os.PathLike) -> bool:
+  """Whether ``metrics.jsonl`` holds the evaluation at the run's last step (per its config.json)."""
+  records = read_metrics(workdir)
+  config = _read_json(Path(workdir) / CONFIG_FILE)
+  if not records or config is None:
+    return False
+  train_config = config["train"]
+  if train_config["num_train_steps"] > 0:
+    return records[-1]["step"] >= train_config["num_train_steps"]
+  return records[-1].get("epoch", 0) >= train_config["num_epochs"] - 1e-6
+
+
 def read_status(workdir: str | os.PathLike) -> dict[str, Any]:
-  """``ablation_status.json`` of a run ({} if it never started)."""
-  return _read_json(Path(workdir) / STATUS_FILE) or {}
+  """``ablation_status.json`` of a run ({} if it never started).
+
+  A "running" status whose sweep process is gone (killed without a chance to record the end) reads as
+  "done" if training had completed (its wall time then from the last metrics record), else as
+  "interrupted".
+  """
+  status = _read_json(Path(workdir) / STATUS_FILE) or {}
+  if status.get("status") == RUNNING and not _pid_alive(status.get("pid")):
+    status = dict(status)
+    if training_complete(workdir):
+      status["status"] = DONE
+      status["wall_time_sec"] = status.get("wall_time_sec", 0.0) + read_metrics(workdir)[-1].get(
+          "elapsed_sec", 0.0)
+    else:
+      status["status"] = INTERRUPTED
+  return status
 
 
 def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
@@ -422,7 +460,11 @@ def execute_run(run: Run, config: ml_collections.ConfigDict, base_config: str, s
     return RunResult(run, FAILED, f"{workdir} holds a run of a different configuration (the sweep or base "
                      "config changed); delete that directory or use a new --workdir.")
   status = read_status(workdir)
+  if status.get("status") == RUNNING:
+    return RunResult(run, FAILED, f"{workdir} is being trained by another sweep process "
+                     f"(pid {status.get('pid')}).")
   if status.get("status") == DONE:
+    _write_json(workdir / STATUS_FILE, status)  # Records a recovered status (see read_status).
     return RunResult(run, SKIPPED, wall_time_sec=status.get("wall_time_sec", 0.0))
   _write_json(workdir / RUN_SPEC_FILE, {
       "variant": run.variant, "seed": run.seed, "variant_overrides": run.variant_overrides,
@@ -623,7 +665,7 @@ def summarize(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
       row.update(param_cache[key])
     else:
       row.update(dict.fromkeys(("params_total", "params_trainable", "params_frozen", "params_batch_stats")))
-    row["errors"] = " | ".join(f"seed {run['seed']}: {run['status']}: {run['error']}"
+    row["errors"] = " | ".join(f"seed {run['seed']}: {run['status']}" + (f": {run['error']}" if run["error"] else "")
                                for run in members if run["final"] is None)
     rows[variant] = row
   return list(rows.values())
@@ -711,8 +753,8 @@ def save_summary_figure(runs: Sequence[Mapping[str, Any]], rows: Sequence[Mappin
   for y, mean in zip(positions, means):
     bar_ax.text(mean, y, f" {mean:.3f}", va="center", fontsize=8)
   bar_ax.set_yticks(positions, names, fontsize=8)
-  low = max(0.0, float(np.nanmin(means - stds)) - 0.05)
-  bar_ax.set_xlim(low, min(1.0, float(np.nanmax(means + stds)) + 0.06))
+  # Bars start at 0 (a cut axis would exaggerate small differences); the labels give the values.
+  bar_ax.set_xlim(0.0, min(1.0, float(np.nanmax(means + stds)) + 0.12))
   bar_ax.set_xlabel("final validation mIoU (mean ± std over seeds)")
   bar_ax.grid(True, axis="x", alpha=0.3)
   for color, row in zip(colors, rows):

@@ -1,0 +1,221 @@
+"""Ablation sweeps: expansion and overrides, a tiny sweep end to end, skipping, failures, the report."""
+
+import csv
+import json
+import math
+import os
+from pathlib import Path
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+
+from petseg_jax import ablation
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SYNTHETIC = str(REPO_ROOT / "configs" / "synthetic.py")
+
+# A few steps on tiny synthetic images: 8 train examples, batch 4 → 2 steps, one epoch, one evaluation.
+TINY = {
+    "data.image_size": 32, "data.num_synthetic_train": 8, "data.num_synthetic_eval": 4,
+    "train.batch_size": 4, "train.num_epochs": 1, "train.num_figure_examples": 0,
+    "train.checkpoint_every_steps": 100, "train.log_every_steps": 1,
+}
+
+
+def write_sweep(path: Path, sweep: dict) -> str:
+  path.write_text(f"def get_sweep():\n  return {sweep!r}\n")
+  return str(path)
+
+
+# --- planning (no training) ------------------------------------------------------------------------------
+
+def test_expand_variants_grid_and_seeds():
+  sweep = ablation.validate_sweep({
+      "seeds": [0, 1], "overrides": {"train.num_epochs": 3},
+      "variants": {"a": {"model.freeze_encoder": False}, "b": {}},
+      "grid": {"data.image_size": [64, 96], "model.alpha": [0.35]}})
+  runs = ablation.expand_runs(sweep)
+  assert len(runs) == 2 * 2 * 2
+  assert runs[0].variant == "a,image_size=64,alpha=0.35"
+  assert runs[0].dirname == "a,image_size=64,alpha=0.35/seed_0"
+  assert runs[0].overrides == {"train.num_epochs": 3, "model.freeze_encoder": False,
+                               "data.image_size": 64, "model.alpha": 0.35, "seed": 0}
+  assert runs[0].variant_overrides == {"model.freeze_encoder": False, "data.image_size": 64,
+                                       "model.alpha": 0.35}
+  assert [r.seed for r in runs[:2]] == [0, 1]
+  grid_only = ablation.expand_runs(ablation.validate_sweep({"grid": {"data.input_range": ["[-1,1]", "[0,1]"]}}))
+  assert [r.variant for r in grid_only] == ["input_range=[-1,1]", "input_range=[0,1]"]
+  assert [r.dirname for r in grid_only] == ["input_range=_-1,1/seed_0", "input_range=_0,1/seed_0"]
+
+
+@pytest.mark.parametrize("sweep, message", [
+    ({"variants": {}}, "declare 'variants' and/or 'grid'"),
+    ({"variants": {"a": {}}, "seeds": []}, "non-empty list of ints"),
+    ({"variants": {"a": {}}, "sede": [0]}, "unknown top-level key"),
+    ({"grid": {"model.alpha": []}}, "non-empty list"),
+    ({"variants": {"a": {"seed": 3}}}, "list the seeds"),
+    ({"variants": {"a b": {}, "a_b": {}}}, "same directory"),
+])
+def test_bad_sweeps_are_explained(sweep, message):
+  with pytest.raises(ablation.SweepError, match=message):
+    ablation.expand_runs(ablation.validate_sweep(sweep))
+
+
+def test_apply_overrides_checks_keys_and_types():
+  base = ablation.load_config(SYNTHETIC)
+  config = ablation.apply_overrides(base, {"model.decoder_filters": [8, 8, 8, 8], "train.learning_rate": 1,
+                                           "data.input_range": "[0,1]"})
+  assert config.model.decoder_filters == (8, 8, 8, 8)
+  assert config.train.learning_rate == 1.0 and isinstance(config.train.learning_rate, float)
+  assert base.data.input_range == "[-1,1]"  # The base is not modified.
+  with pytest.raises(ablation.SweepError, match=r"model has no field 'freeze_encodr'.*freeze_encoder"):
+    ablation.apply_overrides(base, {"model.freeze_encodr": True})
+  with pytest.raises(ablation.SweepError, match="override train.num_epochs='ten'"):
+    ablation.apply_overrides(base, {"train.num_epochs": "ten"})
+  with pytest.raises(ablation.SweepError, match="names a whole section"):
+    ablation.apply_overrides(base, {"model": 1})
+
+
+def test_parse_override():
+  assert ablation.parse_override("train.num_epochs=3") == ("train.num_epochs", 3)
+  assert ablation.parse_override("data.train_split=train[:80%]") == ("data.train_split", "train[:80%]")
+  assert ablation.parse_override("model.decoder_filters=(8,8,8,8)") == ("model.decoder_filters", (8, 8, 8, 8))
+  with pytest.raises(ablation.SweepError, match="section.key=value"):
+    ablation.parse_override("oops")
+
+
+# --- a tiny sweep, trained -------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def compilation_cache(tmp_path_factory):
+  """Runs differing only in data and seed compile the same programs: compile them once."""
+  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+           "jax_persistent_cache_min_entry_size_bytes")
+  old = {name: getattr(jax.config, name) for name in names}
+  jax.config.update(names[0], str(tmp_path_factory.mktemp("jax_cache")))
+  jax.config.update(names[1], 0.0)
+  jax.config.update(names[2], 0)
+  yield
+  for name, value in old.items():
+    jax.config.update(name, value)
+
+
+@pytest.fixture(scope="module")
+def tiny_sweep(tmp_path_factory, compilation_cache):
+  """2 variants × 2 seeds (+ an unknown key and a bad value), trained in-process; then the report."""
+  root = tmp_path_factory.mktemp("sweep")
+  sweep = write_sweep(root / "tiny_sweep.py", {
+      "seeds": [0, 1], "overrides": TINY,
+      "variants": {"flip": {}, "no_flip": {"data.random_flip": False},
+                   "unknown_key": {"model.no_such_key": 1},
+                   "bad_value": {"data.image_size": 33}}})
+  workdir = root / "out"
+  logs = []
+  results = ablation.run_sweep(SYNTHETIC, sweep, workdir, in_process=True, log=logs.append)
+  paths = ablation.write_report(workdir)
+  return {"sweep": sweep, "workdir": workdir, "results": results, "paths": paths, "logs": logs}
+
+
+def test_sweep_runs_every_variant_and_reports_failures(tiny_sweep):
+  status = {(r.run.variant, r.run.seed): r.status for r in tiny_sweep["results"]}
+  assert status == {("flip", 0): "done", ("flip", 1): "done", ("no_flip", 0): "done", ("no_flip", 1): "done",
+                    ("unknown_key", 0): "failed", ("unknown_key", 1): "failed",
+                    ("bad_value", 0): "failed", ("bad_value", 1): "failed"}
+  errors = {r.run.variant: r.error for r in tiny_sweep["results"] if r.status == "failed"}
+  assert "model has no field 'no_such_key'" in errors["unknown_key"]
+  assert "image_size=33" in errors["bad_value"]  # Failed inside training; the sweep went on.
+  workdir = tiny_sweep["workdir"]
+  for variant in ("flip", "no_flip"):
+    for seed in (0, 1):
+      run_dir = workdir / variant / f"seed_{seed}"
+      config = json.loads((run_dir / "config.json").read_text())
+      assert config["seed"] == seed
+      assert config["data"]["random_flip"] == (variant == "flip")
+      assert ablation.read_status(run_dir)["status"] == "done"
+  # Seeds and flips really change the training.
+  losses = {ablation.read_metrics(workdir / v / f"seed_{s}")[-1]["train_loss"]
+            for v in ("flip", "no_flip") for s in (0, 1)}
+  assert len(losses) == 4
+  md = tiny_sweep["paths"]["md"].read_text()
+  assert "unknown_key" in md and "no_such_key" in md and "image_size=33" in md
+  assert tiny_sweep["paths"]["png"].stat().st_size > 10_000
+
+
+def test_report_numbers_equal_the_runs_metrics(tiny_sweep):
+  workdir = tiny_sweep["workdir"]
+  rows = {row["variant"]: row for row in csv.DictReader(open(tiny_sweep["paths"]["csv"]))}
+  assert list(rows) == ["flip", "no_flip", "unknown_key", "bad_value"]
+  for variant in ("flip", "no_flip"):
+    finals = [ablation.read_metrics(workdir / variant / f"seed_{s}")[-1] for s in (0, 1)]
+    assert finals[0]["step"] == 2
+    for key in ("eval_miou", "eval_iou_pet", "eval_iou_background", "eval_iou_border", "eval_pixel_accuracy"):
+      values = [f[key] for f in finals]
+      assert float(rows[variant][f"{key}_mean"]) == pytest.approx(np.mean(values), abs=1e-12)
+      assert float(rows[variant][f"{key}_std"]) == pytest.approx(np.std(values, ddof=1), abs=1e-12)
+    assert rows[variant]["seeds_done"] == "2"
+    assert rows[variant]["overrides"] == ("(base)" if variant == "flip" else "data.random_flip=False")
+    # Frozen encoder (synthetic.py): the encoder's parameters are frozen; totals as Keras counts them.
+    total, trainable, frozen, stats = (int(rows[variant][k]) for k in (
+        "params_total", "params_trainable", "params_frozen", "params_batch_stats"))
+    assert frozen > 0 and trainable > 0 and stats > 0 and trainable + frozen + stats == total
+    assert float(rows[variant]["images_per_sec_mean"]) > 0
+    assert float(rows[variant]["wall_time_sec_mean"]) > 0
+  assert rows["unknown_key"]["seeds_done"] == "0" and rows["unknown_key"]["eval_miou_mean"] == ""
+  assert "no_such_key" in rows["unknown_key"]["errors"]
+
+
+def test_rerun_skips_finished_runs(tiny_sweep):
+  workdir = tiny_sweep["workdir"]
+  metrics = workdir / "flip" / "seed_0" / "metrics.jsonl"
+  before = (metrics.read_text(), metrics.stat().st_mtime_ns)
+  results = ablation.run_sweep(SYNTHETIC, tiny_sweep["sweep"], workdir, in_process=True, log=lambda _: None)
+  assert [r.status for r in results] == ["skipped"] * 4 + ["failed"] * 4
+  assert (metrics.read_text(), metrics.stat().st_mtime_ns) == before
+  assert ablation.read_status(workdir / "flip" / "seed_0")["attempts"] == 1
+  # --only trains a subset; the plan (and so the report) still lists every run.
+  results = ablation.run_sweep(SYNTHETIC, tiny_sweep["sweep"], workdir, only=["no_flip"], in_process=True,
+                               log=lambda _: None)
+  assert [(r.run.variant, r.status) for r in results] == [("no_flip", "skipped")] * 2
+  assert len(json.loads((workdir / "sweep.json").read_text())["runs"]) == 8
+  with pytest.raises(ablation.SweepError, match="no variant"):
+    ablation.run_sweep(SYNTHETIC, tiny_sweep["sweep"], workdir, only=["nope"], in_process=True)
+
+
+def test_changed_variant_is_not_mixed_with_old_runs(tiny_sweep, tmp_path):
+  workdir = tmp_path / "copy"
+  shutil.copytree(tiny_sweep["workdir"] / "flip", workdir / "flip")
+  sweep = write_sweep(tmp_path / "changed.py", {
+      "seeds": [0], "overrides": {**TINY, "train.learning_rate": 0.01}, "variants": {"flip": {}}})
+  results = ablation.run_sweep(SYNTHETIC, sweep, workdir, in_process=True, log=lambda _: None)
+  assert results[0].status == "failed"
+  assert "different configuration" in results[0].error
+
+
+def test_cli_subprocess_failure_and_report_only(tiny_sweep, tmp_path):
+  """The CLI trains each run in a subprocess: a crashing run is reported, and the exit code says so."""
+  sweep = write_sweep(tmp_path / "crash.py", {"overrides": TINY, "variants": {"crash": {"data.image_size": 33}}})
+  workdir = tmp_path / "out"
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "ablate.py"), f"--config={SYNTHETIC}",
+                         f"--sweep={sweep}", f"--workdir={workdir}"],
+                        capture_output=True, text=True, env=env, timeout=300, check=False)
+  assert proc.returncode != 0
+  assert "1 of 1 runs failed" in proc.stderr
+  status = ablation.read_status(workdir / "crash" / "seed_0")
+  assert status["status"] == "failed" and "exit code 1" in status["error"]
+  assert "image_size=33" in status["error"]
+  assert "image_size=33" in (workdir / "summary.md").read_text()
+  # --report-only rebuilds the report of the trained tiny sweep without training anything.
+  (tiny_sweep["workdir"] / "summary.csv").unlink()
+  proc = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "ablate.py"), "--report-only",
+                         f"--workdir={tiny_sweep['workdir']}"],
+                        capture_output=True, text=True, env=env, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  rows = list(csv.DictReader(open(tiny_sweep["workdir"] / "summary.csv")))
+  assert [row["seeds_done"] for row in rows] == ["2", "2", "0", "0"]
+  assert not math.isnan(float(rows[0]["eval_miou_mean"]))
