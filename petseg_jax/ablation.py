@@ -45,7 +45,7 @@ import subprocess
 import sys
 import time
 import traceback
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import ml_collections
 import numpy as np
@@ -451,7 +451,7 @@ def _train_subprocess(workdir: Path, sweep_dir: Path, log_path: Path, attempt: i
 
 
 def execute_run(run: Run, config: ml_collections.ConfigDict, base_config: str, sweep_dir: Path, *,
-                in_process: bool = False, log: Callable[[str], None] = print) -> RunResult:
+                in_process: bool = False) -> RunResult:
   """Trains one planned run (``config`` = its resolved config) unless it is done; records its status."""
   workdir = sweep_dir / run.dirname
   expected = config_to_dict(config)
@@ -460,7 +460,7 @@ def execute_run(run: Run, config: ml_collections.ConfigDict, base_config: str, s
     return RunResult(run, FAILED, f"{workdir} holds a run of a different configuration (the sweep or base "
                      "config changed); delete that directory or use a new --workdir.")
   status = read_status(workdir)
-  if status.get("status") == RUNNING:
+  if status.get("status") == RUNNING and status.get("pid") != os.getpid():
     return RunResult(run, FAILED, f"{workdir} is being trained by another sweep process "
                      f"(pid {status.get('pid')}).")
   if status.get("status") == DONE:
@@ -560,7 +560,7 @@ def run_sweep(base_config: str, sweep_spec: str, sweep_dir: str | os.PathLike, *
       results.append(RunResult(run, FAILED, error))
       continue
     log(f"{prefix}: {format_overrides(run.variant_overrides)}")
-    result = execute_run(run, config, str(base_config), sweep_dir, in_process=in_process, log=log)
+    result = execute_run(run, config, str(base_config), sweep_dir, in_process=in_process)
     if result.status == SKIPPED:
       log(f"{prefix}: already done, skipped.")
     elif result.status == DONE:

@@ -8,7 +8,6 @@ from pathlib import Path
 import shutil
 import subprocess
 import sys
-import textwrap
 
 import jax
 import numpy as np
