@@ -10,7 +10,8 @@ Layout of a workdir::
 A checkpoint holds the host copy of ``{"step", "params", "batch_stats", "opt_state"}``. Orbax writes each
 one into a temporary directory and renames it when complete, and lists only completed steps, so a
 checkpoint interrupted while being written is never restored (its temporary directory is removed when the
-next manager opens the directory).
+next manager opens the directory). Old checkpoints leave the same way: renamed into ``trash/`` first, then
+deleted, so a listed step is always complete.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import errno
 import fcntl
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -32,6 +34,9 @@ LATEST_DIR = "checkpoints"
 BEST_DIR = "checkpoints_best"
 CONFIG_FILE = "config.json"
 LOCK_FILE = "lock"
+# Old checkpoints are first renamed into this subdirectory (atomic: a step directory is complete or gone),
+# then deleted; a process killed in between leaves only trash, which the next save clears.
+TRASH_DIR = "trash"
 BEST_METRIC = "eval_miou"
 
 # Config keys that must agree between a run and the checkpoints it resumes: they fix the parameter and
@@ -73,10 +78,15 @@ def _manager(directory: Path, *, best: bool, keep: int = 1, read_only: bool = Fa
       # mode does the same but warns on every open.)
       create=not read_only,
       cleanup_tmp_directories=not read_only,
+      todelete_subdir=None if read_only else TRASH_DIR,
       # Synchronous writes: the train step donates the state buffers, and a save costs little next to
       # an epoch; the checkpoint is complete when save() returns.
       enable_async_checkpointing=False)
   return ocp.CheckpointManager(directory.absolute(), options=options)
+
+
+def _empty_trash(manager: ocp.CheckpointManager) -> None:
+  shutil.rmtree(Path(manager.directory) / TRASH_DIR, ignore_errors=True)
 
 
 class Checkpointer:
@@ -88,6 +98,8 @@ class Checkpointer:
     self.workdir = Path(workdir)
     self.latest = _manager(self.workdir / LATEST_DIR, best=False, keep=keep)
     self.best = _manager(self.workdir / BEST_DIR, best=True)
+    for manager in (self.latest, self.best):
+      _empty_trash(manager)
 
   def latest_step(self) -> int | None:
     return self.latest.latest_step()
@@ -104,14 +116,18 @@ class Checkpointer:
     _check_finite(tree, step)
     if step not in self.latest.all_steps():
       self.latest.save(step, args=ocp.args.StandardSave(tree), force=True)
+      _empty_trash(self.latest)
     return step
 
   def save_best(self, state: Any, miou: float) -> None:
     """Saves ``state`` as the best checkpoint (call only when ``miou`` beats ``best_metric()``)."""
     tree = _state_dict(state)
-    _check_finite(tree, int(tree["step"]))
-    self.best.save(int(tree["step"]), args=ocp.args.StandardSave(tree),
-                   metrics={BEST_METRIC: float(miou)}, force=True)
+    step = int(tree["step"])
+    _check_finite(tree, step)
+    if step not in self.best.all_steps():
+      self.best.save(step, args=ocp.args.StandardSave(tree), metrics={BEST_METRIC: float(miou)},
+                     force=True)
+      _empty_trash(self.best)
 
   def restore_latest(self, target_state: Any) -> Any:
     return _restore_into(self.latest, self.latest.latest_step(), target_state)
@@ -249,7 +265,10 @@ def check_resume_config(workdir: str | os.PathLike, config: ml_collections.Confi
 def write_config(workdir: str | os.PathLike, config: ml_collections.ConfigDict) -> Path:
   """Writes the run's configuration to ``workdir/config.json`` (human-readable)."""
   path = Path(workdir) / CONFIG_FILE
-  path.write_text(json.dumps(_config_to_dict(config), indent=2, sort_keys=True) + "\n")
+  # Written beside and renamed over the old one: a crash leaves the old file or the new, never half.
+  temporary = path.with_name(f".{CONFIG_FILE}.tmp")
+  temporary.write_text(json.dumps(_config_to_dict(config), indent=2, sort_keys=True) + "\n")
+  os.replace(temporary, path)
   return path
 
 

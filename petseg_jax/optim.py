@@ -35,6 +35,17 @@ def _param_paths(params: Any) -> list[str]:
   return ["/".join(path) for path in flax.traverse_util.flatten_dict(flax.core.unfreeze(params))]
 
 
+def compile_patterns(patterns: Sequence[str]) -> list[re.Pattern]:
+  """``config.train.frozen_params`` as compiled regexes; ValueError naming an invalid one."""
+  compiled = []
+  for pattern in patterns:
+    try:
+      compiled.append(re.compile(pattern))
+    except re.error as e:
+      raise ValueError(f"config.train.frozen_params: {pattern!r} is not a valid regex ({e}).") from e
+  return compiled
+
+
 def param_labels(params: Any, patterns: Sequence[str]) -> Any:
   """Labels each parameter FROZEN if its path fully matches one of ``patterns``, else TRAINABLE.
 
@@ -42,12 +53,7 @@ def param_labels(params: Any, patterns: Sequence[str]) -> Any:
     ValueError: a pattern is not a valid regex or matches no parameter (most likely a typo, which would
       otherwise silently train what was meant to be frozen).
   """
-  compiled = []
-  for pattern in patterns:
-    try:
-      compiled.append(re.compile(pattern))
-    except re.error as e:
-      raise ValueError(f"config.train.frozen_params: {pattern!r} is not a valid regex ({e}).") from e
+  compiled = compile_patterns(patterns)
   paths = _param_paths(params)
   for pattern in compiled:
     if not any(pattern.fullmatch(path) for path in paths):

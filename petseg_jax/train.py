@@ -64,6 +64,10 @@ class TrainingInterrupted(RuntimeError):
     self.signum = signum
 
 
+class ConfigError(ValueError):
+  """A configuration value that cannot work; the message names the field and the accepted values."""
+
+
 def create_model(config: ml_collections.ConfigDict, bn_axis_name: str | None = AXIS) -> models.UNet:
   """The UNet of ``config.model``; BatchNorm statistics synced over the pmap axis while training."""
   return models.create_model(config.model, bn_axis_name=bn_axis_name)
@@ -101,11 +105,15 @@ def unfreeze_step(config: ml_collections.ConfigDict, steps_per_epoch: int) -> in
 def create_train_state(rng: jax.Array, config: ml_collections.ConfigDict, model: models.UNet,
                        learning_rate_fn: optax.Schedule, steps_per_epoch: int) -> TrainState:
   """Initial state: random init, ``model.encoder_weights`` loaded, the freezing optimizer."""
-  variables = initialized(rng, config.data.image_size, model)
+  # The weight file first: a wrong path or alpha fails before the (slower) initialization compiles.
   encoder = weights.load_encoder_variables(config.model.encoder_weights or None, config.model.alpha)
+  variables = initialized(rng, config.data.image_size, model)
   if encoder is not None:
     variables = weights.merge_encoder_variables(variables, encoder)
-  labels = optim.param_labels(variables["params"], config.train.frozen_params)
+  try:
+    labels = optim.param_labels(variables["params"], config.train.frozen_params)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
   tx = optim.create_optimizer(config.train, learning_rate_fn, labels,
                               freeze=config.model.freeze_encoder,
                               unfreeze_step=unfreeze_step(config, steps_per_epoch))
@@ -127,9 +135,13 @@ def encoder_frozen(config: ml_collections.ConfigDict, params: Any, step: int, st
   return start is None or step < start
 
 
-def load_init_from(state: TrainState, path: str) -> TrainState:
-  """``model.init_from``: params and batch_stats of a previous run's latest checkpoint (not its optimizer)."""
-  variables, step = checkpoint.restore_variables(path, "latest")
+def load_init_from(state: TrainState, path: str,
+                   loaded: tuple[dict[str, Any], int] | None = None) -> TrainState:
+  """``model.init_from``: params and batch_stats of a previous run's latest checkpoint (not its optimizer).
+
+  ``loaded``: what ``checkpoint.restore_variables(path)`` returned, if read already.
+  """
+  variables, step = loaded or checkpoint.restore_variables(path, "latest")
   for collection in ("params", "batch_stats"):
     expected = jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), getattr(state, collection))
     found = jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), variables[collection])
@@ -207,10 +219,57 @@ def evaluate(p_eval_step: Callable, state: TrainState, eval_input: Any) -> dict[
   return result
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _predict(model: models.UNet, variables: dict[str, Any], images: jax.Array) -> jax.Array:
+  return jnp.argmax(model.apply(variables, images, train=False), axis=-1)
+
+
 def predict(model: models.UNet, variables: dict[str, Any], images: np.ndarray) -> np.ndarray:
-  """Class maps (N, H, W) of a few images, on one device."""
-  logits = jax.jit(functools.partial(model.apply, train=False))(variables, images)
-  return np.asarray(jnp.argmax(logits, axis=-1))
+  """Class maps (N, H, W) of preprocessed images, on one device (compiled once per model and shape)."""
+  return np.asarray(_predict(model, variables, images))
+
+
+# --- configuration checks --------------------------------------------------------------------------------
+
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
+  """Raises ConfigError (or DataError for config.data) naming the first unusable value.
+
+  Run before anything is written, so that a typo costs seconds and leaves no workdir behind.
+  """
+  input_pipeline.check_data_config(config.data)
+  model, tc = config.model, config.train
+  if model.num_classes != len(metrics_lib.CLASS_NAMES):
+    raise ConfigError(f"config.model.num_classes={model.num_classes!r}: the data has "
+                      f"{len(metrics_lib.CLASS_NAMES)} classes {metrics_lib.CLASS_NAMES}.")
+  if model.dtype not in models.DTYPES:
+    raise ConfigError(f"config.model.dtype={model.dtype!r} is not one of {tuple(models.DTYPES)}.")
+  for key in ("batch_size", "checkpoint_every_steps", "log_every_steps", "eval_every_epochs",
+              "keep_checkpoints"):
+    if not isinstance(tc[key], int) or tc[key] < 1:
+      raise ConfigError(f"config.train.{key}={tc[key]!r} must be a positive integer.")
+  if tc.batch_size % num_devices:
+    raise ConfigError(f"config.train.batch_size={tc.batch_size} must be divisible by the number of devices "
+                      f"({num_devices}): the global batch is split evenly over them.")
+  if tc.num_train_steps <= 0 and tc.num_epochs <= 0:
+    raise ConfigError(f"config.train.num_epochs={tc.num_epochs} and num_train_steps={tc.num_train_steps}: "
+                      "one of them must be positive.")
+  if tc.lr_schedule not in LR_SCHEDULES:
+    raise ConfigError(f"config.train.lr_schedule={tc.lr_schedule!r} is not one of {LR_SCHEDULES}.")
+  if tc.loss not in losses.LOSSES:
+    raise ConfigError(f"config.train.loss={tc.loss!r} is not one of {losses.LOSSES}.")
+  if len(tc.class_weights) not in (0, model.num_classes):
+    raise ConfigError(f"config.train.class_weights={tuple(tc.class_weights)} must be () or "
+                      f"{model.num_classes} numbers, one per class {metrics_lib.CLASS_NAMES}.")
+  try:
+    optim.compile_patterns(tc.frozen_params)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
+  if not tc.learning_rate > 0 or tc.encoder_lr_multiplier < 0:
+    raise ConfigError(f"config.train.learning_rate={tc.learning_rate!r} must be > 0 and "
+                      f"encoder_lr_multiplier={tc.encoder_lr_multiplier!r} >= 0.")
 
 
 # --- the loop's bookkeeping ------------------------------------------------------------------------------
@@ -281,15 +340,22 @@ def _graceful_stop() -> Iterator[_StopRequest]:
 class _TrainMetrics:
   """Per-step train metrics kept on the device until a log point, then summed on the host."""
 
-  def __init__(self):
+  def __init__(self, learning_rate_fn: optax.Schedule):
+    self.learning_rate_fn = learning_rate_fn
     self.pending: list[tuple[int, dict[str, jax.Array]]] = []
     self.loss_sum, self.num_steps, self.confusion = 0.0, 0, 0
 
   def add(self, step: int, step_metrics: dict[str, jax.Array]) -> None:
     self.pending.append((step, step_metrics))
 
-  def flush(self, learning_rate: float, last_checkpoint: str) -> dict[str, float] | None:
-    """Fetches pending steps (the only host sync), checks the loss; returns the interval's means."""
+  def flush(self, last_checkpoint: str) -> dict[str, float] | None:
+    """Fetches the pending steps (the loop's only host sync) and checks their loss.
+
+    Returns the means over the pending steps, or None if there were none.
+
+    Raises:
+      FloatingPointError: a step's loss is NaN/inf.
+    """
     if not self.pending:
       return None
     steps = [s for s, _ in self.pending]
@@ -298,10 +364,8 @@ class _TrainMetrics:
     step_losses = np.array([float(m["loss"]) for m in fetched])
     bad = np.flatnonzero(~np.isfinite(step_losses))
     if bad.size:
-      raise FloatingPointError(
-          f"Training diverged: the loss is {step_losses[bad[0]]} at step {steps[bad[0]]}. Lower "
-          f"config.train.learning_rate (now {learning_rate:g}) or add warmup (train.warmup_steps). "
-          f"Nothing was saved after the divergence; last good checkpoint: {last_checkpoint}.")
+      raise diverged(f"the loss is {step_losses[bad[0]]} at step {steps[bad[0]]}",
+                     float(self.learning_rate_fn(steps[bad[0]] - 1)), last_checkpoint)
     confusion = sum(np.asarray(m["confusion"], np.int64) for m in fetched)
     self.loss_sum += float(step_losses.sum())
     self.num_steps += len(steps)
@@ -321,6 +385,13 @@ class _TrainMetrics:
     self.loss_sum, self.num_steps, self.confusion = 0.0, 0, 0
 
 
+def diverged(what: str, learning_rate: float, last_checkpoint: str) -> FloatingPointError:
+  return FloatingPointError(
+      f"Training diverged: {what}. Lower config.train.learning_rate (now {learning_rate:g}) or add warmup "
+      f"(train.warmup_steps). Nothing was saved after the divergence; last good checkpoint: "
+      f"{last_checkpoint}.")
+
+
 def _flat_record(prefix: str, result: dict[str, Any] | None) -> dict[str, Any]:
   if result is None:
     return {}
@@ -336,66 +407,119 @@ def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
     os.fsync(f.fileno())
 
 
-def _truncate_metrics(path: Path, last_step: int) -> None:
-  """Drops records after the checkpoint a run resumes from (they will be recomputed)."""
-  if not path.exists():
-    return
-  records = read_metrics(path.parent)
-  kept = [record for record in records if record["step"] <= last_step]
-  if len(kept) != len(records):
-    path.write_text("".join(json.dumps(record) + "\n" for record in kept))
-
-
 def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
-  """The records of ``workdir/metrics.jsonl`` (one per evaluation), oldest first."""
+  """The records of ``workdir/metrics.jsonl`` (one per evaluation), oldest first.
+
+  A last line without its newline is the half-written record of a killed process: it is skipped (the
+  evaluation it belonged to is redone on resume).
+
+  Raises:
+    ValueError: another line is not valid JSON (the message names the file and line).
+  """
   path = Path(workdir) / METRICS_FILE
   if not path.exists():
     return []
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  text = path.read_text()
+  lines = text.split("\n")
+  if lines[-1]:
+    lines = lines[:-1]  # Unterminated: a killed append.
+  records = []
+  for number, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path}, line {number}: not a JSON record ({e}). Remove or repair that line.") from e
+  return records
 
 
-def _save_figure(model: models.UNet, state: TrainState, eval_input: Any, num_examples: int,
-                 input_range: str, path: Path) -> None:
-  batch = next(iter(eval_input))
-  images = batch["image"].reshape((-1,) + batch["image"].shape[-3:])[:num_examples]
-  masks = batch["mask"].reshape((-1,) + batch["mask"].shape[-2:])[:num_examples]
-  host_state = jax.device_get(jax_utils.unreplicate(state))
-  predictions = predict(model, {"params": host_state.params, "batch_stats": host_state.batch_stats}, images)
-  plots.save_prediction_triplets(images, masks, predictions, path, input_range=input_range)
+def _truncate_metrics(workdir: Path, last_step: int) -> list[dict[str, Any]]:
+  """Keeps the records up to the step a run starts from (later ones are redone); returns them."""
+  path = workdir / METRICS_FILE
+  kept = [record for record in read_metrics(workdir) if record["step"] <= last_step]
+  text = "".join(json.dumps(record) + "\n" for record in kept)
+  if path.exists() and path.read_text() != text:
+    temporary = path.with_name(f".{METRICS_FILE}.tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)  # Atomic: the old records or the new, never half of them.
+  return kept
+
+
+class _Evaluator:
+  """Evaluation at an eval point and everything recorded with it.
+
+  The order matters for crash safety: figure, best checkpoint, and last the metrics.jsonl record, which
+  marks the evaluation done (a run resumed at an eval point without its record evaluates it again).
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: Path, model: models.UNet, eval_input: Any,
+               ckpt: checkpoint.Checkpointer, writer: SummaryWriter, learning_rate_fn: optax.Schedule,
+               steps_per_epoch: int, start_time: float):
+    self.config, self.workdir, self.model, self.eval_input = config, workdir, model, eval_input
+    self.ckpt, self.writer, self.learning_rate_fn = ckpt, writer, learning_rate_fn
+    self.steps_per_epoch, self.start_time = steps_per_epoch, start_time
+    self.p_eval_step = pmapped_eval_step(config)
+    self.best_miou = ckpt.best_metric()
+
+  def __call__(self, state: TrainState, step: int, train_result: dict[str, Any] | None,
+               images_per_sec: float) -> None:
+    eval_result = evaluate(self.p_eval_step, state, self.eval_input)
+    record = {"step": step, "epoch": round(step / self.steps_per_epoch, 3),
+              **_flat_record("train", train_result), **_flat_record("eval", eval_result),
+              "images_per_sec": images_per_sec, "learning_rate": float(self.learning_rate_fn(step - 1)),
+              "elapsed_sec": time.time() - self.start_time, "wall_time": time.time()}
+    train_line = ("train loss %.4f acc %.4f mIoU %.4f | " % (
+        train_result["loss"], train_result["pixel_accuracy"], train_result["miou"]) if train_result else "")
+    logging.info("epoch %g (step %d): %seval loss %.4f acc %.4f mIoU %.4f Dice %.4f | %.1f img/s",
+                 record["epoch"], step, train_line, eval_result["loss"], eval_result["pixel_accuracy"],
+                 eval_result["miou"], eval_result["dice"], images_per_sec)
+    for key, value in record.items():
+      if key not in ("step", "wall_time") and value is not None:
+        # "eval_miou" → "eval/miou": TensorBoard groups the train and eval curves.
+        tag = key.replace("_", "/", 1) if key.startswith(("train_", "eval_")) else key
+        self.writer.scalar(tag, value, step)
+    self.writer.flush()
+    host_state = jax.device_get(jax_utils.unreplicate(state))
+    if self.config.train.num_figure_examples > 0:
+      self._save_figure(host_state, self.workdir / FIGURES_DIR / f"predictions_step_{step:07d}.png")
+    if self.best_miou is None or eval_result["miou"] > self.best_miou:
+      self.best_miou = eval_result["miou"]
+      self.ckpt.save_best(host_state, self.best_miou)
+    _append_jsonl(self.workdir / METRICS_FILE, record)
+
+  def _save_figure(self, host_state: TrainState, path: Path) -> None:
+    batch = next(iter(self.eval_input))
+    count = self.config.train.num_figure_examples
+    images = batch["image"].reshape((-1,) + batch["image"].shape[-3:])[:count]
+    masks = batch["mask"].reshape((-1,) + batch["mask"].shape[-2:])[:count]
+    variables = {"params": host_state.params, "batch_stats": host_state.batch_stats}
+    plots.save_prediction_triplets(images, masks, predict(self.model, variables, images), path,
+                                   input_range=self.config.data.input_range)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> TrainState:
   """Trains ``config`` in ``workdir`` (resuming from its latest checkpoint) and returns the final state.
 
   Raises:
+    ConfigError, input_pipeline.DataError, weights.WeightsError: an unusable config or data (raised before
+      the workdir is created or changed).
+    checkpoint.CheckpointError: the workdir is locked by another process or holds an incompatible run.
     TrainingInterrupted: after SIGINT/SIGTERM, once a checkpoint of the current step is written.
     FloatingPointError: the loss became NaN/inf; nothing after the divergence is saved.
-    checkpoint.CheckpointError: the workdir is locked by another process or holds an incompatible run.
   """
-  workdir = Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  logging.get_absl_logger().addFilter(_QUIET_ORBAX)
-  with checkpoint.lock_workdir(workdir):
-    ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep_checkpoints)
-    try:
-      return _train_and_evaluate(config, workdir, ckpt)
-    finally:
-      ckpt.close()
-
-
-def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
-                        ckpt: checkpoint.Checkpointer) -> TrainState:
   start_time = time.time()
-  resume_step = ckpt.latest_step()
-  if resume_step is not None:
-    checkpoint.check_resume_config(workdir, config)
-  checkpoint.write_config(workdir, config)
-
+  workdir = Path(workdir)
+  logging.get_absl_logger().addFilter(_QUIET_ORBAX)
   num_devices = jax.local_device_count()
-  if config.train.batch_size % num_devices:
-    raise ValueError(f"config.train.batch_size={config.train.batch_size} must be divisible by the number "
-                     f"of devices ({num_devices}).")
+  validate_config(config, num_devices)
   logging.info("devices: %d (%s)", num_devices, jax.local_devices()[0].platform)
+  # Read-only look at the workdir: fail fast on an incompatible resume.
+  resuming, init_from = bool(checkpoint.available_steps(workdir)), None
+  if resuming:
+    checkpoint.check_resume_config(workdir, config)
+  elif config.model.init_from:
+    init_from = checkpoint.restore_variables(config.model.init_from, "latest")  # Fails fast if missing.
 
   train_input = input_pipeline.TrainInput(config.data, config.train.batch_size, seed=config.seed,
                                           num_devices=num_devices)
@@ -403,8 +527,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
                                         num_devices=num_devices)
   steps_per_epoch = train_input.steps_per_epoch
   if steps_per_epoch < 1:
-    raise ValueError(f"The train split has {train_input.num_examples} examples, fewer than one batch of "
-                     f"config.train.batch_size={config.train.batch_size}; lower the batch size.")
+    raise ConfigError(f"config.train.batch_size={config.train.batch_size} is larger than the "
+                      f"{train_input.num_examples} examples of the train split; lower it.")
   total_steps = (config.train.num_train_steps if config.train.num_train_steps > 0
                  else config.train.num_epochs * steps_per_epoch)
   num_epochs = math.ceil(total_steps / steps_per_epoch)
@@ -416,110 +540,118 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
   init_rng, dropout_rng = jax.random.split(jax.random.PRNGKey(config.seed))
   learning_rate_fn = create_learning_rate_fn(config.train, total_steps)
   state = create_train_state(init_rng, config, model, learning_rate_fn, steps_per_epoch)
-  metrics_path = workdir / METRICS_FILE
-  if resume_step is not None:
-    state = ckpt.restore_latest(state)
-    _truncate_metrics(metrics_path, resume_step)
-    logging.info("Resuming from %s at step %d.", workdir / checkpoint.LATEST_DIR, resume_step)
-  elif config.model.init_from:
-    state = load_init_from(state, config.model.init_from)
-  step = int(state.step)
-  best_miou = ckpt.best_metric()
-  host_params = state.params
+  if not resuming and config.model.init_from:
+    state = load_init_from(state, config.model.init_from, init_from)
 
-  state = jax_utils.replicate(state)
-  dropout_rngs = jax_utils.replicate(dropout_rng)
-  p_eval_step = pmapped_eval_step(config)
-  p_train_steps = {}  # frozen_encoder → pmapped step, compiled once per phase.
+  workdir.mkdir(parents=True, exist_ok=True)
+  with checkpoint.lock_workdir(workdir):
+    ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep_checkpoints)
+    try:
+      return _train(config, workdir, ckpt, state, model, train_input, eval_input, total_steps,
+                    learning_rate_fn, dropout_rng, start_time)
+    finally:
+      ckpt.close()
+
+
+def _train(config: ml_collections.ConfigDict, workdir: Path, ckpt: checkpoint.Checkpointer,
+           state: TrainState, model: models.UNet, train_input: Any, eval_input: Any, total_steps: int,
+           learning_rate_fn: optax.Schedule, dropout_rng: jax.Array, start_time: float) -> TrainState:
+  """The loop of ``train_and_evaluate``, run holding the workdir's lock."""
+  steps_per_epoch = train_input.steps_per_epoch
+  num_epochs = math.ceil(total_steps / steps_per_epoch)
+  resume_step = ckpt.latest_step()
+  if resume_step is not None:
+    checkpoint.check_resume_config(workdir, config)
+    state = ckpt.restore_latest(state)
+    logging.info("Resuming from %s at step %d.", workdir / checkpoint.LATEST_DIR, resume_step)
+  checkpoint.write_config(workdir, config)
+  # Records after the starting step belong to a crashed attempt; they are redone.
+  records = _truncate_metrics(workdir, resume_step or 0)
+
+  def is_eval_step(step: int) -> bool:
+    return step == total_steps or (
+        step % steps_per_epoch == 0 and (step // steps_per_epoch) % config.train.eval_every_epochs == 0)
 
   def last_checkpoint() -> str:
     last = ckpt.latest_step()
     return f"step {last} in {workdir / checkpoint.LATEST_DIR}" if last is not None else "none"
 
-  def save() -> None:
-    ckpt.save(jax_utils.unreplicate(state))
-
+  step = int(state.step)
+  params_for_labels = state.params
+  state = jax_utils.replicate(state)
+  dropout_rngs = jax_utils.replicate(dropout_rng)
+  p_train_steps = {}  # frozen_encoder → pmapped step, compiled once per phase.
   writer = SummaryWriter(workdir)
-  figures = workdir / FIGURES_DIR
-  train_metrics = _TrainMetrics()
-  train_time, train_examples = 0.0, 0
+  evaluator = _Evaluator(config, workdir, model, eval_input, ckpt, writer, learning_rate_fn, steps_per_epoch,
+                         start_time)
+  train_metrics = _TrainMetrics(learning_rate_fn)
+
+  def save() -> None:
+    try:
+      ckpt.save(jax_utils.unreplicate(state))
+    except FloatingPointError as e:  # NaN parameters with a still finite loss.
+      raise diverged(str(e), float(learning_rate_fn(step - 1)), last_checkpoint()) from e
+
+  def stopped(signum: int) -> TrainingInterrupted:
+    """Checkpoints the current step for a graceful stop; returns the exception to raise."""
+    train_metrics.flush(last_checkpoint())  # Never save past a non-finite loss.
+    save()
+    return TrainingInterrupted(
+        f"Stopped by {signal.Signals(signum).name} after step {step}; checkpoint saved in "
+        f"{workdir / checkpoint.LATEST_DIR}. Run the same command again to resume.", signum)
+
   first_epoch = step // steps_per_epoch
   if step >= total_steps:
-    logging.info("Already trained to step %d (of %d); nothing to do.", step, total_steps)
+    logging.info("Already trained to step %d (of %d).", step, total_steps)
     first_epoch = num_epochs
+  train_time, train_examples = 0.0, 0
   with _graceful_stop() as stop:
+    if resume_step is not None and is_eval_step(step) and step not in [r["step"] for r in records]:
+      evaluator(state, step, None, 0.0)  # The attempt before stopped between checkpoint and record.
     for epoch in range(first_epoch, num_epochs):
+      if stop.signum is not None:  # Arrived during the evaluation: stop before the next step.
+        raise stopped(stop.signum)
       # Unfreezing happens at an epoch boundary: one compiled step per phase.
-      frozen = encoder_frozen(config, host_params, step, steps_per_epoch)
+      frozen = encoder_frozen(config, params_for_labels, step, steps_per_epoch)
       if frozen not in p_train_steps:
         p_train_steps[frozen] = pmapped_train_step(config, frozen)
       run_step = p_train_steps[frozen]
       epoch_end = min((epoch + 1) * steps_per_epoch, total_steps)
-      batches = train_input.epoch(epoch, start_step=step - epoch * steps_per_epoch)
       bar = tqdm.tqdm(total=epoch_end - epoch * steps_per_epoch, initial=step - epoch * steps_per_epoch,
                       desc=f"epoch {epoch + 1}/{num_epochs}" + (" (encoder frozen)" if frozen else ""),
                       unit="step", disable=None, leave=False)
       epoch_start, epoch_first_step = time.time(), step
+      batches = train_input.epoch(epoch, start_step=step - epoch * steps_per_epoch)
       for batch in itertools.islice(batches, epoch_end - step):
         state, step_metrics = run_step(state, batch, dropout_rngs)
         step += 1
         train_metrics.add(step, step_metrics)
         bar.update(1)
-        if step % config.train.log_every_steps == 0 or stop.signum is not None:
-          interval = train_metrics.flush(float(learning_rate_fn(step - 1)), last_checkpoint())
+        if step % config.train.log_every_steps == 0:
+          interval = train_metrics.flush(last_checkpoint())
           bar.set_postfix(loss=f"{interval['loss']:.4f}", acc=f"{interval['pixel_accuracy']:.4f}")
           writer.scalar("train/loss", interval["loss"], step)
           writer.scalar("train/pixel_accuracy", interval["pixel_accuracy"], step)
           writer.scalar("train/learning_rate", float(learning_rate_fn(step - 1)), step)
-        if step % config.train.checkpoint_every_steps == 0 or stop.signum is not None:
-          train_metrics.flush(float(learning_rate_fn(step - 1)), last_checkpoint())
-          save()
         if stop.signum is not None:
           bar.close()
-          raise TrainingInterrupted(
-              f"Stopped by {signal.Signals(stop.signum).name} after step {step}; checkpoint saved in "
-              f"{workdir / checkpoint.LATEST_DIR}. Run the same command again to resume.", stop.signum)
+          raise stopped(stop.signum)
+        if step % config.train.checkpoint_every_steps == 0:
+          train_metrics.flush(last_checkpoint())  # Never save past a non-finite loss.
+          save()
       bar.close()
-      train_metrics.flush(float(learning_rate_fn(step - 1)), last_checkpoint())  # Also syncs the device.
+      train_metrics.flush(last_checkpoint())  # Also waits for the device: the epoch's time is complete.
       train_time += time.time() - epoch_start
       train_examples += (step - epoch_first_step) * config.train.batch_size
-
-      if (epoch + 1) % config.train.eval_every_epochs and step < total_steps:
-        continue
-      eval_result = evaluate(p_eval_step, state, eval_input)
-      train_result = train_metrics.summary()
-      record = {"step": step, "epoch": round(step / steps_per_epoch, 3),
-                **_flat_record("train", train_result), **_flat_record("eval", eval_result),
-                "images_per_sec": train_examples / max(train_time, 1e-9),
-                "learning_rate": float(learning_rate_fn(step - 1)),
-                "elapsed_sec": time.time() - start_time, "wall_time": time.time()}
-      _append_jsonl(metrics_path, record)
-      for key, value in record.items():
-        if key not in ("step", "wall_time") and value is not None:
-          # "eval_miou" → "eval/miou": TensorBoard groups the train and eval curves.
-          writer.scalar(key.replace("_", "/", 1) if key.startswith(("train_", "eval_")) else key,
-                        value, step)
-      writer.flush()
-      train_line = ("train loss %.4f acc %.4f mIoU %.4f | " % (
-          train_result["loss"], train_result["pixel_accuracy"], train_result["miou"])
-                    if train_result else "")
-      logging.info("epoch %d/%d (step %d): %seval loss %.4f acc %.4f mIoU %.4f Dice %.4f | %.1f img/s",
-                   epoch + 1, num_epochs, step, train_line, eval_result["loss"],
-                   eval_result["pixel_accuracy"], eval_result["miou"], eval_result["dice"],
-                   record["images_per_sec"])
-      train_metrics.reset()
-      train_time, train_examples = 0.0, 0
-      if config.train.num_figure_examples > 0:
-        _save_figure(model, state, eval_input, config.train.num_figure_examples,
-                     config.data.input_range, figures / f"predictions_step_{step:07d}.png")
-      if best_miou is None or eval_result["miou"] > best_miou:
-        best_miou = eval_result["miou"]
-        ckpt.save_best(jax_utils.unreplicate(state), best_miou)
+      if is_eval_step(step):
+        evaluator(state, step, train_metrics.summary(), train_examples / max(train_time, 1e-9))
+        train_metrics.reset()
+        train_time, train_examples = 0.0, 0
 
   save()
   writer.close()
   history = read_metrics(workdir)
   if history:
-    plots.save_training_curves(history, figures / "training_curves.png")
+    plots.save_training_curves(history, workdir / FIGURES_DIR / "training_curves.png")
   logging.info("Done: step %d in %.1f s; workdir %s", step, time.time() - start_time, workdir)
   return jax.device_get(jax_utils.unreplicate(state))

@@ -20,12 +20,13 @@ from ml_collections import config_flags
 import tensorflow as tf
 
 from petseg_jax import checkpoint
+from petseg_jax import inference
 from petseg_jax import input_pipeline
 from petseg_jax import train
 from petseg_jax import weights
 
-# Problems with a clear message of their own: shown without a traceback.
-USER_ERRORS = (FloatingPointError, checkpoint.CheckpointError, input_pipeline.DataError,
+# Problems with a clear message of their own: shown as one "error: ..." line, without a traceback.
+USER_ERRORS = (train.ConfigError, FloatingPointError, checkpoint.CheckpointError, input_pipeline.DataError,
                weights.WeightsError)
 
 FLAGS = flags.FLAGS
@@ -51,9 +52,10 @@ def main(argv):
     logging.error("%s", e)
     sys.exit(128 + e.signum)
   except USER_ERRORS as e:
-    logging.error("%s: %s", type(e).__name__, e)
+    print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  # parse_flags: a --config.x=y naming a field the config lacks gets a message instead of a traceback.
+  app.run(main, flags_parser=inference.parse_flags)

@@ -90,11 +90,14 @@ def test_partially_written_checkpoint_is_never_restored(tmp_path):
   (partial / "default" / "garbage").write_bytes(b"\0" * 10)
   assert checkpoint.available_steps(tmp_path) == [1]
   assert checkpoint.restore(tmp_path, "latest", template).step == 1
-  # The next training process cleans it up and resumes from step 1.
+  # The next training process resumes from step 1 and cleans the leftover up (in the background; its
+  # first save waits for that).
   ckpt = checkpoint.Checkpointer(tmp_path, keep=3)
   assert ckpt.latest_step() == 1
+  ckpt.save(_stepped(template, 2))
   ckpt.close()
   assert not partial.exists()
+  assert checkpoint.available_steps(tmp_path) == [1, 2]
 
 
 def test_refuses_to_save_non_finite_state(tmp_path):
