@@ -1,15 +1,25 @@
-"""Convolution layers formulated so that XLA compiles them well on CPU and GPU.
+"""Convolution layers formulated so that XLA compiles them well on CPU.
 
-Two layers of the tutorial model fall into XLA performance traps when written the obvious way:
+The tutorial model's convolutions fall into XLA:CPU performance traps when written the obvious way
+(measurements in BENCHMARKS.md):
 
-* ``DepthwiseConv2D`` via ``feature_group_count`` runs at <1 GFLOP/s on XLA:CPU. Written as nine shifted
-  multiply-adds it is the same function and runs 10-40x faster (the adds fuse into one loop).
-* ``Conv2DTranspose`` (3x3, stride 2, "same") has a kernel gradient that XLA:CPU computes ~25x slower than a
-  plain convolution's. The same function is a stride-1 2x2 convolution to ``4 * features`` channels followed
-  by depth-to-space (sub-pixel convolution), whose forward and backward are ordinary convolutions.
+* ``DepthwiseConv2D`` via ``feature_group_count`` runs at <1 GFLOP/s. Written as nine shifted multiply-adds
+  it is the same function and runs 5-10x faster (the adds fuse into one loop).
+* ``Conv2DTranspose`` (3x3, stride 2, "same") as an input-dilated convolution multiplies 3/4 zeros, and its
+  kernel gradient runs 10-25x slower than a plain convolution's. Here it is one matmul of the input with all
+  nine kernel taps (exactly the transposed convolution's FLOPs) followed by an overlap-add, with a
+  hand-written backward pass of two matmuls.
+* 1x1 convolutions are matmuls; written as ``dot_general`` their forward and gradients are 1.5-3x faster.
 
-Both modules keep the parameter layout of their reference formulation (``impl="reference"``), so the two are
-interchangeable on the same variables; tests check them against each other and against Keras.
+All matmuls accumulate in float32 (``preferred_element_type``): with bfloat16 inputs that is both the more
+accurate and, on XLA:CPU, the fast path (bfloat16 x bfloat16 -> bfloat16 matmuls are not faster than
+float32 ones; bfloat16 -> float32 ones use the bfloat16 matrix units where the CPU has them).
+
+Every module keeps the parameters of its reference formulation (``impl="reference"``: the plain ``lax``
+convolution), so the two are interchangeable on the same variables; tests check them against each other,
+forward and gradients, and against Keras. ``impl="fast"`` picks the formulation per backend at trace time:
+the ones above on CPU, the ``lax`` convolutions elsewhere (XLA hands those to cuDNN on GPU; not measured
+in this project, which had no GPU).
 """
 
 from __future__ import annotations
@@ -25,6 +35,7 @@ Dtype = Any
 Initializer = Callable[..., Array]
 
 IMPLS = ("fast", "reference")
+_NHWC = ("NHWC", "HWIO", "NHWC")
 
 
 def _check_impl(impl: str) -> None:
@@ -32,11 +43,80 @@ def _check_impl(impl: str) -> None:
     raise ValueError(f"impl={impl!r} is not one of {IMPLS}")
 
 
+def _use_cpu_formulation(impl: str) -> bool:
+  """``impl="fast"`` on XLA:CPU (the backend the traced computation will run on)."""
+  _check_impl(impl)
+  return impl == "fast" and jax.default_backend() == "cpu"
+
+
 def keras_same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
   """Padding (before, after) of TensorFlow/Keras ``padding="same"`` for one spatial axis."""
   out = -(-size // stride)
   total = max((out - 1) * stride + kernel - size, 0)
   return total // 2, total - total // 2
+
+
+# --- matmul with float32 accumulation --------------------------------------------------------------------
+
+
+def _dot(a: Array, b: Array, contract: tuple[tuple[int, ...], tuple[int, ...]], dtype: Dtype) -> Array:
+  out = jax.lax.dot_general(a, b, (contract, ((), ())), preferred_element_type=jnp.float32)
+  return out.astype(dtype)
+
+
+@jax.custom_vjp
+def matmul(x: Array, w: Array) -> Array:
+  """``x @ w`` over the last axis of ``x`` (any leading axes), accumulated in float32, in ``x.dtype``.
+
+  The backward pass is written out so that its two matmuls also take the inputs' dtype and accumulate in
+  float32; autodiff would feed them the float32 cotangent of the accumulation and run them in float32.
+  """
+  return _dot(x, w, ((x.ndim - 1,), (0,)), x.dtype)
+
+
+def _matmul_fwd(x: Array, w: Array) -> tuple[Array, tuple[Array, Array]]:
+  return matmul(x, w), (x, w)
+
+
+def _matmul_bwd(residuals: tuple[Array, Array], g: Array) -> tuple[Array, Array]:
+  x, w = residuals
+  g = g.astype(x.dtype)
+  dx = _dot(g, w, ((g.ndim - 1,), (1,)), x.dtype)
+  batch_axes = tuple(range(x.ndim - 1))
+  dw = _dot(x, g, (batch_axes, batch_axes), w.dtype)
+  return dx, dw
+
+
+matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+# --- 1x1 convolution -------------------------------------------------------------------------------------
+
+
+class Conv1x1(nn.Module):
+  """1x1 convolution without bias: the variables and function of ``nn.Conv(features, (1, 1), use_bias=False)``.
+
+  Attributes:
+    features: output channels.
+    impl: "fast" (a matmul over all pixels on CPU) or "reference" (``lax.conv``).
+  """
+
+  features: int
+  impl: str = "fast"
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
+  kernel_init: Initializer = nn.initializers.lecun_normal()  # nn.Conv's default.
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    kernel = self.param("kernel", self.kernel_init, (1, 1, x.shape[-1], self.features), self.param_dtype)
+    x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+    if not _use_cpu_formulation(self.impl):
+      return jax.lax.conv_general_dilated(x, kernel, (1, 1), "VALID", dimension_numbers=_NHWC)
+    return matmul(x, kernel[0, 0])
+
+
+# --- 3x3 depthwise convolution ---------------------------------------------------------------------------
 
 
 class DepthwiseConv3x3(nn.Module):
@@ -48,7 +128,8 @@ class DepthwiseConv3x3(nn.Module):
   Attributes:
     strides: 1 or 2.
     padding: "same" or "valid" (Keras semantics).
-    impl: "fast" (nine shifted multiply-adds) or "reference" (``lax.conv`` with ``feature_group_count``).
+    impl: "fast" (nine shifted multiply-adds on CPU) or "reference" (``lax.conv`` with
+      ``feature_group_count``).
   """
 
   strides: int = 1
@@ -60,7 +141,6 @@ class DepthwiseConv3x3(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    _check_impl(self.impl)
     channels = x.shape[-1]
     # Same layout as flax.linen.Conv(feature_group_count=channels): (kh, kw, 1, channels).
     kernel = self.param("kernel", self.kernel_init, (3, 3, 1, channels), self.param_dtype)
@@ -72,10 +152,10 @@ class DepthwiseConv3x3(nn.Module):
       pads = [(0, 0), (0, 0)]
     else:
       raise ValueError(f"padding={self.padding!r}; expected 'same' or 'valid'")
-    if self.impl == "reference":
+    if not _use_cpu_formulation(self.impl):
       return jax.lax.conv_general_dilated(
-          x, kernel, window_strides=(s, s), padding=pads,
-          dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=channels)
+          x, kernel, window_strides=(s, s), padding=pads, dimension_numbers=_NHWC,
+          feature_group_count=channels)
     x = jnp.pad(x, [(0, 0), *pads, (0, 0)])
     out_h = (x.shape[1] - 3) // s + 1
     out_w = (x.shape[2] - 3) // s + 1
@@ -91,35 +171,64 @@ class DepthwiseConv3x3(nn.Module):
     return out
 
 
-def _subpixel_kernel(kernel: Array) -> Array:
-  """Rearranges a 3x3 stride-2 transposed-conv kernel into a 2x2 stride-1 conv kernel with 4x outputs.
+# --- 3x3 stride-2 transposed convolution -----------------------------------------------------------------
 
-  With TF "same" padding at stride 2 and kernel 3, output row ``n = 2*m + k`` receives input row ``m``
-  through kernel row ``k``. Output row ``2j`` gets ``in[j] K0 + in[j-1] K2``; row ``2j+1`` gets ``in[j] K1``.
-  So on an input padded by one row at the top, the 2-tap window ``(in[j-1], in[j])`` uses taps
-  ``(K2, K0)`` for even outputs and ``(0, K1)`` for odd ones; the same holds for columns.
+
+def _col2im_3x3s2(y: Array) -> Array:
+  """Overlap-adds per-tap products (N, H, W, 3, 3, D) into the stride-2 transposed conv output (N, 2H, 2W, D).
+
+  Per axis, TF "same" padding at stride 2 and kernel 3 sends input row ``m`` through kernel row ``k`` to
+  output row ``2m + k`` (row ``2H`` is cropped). So output row ``2j`` sums tap ``k=0`` of row ``j`` and
+  tap ``k=2`` of row ``j-1``; row ``2j+1`` is tap ``k=1`` of row ``j``. The same holds for columns.
   """
-  zero = jnp.zeros_like(kernel[0, 0])
-  # taps[parity] = (kernel index for window offset -1, for offset 0) along one axis; None = no tap.
-  taps = {0: (2, 0), 1: (None, 1)}
-
-  def window_kernel(parity_y: int, parity_x: int) -> Array:  # (2, 2, in, out)
-    return jnp.stack([
-        jnp.stack([zero if a is None or b is None else kernel[a, b] for b in taps[parity_x]])
-        for a in taps[parity_y]])
-
-  # Output channel index ordered (py, px, out), as depth_to_space expects.
-  per_parity = [window_kernel(py, px) for py in (0, 1) for px in (0, 1)]
-  return jnp.stack(per_parity, axis=3).reshape(2, 2, kernel.shape[2], 4 * kernel.shape[3])
+  n, h, w, _, _, d = y.shape
+  # One zero row above and column left: yp[:, j] is row j-1 of y, yp[:, j+1] is row j.
+  yp = jnp.pad(y, [(0, 0), (1, 0), (1, 0), (0, 0), (0, 0), (0, 0)])
+  tap = lambda ky, kx, dj, dl: yp[:, 1 - dj:h + 1 - dj, 1 - dl:w + 1 - dl, ky, kx]  # dj, dl: 1 = previous.
+  even_even = tap(0, 0, 0, 0) + tap(2, 0, 1, 0) + tap(0, 2, 0, 1) + tap(2, 2, 1, 1)
+  even_odd = tap(0, 1, 0, 0) + tap(2, 1, 1, 0)
+  odd_even = tap(1, 0, 0, 0) + tap(1, 2, 0, 1)
+  odd_odd = tap(1, 1, 0, 0)
+  out = jnp.stack([jnp.stack([even_even, even_odd], axis=3), jnp.stack([odd_even, odd_odd], axis=3)], axis=2)
+  return out.reshape(n, 2 * h, 2 * w, d)  # (N, H, 2, W, 2, D): rows and columns interleaved.
 
 
-def depth_to_space(x: Array, block: int = 2) -> Array:
-  """(N, H, W, b*b*C) -> (N, b*H, b*W, C), channel index ordered (row offset, column offset, C)."""
-  n, h, w, c = x.shape
-  c_out = c // (block * block)
-  x = x.reshape(n, h, w, block, block, c_out)
-  x = x.transpose(0, 1, 3, 2, 4, 5)
-  return x.reshape(n, h * block, w * block, c_out)
+def _im2col_3x3s2(g: Array, h: int, w: int) -> Array:
+  """The transpose of ``_col2im_3x3s2``: (N, 2H, 2W, D) → (N, H, W, 3, 3, D), ``[j, l, ky, kx] = g[2j+ky, 2l+kx]``
+  (zero where that is the cropped row ``2H`` or column ``2W``)."""
+  n, _, _, d = g.shape
+  gp = jnp.pad(g, [(0, 0), (0, 1), (0, 1), (0, 0)])
+  taps = [[jax.lax.slice(gp, (0, ky, kx, 0), (n, ky + 2 * h - 1, kx + 2 * w - 1, d), (1, 2, 2, 1))
+           for kx in range(3)] for ky in range(3)]
+  return jnp.stack([jnp.stack(row, axis=3) for row in taps], axis=3)
+
+
+@jax.custom_vjp
+def conv_transpose_3x3s2(x: Array, kernel: Array) -> Array:
+  """Keras ``Conv2DTranspose(3, strides=2, padding="same")`` without bias: (N, H, W, in) → (N, 2H, 2W, out).
+
+  One matmul of the input with all nine taps, ``(N*H*W, in) @ (in, 9*out)`` (the transposed convolution's
+  exact FLOPs in one large matmul), then ``_col2im_3x3s2``. The result is float32 whatever the inputs'
+  dtype (the caller adds a bias before rounding). The backward pass is written out: it gathers the output
+  gradient into per-tap rows (``_im2col_3x3s2``) and does two matmuls; autodiff of the overlap-add would
+  materialize nine zero-padded copies of the per-tap gradient.
+  """
+  return _col2im_3x3s2(_dot(x, kernel, ((3,), (2,)), jnp.float32))
+
+
+def _conv_transpose_3x3s2_fwd(x: Array, kernel: Array) -> tuple[Array, tuple[Array, Array]]:
+  return conv_transpose_3x3s2(x, kernel), (x, kernel)
+
+
+def _conv_transpose_3x3s2_bwd(residuals: tuple[Array, Array], g: Array) -> tuple[Array, Array]:
+  x, kernel = residuals
+  dy = _im2col_3x3s2(g.astype(x.dtype), x.shape[1], x.shape[2])  # (N, H, W, 3, 3, out)
+  dx = _dot(dy, kernel, ((3, 4, 5), (0, 1, 3)), x.dtype)
+  dkernel = _dot(dy, x, ((0, 1, 2), (0, 1, 2)), kernel.dtype)  # (3, 3, out, in)
+  return dx, dkernel.transpose(0, 1, 3, 2)
+
+
+conv_transpose_3x3s2.defvjp(_conv_transpose_3x3s2_fwd, _conv_transpose_3x3s2_bwd)
 
 
 class ConvTranspose3x3s2(nn.Module):
@@ -131,7 +240,8 @@ class ConvTranspose3x3s2(nn.Module):
   Attributes:
     features: output channels.
     use_bias: add a bias (the tutorial's last layer does; the pix2pix blocks don't).
-    impl: "fast" (sub-pixel: 2x2 conv + depth-to-space) or "reference" (``lax.conv_transpose``).
+    impl: "fast" (``conv_transpose_3x3s2``: matmul + overlap-add, on CPU) or "reference" (input-dilated
+      ``lax.conv``).
   """
 
   features: int
@@ -144,21 +254,19 @@ class ConvTranspose3x3s2(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    _check_impl(self.impl)
     kernel = self.param("kernel", self.kernel_init, (3, 3, x.shape[-1], self.features), self.param_dtype)
     bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
-    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    dn = ("NHWC", "HWIO", "NHWC")
-    if self.impl == "reference":
-      # Transposed conv = input-dilated conv with the spatially flipped kernel; padding (2, 1) gives 2x size.
-      y = jax.lax.conv_general_dilated(
-          x, kernel[::-1, ::-1], window_strides=(1, 1), padding=[(2, 1), (2, 1)],
-          lhs_dilation=(2, 2), dimension_numbers=dn)
-    else:
-      y = jax.lax.conv_general_dilated(
-          x, _subpixel_kernel(kernel), window_strides=(1, 1), padding=[(1, 0), (1, 0)],
-          dimension_numbers=dn)
-      y = depth_to_space(y, 2)
-    if bias is not None:
-      y = y + bias
+    x, kernel, promoted_bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    if _use_cpu_formulation(self.impl):
+      # The bias is added to the float32 sums, so its gradient is summed in float32 too.
+      y = conv_transpose_3x3s2(x, kernel)
+      if bias is not None:
+        y = y + bias.astype(jnp.promote_types(bias.dtype, jnp.float32))
+      return y.astype(x.dtype)
+    # Transposed conv = input-dilated conv with the spatially flipped kernel; padding (2, 1) gives 2x size.
+    y = jax.lax.conv_general_dilated(
+        x, kernel[::-1, ::-1], window_strides=(1, 1), padding=[(2, 1), (2, 1)],
+        lhs_dilation=(2, 2), dimension_numbers=_NHWC)
+    if promoted_bias is not None:
+      y = y + promoted_bias
     return y

@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from petseg_jax.models.layers import DepthwiseConv3x3, keras_same_padding
+from petseg_jax.models.layers import Conv1x1, DepthwiseConv3x3, keras_same_padding
 
 Array = jax.Array
 
@@ -85,8 +85,9 @@ class MobileNetV2Encoder(nn.Module):
         use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
         dtype=self.dtype, axis_name=self.bn_axis_name if train else None, name=name)
 
-  def _conv1x1(self, features: int, name: str) -> nn.Conv:
-    return nn.Conv(features, (1, 1), use_bias=False, dtype=self.dtype, name=name)
+  def _conv1x1(self, features: int, name: str) -> Conv1x1:
+    # Same variables as nn.Conv(features, (1, 1), use_bias=False); computed as a matmul on CPU.
+    return Conv1x1(features, impl=self.impl, dtype=self.dtype, name=name)
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> dict[str, Array]:
