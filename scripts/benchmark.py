@@ -143,22 +143,28 @@ def device_description() -> str:
   return f"{device.platform}: {device.device_kind} x{jax.local_device_count()}"
 
 
-def time_steps(step: Callable[[], Any], warmup: int, steps: int) -> list[float]:
-  """Seconds of each of ``steps`` calls after ``warmup`` calls; ``step`` must block until its result exists."""
+def time_steps(step: Callable[[], Any], warmup: int, steps: int) -> tuple[list[float], list[float]]:
+  """Wall and process CPU seconds of each of ``steps`` calls after ``warmup`` calls.
+
+  ``step`` must block until its result exists. CPU time (all threads of this process) is reported beside
+  wall time because it is much less sensitive to other processes sharing the cores.
+  """
   for _ in range(warmup):
     step()
-  times = []
+  walls, cpus = [], []
   for _ in range(steps):
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     step()
-    times.append(time.perf_counter() - start)
-  return times
+    walls.append(time.perf_counter() - start)
+    cpus.append(time.process_time() - cpu_start)
+  return walls, cpus
 
 
-def summarize(times: list[float], batch_size: int) -> dict[str, float]:
-  median = statistics.median(times)
-  return {"step_ms_median": 1e3 * median, "step_ms_min": 1e3 * min(times), "step_ms_max": 1e3 * max(times),
-          "images_per_sec": batch_size / median}
+def summarize(times: tuple[list[float], list[float]], batch_size: int) -> dict[str, float]:
+  walls, cpus = times
+  median = statistics.median(walls)
+  return {"step_ms_median": 1e3 * median, "step_ms_min": 1e3 * min(walls), "step_ms_max": 1e3 * max(walls),
+          "images_per_sec": batch_size / median, "cpu_ms_median": 1e3 * statistics.median(cpus)}
 
 
 def xla_flops(compiled: Any) -> float | None:
@@ -174,6 +180,41 @@ def xla_flops(compiled: Any) -> float | None:
   return float(analysis["flops"])
 
 
+def profile_ops(step: Callable[[], Any], hlo_text: str, top: int) -> list[dict[str, Any]]:
+  """Runs ``step`` once under the JAX profiler; the ``top`` XLA ops by time, named by their JAX source op.
+
+  Independent ops may run concurrently on XLA:CPU, so the times of one step can add up to more than its
+  wall time; use them to rank, not to sum.
+  """
+  import collections
+  import glob
+  import gzip
+  import re
+
+  source = {}
+  for line in hlo_text.splitlines():
+    match = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = (\S+) ", line)
+    if match:
+      op_name = re.search(r'op_name="([^"]*)"', line)
+      source[match.group(1)] = (match.group(2), op_name.group(1) if op_name else "")
+  with tempfile.TemporaryDirectory(prefix="benchmark_trace_") as trace_dir:
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+      step()
+    trace_file = glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True)[0]
+    with gzip.open(trace_file) as f:
+      events = json.load(f)["traceEvents"]
+  totals: dict[str, float] = collections.defaultdict(float)
+  for event in events:
+    if event.get("ph") == "X" and event["name"] in source:
+      totals[event["name"]] += event["dur"] / 1e3
+  rows = []
+  for name, ms in sorted(totals.items(), key=lambda item: -item[1])[:top]:
+    shape, op_name = source[name]
+    rows.append({"op": name, "ms": round(ms, 2), "shape": shape, "source": op_name})
+    log(f"  {ms:8.1f} ms  {name[:28]:28s} {shape[:34]:34s} {op_name[-90:]}")
+  return rows
+
+
 def synthetic_batch(batch_size: int, image_size: int, num_classes: int, seed: int = 0
                     ) -> dict[str, np.ndarray]:
   rng = np.random.default_rng(seed)
@@ -182,6 +223,27 @@ def synthetic_batch(batch_size: int, image_size: int, num_classes: int, seed: in
 
 
 # --- JAX -------------------------------------------------------------------------------------------------
+
+
+def random_variables(model: Any, image_size: int, seed: int = 0) -> dict[str, Any]:
+  """Variables of ``model`` with He-normal kernels and identity BatchNorm, made on the host.
+
+  ``jax.eval_shape`` gives the variable tree without compiling ``model.init`` (which takes longer to
+  compile than the model's forward pass); speed does not depend on the values as long as they are finite.
+  """
+  shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.PRNGKey(0),
+                          jnp.zeros((1, image_size, image_size, 3), jnp.float32))
+  rng = np.random.default_rng(seed)
+
+  def make(path, leaf):
+    name = jax.tree_util.keystr(path)
+    if "kernel" in name:
+      fan_in = int(np.prod(leaf.shape[:-1])) if "depthwise" not in name else 9
+      return jnp.asarray(rng.normal(0.0, np.sqrt(2.0 / fan_in), leaf.shape), leaf.dtype)
+    one = "scale" in name or "var" in name
+    return jnp.full(leaf.shape, 1.0 if one else 0.0, leaf.dtype)
+
+  return jax.tree_util.tree_map_with_path(make, shapes)
 
 
 def bench_train(config: ml_collections.ConfigDict, args: argparse.Namespace) -> dict[str, Any]:
@@ -227,11 +289,14 @@ def bench_train(config: ml_collections.ConfigDict, args: argparse.Namespace) -> 
     stats = summarize(time_steps(step, args.warmup, args.steps), batch_size)
     stats["first_step_s"] = first_step_s
     stats["flops_per_image"] = flops / (batch_size // num_devices) if flops else None
+    if args.profile:
+      log(f"top {args.profile} XLA ops of one {name}-encoder step:")
+      stats["profile"] = profile_ops(step, compiled.as_text(), args.profile)
     results[name] = stats
     del holder, state
     log(f"JAX train ({name} encoder): {stats['images_per_sec']:.1f} img/s, step median "
-        f"{stats['step_ms_median']:.0f} ms (min {stats['step_ms_min']:.0f}, max {stats['step_ms_max']:.0f}), "
-        f"first step {first_step_s:.1f} s, "
+        f"{stats['step_ms_median']:.0f} ms (min {stats['step_ms_min']:.0f}, max {stats['step_ms_max']:.0f}; "
+        f"CPU {stats['cpu_ms_median']:.0f} ms), first step {first_step_s:.1f} s, "
         + (f"{stats['flops_per_image'] / 1e9:.2f} GFLOPs/image (XLA)" if flops else "FLOPs n/a"))
   main = results["frozen" if "frozen" in results else "finetune"]
   out = {"images_per_sec": main["images_per_sec"], "step_ms_median": main["step_ms_median"],
@@ -245,15 +310,18 @@ def bench_train(config: ml_collections.ConfigDict, args: argparse.Namespace) -> 
 
 
 def bench_infer(config: ml_collections.ConfigDict, args: argparse.Namespace) -> dict[str, Any]:
-  """Jitted ``model.apply(train=False)`` on one device."""
+  """Jitted ``model.apply(train=False)`` on one device, on variables as a checkpoint would give them.
+
+  The time to the first call counts tracing, compilation and the call, not ``model.init`` (prediction
+  restores variables instead of initializing them).
+  """
   from petseg_jax import models
 
   batch_size, size = config.train.batch_size, config.data.image_size
   start = time.perf_counter()
   model = models.create_model(config.model)
   images = jnp.asarray(synthetic_batch(batch_size, size, config.model.num_classes)["image"])
-  variables = jax.jit(functools.partial(model.init, train=False))(
-      jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3), jnp.float32))
+  variables = random_variables(model, size)
   apply = jax.jit(functools.partial(model.apply, train=False)).lower(variables, images).compile()
   flops = xla_flops(apply)
   step = lambda: jax.block_until_ready(apply(variables, images))
@@ -261,8 +329,11 @@ def bench_infer(config: ml_collections.ConfigDict, args: argparse.Namespace) -> 
   first_step_s = time.perf_counter() - start
   stats = summarize(time_steps(step, args.warmup, args.steps), batch_size)
   stats.update(compile_s=first_step_s, flops_per_image=flops / batch_size if flops else None)
-  log(f"JAX inference: {stats['images_per_sec']:.1f} img/s, step median {stats['step_ms_median']:.0f} ms, "
-      f"first call {first_step_s:.1f} s, "
+  if args.profile:
+    log(f"top {args.profile} XLA ops of one inference call:")
+    stats["profile"] = profile_ops(step, apply.as_text(), args.profile)
+  log(f"JAX inference: {stats['images_per_sec']:.1f} img/s, step median {stats['step_ms_median']:.0f} ms "
+      f"(CPU {stats['cpu_ms_median']:.0f} ms), first call {first_step_s:.1f} s, "
       + (f"{flops / batch_size / 1e9:.2f} GFLOPs/image (XLA)" if flops else "FLOPs n/a"))
   return stats
 
@@ -320,6 +391,9 @@ def bench_keras(config: ml_collections.ConfigDict, args: argparse.Namespace, mod
 
   batch_size, size = config.train.batch_size, config.data.image_size
   host = synthetic_batch(batch_size, size, config.model.num_classes)
+  if config.model.dtype == "bfloat16":
+    # The Keras counterpart of model.dtype="bfloat16": bfloat16 compute, float32 variables.
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
   start = time.perf_counter()
   model = keras_unet(config.model.alpha, size, config.model.num_classes,
                      decoder_filters=tuple(config.model.decoder_filters))
@@ -328,12 +402,13 @@ def bench_keras(config: ml_collections.ConfigDict, args: argparse.Namespace, mod
     model.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   metrics=["accuracy"])
     dataset = tf.data.Dataset.from_tensors((host["image"], host["mask"])).repeat()
-    ends: list[float] = []
+    ends: list[tuple[float, float]] = []
     timer = keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs: ends.append(
-        time.perf_counter()))
+        (time.perf_counter(), time.process_time())))
     model.fit(dataset, epochs=1, steps_per_epoch=1 + args.warmup + args.steps, callbacks=[timer], verbose=0)
-    first_step_s = ends[0] - start
-    times = list(np.diff(ends[args.warmup:]))
+    first_step_s = ends[0][0] - start
+    walls, cpus = (list(np.diff([end[i] for end in ends[args.warmup:]])) for i in (0, 1))
+    times = (walls, cpus)
   else:
     infer = tf.function(lambda x: model(x, training=False))
     images = tf.constant(host["image"])
@@ -344,8 +419,8 @@ def bench_keras(config: ml_collections.ConfigDict, args: argparse.Namespace, mod
   stats = summarize(times, batch_size)
   stats["first_step_s"] = first_step_s
   log(f"Keras {tf.__version__}/{keras.__version__} {'fit' if mode == 'train' else 'inference'}: "
-      f"{stats['images_per_sec']:.1f} img/s, step median {stats['step_ms_median']:.0f} ms, first step "
-      f"{first_step_s:.1f} s")
+      f"{stats['images_per_sec']:.1f} img/s, step median {stats['step_ms_median']:.0f} ms (CPU "
+      f"{stats['cpu_ms_median']:.0f} ms), first step {first_step_s:.1f} s")
   return stats
 
 
@@ -367,6 +442,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   parser.add_argument("--skip-finetune", action="store_true", help="train: time the frozen encoder only")
   parser.add_argument("--data-dir", default="", help="input: official-layout folder (default: shared "
                       "sample beside the repo, else the bundled one)")
+  parser.add_argument("--profile", type=int, default=0, metavar="N",
+                      help="train/infer: profile one more step and print its N most expensive XLA ops")
   parser.add_argument("--compare-keras", action="store_true", help="also time the Keras tutorial model")
   parser.add_argument("--json", action="store_true", help="only the JSON line on stdout (text to stderr)")
   args = parser.parse_args(argv)
@@ -396,6 +473,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result["keras_images_per_sec"] = keras_stats["images_per_sec"]
     result["keras_step_ms_median"] = keras_stats["step_ms_median"]
     result["keras_first_step_s"] = keras_stats["first_step_s"]
+    result["keras_cpu_ms_median"] = keras_stats["cpu_ms_median"]
     result["ratio"] = result["images_per_sec"] / keras_stats["images_per_sec"]
     result["peak_rss_mb_with_keras"] = peak_rss_mb()
     log(f"JAX / Keras images/s: {result['ratio']:.2f}")

@@ -1,0 +1,64 @@
+"""scripts/benchmark.py runs end to end at tiny sizes and ends with its JSON line (no timing assertions)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+import subprocess
+import sys
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = REPO_ROOT / "scripts" / "benchmark.py"
+BUNDLED_SAMPLE = REPO_ROOT / "petseg_jax" / "assets" / "pets_sample"
+TINY = ["--batch-size", "2", "--steps", "1", "--warmup", "0", "--set", "data.image_size=32",
+        "--set", "model.alpha=0.35", "--set", "model.decoder_filters=(8,8,8,8)"]
+KEYS = ("images_per_sec", "ratio", "step_ms_median", "compile_s", "peak_rss_mb", "device")
+
+
+def run_benchmark(*args: str) -> dict:
+  env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+  proc = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=300,
+                        env=env, cwd=REPO_ROOT)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  lines = proc.stdout.strip().splitlines()
+  result = json.loads(lines[-1])
+  for key in KEYS:
+    assert key in result, key
+  return result, lines
+
+
+def test_train():
+  # --skip-finetune: compiling the fine-tuning step would double this test's time; it is the same code path
+  # with frozen_encoder=False.
+  result, lines = run_benchmark("--mode", "train", "--skip-finetune", *TINY)
+  assert len(lines) > 1  # Human-readable lines come first without --json.
+  assert result["mode"] == "train" and result["batch_size"] == 2 and result["image_size"] == 32
+  assert result["images_per_sec"] > 0 and result["compile_s"] > 0 and result["peak_rss_mb"] > 0
+  assert set(result["variants"]) == {"frozen"}
+  assert result["flops_per_image"] > 0
+  assert result["ratio"] is None  # No --compare-keras.
+
+
+def test_infer_against_keras_json_only_with_profile():
+  result, lines = run_benchmark("--mode", "infer", "--compare-keras", "--json", "--profile", "3", *TINY)
+  assert len(lines) == 1  # --json: the JSON line alone on stdout.
+  assert result["mode"] == "infer" and result["images_per_sec"] > 0
+  assert result["keras_images_per_sec"] > 0
+  assert result["ratio"] == pytest.approx(result["images_per_sec"] / result["keras_images_per_sec"])
+  assert 0 < len(result["profile"]) <= 3 and all(row["ms"] >= 0 for row in result["profile"])
+
+
+def test_input_on_the_bundled_sample():
+  result, _ = run_benchmark("--mode", "input", "--batch-size", "8", "--steps", "1",
+                            "--set", "data.image_size=32", "--data-dir", str(BUNDLED_SAMPLE), "--json")
+  assert result["mode"] == "input" and result["images_per_sec"] > 0
+  assert result["first_epoch_images_per_sec"] > 0 and result["epoch_images"] % 8 == 0
+
+
+def test_bad_override_is_a_clear_error():
+  proc = subprocess.run([sys.executable, str(SCRIPT), "--set", "model.alhpa=1.0"], capture_output=True,
+                        text=True, timeout=120, cwd=REPO_ROOT)
+  assert proc.returncode != 0 and "config has no key 'model.alhpa'" in proc.stderr
