@@ -643,10 +643,16 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, ckpt: checkpoint.Ch
       train_metrics.flush(last_checkpoint())  # Also waits for the device: the epoch's time is complete.
       train_time += time.time() - epoch_start
       train_examples += (step - epoch_first_step) * config.train.batch_size
+      images_per_sec = train_examples / max(train_time, 1e-9)
       if is_eval_step(step):
-        evaluator(state, step, train_metrics.summary(), train_examples / max(train_time, 1e-9))
+        evaluator(state, step, train_metrics.summary(), images_per_sec)
         train_metrics.reset()
         train_time, train_examples = 0.0, 0
+      elif train_metrics.num_steps:
+        summary = train_metrics.summary()
+        logging.info("epoch %d/%d (step %d): train loss %.4f acc %.4f mIoU %.4f (since the last evaluation) "
+                     "| %.1f img/s", epoch + 1, num_epochs, step, summary["loss"], summary["pixel_accuracy"],
+                     summary["miou"], images_per_sec)
 
   save()
   writer.close()

@@ -16,12 +16,14 @@ import jax
 from jax.experimental.compilation_cache import compilation_cache
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from configs import synthetic
 from petseg_jax import checkpoint
 from petseg_jax import input_pipeline
 from petseg_jax import models
+from petseg_jax import optim
 from petseg_jax import train
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -322,3 +324,39 @@ def test_synthetic_training_reaches_high_miou(tmp_path):
   train.train_and_evaluate(config, tmp_path)
   (record,) = train.read_metrics(tmp_path)
   assert record["eval_miou"] > 0.8, record
+
+
+# --- schedule and optimizer -----------------------------------------------------------------------------
+
+def test_learning_rate_schedules():
+  config = tiny_config(learning_rate=0.01, warmup_steps=10)
+  constant = train.create_learning_rate_fn(config.train, 100)
+  np.testing.assert_allclose([constant(0), constant(5), constant(10), constant(99)], [0, 0.005, 0.01, 0.01],
+                             rtol=1e-6)
+  config.train.lr_schedule = "cosine"
+  cosine = train.create_learning_rate_fn(config.train, 100)
+  np.testing.assert_allclose([cosine(5), cosine(10), cosine(55), cosine(100)], [0.005, 0.01, 0.005, 0.0],
+                             rtol=1e-6, atol=1e-9)
+
+
+def test_unfrozen_group_starts_adam_afresh_at_the_multiplied_rate():
+  params = {"encoder": {"w": jnp.zeros(3)}, "decoder": {"w": jnp.zeros(3)}}
+  labels = optim.param_labels(params, ("encoder/.*",))
+  config = tiny_config(learning_rate=0.1, encoder_lr_multiplier=0.5)
+  tx = optim.create_optimizer(config.train, optax.constant_schedule(0.1), labels, freeze=True,
+                              unfreeze_step=3)
+  opt_state = tx.init(params)
+  grads = {"encoder": {"w": jnp.full(3, 4.0)}, "decoder": {"w": jnp.full(3, 4.0)}}
+  moved = []
+  for _ in range(4):
+    updates, opt_state = tx.update(grads, opt_state, params)
+    moved.append(float(updates["encoder"]["w"][0]))
+    params = optax.apply_updates(params, updates)
+  # Frozen for steps 0-2; at step 3 Adam's first (bias-corrected) step: -lr * multiplier * sign(g).
+  np.testing.assert_allclose(moved, [0, 0, 0, -0.05], rtol=1e-5)
+  np.testing.assert_allclose(params["decoder"]["w"], -0.4, rtol=1e-5)  # Four steps of -0.1.
+  # Keras' Adam epsilon and AdamW when weight_decay > 0.
+  assert optim.KERAS_ADAM["eps"] == 1e-7
+  decayed, _ = optim.keras_adam(0.1, 0.1).update(
+      {"w": jnp.zeros(1)}, optim.keras_adam(0.1, 0.1).init({"w": jnp.ones(1)}), {"w": jnp.ones(1)})
+  np.testing.assert_allclose(decayed["w"], -0.01, rtol=1e-5)  # -lr * weight_decay * param.
