@@ -39,6 +39,9 @@ def get_config() -> ml_collections.ConfigDict:
   model.freeze_encoder = True  # Encoder params and BatchNorm statistics frozen (Keras trainable=False).
   model.decoder_filters = (512, 256, 128, 64)
   model.dropout = 0.0
+  # "fast": XLA:CPU-friendly convolution formulations on CPU, plain lax ones elsewhere; "reference": plain lax
+  # everywhere. The same function either way (tests/test_models.py).
+  model.conv_impl = "fast"
   model.dtype = "float32"  # Compute dtype: "float32" or "bfloat16" (params and loss stay float32).
   model.init_from = ""  # Workdir or checkpoint dir of a previous run: load its parameters only.
 

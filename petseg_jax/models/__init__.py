@@ -22,7 +22,7 @@ def create_model(model_config: ml_collections.ConfigDict, bn_axis_name: str | No
       decoder_filters=tuple(model_config.decoder_filters),
       dropout=model_config.dropout,
       dtype=DTYPES[model_config.dtype],
-      impl=model_config.get("conv_impl", "fast"),
+      impl=model_config.conv_impl,
       bn_axis_name=bn_axis_name)
 
 
