@@ -215,6 +215,15 @@ def profile_ops(step: Callable[[], Any], hlo_text: str, top: int) -> list[dict[s
   return rows
 
 
+def matmul_peak_gflops(dtype: Any = jnp.float32, size: int = 4096, repeats: int = 3) -> float:
+  """The machine's matmul rate: best of ``repeats`` jitted ``size``^3 ``jnp.dot``s (float32 accumulation)."""
+  a = jnp.ones((size, size), dtype)
+  dot = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
+  jax.block_until_ready(dot(a, a))
+  best = min(time_steps(lambda: jax.block_until_ready(dot(a, a)), 0, repeats)[0])
+  return 2 * size ** 3 / best / 1e9
+
+
 def synthetic_batch(batch_size: int, image_size: int, num_classes: int, seed: int = 0
                     ) -> dict[str, np.ndarray]:
   rng = np.random.default_rng(seed)
@@ -445,6 +454,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   parser.add_argument("--profile", type=int, default=0, metavar="N",
                       help="train/infer: profile one more step and print its N most expensive XLA ops")
   parser.add_argument("--compare-keras", action="store_true", help="also time the Keras tutorial model")
+  parser.add_argument("--matmul-peak", action="store_true",
+                      help="also measure the machine's matmul rate and the fraction of it reached")
+  parser.add_argument("--malloc-tuning", action="store_true",
+                      help="restart with glibc malloc tunables that reuse freed memory (Linux; JAX and Keras "
+                      "both run under them)")
   parser.add_argument("--json", action="store_true", help="only the JSON line on stdout (text to stderr)")
   args = parser.parse_args(argv)
   if args.steps < 1 or args.warmup < 0:
@@ -454,9 +468,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   return args
 
 
+# glibc malloc settings that keep freed memory in the heap for reuse: XLA:CPU allocates every step's
+# activations afresh, and with the defaults each large buffer is a new mmap whose pages fault (and are zeroed
+# by the kernel) on first touch, which costs 20-35% of the time of memory-bound ops (see BENCHMARKS.md).
+MALLOC_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736:glibc.malloc.arena_max=1"
+
+
+def reexec_with_malloc_tunables() -> None:
+  """Restarts this process with ``MALLOC_TUNABLES`` (glibc reads them at start-up only)."""
+  if os.environ.get("GLIBC_TUNABLES") == MALLOC_TUNABLES or not sys.platform.startswith("linux"):
+    return
+  env = {**os.environ, "GLIBC_TUNABLES": MALLOC_TUNABLES}
+  sys.stdout.flush()
+  os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   global _log_stream
   args = parse_args(argv)
+  if args.malloc_tuning and argv is None:
+    reexec_with_malloc_tunables()
   if args.json:
     _log_stream = sys.stderr
   config = benchmark_config(args)
@@ -468,6 +499,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   bench = {"train": bench_train, "infer": bench_infer, "input": bench_input}[args.mode]
   result = bench(config, args)
   result["peak_rss_mb"] = peak_rss_mb()  # Before Keras runs (TensorFlow is imported by train.py anyway).
+  if args.matmul_peak and args.mode != "input":
+    result["matmul_peak_gflops"] = matmul_peak_gflops(
+        jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32)
+    if result.get("flops_per_image"):
+      achieved = result["flops_per_image"] * result["images_per_sec"] / 1e9
+      result["achieved_gflops"] = achieved
+      result["fraction_of_matmul_peak"] = achieved / result["matmul_peak_gflops"]
+      log(f"{achieved:.0f} GFLOP/s achieved; matmul peak ({config.model.dtype} 4096^3 jnp.dot) "
+          f"{result['matmul_peak_gflops']:.0f} GFLOP/s: {result['fraction_of_matmul_peak']:.0%} of it")
   if args.compare_keras:
     keras_stats = bench_keras(config, args, args.mode)
     result["keras_images_per_sec"] = keras_stats["images_per_sec"]
@@ -482,7 +522,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   result.update(mode=args.mode, device=device_description(), batch_size=config.train.batch_size,
                 image_size=config.data.image_size, alpha=config.model.alpha, dtype=config.model.dtype,
                 conv_impl=config.model.get("conv_impl", "fast"), jax_version=jax.__version__,
-                load_average_start=load_start, load_average_end=load_average())
+                malloc_tunables=os.environ.get("GLIBC_TUNABLES", ""), load_average_start=load_start,
+                load_average_end=load_average())
   print(json.dumps(result, default=float))
   return result
 

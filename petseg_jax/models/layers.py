@@ -182,13 +182,15 @@ def _col2im_3x3s2(y: Array) -> Array:
   tap ``k=2`` of row ``j-1``; row ``2j+1`` is tap ``k=1`` of row ``j``. The same holds for columns.
   """
   n, h, w, _, _, d = y.shape
-  # One zero row above and column left: yp[:, j] is row j-1 of y, yp[:, j+1] is row j.
-  yp = jnp.pad(y, [(0, 0), (1, 0), (1, 0), (0, 0), (0, 0), (0, 0)])
-  tap = lambda ky, kx, dj, dl: yp[:, 1 - dj:h + 1 - dj, 1 - dl:w + 1 - dl, ky, kx]  # dj, dl: 1 = previous.
-  even_even = tap(0, 0, 0, 0) + tap(2, 0, 1, 0) + tap(0, 2, 0, 1) + tap(2, 2, 1, 1)
-  even_odd = tap(0, 1, 0, 0) + tap(2, 1, 1, 0)
-  odd_even = tap(1, 0, 0, 0) + tap(1, 2, 0, 1)
-  odd_odd = tap(1, 1, 0, 0)
+  # Shifts by one row/column with a zero border, padded per tap: XLA fuses these into the sums (a padded
+  # copy of all of y would be materialized, and then read nine times).
+  from_above = lambda z: jnp.pad(z[:, :-1], [(0, 0), (1, 0), (0, 0), (0, 0)])  # [j] = z[j-1]
+  from_left = lambda z: jnp.pad(z[:, :, :-1], [(0, 0), (0, 0), (1, 0), (0, 0)])  # [l] = z[l-1]
+  tap = lambda ky, kx: y[:, :, :, ky, kx]
+  even_even = tap(0, 0) + from_above(tap(2, 0)) + from_left(tap(0, 2)) + from_above(from_left(tap(2, 2)))
+  even_odd = tap(0, 1) + from_above(tap(2, 1))
+  odd_even = tap(1, 0) + from_left(tap(1, 2))
+  odd_odd = tap(1, 1)
   out = jnp.stack([jnp.stack([even_even, even_odd], axis=3), jnp.stack([odd_even, odd_odd], axis=3)], axis=2)
   return out.reshape(n, 2 * h, 2 * w, d)  # (N, H, 2, W, 2, D): rows and columns interleaved.
 
@@ -196,11 +198,12 @@ def _col2im_3x3s2(y: Array) -> Array:
 def _im2col_3x3s2(g: Array, h: int, w: int) -> Array:
   """The transpose of ``_col2im_3x3s2``: (N, 2H, 2W, D) → (N, H, W, 3, 3, D), ``[j, l, ky, kx] = g[2j+ky, 2l+kx]``
   (zero where that is the cropped row ``2H`` or column ``2W``)."""
-  n, _, _, d = g.shape
-  gp = jnp.pad(g, [(0, 0), (0, 1), (0, 1), (0, 0)])
-  taps = [[jax.lax.slice(gp, (0, ky, kx, 0), (n, ky + 2 * h - 1, kx + 2 * w - 1, d), (1, 2, 2, 1))
-           for kx in range(3)] for ky in range(3)]
-  return jnp.stack([jnp.stack(row, axis=3) for row in taps], axis=3)
+
+  def tap(ky: int, kx: int) -> Array:
+    t = g[:, ky::2, kx::2]  # H (W) rows (columns), or one fewer for tap 2.
+    return jnp.pad(t, [(0, 0), (0, h - t.shape[1]), (0, w - t.shape[2]), (0, 0)])
+
+  return jnp.stack([jnp.stack([tap(ky, kx) for kx in range(3)], axis=3) for ky in range(3)], axis=3)
 
 
 @jax.custom_vjp
@@ -224,8 +227,9 @@ def _conv_transpose_3x3s2_bwd(residuals: tuple[Array, Array], g: Array) -> tuple
   x, kernel = residuals
   dy = _im2col_3x3s2(g.astype(x.dtype), x.shape[1], x.shape[2])  # (N, H, W, 3, 3, out)
   dx = _dot(dy, kernel, ((3, 4, 5), (0, 1, 3)), x.dtype)
-  dkernel = _dot(dy, x, ((0, 1, 2), (0, 1, 2)), kernel.dtype)  # (3, 3, out, in)
-  return dx, dkernel.transpose(0, 1, 3, 2)
+  # x as the left operand: XLA then transposes x for the matmul rather than the larger dy.
+  dkernel = _dot(x, dy, ((0, 1, 2), (0, 1, 2)), kernel.dtype)  # (in, 3, 3, out)
+  return dx, dkernel.transpose(1, 2, 0, 3)
 
 
 conv_transpose_3x3s2.defvjp(_conv_transpose_3x3s2_fwd, _conv_transpose_3x3s2_bwd)
