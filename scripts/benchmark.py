@@ -1,19 +1,21 @@
 """Benchmarks training, inference and the input pipeline, optionally against the Keras tutorial model.
 
-    python scripts/benchmark.py --mode train|infer|input [--batch-size 64] [--steps 10] [--warmup 2]
+    python scripts/benchmark.py --mode train|infer|input|layers [--batch-size 64] [--steps 10] [--warmup 2]
         [--config configs/default.py] [--set model.dtype=bfloat16 ...] [--compare-keras] [--json]
 
 By default it runs the tutorial model (configs/default.py: MobileNetV2 alpha 1.0, 128x128, frozen encoder,
 batch 64) with random weights on one fixed synthetic host batch, fed to every step as the training loop feeds
 its batches (the input pipeline is timed on its own by ``--mode input``). Every rate is the median over ``--steps`` timed steps after ``--warmup`` untimed ones.
 
-* ``train``: the project's real ``train.train_step`` (pmapped and donated as the training loop does) with the
+* ``train``: the project's real ``train.train_step`` (``train.pmapped_train_step``, as the loop uses it) with the
   encoder frozen and, unless ``--skip-finetune``, fine-tuning the whole network; time to the first
   finished step (initialization and compilation included); FLOPs per image from XLA's cost analysis.
 * ``infer``: the jitted ``model.apply(train=False)``.
 * ``input``: ``input_pipeline.TrainInput`` on real JPEGs (``--data-dir``, default the shared Oxford-IIIT
   Pet sample beside the repo, else the bundled one): the first epoch (decode + resize + cache) and later,
   cached epochs. The folder is prepared into a temporary tfds data dir, so the first epoch is a cold one.
+* ``layers``: forward and forward+backward time of each distinct convolution of the model that has a fast
+  formulation (``petseg_jax.models.layers``), "fast" against "reference", at the configured batch size.
 * ``--compare-keras``: the tutorial's Keras model (TensorFlow backend) at the same batch and image size in
   the same process: ``model.fit`` for ``train``, the compiled call (``tf.function``) for ``infer``.
 
@@ -29,6 +31,7 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import resource
 import statistics
 import sys
@@ -51,7 +54,7 @@ import numpy as np
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "default.py"
 SHARED_SAMPLE = REPO_ROOT.parent / "shared" / "data" / "oxford_iiit_pet_sample"
 BUNDLED_SAMPLE = REPO_ROOT / "petseg_jax" / "assets" / "pets_sample"
-MODES = ("train", "infer", "input")
+MODES = ("train", "infer", "input", "layers")
 
 _log_stream = sys.stdout
 
@@ -106,7 +109,7 @@ def benchmark_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
   for assignment in args.set:
     apply_override(config, assignment)
   if args.impl:
-    config.model.conv_impl = args.impl  # Read by models.create_model (default "fast").
+    config.model.conv_impl = args.impl
   return config
 
 
@@ -189,7 +192,6 @@ def profile_ops(step: Callable[[], Any], hlo_text: str, top: int) -> list[dict[s
   import collections
   import glob
   import gzip
-  import re
 
   source = {}
   for line in hlo_text.splitlines():
@@ -281,9 +283,7 @@ def bench_train(config: ml_collections.ConfigDict, args: argparse.Namespace) -> 
     state = train.create_train_state(init_rng, variant_config, model, learning_rate_fn, steps_per_epoch=100)
     state = jax_utils.replicate(state)
     dropout_rngs = jax_utils.replicate(dropout_rng)
-    # As train._train_and_evaluate builds its step: pmapped over local devices, the state donated.
-    p_step = jax.pmap(functools.partial(train.train_step, config=variant_config, frozen_encoder=frozen),
-                      axis_name=train.AXIS, donate_argnums=(0,))
+    p_step = train.pmapped_train_step(variant_config, frozen_encoder=frozen)  # The training loop's step.
     # Compiled ahead of time once: the same executable gives the cost analysis and runs the steps.
     compiled = p_step.lower(state, batch, dropout_rngs).compile()
     flops = xla_flops(compiled)
@@ -345,6 +345,75 @@ def bench_infer(config: ml_collections.ConfigDict, args: argparse.Namespace) -> 
       f"(CPU {stats['cpu_ms_median']:.0f} ms), first call {first_step_s:.1f} s, "
       + (f"{flops / batch_size / 1e9:.2f} GFLOPs/image (XLA)" if flops else "FLOPs n/a"))
   return stats
+
+
+def model_layers(config: ml_collections.ConfigDict) -> list[tuple[str, Any, tuple[int, ...]]]:
+  """(label, module, input shape) of the model's distinct convolutions that have a fast formulation."""
+  from petseg_jax.models import layers, mobilenet_v2
+
+  batch, size, alpha = config.train.batch_size, config.data.image_size, config.model.alpha
+  taps = jax.eval_shape(
+      lambda: mobilenet_v2.MobileNetV2Encoder(alpha).init_with_output(
+          jax.random.PRNGKey(0), jnp.zeros((batch, size, size, 3))))[0]
+  taps = [taps[name].shape for name in mobilenet_v2.TAP_NAMES]
+  out: list[tuple[str, Any, tuple[int, ...]]] = []
+  x = taps[-1]
+  for i, (features, skip) in enumerate(zip(config.model.decoder_filters, reversed(taps[:-1]))):
+    out.append((f"decoder/up_{i} conv_transpose", layers.ConvTranspose3x3s2(features), x))
+    x = (batch, 2 * x[1], 2 * x[2], features + skip[-1])
+  out.append(("decoder/last conv_transpose", layers.ConvTranspose3x3s2(config.model.num_classes, use_bias=True),
+              x))
+  seen = set()
+  spatial, in_channels = size // 2, mobilenet_v2.make_divisible(32 * alpha)
+  for block_id, expanded, out_channels, stride in mobilenet_v2.block_channels(alpha):
+    prefix = f"encoder/block_{block_id}" if block_id else "encoder/expanded_conv"
+    if block_id and ("expand", spatial, in_channels, expanded) not in seen:
+      seen.add(("expand", spatial, in_channels, expanded))
+      out.append((f"{prefix}_expand 1x1", layers.Conv1x1(expanded), (batch, spatial, spatial, in_channels)))
+    if ("depthwise", spatial, expanded, stride) not in seen:
+      seen.add(("depthwise", spatial, expanded, stride))
+      padded = spatial + (1 if stride == 2 else 0)  # MobileNetV2's correct_pad before stride 2.
+      out.append((f"{prefix}_depthwise s{stride}",
+                  layers.DepthwiseConv3x3(stride, "same" if stride == 1 else "valid"),
+                  (batch, padded, padded, expanded)))
+    spatial //= stride
+    if ("project", spatial, expanded, out_channels) not in seen:
+      seen.add(("project", spatial, expanded, out_channels))
+      out.append((f"{prefix}_project 1x1", layers.Conv1x1(out_channels), (batch, spatial, spatial, expanded)))
+    in_channels = out_channels
+  return out
+
+
+def bench_layers(config: ml_collections.ConfigDict, args: argparse.Namespace) -> dict[str, Any]:
+  """Forward and forward+backward time of each distinct fast-formulated layer, "fast" against "reference"."""
+  from petseg_jax.models import DTYPES
+
+  rows = []
+  total_fast = total_ref = 0.0
+  selected = [layer for layer in model_layers(config) if re.search(args.only, layer[0])]
+  if not selected:
+    raise SystemExit(f"--only {args.only!r} matches none of: {[label for label, _, _ in model_layers(config)]}")
+  for label, module, shape in selected:
+    x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, shape), jnp.float32)
+    row: dict[str, Any] = {"layer": label, "input": list(shape)}
+    for impl in ("fast", "reference"):
+      m = module.clone(impl=impl, dtype=DTYPES[config.model.dtype])
+      variables = m.init(jax.random.PRNGKey(0), x[:1])
+      forward = jax.jit(m.apply)
+      cotangent = jnp.ones(jax.eval_shape(forward, variables, x).shape, jnp.float32)
+      grads = jax.jit(jax.grad(lambda v, x: jnp.vdot(m.apply(v, x).astype(jnp.float32), cotangent),
+                               argnums=(0, 1)))
+      for name, fn in (("fwd", forward), ("fwd_bwd", grads)):
+        jax.block_until_ready(fn(variables, x))
+        walls, _ = time_steps(lambda: jax.block_until_ready(fn(variables, x)), 0, args.steps)
+        row[f"{impl}_{name}_ms"] = 1e3 * statistics.median(walls)
+    total_fast += row["fast_fwd_bwd_ms"]
+    total_ref += row["reference_fwd_bwd_ms"]
+    rows.append(row)
+    log(f"{label:36s} {str(tuple(shape)):22s} fast {row['fast_fwd_ms']:8.1f} / {row['fast_fwd_bwd_ms']:8.1f} ms"
+        f"   reference {row['reference_fwd_ms']:8.1f} / {row['reference_fwd_bwd_ms']:8.1f} ms  (fwd / fwd+bwd)")
+  return {"layers": rows, "images_per_sec": None, "step_ms_median": total_fast, "compile_s": None,
+          "reference_step_ms_median": total_ref}
 
 
 def bench_input(config: ml_collections.ConfigDict, args: argparse.Namespace) -> dict[str, Any]:
@@ -453,7 +522,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       "sample beside the repo, else the bundled one)")
   parser.add_argument("--profile", type=int, default=0, metavar="N",
                       help="train/infer: profile one more step and print its N most expensive XLA ops")
+  parser.add_argument("--only", default="", metavar="REGEX", help="layers: only layers whose label matches")
   parser.add_argument("--compare-keras", action="store_true", help="also time the Keras tutorial model")
+  parser.add_argument("--compilation-cache", default="", metavar="DIR",
+                      help="JAX persistent compilation cache directory (a warm one shortens the first step)")
   parser.add_argument("--matmul-peak", action="store_true",
                       help="also measure the machine's matmul rate and the fraction of it reached")
   parser.add_argument("--malloc-tuning", action="store_true",
@@ -463,7 +535,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   args = parser.parse_args(argv)
   if args.steps < 1 or args.warmup < 0:
     parser.error("--steps must be >= 1 and --warmup >= 0")
-  if args.compare_keras and args.mode == "input":
+  if args.compare_keras and args.mode not in ("train", "infer"):
     parser.error("--compare-keras applies to --mode train and infer")
   return args
 
@@ -491,12 +563,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   if args.json:
     _log_stream = sys.stderr
   config = benchmark_config(args)
+  if args.compilation_cache:
+    # JAX's persistent cache: a second run with the same shapes loads its executables instead of compiling.
+    jax.config.update("jax_compilation_cache_dir", args.compilation_cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   load_start = load_average()
   log(f"device: {device_description()}; jax {jax.__version__}; load average {load_start}")
   log(f"config: {args.config}; batch {config.train.batch_size}, {config.data.image_size}x"
       f"{config.data.image_size}, alpha {config.model.alpha}, dtype {config.model.dtype}, conv impl "
-      f"{config.model.get('conv_impl', 'fast')}")
-  bench = {"train": bench_train, "infer": bench_infer, "input": bench_input}[args.mode]
+      f"{config.model.conv_impl}")
+  bench = {"train": bench_train, "infer": bench_infer, "input": bench_input, "layers": bench_layers}[args.mode]
   result = bench(config, args)
   result["peak_rss_mb"] = peak_rss_mb()  # Before Keras runs (TensorFlow is imported by train.py anyway).
   if args.matmul_peak and args.mode != "input":
@@ -521,8 +597,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result["ratio"] = None
   result.update(mode=args.mode, device=device_description(), batch_size=config.train.batch_size,
                 image_size=config.data.image_size, alpha=config.model.alpha, dtype=config.model.dtype,
-                conv_impl=config.model.get("conv_impl", "fast"), jax_version=jax.__version__,
-                malloc_tunables=os.environ.get("GLIBC_TUNABLES", ""), load_average_start=load_start,
+                conv_impl=config.model.conv_impl, jax_version=jax.__version__,
+                malloc_tunables=os.environ.get("GLIBC_TUNABLES", ""),
+                compilation_cache=args.compilation_cache or None, load_average_start=load_start,
                 load_average_end=load_average())
   print(json.dumps(result, default=float))
   return result

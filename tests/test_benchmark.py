@@ -58,6 +58,14 @@ def test_input_on_the_bundled_sample():
   assert result["first_epoch_images_per_sec"] > 0 and result["epoch_images"] % 8 == 0
 
 
+def test_layers_fast_against_reference():
+  result, _ = run_benchmark("--mode", "layers", "--only", "up_0|block_1_depthwise", "--json", *TINY)
+  assert [row["layer"] for row in result["layers"]] == ["decoder/up_0 conv_transpose",
+                                                       "encoder/block_1_depthwise s2"]
+  for row in result["layers"]:
+    assert all(row[f"{impl}_{part}_ms"] > 0 for impl in ("fast", "reference") for part in ("fwd", "fwd_bwd"))
+
+
 def test_bad_override_is_a_clear_error():
   proc = subprocess.run([sys.executable, str(SCRIPT), "--set", "model.alhpa=1.0"], capture_output=True,
                         text=True, timeout=120, cwd=REPO_ROOT)
