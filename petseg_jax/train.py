@@ -73,11 +73,15 @@ def create_model(config: ml_collections.ConfigDict, bn_axis_name: str | None = A
   return models.create_model(config.model, bn_axis_name=bn_axis_name)
 
 
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _init(model: models.UNet, rng: jax.Array, image_size: int) -> dict[str, Any]:
+  # Module-level and keyed on the (hashable) model: equal models share one compiled initializer.
+  return model.init({"params": rng}, jnp.zeros((1, image_size, image_size, 3), jnp.float32), train=False)
+
+
 def initialized(rng: jax.Array, image_size: int, model: models.UNet) -> dict[str, Any]:
   """Randomly initialized ``{"params", "batch_stats"}``."""
-  init = jax.jit(functools.partial(model.init, train=False))
-  variables = init({"params": rng}, jnp.zeros((1, image_size, image_size, 3), jnp.float32))
-  return flax.core.unfreeze(variables)
+  return flax.core.unfreeze(_init(model, rng, image_size))
 
 
 def create_learning_rate_fn(train_config: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
