@@ -75,9 +75,9 @@ def _manager(directory: Path, *, best: bool, keep: int = 1, read_only: bool = Fa
       best_mode="max",
       keep_checkpoints_without_metrics=not best,
       # Readers neither create nor clean up: evaluating a workdir must not change it. (Orbax's read_only
-      # mode does the same but warns on every open.)
+      # mode does the same but warns on every open.) Writers clean up synchronously first
+      # (_remove_partial_writes) rather than in Orbax's background thread.
       create=not read_only,
-      cleanup_tmp_directories=not read_only,
       todelete_subdir=None if read_only else TRASH_DIR,
       # Synchronous writes: the train step donates the state buffers, and a save costs little next to
       # an epoch; the checkpoint is complete when save() returns.
@@ -89,6 +89,13 @@ def _empty_trash(manager: ocp.CheckpointManager) -> None:
   shutil.rmtree(Path(manager.directory) / TRASH_DIR, ignore_errors=True)
 
 
+def _remove_partial_writes(directory: Path) -> None:
+  """Deletes the temporary directories of saves a killed process never finished (never restorable)."""
+  if directory.is_dir():
+    for temporary in ocp.utils.tmp_checkpoints(directory.absolute()):
+      shutil.rmtree(temporary.get(), ignore_errors=True)
+
+
 class Checkpointer:
   """The two managers of a training run: periodic/final (last K) and best by ``eval_miou``."""
 
@@ -96,6 +103,8 @@ class Checkpointer:
     if keep < 1:
       raise CheckpointError(f"config.train.keep_checkpoints={keep}; it must be >= 1.")
     self.workdir = Path(workdir)
+    for directory in (LATEST_DIR, BEST_DIR):
+      _remove_partial_writes(self.workdir / directory)
     self.latest = _manager(self.workdir / LATEST_DIR, best=False, keep=keep)
     self.best = _manager(self.workdir / BEST_DIR, best=True)
     for manager in (self.latest, self.best):

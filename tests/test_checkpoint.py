@@ -90,13 +90,12 @@ def test_partially_written_checkpoint_is_never_restored(tmp_path):
   (partial / "default" / "garbage").write_bytes(b"\0" * 10)
   assert checkpoint.available_steps(tmp_path) == [1]
   assert checkpoint.restore(tmp_path, "latest", template).step == 1
-  # The next training process resumes from step 1 and cleans the leftover up (in the background; its
-  # first save waits for that).
+  # The next training process removes the leftover as it opens the workdir and resumes from step 1.
   ckpt = checkpoint.Checkpointer(tmp_path, keep=3)
+  assert not partial.exists()
   assert ckpt.latest_step() == 1
   ckpt.save(_stepped(template, 2))
   ckpt.close()
-  assert not partial.exists()
   assert checkpoint.available_steps(tmp_path) == [1, 2]
 
 
