@@ -76,7 +76,7 @@ def _manager(directory: Path, *, best: bool, keep: int = 1, read_only: bool = Fa
       keep_checkpoints_without_metrics=not best,
       # Readers neither create nor clean up: evaluating a workdir must not change it. (Orbax's read_only
       # mode does the same but warns on every open.) Writers clean up synchronously first
-      # (_remove_partial_writes) rather than in Orbax's background thread.
+      # (_remove_leftovers) rather than in Orbax's background thread.
       create=not read_only,
       todelete_subdir=None if read_only else TRASH_DIR,
       # Synchronous writes: the train step donates the state buffers, and a save costs little next to
@@ -85,15 +85,16 @@ def _manager(directory: Path, *, best: bool, keep: int = 1, read_only: bool = Fa
   return ocp.CheckpointManager(directory.absolute(), options=options)
 
 
-def _empty_trash(manager: ocp.CheckpointManager) -> None:
-  shutil.rmtree(Path(manager.directory) / TRASH_DIR, ignore_errors=True)
+def _empty_trash(directory: Path) -> None:
+  shutil.rmtree(directory / TRASH_DIR, ignore_errors=True)
 
 
-def _remove_partial_writes(directory: Path) -> None:
-  """Deletes the temporary directories of saves a killed process never finished (never restorable)."""
+def _remove_leftovers(directory: Path) -> None:
+  """Deletes what a killed process left: unfinished saves (never restorable) and unfinished deletions."""
   if directory.is_dir():
     for temporary in ocp.utils.tmp_checkpoints(directory.absolute()):
       shutil.rmtree(temporary.get(), ignore_errors=True)
+    _empty_trash(directory)
 
 
 class Checkpointer:
@@ -104,11 +105,9 @@ class Checkpointer:
       raise CheckpointError(f"config.train.keep_checkpoints={keep}; it must be >= 1.")
     self.workdir = Path(workdir)
     for directory in (LATEST_DIR, BEST_DIR):
-      _remove_partial_writes(self.workdir / directory)
+      _remove_leftovers(self.workdir / directory)
     self.latest = _manager(self.workdir / LATEST_DIR, best=False, keep=keep)
     self.best = _manager(self.workdir / BEST_DIR, best=True)
-    for manager in (self.latest, self.best):
-      _empty_trash(manager)
 
   def latest_step(self) -> int | None:
     return self.latest.latest_step()
@@ -125,7 +124,7 @@ class Checkpointer:
     _check_finite(tree, step)
     if step not in self.latest.all_steps():
       self.latest.save(step, args=ocp.args.StandardSave(tree), force=True)
-      _empty_trash(self.latest)
+      _empty_trash(self.workdir / LATEST_DIR)
     return step
 
   def save_best(self, state: Any, miou: float) -> None:
@@ -136,7 +135,7 @@ class Checkpointer:
     if step not in self.best.all_steps():
       self.best.save(step, args=ocp.args.StandardSave(tree), metrics={BEST_METRIC: float(miou)},
                      force=True)
-      _empty_trash(self.best)
+      _empty_trash(self.workdir / BEST_DIR)
 
   def restore_latest(self, target_state: Any) -> Any:
     return _restore_into(self.latest, self.latest.latest_step(), target_state)

@@ -7,8 +7,8 @@ no test hook lives in the training code. A fault fires once, at the first event 
   "batch"           the training loop takes the batch of step ``step`` (``step - 1`` steps are done);
   "ckpt_created"    Orbax created the temporary directory of checkpoint ``dir/step`` (nothing written yet);
   "ckpt_finalize"   every file of checkpoint ``dir/step`` is written, the atomic rename is next;
-  "ckpt_delete"     an old checkpoint ``dir/step`` is being deleted: deleted in place, one of its files is
-                    gone; moved away first (Orbax's ``todelete_subdir``), the move is done;
+  "ckpt_delete"     an old checkpoint ``dir/step`` is being deleted: deleted in place, the files of its
+                    arrays are gone; moved away first (Orbax's ``todelete_subdir``), the move is done;
   "metrics_write"   the metrics record of step ``step`` is being appended (half of its line is on disk).
 
 ``dir`` is "checkpoints" or "checkpoints_best". The action ``do`` is "kill" (SIGKILL: no handler, no
@@ -127,8 +127,9 @@ def install(spec: dict[str, Any]) -> None:
       result = delete_fn(self, path, **kwargs)  # A rename out of the way: atomic; die right after it.
       fault.fire()
       return result
-    files = sorted(p for p in Path(str(path)).rglob("*") if p.is_file())
-    files[0].unlink()  # In-place deletion under way: the directory is no longer a complete checkpoint.
+    # In-place deletion under way: the arrays ("default" item) are gone, the step directory is still there.
+    for file in sorted(p for p in (Path(str(path)) / "default").rglob("*") if p.is_file()):
+      file.unlink()
     fault.fire()
 
   deleter.PathDeleter.delete = delete
