@@ -7,6 +7,10 @@ the same global batch. Metrics are summed confusion matrices, exact over a split
 
 The workdir receives config.json, checkpoints/ and checkpoints_best/ (see ``checkpoint.py``),
 metrics.jsonl (one JSON object per evaluation), TensorBoard event files and figures/.
+
+TensorFlow (tf.data, event files) is imported where a run reads data or writes summaries, not at the top:
+the model, state and step functions then import on accelerator hosts that have JAX but no TensorFlow
+(``scripts/benchmark.py`` runs there).
 """
 
 from __future__ import annotations
@@ -34,18 +38,15 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import tensorflow as tf
 import tqdm
 
 from petseg_jax import checkpoint
-from petseg_jax import input_pipeline
 from petseg_jax import losses
 from petseg_jax import metrics as metrics_lib
 from petseg_jax import models
 from petseg_jax import optim
 from petseg_jax import plots
 from petseg_jax import weights
-from tensorflow.core.framework import summary_pb2
 
 AXIS = "batch"  # pmap axis name; also the UNet's BatchNorm axis.
 METRICS_FILE = "metrics.jsonl"
@@ -240,6 +241,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
 
   Run before anything is written, so that a typo costs seconds and leaves no workdir behind.
   """
+  from petseg_jax import input_pipeline  # pylint: disable=g-import-not-at-top  # TensorFlow: see top.
   input_pipeline.check_data_config(config.data)
   model, tc = config.model, config.train
   if model.num_classes != len(metrics_lib.CLASS_NAMES):
@@ -290,16 +292,19 @@ class SummaryWriter:
   same event records (a tensor summary tagged for the "scalars" plugin) through ``tf.summary.write``.
   """
 
-  _METADATA = summary_pb2.SummaryMetadata(
-      plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"),
-      data_class=summary_pb2.DATA_CLASS_SCALAR)
-
   def __init__(self, logdir: str | os.PathLike):
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top  # See the module docstring.
+    from tensorflow.core.framework import summary_pb2  # pylint: disable=g-import-not-at-top
+    self._tf = tf
+    self._metadata = summary_pb2.SummaryMetadata(
+        plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"),
+        data_class=summary_pb2.DATA_CLASS_SCALAR)
     self._writer = tf.summary.create_file_writer(str(logdir))
 
   def scalar(self, tag: str, value: float, step: int) -> None:
+    tf = self._tf
     with self._writer.as_default():
-      tf.summary.write(tag, tf.constant(value, tf.float32), step=step, metadata=self._METADATA)
+      tf.summary.write(tag, tf.constant(value, tf.float32), step=step, metadata=self._metadata)
 
   def flush(self) -> None:
     self._writer.flush()
@@ -520,6 +525,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   elif config.model.init_from:
     init_from = checkpoint.restore_variables(config.model.init_from, "latest")  # Fails fast if missing.
 
+  from petseg_jax import input_pipeline  # pylint: disable=g-import-not-at-top  # TensorFlow: see top.
   train_input = input_pipeline.TrainInput(config.data, config.train.batch_size, seed=config.seed,
                                           num_devices=num_devices)
   eval_input = input_pipeline.EvalInput(config.data, config.data.eval_split, config.train.batch_size,

@@ -16,8 +16,9 @@ its batches (the input pipeline is timed on its own by ``--mode input``). Every 
   cached epochs. The folder is prepared into a temporary tfds data dir, so the first epoch is a cold one.
 * ``layers``: forward and forward+backward time of each distinct convolution of the model that has a fast
   formulation (``petseg_jax.models.layers``), "fast" against "reference", at the configured batch size.
-* ``--compare-keras``: the tutorial's Keras model (TensorFlow backend) at the same batch and image size in
-  the same process: ``model.fit`` for ``train``, the compiled call (``tf.function``) for ``infer``.
+* ``--compare-keras``: the tutorial's Keras model (TensorFlow backend; ``KERAS_BACKEND=jax`` where TensorFlow
+  is absent) at the same batch and image size in the same process: ``model.fit`` for ``train``, the compiled
+  call (``tf.function``; ``jax.jit`` of ``stateless_call`` on JAX) for ``infer``.
 
 Human-readable lines go to stdout (stderr with ``--json``); the last stdout line is always one JSON object.
 """
@@ -28,6 +29,7 @@ import argparse
 import ast
 import functools
 import importlib.util
+import itertools
 import json
 import os
 import platform
@@ -120,6 +122,13 @@ def peak_rss_mb() -> float:
   """Peak resident set size of this process so far (Linux reports KiB, macOS bytes)."""
   peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
   return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def peak_device_memory_mb() -> float | None:
+  """Peak memory in use on the first accelerator so far (None on CPU, where peak_rss_mb says it)."""
+  device = jax.local_devices()[0]
+  stats = device.memory_stats() if device.platform != "cpu" else None
+  return stats["peak_bytes_in_use"] / 2**20 if stats and "peak_bytes_in_use" in stats else None
 
 
 def load_average() -> float | None:
@@ -461,17 +470,26 @@ def bench_input(config: ml_collections.ConfigDict, args: argparse.Namespace) -> 
 
 
 def bench_keras(config: ml_collections.ConfigDict, args: argparse.Namespace, mode: str) -> dict[str, Any]:
-  """The tutorial's Keras model: ``model.fit`` steps (train) or its compiled call (infer)."""
-  import tensorflow as tf
-  tf.config.set_visible_devices([], "GPU")
+  """The tutorial's Keras model: ``model.fit`` steps (train) or its compiled call (infer).
+
+  The backend is Keras' own choice (``KERAS_BACKEND``, TensorFlow by default, as in the tutorial). Where
+  TensorFlow cannot be installed (an accelerator host with JAX alone) ``KERAS_BACKEND=jax`` runs the same
+  Keras model and ``fit`` on JAX; the JSON records which backend ran.
+  """
   import keras
   from petseg_jax.keras_reference import keras_unet
 
+  backend = keras.backend.backend()
+  if backend == "tensorflow":
+    import tensorflow as tf
+    for gpu in tf.config.list_physical_devices("GPU"):
+      tf.config.experimental.set_memory_growth(gpu, True)  # Leave the device memory JAX has not taken.
+
   batch_size, size = config.train.batch_size, config.data.image_size
   host = synthetic_batch(batch_size, size, config.model.num_classes)
-  if config.model.dtype == "bfloat16":
-    # The Keras counterpart of model.dtype="bfloat16": bfloat16 compute, float32 variables.
-    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+  # The Keras counterpart of model.dtype="bfloat16": bfloat16 compute, float32 variables. Set either way, as
+  # the policy is global and main() may run more than once in a process.
+  keras.mixed_precision.set_global_policy("mixed_bfloat16" if config.model.dtype == "bfloat16" else "float32")
   start = time.perf_counter()
   model = keras_unet(config.model.alpha, size, config.model.num_classes,
                      decoder_filters=tuple(config.model.decoder_filters))
@@ -479,7 +497,10 @@ def bench_keras(config: ml_collections.ConfigDict, args: argparse.Namespace, mod
     # The tutorial's compile(); one batch repeated, like the JAX side's batch held on the device.
     model.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   metrics=["accuracy"])
-    dataset = tf.data.Dataset.from_tensors((host["image"], host["mask"])).repeat()
+    if backend == "tensorflow":
+      dataset = tf.data.Dataset.from_tensors((host["image"], host["mask"])).repeat()
+    else:  # The same batch again and again, as a Python generator (Keras' backend-neutral input).
+      dataset = (batch for batch in itertools.repeat((host["image"], host["mask"])))
     ends: list[tuple[float, float]] = []
     timer = keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs: ends.append(
         (time.perf_counter(), time.process_time())))
@@ -488,15 +509,24 @@ def bench_keras(config: ml_collections.ConfigDict, args: argparse.Namespace, mod
     walls, cpus = (list(np.diff([end[i] for end in ends[args.warmup:]])) for i in (0, 1))
     times = (walls, cpus)
   else:
-    infer = tf.function(lambda x: model(x, training=False))
-    images = tf.constant(host["image"])
-    step = lambda: infer(images).numpy()
+    if backend == "tensorflow":
+      infer = tf.function(lambda x: model(x, training=False))
+      images = tf.constant(host["image"])
+      step = lambda: infer(images).numpy()
+    else:  # The jitted stateless call on device-resident inputs, as the JAX side is timed.
+      call = jax.jit(lambda trainable, non_trainable, x: model.stateless_call(
+          trainable, non_trainable, x, training=False)[0])
+      trainable = [v.value for v in model.trainable_variables]
+      non_trainable = [v.value for v in model.non_trainable_variables]
+      images = jnp.asarray(host["image"])
+      step = lambda: jax.block_until_ready(call(trainable, non_trainable, images))
     step()
     first_step_s = time.perf_counter() - start
     times = time_steps(step, args.warmup, args.steps)
   stats = summarize(times, batch_size)
   stats["first_step_s"] = first_step_s
-  log(f"Keras {tf.__version__}/{keras.__version__} {'fit' if mode == 'train' else 'inference'}: "
+  stats["backend"] = backend
+  log(f"Keras {keras.__version__} ({backend} backend) {'fit' if mode == 'train' else 'inference'}: "
       f"{stats['images_per_sec']:.1f} img/s, step median {stats['step_ms_median']:.0f} ms (CPU "
       f"{stats['cpu_ms_median']:.0f} ms), first step {first_step_s:.1f} s")
   return stats
@@ -574,7 +604,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
       f"{config.model.conv_impl}")
   bench = {"train": bench_train, "infer": bench_infer, "input": bench_input, "layers": bench_layers}[args.mode]
   result = bench(config, args)
-  result["peak_rss_mb"] = peak_rss_mb()  # Before Keras runs (TensorFlow is imported by train.py anyway).
+  result["peak_rss_mb"] = peak_rss_mb()  # Before Keras runs.
+  result["peak_device_memory_mb"] = peak_device_memory_mb()
   if args.matmul_peak and args.mode != "input":
     result["matmul_peak_gflops"] = matmul_peak_gflops(
         jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32)
@@ -590,6 +621,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result["keras_step_ms_median"] = keras_stats["step_ms_median"]
     result["keras_first_step_s"] = keras_stats["first_step_s"]
     result["keras_cpu_ms_median"] = keras_stats["cpu_ms_median"]
+    result["keras_backend"] = keras_stats["backend"]
     result["ratio"] = result["images_per_sec"] / keras_stats["images_per_sec"]
     result["peak_rss_mb_with_keras"] = peak_rss_mb()
     log(f"JAX / Keras images/s: {result['ratio']:.2f}")
