@@ -39,6 +39,7 @@ def get_config() -> ml_collections.ConfigDict:
   model.freeze_encoder = True  # Encoder params and BatchNorm statistics frozen (Keras trainable=False).
   model.decoder_filters = (512, 256, 128, 64)
   model.dropout = 0.0
+  model.decoder_bn_momentum = 0.99  # Keras' default; lower (0.9) lets short runs' eval statistics keep up.
   # "fast": XLA:CPU-friendly convolution formulations on CPU, plain lax ones elsewhere; "reference": plain lax
   # everywhere. The same function either way (tests/test_models.py).
   model.conv_impl = "fast"

@@ -85,6 +85,34 @@ def test_conv_transpose_equals_reference(shape, features, use_bias):
   _assert_same_function(fast, ref, variables, x)
 
 
+def test_conv_transpose_on_channel_blocks_equals_concatenation_and_skips_dead_gradients():
+  """``(upsampled, skip)`` as two blocks: the function of their concatenation, forward and gradients; and
+  with the skip behind stop_gradient (a frozen encoder) its input-gradient matmul is gone from the program."""
+  a, b = _random((2, 8, 8, 16), 8), _random((2, 8, 8, 32), 9)
+  fast = ConvTranspose3x3s2(8, use_bias=True, impl="fast", bias_init=nn.initializers.normal(1.0))
+  ref = ConvTranspose3x3s2(8, use_bias=True, impl="reference")
+  variables = fast.init(jax.random.key(3), (a, b))
+  assert variables["params"]["kernel"].shape == (3, 3, 48, 8)
+  concatenated = jnp.concatenate([a, b], axis=-1)
+  loss = lambda module, v, a, b: jnp.sum(jnp.sin(module.apply(v, (a, b))))
+  ref_loss = lambda v, a, b: jnp.sum(jnp.sin(ref.apply(v, jnp.concatenate([a, b], axis=-1))))
+  assert relative_error(fast.apply(variables, (a, b)), ref.apply(variables, concatenated)) < 1e-5
+  assert relative_error(ref.apply(variables, (a, b)), ref.apply(variables, concatenated)) < 1e-6
+  expected = jax.grad(ref_loss, argnums=(0, 1, 2))(variables, a, b)
+  got = jax.grad(functools.partial(loss, fast), argnums=(0, 1, 2))(variables, a, b)
+  for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+    assert relative_error(x, y) < 1e-5
+
+  def compiled_flops(f):
+    cost = jax.jit(f).lower(variables, a, b).compile().cost_analysis()
+    return (cost[0] if isinstance(cost, list) else cost)["flops"]
+
+  all_grads = jax.grad(functools.partial(loss, fast), argnums=(0, 1, 2))
+  skip_frozen = jax.grad(lambda v, a, b: loss(fast, v, a, jax.lax.stop_gradient(b)), argnums=(0, 1))
+  skip_input_gradient = 2 * 2 * 8 * 8 * (9 * 8) * 32  # (N*H*W, 9*out) @ (9*out, 32)
+  assert compiled_flops(all_grads) - compiled_flops(skip_frozen) >= skip_input_gradient
+
+
 def test_conv_transpose_matches_a_direct_scatter():
   """Independent of lax: out[2m + ky, 2l + kx] += x[m, l] @ kernel[ky, kx], cropped to 2H x 2W."""
   x, kernel = _random((1, 3, 2, 4), 6), _random((3, 3, 4, 5), 7)

@@ -23,7 +23,8 @@ def create_model(model_config: ml_collections.ConfigDict, bn_axis_name: str | No
       dropout=model_config.dropout,
       dtype=DTYPES[model_config.dtype],
       impl=model_config.conv_impl,
-      bn_axis_name=bn_axis_name)
+      bn_axis_name=bn_axis_name,
+      decoder_bn_momentum=model_config.decoder_bn_momentum)
 
 
 __all__ = [

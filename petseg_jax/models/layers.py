@@ -24,7 +24,7 @@ in this project, which had no GPU).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -197,39 +197,69 @@ def _col2im_3x3s2(y: Array) -> Array:
 
 def _im2col_3x3s2(g: Array, h: int, w: int) -> Array:
   """The transpose of ``_col2im_3x3s2``: (N, 2H, 2W, D) → (N, H, W, 3, 3, D), ``[j, l, ky, kx] = g[2j+ky, 2l+kx]``
-  (zero where that is the cropped row ``2H`` or column ``2W``)."""
+  (zero where that is the cropped row ``2H`` or column ``2W``).
+
+  Taps 0 and 1 are the even and odd rows (columns) of a reshape; tap 2 is tap 0 of the next row (column).
+  """
+  n, _, _, d = g.shape
+  g = g.reshape(n, h, 2, w, 2, d)
+  next_row = lambda z: jnp.pad(z[:, 1:], [(0, 0), (0, 1), (0, 0), (0, 0)])  # [j] = z[j+1]
+  next_col = lambda z: jnp.pad(z[:, :, 1:], [(0, 0), (0, 0), (0, 1), (0, 0)])  # [l] = z[l+1]
 
   def tap(ky: int, kx: int) -> Array:
-    t = g[:, ky::2, kx::2]  # H (W) rows (columns), or one fewer for tap 2.
-    return jnp.pad(t, [(0, 0), (0, h - t.shape[1]), (0, w - t.shape[2]), (0, 0)])
+    t = g[:, :, ky % 2, :, kx % 2]
+    t = next_row(t) if ky == 2 else t
+    return next_col(t) if kx == 2 else t
 
   return jnp.stack([jnp.stack([tap(ky, kx) for kx in range(3)], axis=3) for ky in range(3)], axis=3)
 
 
+def _channel_concat(parts: tuple[Array, ...]) -> Array:
+  return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
+
+
 @jax.custom_vjp
-def conv_transpose_3x3s2(x: Array, kernel: Array) -> Array:
+def conv_transpose_3x3s2(parts: tuple[Array, ...], kernel: Array) -> Array:
   """Keras ``Conv2DTranspose(3, strides=2, padding="same")`` without bias: (N, H, W, in) → (N, 2H, 2W, out).
 
-  One matmul of the input with all nine taps, ``(N*H*W, in) @ (in, 9*out)`` (the transposed convolution's
-  exact FLOPs in one large matmul), then ``_col2im_3x3s2``. The result is float32 whatever the inputs'
-  dtype (the caller adds a bias before rounding). The backward pass is written out: it gathers the output
-  gradient into per-tap rows (``_im2col_3x3s2``) and does two matmuls; autodiff of the overlap-add would
-  materialize nine zero-padded copies of the per-tap gradient.
+  ``parts`` are the input's channel blocks, in order (a U-Net decoder's upsampled features and encoder
+  skip); the input is their concatenation. One matmul of the input with all nine taps,
+  ``(N*H*W, in) @ (in, 9*out)`` (the transposed convolution's exact FLOPs in one large matmul), then
+  ``_col2im_3x3s2``. The result is float32 whatever the inputs' dtype (the caller adds a bias before
+  rounding).
+
+  The backward pass is written out: it gathers the output gradient into per-tap rows
+  (``_im2col_3x3s2``) and does two matmuls per part. Autodiff of the overlap-add would materialize nine
+  zero-padded copies of the per-tap gradient; and one input-gradient matmul per part means that the
+  gradient of a part nobody differentiates (the skip of a frozen encoder, behind ``stop_gradient``) is dead
+  code that XLA removes, instead of a slice of one large matmul that it computes in full.
   """
-  return _col2im_3x3s2(_dot(x, kernel, ((3,), (2,)), jnp.float32))
+  return _col2im_3x3s2(_dot(_channel_concat(parts), kernel, ((3,), (2,)), jnp.float32))
 
 
-def _conv_transpose_3x3s2_fwd(x: Array, kernel: Array) -> tuple[Array, tuple[Array, Array]]:
-  return conv_transpose_3x3s2(x, kernel), (x, kernel)
+def _conv_transpose_3x3s2_fwd(parts: tuple[Array, ...], kernel: Array
+                              ) -> tuple[Array, tuple[tuple[Array, ...], Array]]:
+  return conv_transpose_3x3s2(parts, kernel), (parts, kernel)
 
 
-def _conv_transpose_3x3s2_bwd(residuals: tuple[Array, Array], g: Array) -> tuple[Array, Array]:
-  x, kernel = residuals
-  dy = _im2col_3x3s2(g.astype(x.dtype), x.shape[1], x.shape[2])  # (N, H, W, 3, 3, out)
-  dx = _dot(dy, kernel, ((3, 4, 5), (0, 1, 3)), x.dtype)
-  # x as the left operand: XLA then transposes x for the matmul rather than the larger dy.
-  dkernel = _dot(x, dy, ((0, 1, 2), (0, 1, 2)), kernel.dtype)  # (in, 3, 3, out)
-  return dx, dkernel.transpose(1, 2, 0, 3)
+def _conv_transpose_3x3s2_bwd(residuals: tuple[tuple[Array, ...], Array], g: Array
+                              ) -> tuple[tuple[Array, ...], Array]:
+  parts, kernel = residuals
+  _, h, w, _ = parts[0].shape
+  dy = _im2col_3x3s2(g.astype(parts[0].dtype), h, w)  # (N, H, W, 3, 3, out)
+  dparts, dkernels, start = [], [], 0
+  for part in parts:
+    part_kernel = kernel[:, :, start:start + part.shape[-1]]
+    start += part.shape[-1]
+    dparts.append(_dot(dy, part_kernel, ((3, 4, 5), (0, 1, 3)), part.dtype))
+    # The kernel gradient contracts over all pixels, and XLA transposes its left operand for the matmul:
+    # put the narrower of the part and dy there (the part in the pix2pix blocks, dy in the last layer).
+    if part.shape[-1] <= dy.shape[3] * dy.shape[4] * dy.shape[5]:
+      dkernel = _dot(part, dy, ((0, 1, 2), (0, 1, 2)), kernel.dtype).transpose(1, 2, 0, 3)
+    else:
+      dkernel = _dot(dy, part, ((0, 1, 2), (0, 1, 2)), kernel.dtype).transpose(0, 1, 3, 2)
+    dkernels.append(dkernel)  # (3, 3, in_part, out)
+  return tuple(dparts), jnp.concatenate(dkernels, axis=2)
 
 
 conv_transpose_3x3s2.defvjp(_conv_transpose_3x3s2_fwd, _conv_transpose_3x3s2_bwd)
@@ -240,6 +270,11 @@ class ConvTranspose3x3s2(nn.Module):
 
   The kernel has shape (3, 3, in, out) and ``out[2m + k] += in[m] @ kernel[k]`` per axis (Keras' kernel
   is (3, 3, out, in) with the same spatial order).
+
+  Called on one array, or on a sequence of arrays that form the input as channel blocks (a U-Net's
+  ``(upsampled, skip)``: the same function as on their concatenation, with the same kernel; on CPU the
+  gradient of a block that is not differentiated is then not computed at all, see
+  ``conv_transpose_3x3s2``).
 
   Attributes:
     features: output channels.
@@ -257,19 +292,22 @@ class ConvTranspose3x3s2(nn.Module):
   bias_init: Initializer = nn.initializers.zeros
 
   @nn.compact
-  def __call__(self, x: Array) -> Array:
-    kernel = self.param("kernel", self.kernel_init, (3, 3, x.shape[-1], self.features), self.param_dtype)
+  def __call__(self, x: Array | Sequence[Array]) -> Array:
+    parts = tuple(x) if isinstance(x, (list, tuple)) else (x,)
+    in_features = sum(part.shape[-1] for part in parts)
+    kernel = self.param("kernel", self.kernel_init, (3, 3, in_features, self.features), self.param_dtype)
     bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
-    x, kernel, promoted_bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    *parts, kernel, promoted_bias = nn.dtypes.promote_dtype(*parts, kernel, bias, dtype=self.dtype)
+    parts = tuple(parts)
     if _use_cpu_formulation(self.impl):
       # The bias is added to the float32 sums, so its gradient is summed in float32 too.
-      y = conv_transpose_3x3s2(x, kernel)
+      y = conv_transpose_3x3s2(parts, kernel)
       if bias is not None:
         y = y + bias.astype(jnp.promote_types(bias.dtype, jnp.float32))
-      return y.astype(x.dtype)
+      return y.astype(parts[0].dtype)
     # Transposed conv = input-dilated conv with the spatially flipped kernel; padding (2, 1) gives 2x size.
     y = jax.lax.conv_general_dilated(
-        x, kernel[::-1, ::-1], window_strides=(1, 1), padding=[(2, 1), (2, 1)],
+        _channel_concat(parts), kernel[::-1, ::-1], window_strides=(1, 1), padding=[(2, 1), (2, 1)],
         lhs_dilation=(2, 2), dimension_numbers=_NHWC)
     if promoted_bias is not None:
       y = y + promoted_bias

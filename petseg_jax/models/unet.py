@@ -13,7 +13,8 @@ from petseg_jax.models.mobilenet_v2 import TAP_NAMES, MobileNetV2Encoder
 
 Array = jax.Array
 
-# Keras' BatchNormalization defaults, used by the pix2pix upsample blocks.
+# Keras' BatchNormalization defaults, used by the pix2pix upsample blocks (the momentum is configurable:
+# at 0.99 the running statistics that evaluation uses lag the weights for the first few hundred steps).
 DECODER_BN_MOMENTUM = 0.99
 DECODER_BN_EPSILON = 1e-3
 
@@ -26,12 +27,14 @@ class UpsampleBlock(nn.Module):
   dtype: Any = None
   impl: str = "fast"
   bn_axis_name: str | None = None
+  bn_momentum: float = DECODER_BN_MOMENTUM
 
   @nn.compact
-  def __call__(self, x: Array, train: bool = False) -> Array:
+  def __call__(self, x: Array | Sequence[Array], train: bool = False) -> Array:
+    """``x``: the input, or its channel blocks (see ``ConvTranspose3x3s2``)."""
     x = ConvTranspose3x3s2(self.features, use_bias=False, impl=self.impl, dtype=self.dtype,
                            kernel_init=nn.initializers.normal(0.02), name="conv_transpose")(x)
-    x = nn.BatchNorm(use_running_average=not train, momentum=DECODER_BN_MOMENTUM,
+    x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
                      epsilon=DECODER_BN_EPSILON, dtype=self.dtype,
                      axis_name=self.bn_axis_name if train else None, name="bn")(x)
     if self.dropout > 0:
@@ -48,17 +51,20 @@ class Decoder(nn.Module):
   dtype: Any = None
   impl: str = "fast"
   bn_axis_name: str | None = None
+  bn_momentum: float = DECODER_BN_MOMENTUM
 
   @nn.compact
   def __call__(self, taps: dict[str, Array], train: bool = False) -> Array:
     skips = [taps[name] for name in TAP_NAMES]
-    x = skips[-1]
     if len(self.filters) != len(skips) - 1:
       raise ValueError(f"decoder_filters needs {len(skips) - 1} entries, got {tuple(self.filters)}")
+    # Each layer's input is the concatenation [upsampled, skip], passed as its two channel blocks: the
+    # same function, and the gradient of a frozen encoder's skip is never computed.
+    x = skips[-1]
     for i, (features, skip) in enumerate(zip(self.filters, reversed(skips[:-1]))):
-      x = UpsampleBlock(features, self.dropout, self.dtype, self.impl, self.bn_axis_name,
-                        name=f"up_{i}")(x, train)
-      x = jnp.concatenate([x, skip.astype(x.dtype)], axis=-1)
+      y = UpsampleBlock(features, self.dropout, self.dtype, self.impl, self.bn_axis_name,
+                        self.bn_momentum, name=f"up_{i}")(x, train)
+      x = (y, skip.astype(y.dtype))
     # Keras Conv2DTranspose defaults for the last layer: glorot-uniform kernel, zero bias.
     return ConvTranspose3x3s2(self.num_classes, use_bias=True, impl=self.impl, dtype=self.dtype,
                               name="last")(x)
@@ -82,6 +88,7 @@ class UNet(nn.Module):
   dtype: Any = None
   impl: str = "fast"
   bn_axis_name: str | None = None
+  decoder_bn_momentum: float = DECODER_BN_MOMENTUM
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False, frozen_encoder: bool = False) -> Array:
@@ -90,5 +97,5 @@ class UNet(nn.Module):
     if frozen_encoder:
       taps = jax.tree.map(jax.lax.stop_gradient, taps)
     logits = Decoder(self.num_classes, tuple(self.decoder_filters), self.dropout, self.dtype, self.impl,
-                     self.bn_axis_name, name="decoder")(taps, train=train)
+                     self.bn_axis_name, self.decoder_bn_momentum, name="decoder")(taps, train=train)
     return logits.astype(jnp.float32)
