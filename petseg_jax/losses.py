@@ -89,7 +89,7 @@ def softmax_focal_loss(logits: jax.Array, labels: jax.Array, gamma: float = 2.0)
   logits = jnp.asarray(logits, jnp.float32)
   labels = jnp.asarray(labels)
   _check_shapes(logits, labels)
-  log_pt = jnp.take_along_axis(jax.nn.log_softmax(logits), labels[..., None], axis=-1)[..., 0]
+  log_pt = jnp.sum(jax.nn.log_softmax(logits) * jax.nn.one_hot(labels, logits.shape[-1]), axis=-1)
   if gamma == 0:
     return -log_pt
   # -expm1(log p_t) = 1 - p_t without cancellation when p_t is close to 1.
@@ -150,7 +150,7 @@ def segmentation_loss(
     labels: ``(B, H, W)`` integer class ids in ``[0, C)`` (out-of-range labels give a NaN loss for
       cross-entropy, they are not validated under jit).
     loss: one of ``LOSSES``:
-      "cross_entropy": sparse softmax cross-entropy (``optax.softmax_cross_entropy_with_integer_labels``).
+      "cross_entropy": sparse softmax cross-entropy (``optax.softmax_cross_entropy`` on one-hot labels).
       "cross_entropy+dice": the cross-entropy above + ``soft_dice_loss`` (weight 1 each).
       "focal": ``softmax_focal_loss`` with ``focal_gamma``.
     class_weights: ``()``/None, or C non-negative numbers: each pixel's loss is multiplied by the weight of
@@ -179,7 +179,10 @@ def segmentation_loss(
   if loss == "focal":
     pixel_loss = softmax_focal_loss(logits, labels, gamma=focal_gamma)
   else:
-    pixel_loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    # optax's dense form on one-hot labels: the same value as the integer-label form, whose gradient is a
+    # scatter-add that XLA:CPU constant-folds slowly at compile time (seconds) and runs slowly per step;
+    # with a handful of classes the one-hot product is cheaper.
+    pixel_loss = optax.softmax_cross_entropy(logits, jax.nn.one_hot(labels, logits.shape[-1]))
   pixel_weight = valid if cw is None else valid * jnp.asarray(cw)[labels]
   value = _safe_divide(jnp.sum(pixel_weight * pixel_loss), jnp.sum(valid))
   if loss == "cross_entropy+dice":
