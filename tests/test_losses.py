@@ -32,6 +32,16 @@ def test_cross_entropy_matches_numpy():
   np.testing.assert_allclose(value, _np_ce(logits, labels).mean(), rtol=1e-6)
 
 
+def test_cross_entropy_equals_optax_integer_label_form_value_and_gradient():
+  """The one-hot form (no scatter-add in the gradient) is optax's integer-label cross-entropy."""
+  import optax  # pylint: disable=g-import-not-at-top
+  logits, labels = _data(4, scale=5.0)
+  ours = lambda x: losses.segmentation_loss(x, labels, loss="cross_entropy")
+  optax_form = lambda x: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(x, labels))
+  np.testing.assert_allclose(ours(logits), optax_form(logits), rtol=1e-6)
+  np.testing.assert_allclose(jax.grad(ours)(logits), jax.grad(optax_form)(logits), rtol=1e-5, atol=1e-9)
+
+
 def test_per_example_weights_exclude_padding():
   logits, labels = _data(1)
   padded = losses.segmentation_loss(logits, labels, weights=np.array([1, 1, 1, 0], np.float32))
