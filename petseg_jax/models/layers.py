@@ -18,8 +18,8 @@ float32 ones; bfloat16 -> float32 ones use the bfloat16 matrix units where the C
 Every module keeps the parameters of its reference formulation (``impl="reference"``: the plain ``lax``
 convolution), so the two are interchangeable on the same variables; tests check them against each other,
 forward and gradients, and against Keras. ``impl="fast"`` picks the formulation per backend at trace time:
-the ones above on CPU, the ``lax`` convolutions elsewhere (XLA hands those to cuDNN on GPU; on an H200 the
-CPU formulations were no faster, see BENCHMARKS.md).
+the ones above on CPU, the ``lax`` convolutions elsewhere (XLA hands those to cuDNN on GPU; H200 numbers in
+BENCHMARKS.md; the CPU formulations were not timed there).
 """
 
 from __future__ import annotations
