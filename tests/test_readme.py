@@ -1,8 +1,9 @@
 """Every command and code example in README.md runs, so the README cannot rot.
 
 The set-up block's install and test commands are what CI runs (.ci/run, checked here verbatim). Every
-other `python ...` command of the README's bash blocks is run here, in order (training runs first so that
-evaluate/predict find their workdir), with `runs/` moved to a temporary folder and with shortening
+other `python ...` command of the README's bash blocks is run here (the main training command first, so
+that evaluate/predict find its workdir; independent commands two at a time), with `runs/` moved to a
+temporary folder and with shortening
 options appended (fewer steps, smaller batches): the same command line, made cheap. Commands that need the
 network (tfds download, archives placed by hand) are run too and must fail fast with the clear offline
 error. The Python example is executed as it stands.
@@ -10,6 +11,8 @@ error. The Python example is executed as it stands.
 
 from __future__ import annotations
 
+import concurrent.futures
+import functools
 import os
 import re
 import shlex
@@ -32,7 +35,7 @@ SHORTEN = {
     "scripts/benchmark.py": ["--batch-size", "2", "--steps", "1", "--warmup", "0", "--skip-finetune",
                              "--set", "data.image_size=64"],
     "scripts/ablate.py": ["--set", "train.num_train_steps=1", "--set", "train.batch_size=4",
-                          "--set", "data.image_size=64"],  # And --only its first variant.
+                          "--set", "data.image_size=64", "--in-process"],  # And --only its first variant.
 }
 # README commands that need the network or hand-placed archives: they must fail with this message.
 OFFLINE_ERRORS = {
@@ -62,35 +65,43 @@ def test_python_example_runs():
   exec(compile(snippet, "README.md", "exec"), {})
 
 
-def _train_first(commands: list[str]) -> list[str]:
-  return sorted(commands, key=lambda c: 0 if c.startswith("python scripts/train.py") else 1)
+def _run_readme_command(command: str, tmp_path: Path, env: dict[str, str]) -> str | None:
+  """Runs one README command made cheap; returns a failure report, or None if it did what it should."""
+  argv = shlex.split(command.replace("runs/", f"{tmp_path}/runs/"))
+  script = argv[1]
+  argv = [sys.executable, *argv[1:], *SHORTEN.get(script, [])]
+  if script == "scripts/ablate.py":
+    sweep = ablation.load_sweep(REPO / argv[argv.index("--sweep") + 1])
+    argv += ["--only", ablation.expand_variants(sweep)[0][0]]
+  offline = next((pattern for key, pattern in OFFLINE_ERRORS.items() if key in command), None)
+  # The tutorial config trains on tfds' download: offline, that must be the clear error.
+  if (script == "scripts/train.py" and "configs/default.py" in command and "data.source" not in command
+      and offline is None):
+    offline = r"(?i)network|offline|download|manual"
+  result = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+  output = result.stdout + result.stderr
+  if offline is not None:
+    ok = result.returncode != 0 and re.search(offline, output) and "Traceback" not in output
+  else:
+    ok = result.returncode == 0
+  return None if ok else f"$ {command}\n(exit {result.returncode})\n{output[-3000:]}"
 
 
 def test_every_readme_command_runs(tmp_path):
+  """The main command first (it prepares the shared sample and trains runs/quick); then, two at a time,
+  the commands that do not use runs/quick; last, one by one, those that read and write into it."""
   if not SHARED.is_dir():
     pytest.skip(f"the README's commands use {SHARED}")
   commands = readme_commands()
   assert len(commands) >= 10, commands
+  main = "python scripts/train.py --workdir runs/quick"
+  assert commands.count(main) == 1, commands
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-  failures = []
-  for command in _train_first(commands):
-    argv = shlex.split(command.replace("runs/", f"{tmp_path}/runs/"))
-    script = argv[1]
-    argv = [sys.executable, *argv[1:], *SHORTEN.get(script, [])]
-    if script == "scripts/ablate.py":
-      sweep = ablation.load_sweep(REPO / argv[argv.index("--sweep") + 1])
-      argv += ["--only", ablation.expand_variants(sweep)[0][0]]
-    offline = next((pattern for key, pattern in OFFLINE_ERRORS.items() if key in command), None)
-    # The tutorial config trains on tfds' download: offline, that must be the clear error.
-    if (script == "scripts/train.py" and "configs/default.py" in command and "data.source" not in command
-        and offline is None):
-      offline = r"(?i)network|offline|download|manual"
-    result = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    output = result.stdout + result.stderr
-    if offline is not None:
-      ok = result.returncode != 0 and re.search(offline, output) and "Traceback" not in output
-    else:
-      ok = result.returncode == 0
-    if not ok:
-      failures.append(f"$ {command}\n(exit {result.returncode})\n{output[-3000:]}")
+  run = functools.partial(_run_readme_command, tmp_path=tmp_path, env=env)
+  failures = [run(main)]
+  independent = [c for c in commands if c != main and "runs/quick" not in c]
+  with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+    failures += list(pool.map(run, independent))
+  failures += [run(c) for c in commands if c != main and "runs/quick" in c]
+  failures = [failure for failure in failures if failure]
   assert not failures, "\n\n".join(failures)
