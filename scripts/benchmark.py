@@ -356,8 +356,13 @@ def bench_infer(config: ml_collections.ConfigDict, args: argparse.Namespace) -> 
   return stats
 
 
-def model_layers(config: ml_collections.ConfigDict) -> list[tuple[str, Any, tuple[int, ...]]]:
-  """(label, module, input shape) of the model's distinct convolutions that have a fast formulation."""
+def model_layers(config: ml_collections.ConfigDict
+                 ) -> list[tuple[str, Any, tuple[tuple[int, ...], ...]]]:
+  """(label, module, input shapes) of the model's distinct convolutions that have a fast formulation.
+
+  A layer has one input shape, or two for a decoder layer called on its ``(upsampled, skip)`` blocks, as
+  ``petseg_jax.models.unet.Decoder`` calls it.
+  """
   from petseg_jax.models import layers, mobilenet_v2
 
   batch, size, alpha = config.train.batch_size, config.data.image_size, config.model.alpha
@@ -365,11 +370,11 @@ def model_layers(config: ml_collections.ConfigDict) -> list[tuple[str, Any, tupl
       lambda: mobilenet_v2.MobileNetV2Encoder(alpha).init_with_output(
           jax.random.PRNGKey(0), jnp.zeros((batch, size, size, 3))))[0]
   taps = [taps[name].shape for name in mobilenet_v2.TAP_NAMES]
-  out: list[tuple[str, Any, tuple[int, ...]]] = []
-  x = taps[-1]
+  out: list[tuple[str, Any, tuple[tuple[int, ...], ...]]] = []
+  x = (taps[-1],)
   for i, (features, skip) in enumerate(zip(config.model.decoder_filters, reversed(taps[:-1]))):
     out.append((f"decoder/up_{i} conv_transpose", layers.ConvTranspose3x3s2(features), x))
-    x = (batch, 2 * x[1], 2 * x[2], features + skip[-1])
+    x = ((batch, 2 * x[0][1], 2 * x[0][2], features), skip)
   out.append(("decoder/last conv_transpose", layers.ConvTranspose3x3s2(config.model.num_classes, use_bias=True),
               x))
   seen = set()
@@ -378,17 +383,17 @@ def model_layers(config: ml_collections.ConfigDict) -> list[tuple[str, Any, tupl
     prefix = f"encoder/block_{block_id}" if block_id else "encoder/expanded_conv"
     if block_id and ("expand", spatial, in_channels, expanded) not in seen:
       seen.add(("expand", spatial, in_channels, expanded))
-      out.append((f"{prefix}_expand 1x1", layers.Conv1x1(expanded), (batch, spatial, spatial, in_channels)))
+      out.append((f"{prefix}_expand 1x1", layers.Conv1x1(expanded), ((batch, spatial, spatial, in_channels),)))
     if ("depthwise", spatial, expanded, stride) not in seen:
       seen.add(("depthwise", spatial, expanded, stride))
       padded = spatial + (1 if stride == 2 else 0)  # MobileNetV2's correct_pad before stride 2.
       out.append((f"{prefix}_depthwise s{stride}",
                   layers.DepthwiseConv3x3(stride, "same" if stride == 1 else "valid"),
-                  (batch, padded, padded, expanded)))
+                  ((batch, padded, padded, expanded),)))
     spatial //= stride
     if ("project", spatial, expanded, out_channels) not in seen:
       seen.add(("project", spatial, expanded, out_channels))
-      out.append((f"{prefix}_project 1x1", layers.Conv1x1(out_channels), (batch, spatial, spatial, expanded)))
+      out.append((f"{prefix}_project 1x1", layers.Conv1x1(out_channels), ((batch, spatial, spatial, expanded),)))
     in_channels = out_channels
   return out
 
@@ -402,12 +407,14 @@ def bench_layers(config: ml_collections.ConfigDict, args: argparse.Namespace) ->
   selected = [layer for layer in model_layers(config) if re.search(args.only, layer[0])]
   if not selected:
     raise SystemExit(f"--only {args.only!r} matches none of: {[label for label, _, _ in model_layers(config)]}")
-  for label, module, shape in selected:
-    x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, shape), jnp.float32)
-    row: dict[str, Any] = {"layer": label, "input": list(shape)}
+  for label, module, shapes in selected:
+    rng = np.random.default_rng(0)
+    parts = tuple(jnp.asarray(rng.uniform(-1, 1, shape), jnp.float32) for shape in shapes)
+    x = parts if len(parts) > 1 else parts[0]  # Every block differentiated (a fine-tuning step).
+    row: dict[str, Any] = {"layer": label, "input": [list(shape) for shape in shapes]}
     for impl in ("fast", "reference"):
       m = module.clone(impl=impl, dtype=DTYPES[config.model.dtype])
-      variables = m.init(jax.random.PRNGKey(0), x[:1])
+      variables = m.init(jax.random.PRNGKey(0), jax.tree.map(lambda a: a[:1], x))
       forward = jax.jit(m.apply)
       cotangent = jnp.ones(jax.eval_shape(forward, variables, x).shape, jnp.float32)
       grads = jax.jit(jax.grad(lambda v, x: jnp.vdot(m.apply(v, x).astype(jnp.float32), cotangent),
@@ -419,7 +426,7 @@ def bench_layers(config: ml_collections.ConfigDict, args: argparse.Namespace) ->
     total_fast += row["fast_fwd_bwd_ms"]
     total_ref += row["reference_fwd_bwd_ms"]
     rows.append(row)
-    log(f"{label:36s} {str(tuple(shape)):22s} fast {row['fast_fwd_ms']:8.1f} / {row['fast_fwd_bwd_ms']:8.1f} ms"
+    log(f"{label:36s} {' + '.join(str(tuple(shape)) for shape in shapes):22s} fast {row['fast_fwd_ms']:8.1f} / {row['fast_fwd_bwd_ms']:8.1f} ms"
         f"   reference {row['reference_fwd_ms']:8.1f} / {row['reference_fwd_bwd_ms']:8.1f} ms  (fwd / fwd+bwd)")
   return {"layers": rows, "images_per_sec": None, "step_ms_median": total_fast, "compile_s": None,
           "reference_step_ms_median": total_ref}
