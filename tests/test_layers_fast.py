@@ -15,16 +15,7 @@ import pytest
 
 from petseg_jax.models import MobileNetV2Encoder, UNet
 from petseg_jax.models.layers import Conv1x1, ConvTranspose3x3s2, DepthwiseConv3x3, matmul
-
-
-def _random(shape, seed=0):
-  return np.random.default_rng(seed).uniform(-1, 1, shape).astype(np.float32)
-
-
-def relative_error(a, b) -> float:
-  a = np.asarray(a, np.float64)
-  b = np.asarray(b, np.float64)
-  return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-12))
+from tests.test_models import _random, relative_error  # pylint: disable=protected-access
 
 
 def _grads(module, variables, x):
