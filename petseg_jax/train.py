@@ -566,6 +566,7 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, ckpt: checkpoint.Ch
   num_epochs = math.ceil(total_steps / steps_per_epoch)
   resume_step = ckpt.latest_step()
   if resume_step is not None:
+    # Checked again now that the lock is held: another process may have written a run here meanwhile.
     checkpoint.check_resume_config(workdir, config)
     state = ckpt.restore_latest(state)
     logging.info("Resuming from %s at step %d.", workdir / checkpoint.LATEST_DIR, resume_step)

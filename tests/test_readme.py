@@ -3,8 +3,8 @@
 The set-up block's install and test commands are what CI runs (.ci/run, checked here verbatim). Every
 other `python ...` command of the README's bash blocks is run here (the main training command first, so
 that evaluate/predict find its workdir; independent commands two at a time), with `runs/` moved to a
-temporary folder and with shortening
-options appended (fewer steps, smaller batches): the same command line, made cheap. Commands that need the
+temporary folder and with shortening options appended (fewer steps, smaller batches): the same command
+line, made cheap. Commands that need the
 network (tfds download, archives placed by hand) are run too and must fail fast with the clear offline
 error. The Python example is executed as it stands.
 """
