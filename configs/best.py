@@ -3,8 +3,9 @@
 Same model and data as ``configs/default.py``: MobileNetV2 alpha 1.0 encoder with pretrained weights, frozen;
 the pix2pix decoder; 128x128; the Oxford-IIIT Pet train split, evaluated on test; Adam 1e-3. What changes:
 
-* batch 16 instead of 64, 54 epochs instead of 20: at most 3x the tutorial's training images (2.72x on the full train split,
-  2.97x on the shared sample's trainval; tests/test_configs.py checks the bound), 4x smaller steps;
+* batch 16 instead of 64, 54 epochs instead of 20: at most 3x the tutorial's training images (2.72x on the
+  full train split, 2.97x on the shared sample's trainval; tests/test_configs.py checks the bound), 4x
+  smaller steps;
 * a cosine learning-rate decay after 50 warm-up steps instead of a constant rate;
 * decoder BatchNorm momentum 0.9 instead of Keras' 0.99, so the running statistics that evaluation uses keep
   up with the weights in a short run;

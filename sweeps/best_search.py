@@ -36,7 +36,7 @@ def get_sweep(where: str = "sample") -> dict:
           "b16_cosine_bn0.9": dict(SMALL_BATCH),
           "b16_cosine_bn0.9_crop_dice": {**SMALL_BATCH, "data.random_resized_crop": True,
                                          "train.loss": "cross_entropy+dice"},
-          # 16 frozen + 32 fine-tuned epochs: 16 * 3.13 + 32 * 3.65 = 167 <= 3 * 20 * 3.13 = 188.
+          # 16 frozen + 32 fine-tuned epochs: within the budget (see the docstring).
           "b16_unfreeze_16_of_48": {**SMALL_BATCH, "train.num_epochs": 48, "train.unfreeze_after_epochs": 16,
                                     "train.encoder_lr_multiplier": 0.1},
       },
