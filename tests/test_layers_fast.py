@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from petseg_jax.models import MobileNetV2Encoder, UNet
-from petseg_jax.models.layers import Conv1x1, ConvTranspose3x3s2, DepthwiseConv3x3, matmul
+from petseg_jax.models.layers import Conv1x1, Conv3x3, ConvTranspose3x3s2, DepthwiseConv3x3, matmul
 from tests.test_models import _random, relative_error  # pylint: disable=protected-access
 
 
@@ -62,6 +62,30 @@ def test_depthwise_equals_reference(stride, padding, shape):
   fast = DepthwiseConv3x3(strides=stride, padding=padding, impl="fast")
   ref = DepthwiseConv3x3(strides=stride, padding=padding, impl="reference")
   _assert_same_function(fast, ref, fast.init(jax.random.key(1), x), x)
+
+
+@pytest.mark.parametrize("stride,padding,shape", [
+    (2, ((0, 1), (0, 1)), (2, 8, 8, 3)), (1, "same", (2, 5, 7, 4)), (2, ((1, 1), (0, 1)), (1, 7, 6, 2))])
+def test_conv3x3_equals_reference_and_flax_conv(stride, padding, shape):
+  """MobileNetV2's stem (Conv1): im2col + matmul is nn.Conv's function on nn.Conv's variables."""
+  x = _random(shape, 12)
+  fast = Conv3x3(5, strides=stride, padding=padding, impl="fast")
+  variables = fast.init(jax.random.key(6), x)
+  flax_padding = padding if padding == "same" else tuple(padding)
+  flax_conv = nn.Conv(5, (3, 3), strides=(stride, stride), padding=flax_padding, use_bias=False)
+  assert jax.tree.map(jnp.shape, variables) == jax.tree.map(jnp.shape, flax_conv.init(jax.random.key(0), x))
+  _assert_same_function(fast, fast.clone(impl="reference"), variables, x)
+  _assert_same_function(fast, flax_conv, variables, x)
+
+
+def test_depthwise_explicit_padding_equals_padding_the_input():
+  """MobileNetV2's stride-2 blocks pass Keras' correct_pad to the layer instead of padding first."""
+  x = _random((2, 8, 6, 4), 13)
+  explicit = DepthwiseConv3x3(strides=2, padding=((0, 1), (1, 0)))
+  valid = DepthwiseConv3x3(strides=2, padding="valid", impl="reference")
+  variables = explicit.init(jax.random.key(7), x)
+  padded = jnp.pad(x, [(0, 0), (0, 1), (1, 0), (0, 0)])
+  assert relative_error(explicit.apply(variables, x), valid.apply(variables, padded)) < 1e-6
 
 
 @pytest.mark.parametrize("shape,features,use_bias", [
@@ -118,7 +142,9 @@ def test_conv_transpose_matches_a_direct_scatter():
 
 
 @pytest.mark.parametrize("module", [
-    Conv1x1(6), DepthwiseConv3x3(), ConvTranspose3x3s2(6, use_bias=True)], ids=lambda m: type(m).__name__)
+    Conv1x1(6), DepthwiseConv3x3(), DepthwiseConv3x3(strides=2, padding=((0, 1), (0, 1))),
+    Conv3x3(6, strides=2, padding=((0, 1), (0, 1))), ConvTranspose3x3s2(6, use_bias=True)],
+    ids=lambda m: type(m).__name__ + str(getattr(m, "strides", "")))
 def test_bfloat16_fast_is_close_to_float32_reference(module):
   x = _random((2, 6, 6, 8), 8)
   variables = module.init(jax.random.key(3), x)
@@ -130,6 +156,22 @@ def test_bfloat16_fast_is_close_to_float32_reference(module):
   g_fast, g_ref = _grads(fast, variables, x), _grads(ref, variables, x)
   for a, b in zip(jax.tree.leaves(g_fast), jax.tree.leaves(g_ref)):
     assert relative_error(a, b) < 3e-2
+
+
+@pytest.mark.parametrize("features", [2, 8])  # 18 or 72 tap columns: per-block matmuls, or one on the concatenation.
+def test_bfloat16_conv_transpose_on_channel_blocks_gradients(features):
+  """bfloat16 blocks are concatenated (and zero-padded) as bit patterns; their gradients must still flow."""
+  a, b = _random((2, 4, 4, 16), 14), _random((2, 4, 4, 32), 15)
+  fast = ConvTranspose3x3s2(features, use_bias=True, impl="fast", dtype=jnp.bfloat16)
+  ref = ConvTranspose3x3s2(features, use_bias=True, impl="reference")
+  variables = fast.init(jax.random.key(8), (a, b))
+  loss = lambda module, v, a, b: jnp.sum(jnp.sin(module.apply(v, (a, b)).astype(jnp.float32)))
+  expected = jax.grad(functools.partial(loss, ref), argnums=(0, 1, 2))(variables, a, b)
+  for module in (fast, fast.clone(impl="reference")):  # The reference one concatenates outside a custom VJP.
+    assert relative_error(module.apply(variables, (a, b)), ref.apply(variables, (a, b))) < 2e-2
+    got = jax.grad(functools.partial(loss, module), argnums=(0, 1, 2))(variables, a, b)
+    for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+      assert relative_error(x, y) < 3e-2
 
 
 def test_unet_fast_equals_reference_frozen_encoder_train_step_gradients():

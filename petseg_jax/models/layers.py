@@ -24,11 +24,13 @@ BENCHMARKS.md; the CPU formulations were not timed there).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+import functools
+from typing import Any, Callable, Iterator, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 Dtype = Any
@@ -122,18 +124,19 @@ class Conv1x1(nn.Module):
 class DepthwiseConv3x3(nn.Module):
   """3x3 depthwise convolution without bias, as Keras ``DepthwiseConv2D(3, strides)``.
 
-  Padding follows Keras MobileNetV2: stride 1 uses "same"; stride 2 expects the caller to have applied
-  MobileNetV2's asymmetric ``correct_pad`` zero padding and uses "valid".
+  Padding follows Keras MobileNetV2: stride 1 uses "same"; stride 2 uses MobileNetV2's asymmetric
+  ``correct_pad`` zero padding, given as explicit ``((top, bottom), (left, right))`` pairs (the same
+  function as padding the input and then convolving with "valid").
 
   Attributes:
     strides: 1 or 2.
-    padding: "same" or "valid" (Keras semantics).
+    padding: "same", "valid" (Keras semantics) or explicit ``((top, bottom), (left, right))``.
     impl: "fast" (nine shifted multiply-adds on CPU) or "reference" (``lax.conv`` with
       ``feature_group_count``).
   """
 
   strides: int = 1
-  padding: str = "same"
+  padding: str | Sequence[tuple[int, int]] = "same"
   impl: str = "fast"
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
@@ -146,29 +149,137 @@ class DepthwiseConv3x3(nn.Module):
     kernel = self.param("kernel", self.kernel_init, (3, 3, 1, channels), self.param_dtype)
     x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
     s = self.strides
-    if self.padding == "same":
-      pads = [keras_same_padding(x.shape[1], 3, s), keras_same_padding(x.shape[2], 3, s)]
-    elif self.padding == "valid":
-      pads = [(0, 0), (0, 0)]
-    else:
-      raise ValueError(f"padding={self.padding!r}; expected 'same' or 'valid'")
+    pads = _conv_padding(self.padding, x.shape[1:3], s)
     if not _use_cpu_formulation(self.impl):
       return jax.lax.conv_general_dilated(
           x, kernel, window_strides=(s, s), padding=pads, dimension_numbers=_NHWC,
           feature_group_count=channels)
-    x = jnp.pad(x, [(0, 0), *pads, (0, 0)])
-    out_h = (x.shape[1] - 3) // s + 1
-    out_w = (x.shape[2] - 3) // s + 1
+    # Accumulated in float32 and rounded once (as the matmuls are): with bfloat16 inputs that is both more
+    # accurate and faster on CPU, where each bfloat16 operation is a float32 one plus a rounding step.
+    accumulate = jnp.promote_types(x.dtype, jnp.float32)
     out = None
-    for dy in range(3):
-      for dx in range(3):
-        window = jax.lax.slice(
-            x, (0, dy, dx, 0),
-            (x.shape[0], dy + (out_h - 1) * s + 1, dx + (out_w - 1) * s + 1, channels),
-            (1, s, s, 1))
-        term = window * kernel[dy, dx, 0]
-        out = term if out is None else out + term
-    return out
+    for dy, dx, window in _shifted_windows(x, pads, s):
+      term = window.astype(accumulate) * kernel[dy, dx, 0].astype(accumulate)
+      out = term if out is None else out + term
+    return out.astype(x.dtype)
+
+
+def _conv_padding(padding: str | Sequence[tuple[int, int]], spatial: Sequence[int], stride: int
+                  ) -> list[tuple[int, int]]:
+  """(before, after) per spatial axis for a 3x3 window: Keras "same"/"valid", or explicit pairs."""
+  if padding == "same":
+    return [keras_same_padding(size, 3, stride) for size in spatial]
+  if padding == "valid":
+    return [(0, 0)] * len(spatial)
+  if not isinstance(padding, str) and len(padding) == len(spatial):
+    return [(int(before), int(after)) for before, after in padding]
+  raise ValueError(f"padding={padding!r}; expected 'same', 'valid' or ((top, bottom), (left, right))")
+
+
+def _as_bits(f: Callable[..., Array], *arrays: Array) -> Array:
+  """``f`` (data movement only: a pad, a concatenation) applied to bfloat16 arrays as their 16-bit patterns, on CPU.
+
+  XLA:CPU computes bfloat16 pads and concatenations in float32: it writes a float32 copy, twice the bytes
+  of the bfloat16 result, and this model is bound by memory traffic on CPU. On the bit patterns it moves
+  16-bit words (bfloat16 zero is the all-zero pattern, so zero padding is unchanged). Integers carry no
+  gradient: callers that are differentiated define their backward pass (``_zero_pad``, ``_channel_concat``).
+  """
+  if arrays[0].dtype != jnp.bfloat16 or jax.default_backend() != "cpu":
+    return f(*arrays)
+  bits = f(*(jax.lax.bitcast_convert_type(a, jnp.uint16) for a in arrays))
+  return jax.lax.bitcast_convert_type(bits, jnp.bfloat16)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _zero_pad(x: Array, pads: tuple[tuple[int, int], ...]) -> Array:
+  """``jnp.pad(x, pads)`` with zeros, moved as bits in bfloat16 (``_as_bits``)."""
+  return _as_bits(lambda x: jnp.pad(x, pads), x)
+
+
+def _zero_pad_fwd(x: Array, pads: tuple[tuple[int, int], ...]) -> tuple[Array, None]:
+  return _zero_pad(x, pads), None
+
+
+def _zero_pad_bwd(pads: tuple[tuple[int, int], ...], _: None, g: Array) -> tuple[Array]:
+  return (jax.lax.slice(g, [before for before, _ in pads],
+                        [size - after for size, (_, after) in zip(g.shape, pads)]),)
+
+
+_zero_pad.defvjp(_zero_pad_fwd, _zero_pad_bwd)
+
+
+def _channel_concat(parts: tuple[Array, ...]) -> Array:
+  """Concatenation along the last axis (moved as bits in bfloat16, ``_as_bits``)."""
+  return parts[0] if len(parts) == 1 else _concat_bits(tuple(p.shape[-1] for p in parts), *parts)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _concat_bits(widths: tuple[int, ...], *parts: Array) -> Array:
+  del widths  # Used by the backward pass.
+  return _as_bits(lambda *p: jnp.concatenate(p, axis=-1), *parts)
+
+
+def _concat_bits_fwd(widths: tuple[int, ...], *parts: Array) -> tuple[Array, None]:
+  return _concat_bits(widths, *parts), None
+
+
+def _concat_bits_bwd(widths: tuple[int, ...], _: None, g: Array) -> tuple[Array, ...]:
+  return tuple(jnp.split(g, np.cumsum(widths)[:-1].tolist(), axis=-1))
+
+
+_concat_bits.defvjp(_concat_bits_fwd, _concat_bits_bwd)
+
+
+def _shifted_windows(x: Array, pads: Sequence[tuple[int, int]], stride: int
+                     ) -> Iterator[tuple[int, int, Array]]:
+  """Yields ``(dy, dx, window)``: the input each 3x3 tap multiplies, ``window[i, j] = x_padded[s*i + dy, s*j + dx]``.
+
+  Strided slices of one zero-padded copy. (Per-tap pads of ``x`` instead, which XLA fuses into the
+  consumer, avoid that copy but made the depthwise layers 5-10x slower on XLA:CPU, measured.)
+  """
+  x = _zero_pad(x, ((0, 0), *map(tuple, pads), (0, 0)))
+  out_h = (x.shape[1] - 3) // stride + 1
+  out_w = (x.shape[2] - 3) // stride + 1
+  for dy in range(3):
+    for dx in range(3):
+      yield dy, dx, jax.lax.slice(
+          x, (0, dy, dx, 0), (x.shape[0], dy + (out_h - 1) * stride + 1, dx + (out_w - 1) * stride + 1,
+                              x.shape[3]), (1, stride, stride, 1))
+
+
+class Conv3x3(nn.Module):
+  """3x3 convolution without bias: the variables and function of ``nn.Conv(features, (3, 3), strides,
+  padding, use_bias=False)`` (MobileNetV2's stem, ``Conv1``).
+
+  The fast formulation gathers the nine shifted windows along channels (im2col) and does one matmul, which
+  suits a layer with few input channels like the RGB stem: XLA:CPU's own convolution runs it at a few
+  percent of the machine's matmul rate.
+
+  Attributes:
+    features: output channels.
+    strides: 1 or 2.
+    padding: "same", "valid" (Keras semantics) or explicit ``((top, bottom), (left, right))``.
+    impl: "fast" (im2col + matmul on CPU) or "reference" (``lax.conv``).
+  """
+
+  features: int
+  strides: int = 1
+  padding: str | Sequence[tuple[int, int]] = "same"
+  impl: str = "fast"
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
+  kernel_init: Initializer = nn.initializers.lecun_normal()  # nn.Conv's default.
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    kernel = self.param("kernel", self.kernel_init, (3, 3, x.shape[-1], self.features), self.param_dtype)
+    x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+    s = self.strides
+    pads = _conv_padding(self.padding, x.shape[1:3], s)
+    if not _use_cpu_formulation(self.impl):
+      return jax.lax.conv_general_dilated(x, kernel, (s, s), pads, dimension_numbers=_NHWC)
+    columns = jnp.concatenate([window for _, _, window in _shifted_windows(x, pads, s)], axis=-1)
+    return matmul(columns, kernel.reshape(-1, self.features))  # (dy, dx, in) order on both sides.
 
 
 # --- 3x3 stride-2 transposed convolution -----------------------------------------------------------------
@@ -214,10 +325,6 @@ def _im2col_3x3s2(g: Array, h: int, w: int) -> Array:
   return jnp.stack([jnp.stack([tap(ky, kx) for kx in range(3)], axis=3) for ky in range(3)], axis=3)
 
 
-def _channel_concat(parts: tuple[Array, ...]) -> Array:
-  return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
-
-
 @jax.custom_vjp
 def conv_transpose_3x3s2(parts: tuple[Array, ...], kernel: Array) -> Array:
   """Keras ``Conv2DTranspose(3, strides=2, padding="same")`` without bias: (N, H, W, in) → (N, 2H, 2W, out).
@@ -234,7 +341,23 @@ def conv_transpose_3x3s2(parts: tuple[Array, ...], kernel: Array) -> Array:
   gradient of a part nobody differentiates (the skip of a frozen encoder, behind ``stop_gradient``) is dead
   code that XLA removes, instead of a slice of one large matmul that it computes in full.
   """
-  return _col2im_3x3s2(_dot(_channel_concat(parts), kernel, ((3,), (2,)), jnp.float32))
+  return _col2im_3x3s2(_taps_matmul(parts, kernel))
+
+
+def _taps_matmul(parts: tuple[Array, ...], kernel: Array) -> Array:
+  """(N, H, W, in) @ (in, 3, 3, out) → (N, H, W, 3, 3, out) in float32, for the input given as channel blocks.
+
+  Where the products are narrower than the input (the last layer: 27 columns from 160 channels), one
+  matmul per block, summed, costs less memory traffic than writing the concatenated input (which XLA:CPU
+  also does in float32 for bfloat16 blocks); otherwise the concatenation feeds one larger matmul.
+  """
+  if len(parts) > 1 and 9 * kernel.shape[-1] < kernel.shape[2]:
+    products, start = [], 0
+    for part in parts:
+      products.append(_dot(part, kernel[:, :, start:start + part.shape[-1]], ((3,), (2,)), jnp.float32))
+      start += part.shape[-1]
+    return sum(products[1:], products[0])
+  return _dot(_channel_concat(parts), kernel, ((3,), (2,)), jnp.float32)
 
 
 def _conv_transpose_3x3s2_fwd(parts: tuple[Array, ...], kernel: Array
@@ -246,7 +369,7 @@ def _conv_transpose_3x3s2_bwd(residuals: tuple[tuple[Array, ...], Array], g: Arr
                               ) -> tuple[tuple[Array, ...], Array]:
   parts, kernel = residuals
   _, h, w, _ = parts[0].shape
-  dy = _im2col_3x3s2(g.astype(parts[0].dtype), h, w)  # (N, H, W, 3, 3, out)
+  dy = _as_bits(lambda g: _im2col_3x3s2(g, h, w), g.astype(parts[0].dtype))  # (N, H, W, 3, 3, out)
   dparts, dkernels, start = [], [], 0
   for part in parts:
     part_kernel = kernel[:, :, start:start + part.shape[-1]]

@@ -34,12 +34,14 @@ class UpsampleBlock(nn.Module):
     """``x``: the input, or its channel blocks (see ``ConvTranspose3x3s2``)."""
     x = ConvTranspose3x3s2(self.features, use_bias=False, impl=self.impl, dtype=self.dtype,
                            kernel_init=nn.initializers.normal(0.02), name="conv_transpose")(x)
-    x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
-                     epsilon=DECODER_BN_EPSILON, dtype=self.dtype,
+    # BatchNorm, dropout and ReLU in float32, rounded once to the convolution's dtype (see
+    # MobileNetV2Encoder._bn).
+    y = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
+                     epsilon=DECODER_BN_EPSILON, dtype=jnp.promote_types(x.dtype, jnp.float32),
                      axis_name=self.bn_axis_name if train else None, name="bn")(x)
     if self.dropout > 0:
-      x = nn.Dropout(self.dropout, deterministic=not train)(x)
-    return nn.relu(x)
+      y = nn.Dropout(self.dropout, deterministic=not train)(y)
+    return nn.relu(y).astype(x.dtype)
 
 
 class Decoder(nn.Module):
