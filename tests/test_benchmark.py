@@ -59,8 +59,8 @@ def test_input_on_the_bundled_sample():
 
 
 def test_layers_fast_against_reference():
-  result, _ = run_benchmark("--mode", "layers", "--only", "up_0|block_1_depthwise", "--json", *TINY)
-  assert [row["layer"] for row in result["layers"]] == ["decoder/up_0 conv_transpose",
+  result, _ = run_benchmark("--mode", "layers", "--only", "up_0|Conv1|block_1_depthwise", "--json", *TINY)
+  assert [row["layer"] for row in result["layers"]] == ["decoder/up_0 conv_transpose", "encoder/Conv1 3x3 s2",
                                                        "encoder/block_1_depthwise s2"]
   for row in result["layers"]:
     assert all(row[f"{impl}_{part}_ms"] > 0 for impl in ("fast", "reference") for part in ("fwd", "fwd_bwd"))
