@@ -10,10 +10,14 @@ The tutorial model's convolutions fall into XLA:CPU performance traps when writt
   transposed convolution's FLOPs) followed by an overlap-add, with a hand-written backward pass of two
   matmuls: 6.7-118x faster forward + backward.
 * 1x1 convolutions are matmuls; written as ``dot_general`` their forward and gradients are 1.4-4.1x faster.
+* The RGB stem (``Conv3x3``, MobileNetV2's ``Conv1``): XLA:CPU's convolution of 3 input channels runs at a few
+  percent of the matmul rate; gathering the nine windows (27 channels) and doing one matmul is faster.
 
 All matmuls accumulate in float32 (``preferred_element_type``): with bfloat16 inputs that is both the more
 accurate and, on XLA:CPU, the fast path (bfloat16 x bfloat16 -> bfloat16 matmuls are not faster than
-float32 ones; bfloat16 -> float32 ones use the bfloat16 matrix units where the CPU has them).
+float32 ones; bfloat16 -> float32 ones use the bfloat16 matrix units where the CPU has them). The depthwise
+sums accumulate in float32 too. With bfloat16 activations the model is bound by memory traffic on CPU, so
+bfloat16 pads and concatenations move bit patterns (``_as_bits``: XLA:CPU would write them in float32).
 
 Every module keeps the parameters of its reference formulation (``impl="reference"``: the plain ``lax``
 convolution), so the two are interchangeable on the same variables; tests check them against each other,
@@ -118,50 +122,7 @@ class Conv1x1(nn.Module):
     return matmul(x, kernel[0, 0])
 
 
-# --- 3x3 depthwise convolution ---------------------------------------------------------------------------
-
-
-class DepthwiseConv3x3(nn.Module):
-  """3x3 depthwise convolution without bias, as Keras ``DepthwiseConv2D(3, strides)``.
-
-  Padding follows Keras MobileNetV2: stride 1 uses "same"; stride 2 uses MobileNetV2's asymmetric
-  ``correct_pad`` zero padding, given as explicit ``((top, bottom), (left, right))`` pairs (the same
-  function as padding the input and then convolving with "valid").
-
-  Attributes:
-    strides: 1 or 2.
-    padding: "same", "valid" (Keras semantics) or explicit ``((top, bottom), (left, right))``.
-    impl: "fast" (nine shifted multiply-adds on CPU) or "reference" (``lax.conv`` with
-      ``feature_group_count``).
-  """
-
-  strides: int = 1
-  padding: str | Sequence[tuple[int, int]] = "same"
-  impl: str = "fast"
-  dtype: Dtype | None = None
-  param_dtype: Dtype = jnp.float32
-  kernel_init: Initializer = nn.initializers.glorot_uniform()
-
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    channels = x.shape[-1]
-    # Same layout as flax.linen.Conv(feature_group_count=channels): (kh, kw, 1, channels).
-    kernel = self.param("kernel", self.kernel_init, (3, 3, 1, channels), self.param_dtype)
-    x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
-    s = self.strides
-    pads = _conv_padding(self.padding, x.shape[1:3], s)
-    if not _use_cpu_formulation(self.impl):
-      return jax.lax.conv_general_dilated(
-          x, kernel, window_strides=(s, s), padding=pads, dimension_numbers=_NHWC,
-          feature_group_count=channels)
-    # Accumulated in float32 and rounded once (as the matmuls are): with bfloat16 inputs that is both more
-    # accurate and faster on CPU, where each bfloat16 operation is a float32 one plus a rounding step.
-    accumulate = jnp.promote_types(x.dtype, jnp.float32)
-    out = None
-    for dy, dx, window in _shifted_windows(x, pads, s):
-      term = window.astype(accumulate) * kernel[dy, dx, 0].astype(accumulate)
-      out = term if out is None else out + term
-    return out.astype(x.dtype)
+# --- padding, shifted windows, concatenation ---------------------------------------------------------
 
 
 def _conv_padding(padding: str | Sequence[tuple[int, int]], spatial: Sequence[int], stride: int
@@ -235,7 +196,7 @@ def _shifted_windows(x: Array, pads: Sequence[tuple[int, int]], stride: int
   """Yields ``(dy, dx, window)``: the input each 3x3 tap multiplies, ``window[i, j] = x_padded[s*i + dy, s*j + dx]``.
 
   Strided slices of one zero-padded copy. (Per-tap pads of ``x`` instead, which XLA fuses into the
-  consumer, avoid that copy but made the depthwise layers 5-10x slower on XLA:CPU, measured.)
+  consumer, avoid that copy but made the depthwise fusions 10-17x slower on XLA:CPU, measured.)
   """
   x = _zero_pad(x, ((0, 0), *map(tuple, pads), (0, 0)))
   out_h = (x.shape[1] - 3) // stride + 1
@@ -245,6 +206,52 @@ def _shifted_windows(x: Array, pads: Sequence[tuple[int, int]], stride: int
       yield dy, dx, jax.lax.slice(
           x, (0, dy, dx, 0), (x.shape[0], dy + (out_h - 1) * stride + 1, dx + (out_w - 1) * stride + 1,
                               x.shape[3]), (1, stride, stride, 1))
+
+
+# --- 3x3 convolutions: depthwise, and the RGB stem ----------------------------------------------------
+
+
+class DepthwiseConv3x3(nn.Module):
+  """3x3 depthwise convolution without bias, as Keras ``DepthwiseConv2D(3, strides)``.
+
+  Padding follows Keras MobileNetV2: stride 1 uses "same"; stride 2 uses MobileNetV2's asymmetric
+  ``correct_pad`` zero padding, given as explicit ``((top, bottom), (left, right))`` pairs (the same
+  function as padding the input and then convolving with "valid").
+
+  Attributes:
+    strides: 1 or 2.
+    padding: "same", "valid" (Keras semantics) or explicit ``((top, bottom), (left, right))``.
+    impl: "fast" (nine shifted multiply-adds on CPU) or "reference" (``lax.conv`` with
+      ``feature_group_count``).
+  """
+
+  strides: int = 1
+  padding: str | Sequence[tuple[int, int]] = "same"
+  impl: str = "fast"
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
+  kernel_init: Initializer = nn.initializers.glorot_uniform()
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    channels = x.shape[-1]
+    # Same layout as flax.linen.Conv(feature_group_count=channels): (kh, kw, 1, channels).
+    kernel = self.param("kernel", self.kernel_init, (3, 3, 1, channels), self.param_dtype)
+    x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+    s = self.strides
+    pads = _conv_padding(self.padding, x.shape[1:3], s)
+    if not _use_cpu_formulation(self.impl):
+      return jax.lax.conv_general_dilated(
+          x, kernel, window_strides=(s, s), padding=pads, dimension_numbers=_NHWC,
+          feature_group_count=channels)
+    # Accumulated in float32 and rounded once (as the matmuls are): with bfloat16 inputs that is both more
+    # accurate and faster on CPU, where each bfloat16 operation is a float32 one plus a rounding step.
+    accumulate = jnp.promote_types(x.dtype, jnp.float32)
+    out = None
+    for dy, dx, window in _shifted_windows(x, pads, s):
+      term = window.astype(accumulate) * kernel[dy, dx, 0].astype(accumulate)
+      out = term if out is None else out + term
+    return out.astype(x.dtype)
 
 
 class Conv3x3(nn.Module):
@@ -278,7 +285,7 @@ class Conv3x3(nn.Module):
     pads = _conv_padding(self.padding, x.shape[1:3], s)
     if not _use_cpu_formulation(self.impl):
       return jax.lax.conv_general_dilated(x, kernel, (s, s), pads, dimension_numbers=_NHWC)
-    columns = jnp.concatenate([window for _, _, window in _shifted_windows(x, pads, s)], axis=-1)
+    columns = _channel_concat(tuple(window for _, _, window in _shifted_windows(x, pads, s)))
     return matmul(columns, kernel.reshape(-1, self.features))  # (dy, dx, in) order on both sides.
 
 
