@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import functools
 import importlib.util
 import itertools
@@ -601,6 +602,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     reexec_with_malloc_tunables()
   if args.json:
     _log_stream = sys.stderr
+  # With --json, whatever libraries print (TFDS preparing the input benchmark's dataset, Keras) goes to
+  # stderr too, so that stdout is the JSON line alone.
+  with contextlib.redirect_stdout(sys.stderr if args.json else sys.stdout):
+    result = run(args)
+  print(json.dumps(result, default=float))
+  return result
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+  """The benchmark ``args`` ask for: its result, with what was measured on and the Keras comparison."""
   config = benchmark_config(args)
   if args.compilation_cache:
     # JAX's persistent cache: a second run with the same shapes loads its executables instead of compiling.
@@ -642,7 +653,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 malloc_tunables=os.environ.get("GLIBC_TUNABLES", ""),
                 compilation_cache=args.compilation_cache or None, load_average_start=load_start,
                 load_average_end=load_average())
-  print(json.dumps(result, default=float))
   return result
 
 

@@ -52,8 +52,9 @@ def test_infer_against_keras_json_only_with_profile():
 
 
 def test_input_on_the_bundled_sample():
-  result, _ = run_benchmark("--mode", "input", "--batch-size", "8", "--steps", "1",
-                            "--set", "data.image_size=32", "--data-dir", str(BUNDLED_SAMPLE), "--json")
+  result, lines = run_benchmark("--mode", "input", "--batch-size", "8", "--steps", "1",
+                                "--set", "data.image_size=32", "--data-dir", str(BUNDLED_SAMPLE), "--json")
+  assert len(lines) == 1  # TFDS' messages while preparing the dataset go to stderr with --json.
   assert result["mode"] == "input" and result["images_per_sec"] > 0
   assert result["first_epoch_images_per_sec"] > 0 and result["epoch_images"] % 8 == 0
 
