@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from petseg_jax.models import MobileNetV2Encoder, UNet
-from petseg_jax.models.layers import Conv1x1, Conv3x3, ConvTranspose3x3s2, DepthwiseConv3x3, matmul
+from petseg_jax.models.layers import Conv, ConvTranspose3x3s2, DepthwiseConv3x3, matmul
 from tests.test_models import _random, relative_error  # pylint: disable=protected-access
 
 
@@ -46,7 +46,7 @@ def test_matmul_gradients_equal_autodiff_of_dot():
 @pytest.mark.parametrize("shape", [(2, 5, 7, 6), (1, 4, 4, 16)])
 def test_conv1x1_equals_reference_and_flax_conv(shape):
   x = _random(shape, 3)
-  fast, ref = Conv1x1(9, impl="fast"), Conv1x1(9, impl="reference")
+  fast, ref = Conv(9, 1, impl="fast"), Conv(9, 1, impl="reference")
   variables = fast.init(jax.random.key(0), x)
   flax_conv = nn.Conv(9, (1, 1), use_bias=False)
   # Same variable tree as nn.Conv, so Keras weights and checkpoints load unchanged.
@@ -69,7 +69,7 @@ def test_depthwise_equals_reference(stride, padding, shape):
 def test_conv3x3_equals_reference_and_flax_conv(stride, padding, shape):
   """MobileNetV2's stem (Conv1): im2col + matmul is nn.Conv's function on nn.Conv's variables."""
   x = _random(shape, 12)
-  fast = Conv3x3(5, strides=stride, padding=padding, impl="fast")
+  fast = Conv(5, 3, strides=stride, padding=padding, impl="fast")
   variables = fast.init(jax.random.key(6), x)
   flax_padding = padding if padding == "same" else tuple(padding)
   flax_conv = nn.Conv(5, (3, 3), strides=(stride, stride), padding=flax_padding, use_bias=False)
@@ -142,9 +142,9 @@ def test_conv_transpose_matches_a_direct_scatter():
 
 
 @pytest.mark.parametrize("module", [
-    Conv1x1(6), DepthwiseConv3x3(), DepthwiseConv3x3(strides=2, padding=((0, 1), (0, 1))),
-    Conv3x3(6, strides=2, padding=((0, 1), (0, 1))), ConvTranspose3x3s2(6, use_bias=True)],
-    ids=lambda m: type(m).__name__ + str(getattr(m, "strides", "")))
+    Conv(6, 1), Conv(6, 3, strides=2, padding=((0, 1), (0, 1))), DepthwiseConv3x3(),
+    DepthwiseConv3x3(strides=2, padding=((0, 1), (0, 1))), ConvTranspose3x3s2(6, use_bias=True)],
+    ids=["conv1x1", "conv3x3_s2", "depthwise", "depthwise_s2", "conv_transpose"])
 def test_bfloat16_fast_is_close_to_float32_reference(module):
   x = _random((2, 6, 6, 8), 8)
   variables = module.init(jax.random.key(3), x)
@@ -222,6 +222,12 @@ def test_encoder_fast_equals_reference_vjp():
     assert relative_error(a, b) < 1e-4, jax.tree_util.keystr(path)
 
 
+@pytest.mark.parametrize("kernel_size,strides,padding", [(5, 1, "same"), (1, 2, "same"), (1, 1, ((1, 1), (1, 1)))])
+def test_unsupported_conv_is_a_clear_error(kernel_size, strides, padding):
+  with pytest.raises(ValueError, match=f"got kernel_size={kernel_size}, strides={strides}"):
+    Conv(4, kernel_size, strides, padding).init(jax.random.key(0), jnp.zeros((1, 4, 4, 3)))
+
+
 def test_unknown_impl_is_a_clear_error():
   with pytest.raises(ValueError, match="impl='slow' is not one of"):
-    Conv1x1(4, impl="slow").init(jax.random.key(0), jnp.zeros((1, 2, 2, 3)))
+    Conv(4, 1, impl="slow").init(jax.random.key(0), jnp.zeros((1, 2, 2, 3)))

@@ -9,9 +9,10 @@ The tutorial model's convolutions fall into XLA:CPU performance traps when writt
   kernel gradient is very slow. Here it is one matmul of the input with all nine kernel taps (exactly the
   transposed convolution's FLOPs) followed by an overlap-add, with a hand-written backward pass of two
   matmuls: 6.7-118x faster forward + backward.
-* 1x1 convolutions are matmuls; written as ``dot_general`` their forward and gradients are 1.4-4.1x faster.
-* The RGB stem (``Conv3x3``, MobileNetV2's ``Conv1``): XLA:CPU's convolution of 3 input channels runs at a few
-  percent of the matmul rate; gathering the nine windows (27 channels) and doing one matmul is faster.
+* 1x1 convolutions (``Conv``) are matmuls; written as ``dot_general`` their forward and gradients are 1.4-4.1x
+  faster.
+* The RGB stem (a 3x3 ``Conv``, MobileNetV2's ``Conv1``): XLA:CPU's convolution of 3 input channels runs at a
+  few percent of the matmul rate; gathering the nine windows (27 channels) and doing one matmul is faster.
 
 All matmuls accumulate in float32 (``preferred_element_type``): with bfloat16 inputs that is both the more
 accurate and, on XLA:CPU, the fast path (bfloat16 x bfloat16 -> bfloat16 matmuls are not faster than
@@ -96,32 +97,6 @@ def _matmul_bwd(residuals: tuple[Array, Array], g: Array) -> tuple[Array, Array]
 matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
-# --- 1x1 convolution -------------------------------------------------------------------------------------
-
-
-class Conv1x1(nn.Module):
-  """1x1 convolution without bias: the variables and function of ``nn.Conv(features, (1, 1), use_bias=False)``.
-
-  Attributes:
-    features: output channels.
-    impl: "fast" (a matmul over all pixels on CPU) or "reference" (``lax.conv``).
-  """
-
-  features: int
-  impl: str = "fast"
-  dtype: Dtype | None = None
-  param_dtype: Dtype = jnp.float32
-  kernel_init: Initializer = nn.initializers.lecun_normal()  # nn.Conv's default.
-
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    kernel = self.param("kernel", self.kernel_init, (1, 1, x.shape[-1], self.features), self.param_dtype)
-    x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
-    if not _use_cpu_formulation(self.impl):
-      return jax.lax.conv_general_dilated(x, kernel, (1, 1), "VALID", dimension_numbers=_NHWC)
-    return matmul(x, kernel[0, 0])
-
-
 # --- padding, shifted windows, concatenation ---------------------------------------------------------
 
 
@@ -138,7 +113,7 @@ def _conv_padding(padding: str | Sequence[tuple[int, int]], spatial: Sequence[in
 
 
 def _as_bits(f: Callable[..., Array], *arrays: Array) -> Array:
-  """``f`` (data movement only: a pad, a concatenation) applied to bfloat16 arrays as their 16-bit patterns, on CPU.
+  """On CPU, ``f`` (data movement only: a pad, a concatenation) applied to bfloat16 arrays as 16-bit patterns.
 
   XLA:CPU computes bfloat16 pads and concatenations in float32: it writes a float32 copy, twice the bytes
   of the bfloat16 result, and this model is bound by memory traffic on CPU. On the bit patterns it moves
@@ -193,7 +168,7 @@ _concat_bits.defvjp(_concat_bits_fwd, _concat_bits_bwd)
 
 def _shifted_windows(x: Array, pads: Sequence[tuple[int, int]], stride: int
                      ) -> Iterator[tuple[int, int, Array]]:
-  """Yields ``(dy, dx, window)``: the input each 3x3 tap multiplies, ``window[i, j] = x_padded[s*i + dy, s*j + dx]``.
+  """Yields ``(dy, dx, window)``, the input each 3x3 tap multiplies (``x_padded[s*i + dy, s*j + dx]`` at ``[i, j]``).
 
   Strided slices of one zero-padded copy. (Per-tap pads of ``x`` instead, which XLA fuses into the
   consumer, avoid that copy but made the depthwise fusions 10-17x slower on XLA:CPU, measured.)
@@ -208,7 +183,7 @@ def _shifted_windows(x: Array, pads: Sequence[tuple[int, int]], stride: int
                               x.shape[3]), (1, stride, stride, 1))
 
 
-# --- 3x3 convolutions: depthwise, and the RGB stem ----------------------------------------------------
+# --- convolutions: 3x3 depthwise, 1x1 and 3x3 ------------------------------------------------------------
 
 
 class DepthwiseConv3x3(nn.Module):
@@ -254,22 +229,25 @@ class DepthwiseConv3x3(nn.Module):
     return out.astype(x.dtype)
 
 
-class Conv3x3(nn.Module):
-  """3x3 convolution without bias: the variables and function of ``nn.Conv(features, (3, 3), strides,
-  padding, use_bias=False)`` (MobileNetV2's stem, ``Conv1``).
+class Conv(nn.Module):
+  """1x1 or 3x3 convolution without bias: the variables and function of
+  ``nn.Conv(features, (kernel_size, kernel_size), strides, padding, use_bias=False)``.
 
-  The fast formulation gathers the nine shifted windows along channels (im2col) and does one matmul, which
-  suits a layer with few input channels like the RGB stem: XLA:CPU's own convolution runs it at a few
-  percent of the machine's matmul rate.
+  The fast formulation is a matmul: over all pixels for a 1x1 convolution; for a 3x3 one, of the nine
+  shifted windows gathered along channels (im2col), which suits a layer with few input channels like
+  MobileNetV2's RGB stem (``Conv1``), where XLA:CPU's own convolution runs at a few percent of the machine's
+  matmul rate.
 
   Attributes:
     features: output channels.
-    strides: 1 or 2.
-    padding: "same", "valid" (Keras semantics) or explicit ``((top, bottom), (left, right))``.
-    impl: "fast" (im2col + matmul on CPU) or "reference" (``lax.conv``).
+    kernel_size: 1 or 3.
+    strides: 1 or 2 (1 for a 1x1 convolution).
+    padding: "same", "valid" (Keras semantics) or, for 3x3, explicit ``((top, bottom), (left, right))``.
+    impl: "fast" (matmul on CPU) or "reference" (``lax.conv``).
   """
 
   features: int
+  kernel_size: int
   strides: int = 1
   padding: str | Sequence[tuple[int, int]] = "same"
   impl: str = "fast"
@@ -279,12 +257,17 @@ class Conv3x3(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    kernel = self.param("kernel", self.kernel_init, (3, 3, x.shape[-1], self.features), self.param_dtype)
+    k, s = self.kernel_size, self.strides
+    if (k, s) not in ((1, 1), (3, 1), (3, 2)) or (k == 1 and self.padding not in ("same", "valid")):
+      raise ValueError(f"Conv supports 1x1 (stride 1, no padding) and 3x3 (stride 1 or 2); got "
+                       f"kernel_size={k}, strides={s}, padding={self.padding!r}")
+    kernel = self.param("kernel", self.kernel_init, (k, k, x.shape[-1], self.features), self.param_dtype)
     x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
-    s = self.strides
-    pads = _conv_padding(self.padding, x.shape[1:3], s)
+    pads = _conv_padding(self.padding, x.shape[1:3], s) if k == 3 else [(0, 0), (0, 0)]
     if not _use_cpu_formulation(self.impl):
       return jax.lax.conv_general_dilated(x, kernel, (s, s), pads, dimension_numbers=_NHWC)
+    if k == 1:
+      return matmul(x, kernel[0, 0])
     columns = _channel_concat(tuple(window for _, _, window in _shifted_windows(x, pads, s)))
     return matmul(columns, kernel.reshape(-1, self.features))  # (dy, dx, in) order on both sides.
 

@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from petseg_jax.models.layers import Conv1x1, Conv3x3, DepthwiseConv3x3, keras_same_padding
+from petseg_jax.models.layers import Conv, DepthwiseConv3x3, keras_same_padding
 
 Array = jax.Array
 
@@ -92,9 +92,9 @@ class MobileNetV2Encoder(nn.Module):
         name=name)(x)
     return (jnp.clip(y, 0, 6) if relu6 else y).astype(x.dtype)
 
-  def _conv1x1(self, features: int, name: str) -> Conv1x1:
+  def _conv1x1(self, features: int, name: str) -> Conv:
     # Same variables as nn.Conv(features, (1, 1), use_bias=False); computed as a matmul on CPU.
-    return Conv1x1(features, impl=self.impl, dtype=self.dtype, name=name)
+    return Conv(features, 1, impl=self.impl, dtype=self.dtype, name=name)
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> dict[str, Array]:
@@ -105,8 +105,8 @@ class MobileNetV2Encoder(nn.Module):
           "Resize the input (config.data.image_size).")
     taps = {}
     pads = [keras_same_padding(height, 3, 2), keras_same_padding(width, 3, 2)]
-    x = Conv3x3(make_divisible(32 * self.alpha), strides=2, padding=pads, impl=self.impl, dtype=self.dtype,
-                name="Conv1")(x)
+    x = Conv(make_divisible(32 * self.alpha), 3, strides=2, padding=pads, impl=self.impl, dtype=self.dtype,
+             name="Conv1")(x)
     x = self._bn("bn_Conv1", x, train, relu6=True)
 
     for block_id, expanded, out_channels, stride in block_channels(self.alpha):
