@@ -168,7 +168,7 @@ _concat_bits.defvjp(_concat_bits_fwd, _concat_bits_bwd)
 
 def _shifted_windows(x: Array, pads: Sequence[tuple[int, int]], stride: int
                      ) -> Iterator[tuple[int, int, Array]]:
-  """Yields ``(dy, dx, window)``, the input each 3x3 tap multiplies (``x_padded[s*i + dy, s*j + dx]`` at ``[i, j]``).
+  """Yields ``(dy, dx, window)``: what each 3x3 tap multiplies, ``x_padded[s*i + dy, s*j + dx]`` at ``[i, j]``.
 
   Strided slices of one zero-padded copy. (Per-tap pads of ``x`` instead, which XLA fuses into the
   consumer, avoid that copy but made the depthwise fusions 10-17x slower on XLA:CPU, measured.)
