@@ -370,7 +370,11 @@ def _conv_transpose_3x3s2_bwd(residuals: tuple[tuple[Array, ...], Array], g: Arr
     if part.shape[-1] <= dy.shape[3] * dy.shape[4] * dy.shape[5]:
       dkernel = _dot(part, dy, ((0, 1, 2), (0, 1, 2)), kernel.dtype).transpose(1, 2, 0, 3)
     else:
-      dkernel = _dot(dy, part, ((0, 1, 2), (0, 1, 2)), kernel.dtype).transpose(0, 1, 3, 2)
+      # The last layer's (27, in) result is one tile of the matmul, computed by one core; one small matmul
+      # per image, summed, spreads it over the cores (steps measured about 5% faster, float32 and bfloat16).
+      per_image = jax.lax.dot_general(dy, part, (((1, 2), (1, 2)), ((0,), (0,))),
+                                      preferred_element_type=jnp.float32)
+      dkernel = per_image.sum(0).astype(kernel.dtype).transpose(0, 1, 3, 2)
     dkernels.append(dkernel)  # (3, 3, in_part, out)
   return tuple(dparts), jnp.concatenate(dkernels, axis=2)
 
