@@ -338,8 +338,8 @@ def _taps_matmul(parts: tuple[Array, ...], kernel: Array) -> Array:
   """(N, H, W, in) @ (in, 3, 3, out) → (N, H, W, 3, 3, out) in float32, for the input given as channel blocks.
 
   Where the products are narrower than the input (the last layer: 27 columns from 160 channels), one
-  matmul per block, summed, costs less memory traffic than writing the concatenated input (which XLA:CPU
-  also does in float32 for bfloat16 blocks); otherwise the concatenation feeds one larger matmul.
+  matmul per block, summed, costs less memory traffic than writing the concatenated input; otherwise the
+  concatenation feeds one larger matmul.
   """
   if len(parts) > 1 and 9 * kernel.shape[-1] < kernel.shape[2]:
     products, start = [], 0
