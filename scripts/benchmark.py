@@ -380,8 +380,7 @@ def model_layers(config: ml_collections.ConfigDict
               x))
   seen = set()
   spatial, in_channels = size // 2, mobilenet_v2.make_divisible(32 * alpha)
-  stem_padding = [layers.keras_same_padding(size, 3, 2)] * 2
-  out.append(("encoder/Conv1 3x3 s2", layers.Conv(in_channels, 3, 2, stem_padding), ((batch, size, size, 3),)))
+  out.append(("encoder/Conv1 3x3 s2", layers.Conv(in_channels, 3, 2), ((batch, size, size, 3),)))
   for block_id, expanded, out_channels, stride in mobilenet_v2.block_channels(alpha):
     prefix = f"encoder/block_{block_id}" if block_id else "encoder/expanded_conv"
     if block_id and ("expand", spatial, in_channels, expanded) not in seen:
@@ -389,9 +388,7 @@ def model_layers(config: ml_collections.ConfigDict
       out.append((f"{prefix}_expand 1x1", layers.Conv(expanded, 1), ((batch, spatial, spatial, in_channels),)))
     if ("depthwise", spatial, expanded, stride) not in seen:
       seen.add(("depthwise", spatial, expanded, stride))
-      # Stride 2 pads as MobileNetV2's correct_pad does.
-      padding = "same" if stride == 1 else [layers.keras_same_padding(spatial, 3, 2)] * 2
-      out.append((f"{prefix}_depthwise s{stride}", layers.DepthwiseConv3x3(stride, padding),
+      out.append((f"{prefix}_depthwise s{stride}", layers.DepthwiseConv3x3(stride),
                   ((batch, spatial, spatial, expanded),)))
     spatial //= stride
     if ("project", spatial, expanded, out_channels) not in seen:

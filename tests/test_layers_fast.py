@@ -79,7 +79,7 @@ def test_conv3x3_equals_reference_and_flax_conv(stride, padding, shape):
 
 
 def test_depthwise_explicit_padding_equals_padding_the_input():
-  """MobileNetV2's stride-2 blocks pass Keras' correct_pad to the layer instead of padding first."""
+  """Explicit ((top, bottom), (left, right)) pads are those of padding the input, then convolving "valid"."""
   x = _random((2, 8, 6, 4), 13)
   explicit = DepthwiseConv3x3(strides=2, padding=((0, 1), (1, 0)))
   valid = DepthwiseConv3x3(strides=2, padding="valid", impl="reference")

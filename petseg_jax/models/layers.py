@@ -189,9 +189,8 @@ def _shifted_windows(x: Array, pads: Sequence[tuple[int, int]], stride: int
 class DepthwiseConv3x3(nn.Module):
   """3x3 depthwise convolution without bias, as Keras ``DepthwiseConv2D(3, strides)``.
 
-  Padding follows Keras MobileNetV2: stride 1 uses "same"; stride 2 uses MobileNetV2's asymmetric
-  ``correct_pad`` zero padding, given as explicit ``((top, bottom), (left, right))`` pairs (the same
-  function as padding the input and then convolving with "valid").
+  Keras MobileNetV2 pads stride-2 layers with its asymmetric ``correct_pad`` and convolves "valid"; for a
+  3x3 window at stride 2 those are exactly TensorFlow's "same" pads, so "same" serves both strides.
 
   Attributes:
     strides: 1 or 2.
@@ -342,12 +341,16 @@ def _taps_matmul(parts: tuple[Array, ...], kernel: Array) -> Array:
   concatenation feeds one larger matmul.
   """
   if len(parts) > 1 and 9 * kernel.shape[-1] < kernel.shape[2]:
-    products, start = [], 0
-    for part in parts:
-      products.append(_dot(part, kernel[:, :, start:start + part.shape[-1]], ((3,), (2,)), jnp.float32))
-      start += part.shape[-1]
+    products = [_dot(part, part_kernel, ((3,), (2,)), jnp.float32)
+                for part, part_kernel in _kernel_blocks(parts, kernel)]
     return sum(products[1:], products[0])
   return _dot(_channel_concat(parts), kernel, ((3,), (2,)), jnp.float32)
+
+
+def _kernel_blocks(parts: tuple[Array, ...], kernel: Array) -> list[tuple[Array, Array]]:
+  """Each input block with the (3, 3, block channels, out) slice of ``kernel`` that multiplies it."""
+  bounds = np.cumsum([0] + [part.shape[-1] for part in parts])
+  return [(part, kernel[:, :, start:stop]) for part, start, stop in zip(parts, bounds[:-1], bounds[1:])]
 
 
 def _conv_transpose_3x3s2_fwd(parts: tuple[Array, ...], kernel: Array
@@ -360,10 +363,8 @@ def _conv_transpose_3x3s2_bwd(residuals: tuple[tuple[Array, ...], Array], g: Arr
   parts, kernel = residuals
   _, h, w, _ = parts[0].shape
   dy = _as_bits(lambda g: _im2col_3x3s2(g, h, w), g.astype(parts[0].dtype))  # (N, H, W, 3, 3, out)
-  dparts, dkernels, start = [], [], 0
-  for part in parts:
-    part_kernel = kernel[:, :, start:start + part.shape[-1]]
-    start += part.shape[-1]
+  dparts, dkernels = [], []
+  for part, part_kernel in _kernel_blocks(parts, kernel):
     dparts.append(_dot(dy, part_kernel, ((3, 4, 5), (0, 1, 3)), part.dtype))
     # The kernel gradient contracts over all pixels, and XLA transposes its left operand for the matmul:
     # put the narrower of the part and dy there (the part in the pix2pix blocks, dy in the last layer).

@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from petseg_jax.models.layers import Conv, DepthwiseConv3x3, keras_same_padding
+from petseg_jax.models.layers import Conv, DepthwiseConv3x3
 
 Array = jax.Array
 
@@ -104,8 +104,7 @@ class MobileNetV2Encoder(nn.Module):
           f"MobileNetV2Encoder needs height and width divisible by 32; got {height}x{width}. "
           "Resize the input (config.data.image_size).")
     taps = {}
-    pads = [keras_same_padding(height, 3, 2), keras_same_padding(width, 3, 2)]
-    x = Conv(make_divisible(32 * self.alpha), 3, strides=2, padding=pads, impl=self.impl, dtype=self.dtype,
+    x = Conv(make_divisible(32 * self.alpha), 3, strides=2, padding="same", impl=self.impl, dtype=self.dtype,
              name="Conv1")(x)
     x = self._bn("bn_Conv1", x, train, relu6=True)
 
@@ -116,9 +115,8 @@ class MobileNetV2Encoder(nn.Module):
         x = self._conv1x1(expanded, prefix + "expand")(x)
         x = self._bn(prefix + "expand_BN", x, train, relu6=True)
         taps[prefix + "expand_relu"] = x
-      # Stride 2: Keras' correct_pad (asymmetric zero padding) before a "valid" depthwise conv.
-      padding = "same" if stride == 1 else [keras_same_padding(size, 3, 2) for size in x.shape[1:3]]
-      x = DepthwiseConv3x3(strides=stride, padding=padding, impl=self.impl, dtype=self.dtype,
+      # At stride 2, "same" is Keras' correct_pad + "valid" (see DepthwiseConv3x3).
+      x = DepthwiseConv3x3(strides=stride, padding="same", impl=self.impl, dtype=self.dtype,
                            name=prefix + "depthwise")(x)
       x = self._bn(prefix + "depthwise_BN", x, train, relu6=True)
       x = self._conv1x1(out_channels, prefix + "project")(x)
