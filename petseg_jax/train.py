@@ -74,7 +74,13 @@ def create_model(config: ml_collections.ConfigDict, bn_axis_name: str | None = A
   return models.create_model(config.model, bn_axis_name=bn_axis_name)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 2))
+# The initializer is mostly threefry hashing, inlined once per parameter shape, and runs once per run: LLVM's
+# level-1 optimization compiles it in ~4 s instead of ~7 s (2-core CPU) and gives the same bits (no
+# fast-math at any level; tests/test_train.py checks the equality).
+INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 1}
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2), compiler_options=INIT_COMPILER_OPTIONS)
 def _init(model: models.UNet, rng: jax.Array, image_size: int) -> dict[str, Any]:
   # Module-level and keyed on the (hashable) model: equal models share one compiled initializer.
   return model.init({"params": rng}, jnp.zeros((1, image_size, image_size, 3), jnp.float32), train=False)

@@ -3,6 +3,8 @@
 import os
 from pathlib import Path
 
+import jax
+from jax.experimental.compilation_cache import compilation_cache
 import pytest
 
 SHARED_DIR = Path(__file__).resolve().parents[1].parent / "shared"
@@ -20,6 +22,31 @@ def tfds_data_dir(tmp_path_factory):
     os.environ.pop("TFDS_DATA_DIR", None)
   else:
     os.environ["TFDS_DATA_DIR"] = old
+
+
+@pytest.fixture(scope="session", autouse=True)
+def jax_compilation_cache(tmp_path_factory):
+  """One persistent compilation cache for the session, in-process and, through the environment, in every
+  subprocess: the suite's many tiny runs (and its scripts' runs) compile the same programs again and again."""
+  path = str(tmp_path_factory.mktemp("jax_cache"))
+  settings = {"jax_compilation_cache_dir": path, "jax_persistent_cache_min_compile_time_secs": 0.0,
+              "jax_persistent_cache_min_entry_size_bytes": 0}
+  environment = {"JAX_COMPILATION_CACHE_DIR": path, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+  old_settings = {name: getattr(jax.config, name) for name in settings}
+  old_environment = {name: os.environ.get(name) for name in environment}
+  for name, value in settings.items():
+    jax.config.update(name, value)
+  os.environ.update(environment)
+  compilation_cache.reset_cache()
+  yield path
+  for name, value in old_settings.items():
+    jax.config.update(name, value)
+  for name, value in old_environment.items():
+    if value is None:
+      os.environ.pop(name, None)
+    else:
+      os.environ[name] = value
+  compilation_cache.reset_cache()
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,6 @@ import shutil
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 
@@ -91,21 +90,7 @@ def test_parse_override():
 # --- a tiny sweep, trained -------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def compilation_cache(tmp_path_factory):
-  """Runs differing only in data and seed compile the same programs: compile them once."""
-  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-           "jax_persistent_cache_min_entry_size_bytes")
-  old = {name: getattr(jax.config, name) for name in names}
-  jax.config.update(names[0], str(tmp_path_factory.mktemp("jax_cache")))
-  jax.config.update(names[1], 0.0)
-  jax.config.update(names[2], 0)
-  yield
-  for name, value in old.items():
-    jax.config.update(name, value)
-
-
-@pytest.fixture(scope="module")
-def tiny_sweep(tmp_path_factory, compilation_cache):
+def tiny_sweep(tmp_path_factory):
   """2 variants × 2 seeds (+ an unknown key and a bad value), trained in-process; then the report."""
   root = tmp_path_factory.mktemp("sweep")
   sweep = write_sweep(root / "tiny_sweep.py", {

@@ -33,6 +33,14 @@ def _random(shape, seed=0):
   return np.random.default_rng(seed).uniform(-1, 1, shape).astype(np.float32)
 
 
+def _random_variables(module, image_shape, seed=0):
+  """Random NumPy values in the shapes of ``module.init``'s variables (an eager init dispatches op by op,
+  ~30 s for a U-Net)."""
+  shapes = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros(image_shape))
+  leaves, treedef = jax.tree.flatten(shapes)
+  return jax.tree.unflatten(treedef, [_random(leaf.shape, seed + i) for i, leaf in enumerate(leaves)])
+
+
 # ----------------------------------------------------------------------------- fast == reference layers
 
 
@@ -222,7 +230,7 @@ def test_imagenet_offline_error_names_the_ways_out(monkeypatch):
 
 
 def test_converted_npz_roundtrip_and_alpha_check(tmp_path):
-  variables = jax.tree.map(np.asarray, MobileNetV2Encoder(0.35).init(jax.random.key(3), jnp.zeros((1, 32, 32, 3))))
+  variables = _random_variables(MobileNetV2Encoder(0.35), (1, 32, 32, 3), seed=3)
   path = tmp_path / "enc.npz"
   weights.save_encoder_variables(path, variables, 0.35)
   loaded = weights.load_encoder_variables(str(path), 0.35)
@@ -241,7 +249,7 @@ def test_bundled_weights_equal_the_keras_file():
 
 def test_merge_encoder_variables_replaces_only_the_encoder():
   model = UNet(alpha=0.35)
-  variables = model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
+  variables = _random_variables(model, (1, 64, 64, 3))
   encoder = jax.tree.map(lambda x: np.full(x.shape, 0.5, np.float32),
                          {k: variables[k]["encoder"] for k in ("params", "batch_stats")})
   merged = weights.merge_encoder_variables(variables, encoder)

@@ -50,13 +50,6 @@ TMP_GLOB = "*.orbax-checkpoint-tmp*"
 KILLED = -signal.SIGKILL
 
 
-@pytest.fixture(scope="module")
-def cache_env(tmp_path_factory) -> dict[str, str]:
-  """Environment of every child: a persistent compilation cache shared by this module's runs."""
-  return {"JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache")),
-          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
-
-
 @pytest.fixture
 def children():
   """Processes a test starts; any still running when it ends (a failed assertion) are killed."""
@@ -108,14 +101,14 @@ def metrics_lines(workdir: Path) -> list[dict]:
 
 # --- kill, resume, stop, lock -----------------------------------------------------------------------------
 
-def test_killed_stopped_and_resumed_run_equals_an_uninterrupted_run(tmp_path, cache_env, children):
+def test_killed_stopped_and_resumed_run_equals_an_uninterrupted_run(tmp_path, children):
   """Five processes on one workdir, each stopped at a different moment, give the uninterrupted run's bits."""
   workdir, reference_dir = tmp_path / "run", tmp_path / "reference"
   command = rel.train_command(workdir, *TINY)
-  plain_env = rel.cli_env(tmp_path, **cache_env)
+  plain_env = rel.cli_env(tmp_path)
 
   def run_with(fault: dict) -> subprocess.CompletedProcess:
-    proc = rel.start(command, rel.cli_env(tmp_path, fault, **cache_env), children)
+    proc = rel.start(command, rel.cli_env(tmp_path, fault), children)
     result = rel.finish(proc)
     result.pid = proc.pid
     return result
@@ -129,7 +122,7 @@ def test_killed_stopped_and_resumed_run_equals_an_uninterrupted_run(tmp_path, ca
   #    workdir meanwhile: the second is refused, the first finishes its step, checkpoints and exits 143.
   ready, go = tmp_path / "ready", tmp_path / "go"
   first = rel.start(command, rel.cli_env(tmp_path, {"at": "batch", "step": 3, "do": "pause",
-                                                    "ready": str(ready), "go": str(go)}, **cache_env),
+                                                    "ready": str(ready), "go": str(go)}),
                     children)
   rel.wait_for_file(ready, first)
   # The uninterrupted reference runs alongside from now on (the train step is in the compilation cache).
@@ -370,7 +363,7 @@ def _small_folder(root: Path) -> Path:
   return root
 
 
-def test_cli_reports_bad_data_and_bad_config_without_a_traceback(tmp_path, cache_env, children):
+def test_cli_reports_bad_data_and_bad_config_without_a_traceback(tmp_path, children):
   """Five runs at once, each failing on one problem: exit code 1 and one ``error:`` line naming it."""
   # A workdir holding a run of another configuration (the default synthetic one, at step 3).
   other_run = tmp_path / "w_other"
@@ -383,7 +376,7 @@ def test_cli_reports_bad_data_and_bad_config_without_a_traceback(tmp_path, cache
   folder = _small_folder(tmp_path / "pets")
   victim = sorted((folder / "images").iterdir())[1]
   victim.write_bytes(victim.read_bytes()[:victim.stat().st_size // 2])  # A truncated JPEG.
-  env = rel.cli_env(tmp_path, **cache_env)
+  env = rel.cli_env(tmp_path)
   two_devices = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=2")
   runs = {
       "truncated": rel.start(rel.train_command(
