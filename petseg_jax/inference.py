@@ -22,7 +22,6 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from absl import app
 from absl import flags
-from flax import jax_utils
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -202,8 +201,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, model: models.UNet, v
     batch_confusions.append(out["confusion"])
     return out
 
-  result = train.evaluate(recording_eval_step, jax_utils.replicate(state), eval_input)
-  confusion = sum(np.asarray(jax_utils.unreplicate(c), np.int64) for c in batch_confusions)
+  result = train.evaluate(recording_eval_step, train.replicate(state), eval_input)
+  confusion = sum(np.asarray(train.first_replica(c), np.int64) for c in batch_confusions)
   return result, confusion, eval_input.num_examples
 
 

@@ -321,5 +321,6 @@ def merge_encoder_variables(unet_variables: Variables, encoder_variables: Variab
     if expected != given:
       raise WeightsError("Encoder variables do not fit the model's encoder (check config.model.alpha).")
     merged[collection] = dict(merged[collection])
-    merged[collection]["encoder"] = jax.tree.map(jnp.asarray, encoder_variables[collection])
+    # device_put, not jnp.asarray: that compiles one small program per distinct NumPy leaf shape.
+    merged[collection]["encoder"] = jax.tree.map(jax.device_put, encoder_variables[collection])
   return merged

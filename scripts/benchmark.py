@@ -269,7 +269,6 @@ def random_variables(model: Any, image_size: int, seed: int = 0) -> dict[str, An
 
 def bench_train(config: ml_collections.ConfigDict, args: argparse.Namespace) -> dict[str, Any]:
   """Frozen-encoder (and fine-tuning) train steps of ``petseg_jax.train``, pmapped as the loop does."""
-  from flax import jax_utils
   from petseg_jax import train
 
   batch_size, size = config.train.batch_size, config.data.image_size
@@ -291,8 +290,8 @@ def bench_train(config: ml_collections.ConfigDict, args: argparse.Namespace) -> 
     init_rng, dropout_rng = jax.random.split(jax.random.PRNGKey(variant_config.seed))
     learning_rate_fn = train.create_learning_rate_fn(variant_config.train, 1000)
     state = train.create_train_state(init_rng, variant_config, model, learning_rate_fn, steps_per_epoch=100)
-    state = jax_utils.replicate(state)
-    dropout_rngs = jax_utils.replicate(dropout_rng)
+    state = train.replicate(state)
+    dropout_rngs = train.replicate(dropout_rng)
     p_step = train.pmapped_train_step(variant_config, frozen_encoder=frozen)  # The training loop's step.
     # Compiled ahead of time once: the same executable gives the cost analysis and runs the steps.
     compiled = p_step.lower(state, batch, dropout_rngs).compile()
