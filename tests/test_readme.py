@@ -2,7 +2,7 @@
 
 The set-up block's install and test commands are what CI runs (.ci/run, checked here verbatim). Every
 other `python ...` command of the README's bash blocks is run here (the main training command first, so
-that evaluate/predict find its workdir; independent commands two at a time), with `runs/` moved to a
+that evaluate/predict find its workdir; independent commands alongside), with `runs/` moved to a
 temporary folder and with shortening options appended (fewer steps, smaller batches): the same command
 line, made cheap. Commands that need the
 network (tfds download, archives placed by hand) are run too and must fail fast with the clear offline
@@ -88,8 +88,8 @@ def _run_readme_command(command: str, tmp_path: Path, env: dict[str, str]) -> st
 
 
 def test_every_readme_command_runs(tmp_path):
-  """The main command first (it prepares the shared sample and trains runs/quick); then, two at a time,
-  the commands that do not use runs/quick; last, one by one, those that read and write into it."""
+  """Two at a time: the main command (it prepares the bundled sample and trains runs/quick) followed, one by
+  one, by those that read and write into runs/quick, alongside the commands that do not use it."""
   if not SHARED.is_dir():
     pytest.skip(f"the README's commands use {SHARED}")
   commands = readme_commands()
@@ -98,10 +98,12 @@ def test_every_readme_command_runs(tmp_path):
   assert commands.count(main) == 1, commands
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
   run = functools.partial(_run_readme_command, tmp_path=tmp_path, env=env)
-  failures = [run(main)]
   independent = [c for c in commands if c != main and "runs/quick" not in c]
+  dependent = [c for c in commands if c != main and "runs/quick" in c]
   with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
-    failures += list(pool.map(run, independent))
-  failures += [run(c) for c in commands if c != main and "runs/quick" in c]
+    # One worker runs the main command and then, one by one, those that use its workdir; the other starts
+    # on the independent commands at once, and both share what is left of them.
+    chain = pool.submit(lambda: [run(main)] + [run(c) for c in dependent])
+    failures = list(pool.map(run, independent)) + chain.result()
   failures = [failure for failure in failures if failure]
   assert not failures, "\n\n".join(failures)
