@@ -5,6 +5,7 @@ module turns on JAX's persistent compilation cache: runs with the same config co
 """
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -100,6 +101,20 @@ def test_frozen_step_does_not_differentiate_the_encoder(initial_state):
   # step's program does not contain it at all (stop_gradient: JAX emits no encoder backward, whatever XLA
   # would eliminate later); the same optimizer is in both steps.
   assert fine_tune - frozen > 1.5 * encoder_forward, (frozen, fine_tune, encoder_forward)
+
+
+def test_a_replicated_state_and_a_stepped_state_share_one_compiled_step(initial_state, caplog):
+  """pmap compiles per input sharding: ``train.replicate`` must shard like the steps' outputs, or every run
+  compiles its first training step twice (it did, with flax's default replication axis name)."""
+  config = tiny_config()
+  step = train.pmapped_train_step(config, True)
+  state, rng = train.replicate(initial_state), train.replicate(jax.random.PRNGKey(0))
+  batch = _random_batch(config)
+  with jax.log_compiles(), caplog.at_level(logging.WARNING):
+    for _ in range(3):
+      state, _ = step(state, batch, rng)
+  compiled = [r.getMessage()[:80] for r in caplog.records if r.getMessage().startswith("Compiling ")]
+  assert len(compiled) == 1, compiled
 
 
 # --- pmap: N devices == 1 device ------------------------------------------------------------------------
