@@ -233,8 +233,7 @@ def first_replica(tree: Any) -> Any:
   """The first device's copy of a pmapped (replicated or per-device) pytree, as host NumPy arrays.
 
   Like ``jax.device_get(jax_utils.unreplicate(tree))`` without its cost: that indexes each leaf on the
-  device, compiling one small program per distinct leaf shape (~1-2 s per process for this U-Net), and this
-  copies only the first device's buffer.
+  device, compiling one small program per distinct leaf shape; this copies the first device's buffer.
   """
   def first(x):
     return np.asarray(x.addressable_data(0))[0] if isinstance(x, jax.Array) else np.asarray(x)[0]

@@ -1,7 +1,7 @@
 """Training: frozen encoder, pmap equivalence, learning, resume, NaN guard, CLI.
 
-Every loop run uses tiny synthetic configs (32x32, alpha 0.35). Compilation dominates their cost, so the
-module turns on JAX's persistent compilation cache: runs with the same config compile once.
+Every loop run uses tiny synthetic configs (32x32, alpha 0.35). Compilation dominates their cost; the
+session's persistent compilation cache (tests/conftest.py) compiles runs with the same config once.
 """
 
 import json
@@ -141,11 +141,11 @@ _PMAP_SCRIPT = r"""
 import json, sys
 sys.path.insert(0, sys.argv[1])
 import jax
+import numpy as np
+from petseg_jax import train
 from tests.test_train import _state, _three_steps_and_an_eval, tiny_config
 
 assert jax.local_device_count() == 2, jax.local_devices()
-import numpy as np
-from petseg_jax import train
 tree = {"a": np.arange(6.0).reshape(2, 3), "n": np.int32(7)}
 replicated = train.replicate(tree)
 assert replicated["a"].shape == (2, 2, 3) and replicated["n"].shape == (2,)
