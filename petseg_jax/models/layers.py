@@ -369,11 +369,7 @@ def _conv_transpose_3x3s2_bwd(residuals: tuple[tuple[Array, ...], Array], g: Arr
     # The kernel gradient contracts over all pixels, and XLA transposes its left operand for the matmul:
     # put the narrower of the part and dy there (the part in the pix2pix blocks, dy in the last layer).
     if part.shape[-1] <= dy.shape[3] * dy.shape[4] * dy.shape[5]:
-      # The transposed copy of the part that XLA makes for this matmul reads the stored part: unfenced, XLA
-      # fuses the part's producer (BatchNorm and activation) into that copy and recomputes it there, in
-      # transposed order (fenced, frozen steps 4-22% shorter, median 11%: 8 A/B pairs, BENCHMARKS.md).
-      stored_part = jax.lax.optimization_barrier(part)
-      dkernel = _dot(stored_part, dy, ((0, 1, 2), (0, 1, 2)), kernel.dtype).transpose(1, 2, 0, 3)
+      dkernel = _dot(part, dy, ((0, 1, 2), (0, 1, 2)), kernel.dtype).transpose(1, 2, 0, 3)
     else:
       # The last layer's (27, in) result is one tile of the matmul, computed by one core; one small matmul
       # per image, summed, spreads it over the cores (steps measured about 5% faster, float32 and bfloat16).
