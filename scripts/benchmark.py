@@ -20,6 +20,10 @@ its batches (the input pipeline is timed on its own by ``--mode input``). Every 
   is absent) at the same batch and image size in the same process: ``model.fit`` for ``train``, the compiled
   call (``tf.function``; ``jax.jit`` of ``stateless_call`` on JAX) for ``infer``.
 
+Each compiled program (``train``: per variant; ``infer``) is reported with ``hlo_fingerprint``, a hash of its
+optimized HLO without source locations: two code versions with equal fingerprints compile to the same
+program, and an A/B between them measures only the machine. ``--dump-hlo DIR`` writes the HLO texts to diff.
+
 Human-readable lines go to stdout (stderr with ``--json``); the last stdout line is always one JSON object.
 """
 
@@ -29,6 +33,7 @@ import argparse
 import ast
 import contextlib
 import functools
+import hashlib
 import importlib.util
 import itertools
 import json
@@ -193,6 +198,29 @@ def xla_flops(compiled: Any) -> float | None:
   return float(analysis["flops"])
 
 
+# Source locations in optimized HLO text: each op's ``metadata={...}`` (op names, file and line) and the
+# module's stack-frame tables. They change when code moves without changing what is computed.
+_HLO_METADATA = re.compile(r', metadata=\{(?:[^{}"]|"(?:[^"\\]|\\.)*")*\}')
+_HLO_COMPUTATION_LINE = re.compile(r"^(?:HloModule |ENTRY |%|\s+(?:ROOT )?%|\})")
+
+
+def hlo_fingerprint(hlo_text: str) -> str:
+  """A short hash of optimized HLO text that ignores source locations (equal for the same program)."""
+  lines = [_HLO_METADATA.sub("", line) for line in hlo_text.splitlines() if _HLO_COMPUTATION_LINE.match(line)]
+  return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
+
+
+def record_program(stats: dict[str, Any], compiled: Any, name: str, args: argparse.Namespace) -> None:
+  """Puts the compiled program's ``hlo_fingerprint`` into ``stats``; writes its HLO under ``--dump-hlo``."""
+  hlo_text = compiled.as_text()
+  stats["hlo_fingerprint"] = hlo_fingerprint(hlo_text)
+  if args.dump_hlo:
+    path = Path(args.dump_hlo) / f"{name}.hlo.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(hlo_text)
+    stats["hlo_path"] = str(path)
+
+
 def profile_ops(step: Callable[[], Any], hlo_text: str, top: int) -> list[dict[str, Any]]:
   """Runs ``step`` once under the JAX profiler; the ``top`` XLA ops by time, named by their JAX source op.
 
@@ -307,6 +335,7 @@ def bench_train(config: ml_collections.ConfigDict, args: argparse.Namespace) -> 
     stats = summarize(time_steps(step, args.warmup, args.steps), batch_size)
     stats["first_step_s"] = first_step_s
     stats["flops_per_image"] = flops / (batch_size // num_devices) if flops else None
+    record_program(stats, compiled, f"train_{name}", args)
     if args.profile:
       log(f"top {args.profile} XLA ops of one {name}-encoder step:")
       stats["profile"] = profile_ops(step, compiled.as_text(), args.profile)
@@ -315,10 +344,12 @@ def bench_train(config: ml_collections.ConfigDict, args: argparse.Namespace) -> 
     log(f"JAX train ({name} encoder): {stats['images_per_sec']:.1f} img/s, step median "
         f"{stats['step_ms_median']:.0f} ms (min {stats['step_ms_min']:.0f}, max {stats['step_ms_max']:.0f}; "
         f"CPU {stats['cpu_ms_median']:.0f} ms), first step {first_step_s:.1f} s, "
-        + (f"{stats['flops_per_image'] / 1e9:.2f} GFLOPs/image (XLA)" if flops else "FLOPs n/a"))
+        + (f"{stats['flops_per_image'] / 1e9:.2f} GFLOPs/image (XLA)" if flops else "FLOPs n/a")
+        + f"; program {stats['hlo_fingerprint']}")
   main = results["frozen" if "frozen" in results else "finetune"]
   out = {"images_per_sec": main["images_per_sec"], "step_ms_median": main["step_ms_median"],
          "compile_s": main["first_step_s"], "flops_per_image": main["flops_per_image"],
+         "hlo_fingerprint": main["hlo_fingerprint"],
          "variants": results}
   if "frozen" in results and "finetune" in results:
     out["frozen_to_finetune_step_ratio"] = (results["frozen"]["step_ms_median"]
@@ -347,12 +378,14 @@ def bench_infer(config: ml_collections.ConfigDict, args: argparse.Namespace) -> 
   first_step_s = time.perf_counter() - start
   stats = summarize(time_steps(step, args.warmup, args.steps), batch_size)
   stats.update(compile_s=first_step_s, flops_per_image=flops / batch_size if flops else None)
+  record_program(stats, apply, "infer", args)
   if args.profile:
     log(f"top {args.profile} XLA ops of one inference call:")
     stats["profile"] = profile_ops(step, apply.as_text(), args.profile)
   log(f"JAX inference: {stats['images_per_sec']:.1f} img/s, step median {stats['step_ms_median']:.0f} ms "
       f"(CPU {stats['cpu_ms_median']:.0f} ms), first call {first_step_s:.1f} s, "
-      + (f"{flops / batch_size / 1e9:.2f} GFLOPs/image (XLA)" if flops else "FLOPs n/a"))
+      + (f"{flops / batch_size / 1e9:.2f} GFLOPs/image (XLA)" if flops else "FLOPs n/a")
+      + f"; program {stats['hlo_fingerprint']}")
   return stats
 
 
@@ -558,6 +591,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       "sample beside the repo, else the bundled one)")
   parser.add_argument("--profile", type=int, default=0, metavar="N",
                       help="train/infer: profile one more step and print its N most expensive XLA ops")
+  parser.add_argument("--dump-hlo", default="", metavar="DIR",
+                      help="train/infer: write each compiled program's optimized HLO text into DIR")
   parser.add_argument("--only", default="", metavar="REGEX", help="layers: only layers whose label matches")
   parser.add_argument("--compare-keras", action="store_true", help="also time the Keras tutorial model")
   parser.add_argument("--compilation-cache", default="", metavar="DIR",

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from pathlib import Path
+import re
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -30,16 +34,52 @@ def run_benchmark(*args: str) -> dict:
   return result, lines
 
 
-def test_train():
+def load_benchmark_module():
+  spec = importlib.util.spec_from_file_location("benchmark_script", SCRIPT)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_hlo_fingerprint_ignores_source_locations_only():
+  fingerprint = load_benchmark_module().hlo_fingerprint
+
+  def compiled_text(fn):
+    return jax.jit(fn).lower(jnp.ones((4, 8))).compile().as_text()
+
+  def f(x):
+    return jnp.sin(x) * 2.0
+
+  reference = compiled_text(f)
+  assert "metadata={" in reference  # There are source locations to ignore.
+  # The same program from elsewhere: other op names, stack frames and file/line tables.
+  moved = re.sub(r'op_name="[^"]*"', 'op_name="jit(g)/elsewhere"', reference)
+  moved = re.sub(r"stack_frame_id=\d+", "stack_frame_id=999", moved)
+  moved = moved.replace("\nENTRY", "\n19 {file_name_id=7 function_name_id=14 line=428 end_line=428}\nENTRY", 1)
+  assert moved != reference and fingerprint(moved) == fingerprint(reference)
+
+  def f(x):  # pylint: disable=function-redefined  # Same name (HLO module names follow it), other program.
+    return jnp.cos(x) * 2.0
+
+  assert fingerprint(compiled_text(f)) != fingerprint(reference)
+
+
+def test_train(tmp_path):
   # --skip-finetune: compiling the fine-tuning step would double this test's time; it is the same code path
   # with frozen_encoder=False.
-  result, lines = run_benchmark("--mode", "train", "--skip-finetune", *TINY)
+  result, lines = run_benchmark("--mode", "train", "--skip-finetune", "--dump-hlo", str(tmp_path), *TINY)
   assert len(lines) > 1  # Human-readable lines come first without --json.
   assert result["mode"] == "train" and result["batch_size"] == 2 and result["image_size"] == 32
   assert result["images_per_sec"] > 0 and result["compile_s"] > 0 and result["peak_rss_mb"] > 0
   assert set(result["variants"]) == {"frozen"}
   assert result["flops_per_image"] > 0
   assert result["ratio"] is None  # No --compare-keras.
+  frozen = result["variants"]["frozen"]
+  assert re.fullmatch(r"[0-9a-f]{16}", result["hlo_fingerprint"])
+  assert frozen["hlo_fingerprint"] == result["hlo_fingerprint"]
+  dumped = Path(frozen["hlo_path"])
+  assert dumped == tmp_path / "train_frozen.hlo.txt"
+  assert load_benchmark_module().hlo_fingerprint(dumped.read_text()) == result["hlo_fingerprint"]
 
 
 def test_infer_against_keras_json_only_with_profile():
