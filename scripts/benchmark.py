@@ -210,8 +210,11 @@ def hlo_fingerprint(hlo_text: str) -> str:
   return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
 
 
-def record_program(stats: dict[str, Any], compiled: Any, name: str, args: argparse.Namespace) -> None:
-  """Puts the compiled program's ``hlo_fingerprint`` into ``stats``; writes its HLO under ``--dump-hlo``."""
+def record_program(stats: dict[str, Any], compiled: Any, name: str, args: argparse.Namespace) -> str:
+  """Puts the compiled program's ``hlo_fingerprint`` into ``stats``; writes its HLO under ``--dump-hlo``.
+
+  Returns the HLO text, which ``profile_ops`` reuses.
+  """
   hlo_text = compiled.as_text()
   stats["hlo_fingerprint"] = hlo_fingerprint(hlo_text)
   if args.dump_hlo:
@@ -219,6 +222,7 @@ def record_program(stats: dict[str, Any], compiled: Any, name: str, args: argpar
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(hlo_text)
     stats["hlo_path"] = str(path)
+  return hlo_text
 
 
 def profile_ops(step: Callable[[], Any], hlo_text: str, top: int) -> list[dict[str, Any]]:
@@ -335,10 +339,10 @@ def bench_train(config: ml_collections.ConfigDict, args: argparse.Namespace) -> 
     stats = summarize(time_steps(step, args.warmup, args.steps), batch_size)
     stats["first_step_s"] = first_step_s
     stats["flops_per_image"] = flops / (batch_size // num_devices) if flops else None
-    record_program(stats, compiled, f"train_{name}", args)
+    hlo_text = record_program(stats, compiled, f"train_{name}", args)
     if args.profile:
       log(f"top {args.profile} XLA ops of one {name}-encoder step:")
-      stats["profile"] = profile_ops(step, compiled.as_text(), args.profile)
+      stats["profile"] = profile_ops(step, hlo_text, args.profile)
     results[name] = stats
     del holder, state
     log(f"JAX train ({name} encoder): {stats['images_per_sec']:.1f} img/s, step median "
@@ -378,10 +382,10 @@ def bench_infer(config: ml_collections.ConfigDict, args: argparse.Namespace) -> 
   first_step_s = time.perf_counter() - start
   stats = summarize(time_steps(step, args.warmup, args.steps), batch_size)
   stats.update(compile_s=first_step_s, flops_per_image=flops / batch_size if flops else None)
-  record_program(stats, apply, "infer", args)
+  hlo_text = record_program(stats, apply, "infer", args)
   if args.profile:
     log(f"top {args.profile} XLA ops of one inference call:")
-    stats["profile"] = profile_ops(step, apply.as_text(), args.profile)
+    stats["profile"] = profile_ops(step, hlo_text, args.profile)
   log(f"JAX inference: {stats['images_per_sec']:.1f} img/s, step median {stats['step_ms_median']:.0f} ms "
       f"(CPU {stats['cpu_ms_median']:.0f} ms), first call {first_step_s:.1f} s, "
       + (f"{flops / batch_size / 1e9:.2f} GFLOPs/image (XLA)" if flops else "FLOPs n/a")

@@ -56,6 +56,7 @@ def test_hlo_fingerprint_ignores_source_locations_only():
   moved = re.sub(r'op_name="[^"]*"', 'op_name="jit(g)/elsewhere"', reference)
   moved = re.sub(r"stack_frame_id=\d+", "stack_frame_id=999", moved)
   moved = moved.replace("\nENTRY", "\n19 {file_name_id=7 function_name_id=14 line=428 end_line=428}\nENTRY", 1)
+  assert "\n19 {file_name_id=7" in moved
   assert moved != reference and fingerprint(moved) == fingerprint(reference)
 
   def f(x):  # pylint: disable=function-redefined  # Same name (HLO module names follow it), other program.
