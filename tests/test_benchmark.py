@@ -112,3 +112,42 @@ def test_bad_override_is_a_clear_error():
   proc = subprocess.run([sys.executable, str(SCRIPT), "--set", "model.alhpa=1.0"], capture_output=True,
                         text=True, timeout=120, cwd=REPO_ROOT)
   assert proc.returncode != 0 and "config has no key 'model.alhpa'" in proc.stderr
+
+
+SUITE = REPO_ROOT / "scripts" / "benchmark_suite.py"
+
+
+def run_suite(*args: str) -> subprocess.CompletedProcess:
+  env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+  return subprocess.run([sys.executable, str(SUITE), *args], capture_output=True, text=True, timeout=300,
+                        env=env, cwd=REPO_ROOT)
+
+
+def test_suite_records_rows_resumes_and_records_failures(tmp_path):
+  output = tmp_path / "suite.jsonl"
+  proc = run_suite("--suite", "cpu", "--only", "^infer_fp32$", "--no-keras", "--output", str(output), "--", *TINY)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  [record] = [json.loads(line) for line in output.read_text().splitlines()]
+  assert record["name"] == "infer_fp32" and record["suite"] == "cpu" and record["mode"] == "infer"
+  assert record["images_per_sec"] > 0 and record["run_s"] > 0 and record["batch_size"] == 2
+  assert record["command"][:3] == ["scripts/benchmark.py", "--mode", "infer"]
+  assert "--compare-keras" not in record["command"]
+  assert "infer_fp32" in proc.stdout and "img/s" in proc.stdout
+
+  proc = run_suite("--suite", "cpu", "--only", "^infer_", "--no-keras", "--resume", "--output", str(output),
+                   "--", *TINY, "--set", "model.alhpa=1.0")
+  assert proc.returncode == 1  # infer_bf16 failed on the typo; infer_fp32 was not run again.
+  records = [json.loads(line) for line in output.read_text().splitlines()]
+  assert [r["name"] for r in records] == ["infer_fp32", "infer_bf16"]
+  assert "config has no key 'model.alhpa'" in records[1]["error"] and records[1]["returncode"] != 0
+  assert "skipped (--resume)" in proc.stdout and "FAILED" in proc.stdout
+
+
+def test_suite_lists_the_gpu_rows():
+  proc = run_suite("--suite", "gpu", "--list")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = dict(line.split(": ", 1) for line in proc.stdout.strip().splitlines())
+  assert {"train_fp32", "train_bf16", "infer_fp32", "infer_bf16", "train_fp32_tf32"} <= set(rows)
+  assert rows["train_fp32_tf32"].startswith("JAX_DEFAULT_MATMUL_PRECISION=tensorfloat32 ")
+  assert "--compare-keras" in rows["infer_bf16"] and "model.dtype=bfloat16" in rows["infer_bf16"]
+  assert run_suite("--suite", "gpu", "--only", "nothing", "--list").returncode != 0

@@ -34,6 +34,8 @@ SHORTEN = {
                          "--config.train.num_figure_examples=1"],
     "scripts/benchmark.py": ["--batch-size", "2", "--steps", "1", "--warmup", "0", "--skip-finetune",
                              "--set", "data.image_size=64"],
+    "scripts/benchmark_suite.py": ["--only", "^infer_fp32$", "--no-keras", "--", "--batch-size", "2",
+                                   "--steps", "1", "--warmup", "0", "--set", "data.image_size=64"],
     "scripts/ablate.py": ["--set", "train.num_train_steps=1", "--set", "train.batch_size=4",
                           "--set", "data.image_size=64", "--in-process"],  # And --only its first variant.
 }
