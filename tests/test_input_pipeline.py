@@ -252,6 +252,18 @@ def test_split_list_lines_are_checked(tmp_path):
   assert [(folder_builder.BREEDS[e.label], e.species) for e in entries] == [("Persian", 0), ("beagle", 1)]
 
 
+def test_an_image_in_both_split_lists_is_refused(tmp_path, pets_sample_dir):
+  # Bengal_128 in trainval and test: it would be trained on and then scored as unseen.
+  root = make_folder(tmp_path / "pets", pets_sample_dir, train=TRAIN_PAIRS[:2], test=TEST_PAIRS[:1])
+  with open(root / "annotations" / "test.txt", "a") as f:
+    f.write("Bengal_128 6 1 2\n")
+  with pytest.raises(ip.DataError) as info:
+    ip.get_dataset_builder(data_config(source="folder", data_dir=str(root)))
+  message = str(info.value)
+  assert "'Bengal_128'" in message and "more than one split" in message, message
+  assert "trainval.txt line 2" in message and "test.txt line 2" in message, message
+
+
 def test_prepared_folder_is_keyed_by_path_and_content(tmp_path, pets_sample_dir, monkeypatch):
   a = make_folder(tmp_path / "a" / "pets", pets_sample_dir, train=TRAIN_PAIRS[:2], test=TEST_PAIRS[:1])
   b = make_folder(tmp_path / "b" / "pets", pets_sample_dir, train=TRAIN_PAIRS[:2], test=TEST_PAIRS[:1])

@@ -193,6 +193,26 @@ def read_split_list(path: str) -> list[Entry]:
   return entries
 
 
+def check_splits_disjoint(splits: dict[str, list[Entry]]) -> None:
+  """Raises DataError if an image is listed in more than one split list.
+
+  Why: an image in both trainval.txt and test.txt is trained on and then scored as unseen, silently
+  inflating the test metrics (the official lists are disjoint).
+  """
+  first: dict[str, Entry] = {}
+  clashes = []
+  for split in sorted(splits):
+    for entry in splits[split]:
+      other = first.setdefault(entry.name, entry)
+      if other is not entry:
+        clashes.append(f"{entry.name!r}: {other.list_file} line {other.line} and {entry.list_file} line {entry.line}")
+  if clashes:
+    shown = "\n  ".join(clashes[:_MAX_LISTED_PROBLEMS])
+    more = f"\n  ... and {len(clashes) - _MAX_LISTED_PROBLEMS} more" if len(clashes) > _MAX_LISTED_PROBLEMS else ""
+    raise DataError(f"{len(clashes)} image(s) listed in more than one split (a test image would be trained on):"
+                    f"\n  {shown}{more}\nRemove each from all but one of the split lists.")
+
+
 def _stat_token(path: str) -> str:
   try:
     st = os.stat(path)
@@ -385,6 +405,7 @@ def prepare_folder_builder(data_dir: str, *, skip_bad_examples: bool = False,
   """
   layout = check_layout(data_dir)
   splits = {split: read_split_list(path) for split, path in layout.lists.items()}
+  check_splits_disjoint(splits)
   name = config_name(layout, fingerprint(layout, splits, skip_bad_examples))
   root = tfds_data_dir or default_tfds_data_dir()
 
