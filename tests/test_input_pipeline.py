@@ -250,6 +250,8 @@ def test_split_list_lines_are_checked(tmp_path):
   path.write_text("Persian_3\nbeagle_4\n")  # Name-only lines: breed and species from the official naming.
   entries = folder_builder.read_split_list(str(path))
   assert [(folder_builder.BREEDS[e.label], e.species) for e in entries] == [("Persian", 0), ("beagle", 1)]
+  path.write_bytes(b"\xef\xbb\xbfAbyssinian_1 1 1 1\r\n")  # A byte-order mark and CRLF (Windows editors).
+  assert [e.name for e in folder_builder.read_split_list(str(path))] == ["Abyssinian_1"]
 
 
 def test_an_image_in_both_split_lists_is_refused(tmp_path, pets_sample_dir):

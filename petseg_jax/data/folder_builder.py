@@ -151,7 +151,8 @@ def read_split_list(path: str) -> list[Entry]:
     DataError: unreadable, empty, malformed line or duplicate name (naming the file and line).
   """
   try:
-    with open(path, encoding="utf-8") as f:
+    # utf-8-sig: lists saved by Windows editors start with a byte-order mark, which would stick to the first name.
+    with open(path, encoding="utf-8-sig") as f:
       lines = f.read().splitlines()
   except (OSError, UnicodeDecodeError) as e:
     raise _layout_error(f"Cannot read the split list {path}: {e}.")
