@@ -165,11 +165,17 @@ def _plant(problem: str, root: Path) -> tuple[str, str]:
     with open(root / "annotations" / "trainval.txt", "a") as f:
       f.write("Bengal_777 6 1 6\n")
     return "Bengal_777.jpg", "missing image"
+  if problem == "uppercase_jpg":  # Only the case differs: the message says which file to rename.
+    image.rename(image.with_suffix(".JPG"))
+    return image.name, f"found {image.stem}.JPG instead: rename it to {image.name}"
+  if problem == "uppercase_png":
+    trimap.rename(trimap.with_suffix(".PNG"))
+    return trimap.name, f"found {trimap.stem}.PNG instead: rename it to {trimap.name}"
   raise ValueError(problem)
 
 
 BAD_CASES = ["truncated", "corrupt", "zero_bytes", "text", "missing_trimap", "trimap_size", "trimap_value_0",
-             "trimap_value_4", "missing_image"]
+             "trimap_value_4", "missing_image", "uppercase_jpg", "uppercase_png"]
 
 
 @pytest.mark.parametrize("problem", BAD_CASES)
@@ -243,6 +249,9 @@ def test_split_list_lines_are_checked(tmp_path):
   path = tmp_path / "trainval.txt"
   path.write_text("Abyssinian_1 1 1 1\nAbyssinian_1 1 1 1\n")
   with pytest.raises(ip.DataError, match="line 2.*listed twice"):
+    folder_builder.read_split_list(str(path))
+  path.write_text("Abyssinian_1.JPG 1 1 1\n")
+  with pytest.raises(ip.DataError, match="line 1.*bare image name"):
     folder_builder.read_split_list(str(path))
   path.write_text("Abyssinian_1 99 1 1\n")
   with pytest.raises(ip.DataError, match="line 1.*CLASS_ID 99"):

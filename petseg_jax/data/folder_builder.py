@@ -164,7 +164,7 @@ def read_split_list(path: str) -> list[Entry]:
     where = f"{path}, line {lineno}"
     tokens = line.split()
     name = tokens[0]
-    if "/" in name or "\\" in name or name.endswith(".jpg"):
+    if "/" in name or "\\" in name or name.lower().endswith((".jpg", ".jpeg")):
       raise DataError(f"{where}: {name!r} should be a bare image name like 'Abyssinian_1' (no folder, no .jpg).")
     if len(tokens) == 4:
       try:
@@ -241,14 +241,26 @@ def config_name(layout: Layout, digest: str) -> str:
   return f"{slug}_{digest}"
 
 
-def _check_entry(layout: Layout, entry: Entry, images_present: set[str],
-                 trimaps_present: set[str]) -> str | None:
-  """Fast validity check of one example (headers + trimap); returns a problem message or None."""
+def _case_hint(file_name: str, present_by_lower: dict[str, str]) -> str:
+  """'; found X.JPG: rename it to x.jpg' when only the case of the name differs, else ''."""
+  found = present_by_lower.get(file_name.lower())
+  # Why: on Linux 'Bengal_1.JPG' is not 'Bengal_1.jpg'; a bare "missing" sends people looking for a lost file.
+  return f"; found {found} instead: rename it to {file_name}" if found else ""
+
+
+def _check_entry(layout: Layout, entry: Entry, images_present: set[str], trimaps_present: set[str],
+                 present_by_lower: tuple[dict[str, str], dict[str, str]]) -> str | None:
+  """Fast validity check of one example (headers + trimap); returns a problem message or None.
+
+  `present_by_lower` maps lower-cased file names of the images and trimaps folders to the real names.
+  """
   image_path, trimap_path = layout.image_path(entry.name), layout.trimap_path(entry.name)
   if entry.name + ".jpg" not in images_present:
-    return (f"{image_path}: missing image (listed in {os.path.basename(entry.list_file)} line {entry.line})")
+    return (f"{image_path}: missing image (listed in {os.path.basename(entry.list_file)} line {entry.line})"
+            + _case_hint(entry.name + ".jpg", present_by_lower[0]))
   if entry.name + ".png" not in trimaps_present:
-    return f"{trimap_path}: missing trimap for image {image_path}"
+    return (f"{trimap_path}: missing trimap for image {image_path}"
+            + _case_hint(entry.name + ".png", present_by_lower[1]))
   try:
     header = decode.read_header(image_path)
     trimap = decode.load_trimap(trimap_path)
@@ -273,10 +285,11 @@ def prescan(layout: Layout, splits: dict[str, list[Entry]], *,
   """
   images_present = set(os.listdir(layout.images))
   trimaps_present = set(os.listdir(layout.trimaps))
+  by_lower = ({f.lower(): f for f in images_present}, {f.lower(): f for f in trimaps_present})
   kept, problems = {}, []
   with concurrent.futures.ThreadPoolExecutor(_num_threads()) as pool:
     for split, entries in splits.items():
-      results = pool.map(lambda e: _check_entry(layout, e, images_present, trimaps_present), entries)
+      results = pool.map(lambda e: _check_entry(layout, e, images_present, trimaps_present, by_lower), entries)
       kept[split] = []
       for entry, problem in zip(entries, results):
         if problem is None:
