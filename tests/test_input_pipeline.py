@@ -433,6 +433,9 @@ def test_bad_config_values_are_named():
       ip.split_size(synthetic_config(**{field: value}), "train")
   with pytest.raises(ip.DataError, match="'validation'.*synthetic"):
     ip.split_size(synthetic_config(), "validation")
+  for field, split in (("num_synthetic_eval", "test"), ("num_synthetic_train", "train")):
+    with pytest.raises(ip.DataError, match=f"config.data.{field}=0"):
+      ip.EvalInput(synthetic_config(**{field: 0}), split, 4)
 
 
 # ----------------------------------------------------------------------------------------------------------
