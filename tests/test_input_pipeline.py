@@ -586,3 +586,14 @@ def test_show_data_script(tmp_path):
   assert "Class histogram of split 'train' (20 examples" in result.stdout
   for name in ip.CLASS_NAMES:
     assert name in result.stdout
+
+
+def test_show_data_augment_with_more_images_than_the_train_split(tmp_path):
+  out = tmp_path / "show"
+  result = subprocess.run(
+      [sys.executable, "scripts/show_data.py", "--config", "configs/default.py", "--num", "6", "--augment",
+       "--output", str(out), "--config.data.source=synthetic", "--config.data.image_size=32",
+       "--config.data.num_synthetic_train=4"],
+      cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert len(list(out.iterdir())) == 4  # Every example of the split, once.
