@@ -5,9 +5,11 @@ import logging
 import os
 from pathlib import Path
 import shutil
+import struct
 import subprocess
 import sys
 import tarfile
+import zlib
 
 import numpy as np
 from PIL import Image
@@ -165,6 +167,12 @@ def _plant(problem: str, root: Path) -> tuple[str, str]:
     with open(root / "annotations" / "trainval.txt", "a") as f:
       f.write("Bengal_777 6 1 6\n")
     return "Bengal_777.jpg", "missing image"
+  if problem == "huge_header":  # A PNG header claiming 30000x30000 pixels: PIL refuses it at open.
+    chunk = lambda kind, data: (struct.pack(">I", len(data)) + kind + data
+                                + struct.pack(">I", zlib.crc32(kind + data)))
+    image.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0))
+                      + chunk(b"IDAT", zlib.compress(b"\0" * 10)) + chunk(b"IEND", b""))
+    return image.name, "too large to decode"
   if problem == "uppercase_jpg":  # Only the case differs: the message says which file to rename.
     image.rename(image.with_suffix(".JPG"))
     return image.name, f"found {image.stem}.JPG instead: rename it to {image.name}"
@@ -175,7 +183,8 @@ def _plant(problem: str, root: Path) -> tuple[str, str]:
 
 
 BAD_CASES = ["truncated", "corrupt", "zero_bytes", "text", "missing_trimap", "trimap_size", "trimap_value_0",
-             "trimap_value_4", "missing_image", "uppercase_jpg", "uppercase_png"]
+             "trimap_value_4", "missing_image", "uppercase_jpg", "uppercase_png",
+             "huge_header"]
 
 
 @pytest.mark.parametrize("problem", BAD_CASES)
