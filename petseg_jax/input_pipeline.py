@@ -97,7 +97,12 @@ def _synthetic_num(data_config, split: str) -> int:
   if split not in synthetic.SPLIT_SEEDS:
     raise DataError(f"Split {split!r} does not exist for source 'synthetic'; use one of "
                     f"{tuple(synthetic.SPLIT_SEEDS)}.")
-  return int(data_config.num_synthetic_train if split == "train" else data_config.num_synthetic_eval)
+  field = "num_synthetic_train" if split == "train" else "num_synthetic_eval"
+  num = data_config[field]
+  # Why: 0 examples would give an evaluation of no batches (metrics of nothing) instead of an error.
+  if not isinstance(num, (int, np.integer)) or num <= 0:
+    raise DataError(f"config.data.{field}={num!r} must be a positive number of synthetic examples.")
+  return int(num)
 
 
 def split_size(data_config, split: str) -> int:

@@ -56,7 +56,10 @@ def main(argv):
     if FLAGS.augment:
       if FLAGS.split and FLAGS.split != data.train_split:
         raise app.UsageError("--augment shows the train split (config.data.train_split); drop --split.")
-      batches = input_pipeline.TrainInput(data, min(FLAGS.batch_size, FLAGS.num), seed=config.seed).epoch(0)
+      # Capped by the split size too: TrainInput refuses a batch larger than the split (blaming
+      # config.train.batch_size, which this script does not use), and --num may exceed a small split.
+      batch_size = min(FLAGS.batch_size, FLAGS.num, input_pipeline.split_size(data, data.train_split))
+      batches = input_pipeline.TrainInput(data, batch_size, seed=config.seed).epoch(0)
     else:
       batches = iter(input_pipeline.EvalInput(data, split, FLAGS.batch_size))
     written = 0

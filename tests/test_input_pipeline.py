@@ -5,9 +5,11 @@ import logging
 import os
 from pathlib import Path
 import shutil
+import struct
 import subprocess
 import sys
 import tarfile
+import zlib
 
 import numpy as np
 from PIL import Image
@@ -165,11 +167,24 @@ def _plant(problem: str, root: Path) -> tuple[str, str]:
     with open(root / "annotations" / "trainval.txt", "a") as f:
       f.write("Bengal_777 6 1 6\n")
     return "Bengal_777.jpg", "missing image"
+  if problem == "huge_header":  # A PNG header claiming 30000x30000 pixels: PIL refuses it at open.
+    chunk = lambda kind, data: (struct.pack(">I", len(data)) + kind + data
+                                + struct.pack(">I", zlib.crc32(kind + data)))
+    image.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0))
+                      + chunk(b"IDAT", zlib.compress(b"\0" * 10)) + chunk(b"IEND", b""))
+    return image.name, "too large to decode"
+  if problem == "uppercase_jpg":  # Only the case differs: the message says which file to rename.
+    image.rename(image.with_suffix(".JPG"))
+    return image.name, f"found {image.stem}.JPG instead: rename it to {image.name}"
+  if problem == "uppercase_png":
+    trimap.rename(trimap.with_suffix(".PNG"))
+    return trimap.name, f"found {trimap.stem}.PNG instead: rename it to {trimap.name}"
   raise ValueError(problem)
 
 
 BAD_CASES = ["truncated", "corrupt", "zero_bytes", "text", "missing_trimap", "trimap_size", "trimap_value_0",
-             "trimap_value_4", "missing_image"]
+             "trimap_value_4", "missing_image", "uppercase_jpg", "uppercase_png",
+             "huge_header"]
 
 
 @pytest.mark.parametrize("problem", BAD_CASES)
@@ -244,12 +259,29 @@ def test_split_list_lines_are_checked(tmp_path):
   path.write_text("Abyssinian_1 1 1 1\nAbyssinian_1 1 1 1\n")
   with pytest.raises(ip.DataError, match="line 2.*listed twice"):
     folder_builder.read_split_list(str(path))
+  path.write_text("Abyssinian_1.JPG 1 1 1\n")
+  with pytest.raises(ip.DataError, match="line 1.*bare image name"):
+    folder_builder.read_split_list(str(path))
   path.write_text("Abyssinian_1 99 1 1\n")
   with pytest.raises(ip.DataError, match="line 1.*CLASS_ID 99"):
     folder_builder.read_split_list(str(path))
   path.write_text("Persian_3\nbeagle_4\n")  # Name-only lines: breed and species from the official naming.
   entries = folder_builder.read_split_list(str(path))
   assert [(folder_builder.BREEDS[e.label], e.species) for e in entries] == [("Persian", 0), ("beagle", 1)]
+  path.write_bytes(b"\xef\xbb\xbfAbyssinian_1 1 1 1\r\n")  # A byte-order mark and CRLF (Windows editors).
+  assert [e.name for e in folder_builder.read_split_list(str(path))] == ["Abyssinian_1"]
+
+
+def test_an_image_in_both_split_lists_is_refused(tmp_path, pets_sample_dir):
+  # Bengal_128 in trainval and test: it would be trained on and then scored as unseen.
+  root = make_folder(tmp_path / "pets", pets_sample_dir, train=TRAIN_PAIRS[:2], test=TEST_PAIRS[:1])
+  with open(root / "annotations" / "test.txt", "a") as f:
+    f.write("Bengal_128 6 1 2\n")
+  with pytest.raises(ip.DataError) as info:
+    ip.get_dataset_builder(data_config(source="folder", data_dir=str(root)))
+  message = str(info.value)
+  assert "'Bengal_128'" in message and "more than one split" in message, message
+  assert "trainval.txt line 2" in message and "test.txt line 2" in message, message
 
 
 def test_prepared_folder_is_keyed_by_path_and_content(tmp_path, pets_sample_dir, monkeypatch):
@@ -410,6 +442,9 @@ def test_bad_config_values_are_named():
       ip.split_size(synthetic_config(**{field: value}), "train")
   with pytest.raises(ip.DataError, match="'validation'.*synthetic"):
     ip.split_size(synthetic_config(), "validation")
+  for field, split in (("num_synthetic_eval", "test"), ("num_synthetic_train", "train")):
+    with pytest.raises(ip.DataError, match=f"config.data.{field}=0"):
+      ip.EvalInput(synthetic_config(**{field: 0}), split, 4)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -560,3 +595,14 @@ def test_show_data_script(tmp_path):
   assert "Class histogram of split 'train' (20 examples" in result.stdout
   for name in ip.CLASS_NAMES:
     assert name in result.stdout
+
+
+def test_show_data_augment_with_more_images_than_the_train_split(tmp_path):
+  out = tmp_path / "show"
+  result = subprocess.run(
+      [sys.executable, "scripts/show_data.py", "--config", "configs/default.py", "--num", "6", "--augment",
+       "--output", str(out), "--config.data.source=synthetic", "--config.data.image_size=32",
+       "--config.data.num_synthetic_train=4"],
+      cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert len(list(out.iterdir())) == 4  # Every example of the split, once.

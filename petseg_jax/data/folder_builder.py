@@ -151,7 +151,8 @@ def read_split_list(path: str) -> list[Entry]:
     DataError: unreadable, empty, malformed line or duplicate name (naming the file and line).
   """
   try:
-    with open(path, encoding="utf-8") as f:
+    # utf-8-sig: lists saved by Windows editors start with a byte-order mark, which would stick to the first name.
+    with open(path, encoding="utf-8-sig") as f:
       lines = f.read().splitlines()
   except (OSError, UnicodeDecodeError) as e:
     raise _layout_error(f"Cannot read the split list {path}: {e}.")
@@ -163,7 +164,7 @@ def read_split_list(path: str) -> list[Entry]:
     where = f"{path}, line {lineno}"
     tokens = line.split()
     name = tokens[0]
-    if "/" in name or "\\" in name or name.endswith(".jpg"):
+    if "/" in name or "\\" in name or name.lower().endswith((".jpg", ".jpeg")):
       raise DataError(f"{where}: {name!r} should be a bare image name like 'Abyssinian_1' (no folder, no .jpg).")
     if len(tokens) == 4:
       try:
@@ -193,6 +194,26 @@ def read_split_list(path: str) -> list[Entry]:
   return entries
 
 
+def check_splits_disjoint(splits: dict[str, list[Entry]]) -> None:
+  """Raises DataError if an image is listed in more than one split list.
+
+  Why: an image in both trainval.txt and test.txt is trained on and then scored as unseen, silently
+  inflating the test metrics (the official lists are disjoint).
+  """
+  first: dict[str, Entry] = {}
+  clashes = []
+  for split in sorted(splits):
+    for entry in splits[split]:
+      other = first.setdefault(entry.name, entry)
+      if other is not entry:
+        clashes.append(f"{entry.name!r}: {other.list_file} line {other.line} and {entry.list_file} line {entry.line}")
+  if clashes:
+    shown = "\n  ".join(clashes[:_MAX_LISTED_PROBLEMS])
+    more = f"\n  ... and {len(clashes) - _MAX_LISTED_PROBLEMS} more" if len(clashes) > _MAX_LISTED_PROBLEMS else ""
+    raise DataError(f"{len(clashes)} image(s) listed in more than one split (a test image would be trained on):"
+                    f"\n  {shown}{more}\nRemove each from all but one of the split lists.")
+
+
 def _stat_token(path: str) -> str:
   try:
     st = os.stat(path)
@@ -220,14 +241,26 @@ def config_name(layout: Layout, digest: str) -> str:
   return f"{slug}_{digest}"
 
 
-def _check_entry(layout: Layout, entry: Entry, images_present: set[str],
-                 trimaps_present: set[str]) -> str | None:
-  """Fast validity check of one example (headers + trimap); returns a problem message or None."""
+def _case_hint(file_name: str, present_by_lower: dict[str, str]) -> str:
+  """'; found X.JPG: rename it to x.jpg' when only the case of the name differs, else ''."""
+  found = present_by_lower.get(file_name.lower())
+  # Why: on Linux 'Bengal_1.JPG' is not 'Bengal_1.jpg'; a bare "missing" sends people looking for a lost file.
+  return f"; found {found} instead: rename it to {file_name}" if found else ""
+
+
+def _check_entry(layout: Layout, entry: Entry, images_present: set[str], trimaps_present: set[str],
+                 present_by_lower: tuple[dict[str, str], dict[str, str]]) -> str | None:
+  """Fast validity check of one example (headers + trimap); returns a problem message or None.
+
+  `present_by_lower` maps lower-cased file names of the images and trimaps folders to the real names.
+  """
   image_path, trimap_path = layout.image_path(entry.name), layout.trimap_path(entry.name)
   if entry.name + ".jpg" not in images_present:
-    return (f"{image_path}: missing image (listed in {os.path.basename(entry.list_file)} line {entry.line})")
+    return (f"{image_path}: missing image (listed in {os.path.basename(entry.list_file)} line {entry.line})"
+            + _case_hint(entry.name + ".jpg", present_by_lower[0]))
   if entry.name + ".png" not in trimaps_present:
-    return f"{trimap_path}: missing trimap for image {image_path}"
+    return (f"{trimap_path}: missing trimap for image {image_path}"
+            + _case_hint(entry.name + ".png", present_by_lower[1]))
   try:
     header = decode.read_header(image_path)
     trimap = decode.load_trimap(trimap_path)
@@ -252,10 +285,11 @@ def prescan(layout: Layout, splits: dict[str, list[Entry]], *,
   """
   images_present = set(os.listdir(layout.images))
   trimaps_present = set(os.listdir(layout.trimaps))
+  by_lower = ({f.lower(): f for f in images_present}, {f.lower(): f for f in trimaps_present})
   kept, problems = {}, []
   with concurrent.futures.ThreadPoolExecutor(_num_threads()) as pool:
     for split, entries in splits.items():
-      results = pool.map(lambda e: _check_entry(layout, e, images_present, trimaps_present), entries)
+      results = pool.map(lambda e: _check_entry(layout, e, images_present, trimaps_present, by_lower), entries)
       kept[split] = []
       for entry, problem in zip(entries, results):
         if problem is None:
@@ -385,6 +419,7 @@ def prepare_folder_builder(data_dir: str, *, skip_bad_examples: bool = False,
   """
   layout = check_layout(data_dir)
   splits = {split: read_split_list(path) for split, path in layout.lists.items()}
+  check_splits_disjoint(splits)
   name = config_name(layout, fingerprint(layout, splits, skip_bad_examples))
   root = tfds_data_dir or default_tfds_data_dir()
 
