@@ -54,12 +54,6 @@ def _too_large(name: str, error: Image.DecompressionBombError) -> DataError:
                    "scan far larger than a photo: fix or remove the file")
 
 
-def _too_large(name: str, error: Image.DecompressionBombError) -> DataError:
-  # PIL refuses images above ~179M pixels at open; its error is no OSError and names no file.
-  return DataError(f"{name}: the header claims an image too large to decode ({error}); a corrupt header or a "
-                   "scan far larger than a photo: fix or remove the file")
-
-
 def read_header(path: PathLike) -> ImageHeader:
   """Reads format, mode and size of an image file without decoding its pixels (fast).
 
@@ -83,8 +77,6 @@ def read_header(path: PathLike) -> ImageHeader:
     raise DataError(f"{path}: {_describe_unreadable(data)}") from e
   except Image.DecompressionBombError as e:
     raise _too_large(path, e) from e
-  except Image.DecompressionBombError as e:
-    raise _too_large(path, e) from e
   except (OSError, SyntaxError, ValueError) as e:
     raise DataError(f"{path}: corrupt image header ({e})") from e
 
@@ -97,8 +89,6 @@ def _open_fully(data: bytes, name: str) -> Image.Image:
     im = Image.open(io.BytesIO(data))
   except UnidentifiedImageError as e:
     raise DataError(f"{name}: {_describe_unreadable(data)}") from e
-  except Image.DecompressionBombError as e:
-    raise _too_large(name, e) from e
   except Image.DecompressionBombError as e:
     raise _too_large(name, e) from e
   except (OSError, SyntaxError, ValueError) as e:

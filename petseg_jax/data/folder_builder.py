@@ -194,6 +194,12 @@ def read_split_list(path: str) -> list[Entry]:
   return entries
 
 
+def _listing(problems: list[str]) -> str:
+  """The first ``_MAX_LISTED_PROBLEMS`` problems, one per line, and how many more there are."""
+  more = len(problems) - _MAX_LISTED_PROBLEMS
+  return "\n  ".join(problems[:_MAX_LISTED_PROBLEMS]) + (f"\n  ... and {more} more" if more > 0 else "")
+
+
 def check_splits_disjoint(splits: dict[str, list[Entry]]) -> None:
   """Raises DataError if an image is listed in more than one split list.
 
@@ -206,12 +212,11 @@ def check_splits_disjoint(splits: dict[str, list[Entry]]) -> None:
     for entry in splits[split]:
       other = first.setdefault(entry.name, entry)
       if other is not entry:
-        clashes.append(f"{entry.name!r}: {other.list_file} line {other.line} and {entry.list_file} line {entry.line}")
+        clashes.append(f"{entry.name!r}: {other.list_file} line {other.line} and {entry.list_file} line "
+                       f"{entry.line}")
   if clashes:
-    shown = "\n  ".join(clashes[:_MAX_LISTED_PROBLEMS])
-    more = f"\n  ... and {len(clashes) - _MAX_LISTED_PROBLEMS} more" if len(clashes) > _MAX_LISTED_PROBLEMS else ""
     raise DataError(f"{len(clashes)} image(s) listed in more than one split (a test image would be trained on):"
-                    f"\n  {shown}{more}\nRemove each from all but one of the split lists.")
+                    f"\n  {_listing(clashes)}\nRemove each from all but one of the split lists.")
 
 
 def _stat_token(path: str) -> str:
@@ -297,9 +302,7 @@ def prescan(layout: Layout, splits: dict[str, list[Entry]], *,
         else:
           problems.append(problem)
   if problems and not skip_bad_examples:
-    shown = "\n  ".join(problems[:_MAX_LISTED_PROBLEMS])
-    more = f"\n  ... and {len(problems) - _MAX_LISTED_PROBLEMS} more" if len(problems) > _MAX_LISTED_PROBLEMS else ""
-    raise DataError(f"{len(problems)} bad example(s) in {layout.root}:\n  {shown}{more}\n"
+    raise DataError(f"{len(problems)} bad example(s) in {layout.root}:\n  {_listing(problems)}\n"
                     "Fix or remove them (and their lines in the split lists), or set "
                     "config.data.skip_bad_examples=True to skip them with a warning.")
   for problem in problems:
