@@ -358,6 +358,7 @@ def save_encoder_variables(path: str | os.PathLike, variables: Variables, alpha:
   """Writes converted encoder variables as ``.npz`` (atomically: temporary file, then rename)."""
   flat = flax.traverse_util.flatten_dict(jax.device_get(variables), sep="/")
   path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)  # As the other writers do (e.g. runs/encoder.npz).
   tmp = path.with_name(path.name + ".tmp.npz")
   np.savez(tmp, __alpha__=np.float64(alpha), **{k: np.asarray(v) for k, v in flat.items()})
   os.replace(tmp, path)

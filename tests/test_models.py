@@ -293,6 +293,19 @@ def test_npz_with_foreign_arrays_is_refused(tmp_path):
     weights.load_encoder_variables(str(path), 0.35)
 
 
+def test_convert_script_writes_loadable_npz_into_a_new_directory(tmp_path, monkeypatch):
+  if not WEIGHTS_035.exists():
+    pytest.skip("shared weights not found")
+  from tests import trained_run  # pylint: disable=g-import-not-at-top
+  monkeypatch.delenv("PYTHONPATH", raising=False)  # The script must find this checkout by itself.
+  output = tmp_path / "new_dir" / "enc.npz"
+  (result,) = trained_run.run_scripts(
+      ("convert_keras_weights.py", "--source", WEIGHTS_035, "--alpha", 0.35, "--output", output))
+  assert result.returncode == 0, result.stderr
+  jax.tree.map(np.testing.assert_array_equal, weights.load_encoder_variables(str(output), 0.35),
+               weights.load_encoder_variables(weights.BUNDLED_ENCODER_WEIGHTS, 0.35))
+
+
 def test_bundled_weights_equal_the_keras_file():
   if not WEIGHTS_035.exists():
     pytest.skip("shared weights not found")
