@@ -128,6 +128,34 @@ def test_tap_resolutions_at_128():
 def test_input_size_not_divisible_by_32_is_a_clear_error():
   with pytest.raises(ValueError, match="divisible by 32"):
     MobileNetV2Encoder(0.35).init(jax.random.key(0), jnp.zeros((1, 100, 100, 3)))
+  with pytest.raises(ValueError, match="positive height and width.*0x0"):
+    jax.eval_shape(MobileNetV2Encoder(0.35).init, jax.random.key(0), jnp.zeros((1, 0, 0, 3)))
+
+
+@pytest.mark.parametrize("field,value", [
+    ("alpha", 0.0), ("alpha", -1.0), ("num_classes", 0), ("decoder_filters", (64, 32, 16, 0)),
+    ("decoder_filters", (64, 32, 16)), ("dropout", 1.0), ("dropout", -0.1), ("decoder_bn_momentum", 1.5),
+    ("conv_impl", "fastest"), ("dtype", "float16"),
+])
+def test_unusable_model_config_names_the_field(field, value):
+  from configs import default  # pylint: disable=g-import-not-at-top
+  from petseg_jax import models  # pylint: disable=g-import-not-at-top
+  config = default.get_config()
+  config.model[field] = value
+  with pytest.raises(ValueError, match=rf"config\.model\.{field}="):
+    models.create_model(config.model)
+
+
+def test_model_config_variants_build():
+  from configs import default  # pylint: disable=g-import-not-at-top
+  from petseg_jax import models  # pylint: disable=g-import-not-at-top
+  config = default.get_config()
+  config.model.update(alpha=0.75, num_classes=5, decoder_filters=(64, 32, 16, 8), dtype="bfloat16",
+                      dropout=0.5)
+  model = models.create_model(config.model)
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 96, 160, 3)))  # Non-square works.
+  logits = jax.eval_shape(model.apply, shapes, jnp.zeros((2, 96, 160, 3)))
+  assert logits.shape == (2, 96, 160, 5) and logits.dtype == jnp.float32
 
 
 # ----------------------------------------------------------------------------- whole U-Net == Keras tutorial
