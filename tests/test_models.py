@@ -146,6 +146,16 @@ def test_unusable_model_config_names_the_field(field, value):
     models.create_model(config.model)
 
 
+def test_training_reports_unusable_model_config_as_config_error():
+  from configs import default  # pylint: disable=g-import-not-at-top
+  from petseg_jax import train  # pylint: disable=g-import-not-at-top
+  config = default.get_config()
+  config.data.source = "synthetic"
+  config.model.alpha = 0.0
+  with pytest.raises(train.ConfigError, match=r"config\.model\.alpha=0\.0"):  # One line in scripts/train.py.
+    train.validate_config(config, num_devices=1)
+
+
 def test_model_config_variants_build():
   from configs import default  # pylint: disable=g-import-not-at-top
   from petseg_jax import models  # pylint: disable=g-import-not-at-top
