@@ -524,11 +524,20 @@ def plan_runs(base_config: str, sweep: Mapping[str, Any], extra_overrides: Mappi
     if missing:
       raise SweepError(f"--only: no variant(s) {missing}; the sweep has {sorted(names)}.")
     runs = [run for run in runs if run.variant in only]
+  from petseg_jax import models  # pylint: disable=g-import-not-at-top  (imports JAX)
   base = load_config(base_config)
   planned = []
   for run in runs:
+    where = f"variant {run.variant!r}"
     try:
-      planned.append((run, apply_overrides(base, run.overrides, f"variant {run.variant!r}"), ""))
+      config = apply_overrides(base, run.overrides, where)
+      try:
+        # A value of the right type that cannot build a model (alpha=0, three decoder_filters) fails here,
+        # in --dry-run and before any process starts, rather than in its training process.
+        models.check_model_config(config.model)
+      except ValueError as e:
+        raise SweepError(f"{where}: {e}") from e
+      planned.append((run, config, ""))
     except SweepError as e:
       planned.append((run, None, str(e)))
   return planned

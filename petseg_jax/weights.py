@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+import zipfile
 from typing import Any, Mapping
 
 import flax
@@ -105,7 +106,10 @@ def read_keras_h5(path: str | os.PathLike) -> LayerArrays:
           layers[layer] = arrays
       return layers
   except OSError as e:
-    raise WeightsError(f"{path}: cannot read as an HDF5 weight file ({e}).") from None
+    raise _unreadable_hdf5(path, e) from None
+  except KeyError as e:  # 'layer_names' or 'weight_names' naming a group or dataset the file lacks.
+    raise WeightsError(
+        f"{path}: malformed Keras HDF5 weight file ({e}). Download or export it again.") from None
 
 
 def read_keras_model(model: Any) -> LayerArrays:
@@ -153,21 +157,100 @@ def _read_source(source: Any, alpha: float) -> LayerArrays:
           "for a randomly initialised encoder.") from None
   path = Path(source)
   if not path.is_file():
+    what = "is a directory, not a file" if path.is_dir() else "does not exist"
     raise WeightsError(
-        f"Encoder weight file {path} does not exist. model.encoder_weights takes 'imagenet', a Keras "
+        f"Encoder weight file {path} {what}. model.encoder_weights takes 'imagenet', a Keras "
         "weight file (.h5, .weights.h5, .keras), a converted .npz file, or None.")
+  # Dispatch on the content as well as the name: a legacy file saved or renamed as '.weights.h5' is common,
+  # and a damaged file must be reported as such, not as a bare error from deep inside h5py or Keras.
+  if _is_legacy_keras_h5(path):
+    return read_keras_h5(path)
   name = path.name
   if name.endswith(".keras"):
+    if not zipfile.is_zipfile(path):
+      raise WeightsError(
+          f"{path}: not a Keras 3 '.keras' archive (those are zip files); it is damaged, truncated or of "
+          "another format. Re-save it with model.save('x.keras'), or give the weights in another format "
+          "(.h5, .weights.h5, .npz).")
     import keras
 
-    return read_keras_model(keras.models.load_model(path, compile=False))
+    try:
+      return read_keras_model(keras.models.load_model(path, compile=False))
+    except Exception as e:  # Keras raises many types (ValueError, TypeError, KeyError...) for bad archives.
+      raise WeightsError(f"{path}: Keras cannot load this '.keras' file ({_first_line(e)}).") from None
   if name.endswith(".weights.h5"):
+    _check_hdf5(path)
     try:
       return read_keras_model(_keras_mobilenet(alpha, str(path)))
     except ValueError as e:
-      raise WeightsError(f"{path}: does not load into a Keras MobileNetV2 with alpha={alpha} ({e}). "
-                         "Check config.model.alpha against the file.") from None
+      found = _keras3_weights_alphas(path)
+      hint = (f" Its first convolution looks like alpha={' or '.join(map(str, found))}." if found
+              and alpha not in found else "")
+      raise WeightsError(f"{path}: does not load into a Keras MobileNetV2 with alpha={alpha} "
+                         f"({_first_line(e)}).{hint} Check config.model.alpha against the file.") from None
+  if zipfile.is_zipfile(path):
+    raise WeightsError(f"{path}: is a zip archive, not an HDF5 weight file: a Keras 3 model saved as "
+                       "'.keras'? Name it with the '.keras' suffix.")
   return read_keras_h5(path)
+
+
+def _first_line(error: Exception) -> str:
+  """The first line of an error message (Keras appends whole arrays to its weight-loading errors)."""
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  if not lines:
+    return type(error).__name__
+  text = lines[0]
+  if text.endswith(":") and len(lines) > 1:  # "Example error message for object <Conv2D ...>:", then why.
+    text += " " + lines[1].split(" Target variable:")[0]
+  return text[:500]
+
+
+def _check_hdf5(path: Path) -> None:
+  """Raises WeightsError unless ``path`` is a readable HDF5 file."""
+  import h5py  # Only needed for this file format.
+
+  try:
+    with h5py.File(path, "r"):
+      pass
+  except OSError as e:
+    raise _unreadable_hdf5(path, e) from None
+
+
+def _unreadable_hdf5(path: Path, error: Exception) -> WeightsError:
+  return WeightsError(f"{path}: cannot read as an HDF5 weight file ({error}); the file is damaged, "
+                      "truncated or of another format. Download or export it again.")
+
+
+def _is_legacy_keras_h5(path: Path) -> bool:
+  """Whether ``path`` is an HDF5 file in the legacy Keras layout (a 'layer_names' attribute)."""
+  import h5py  # Only needed for this file format.
+
+  if not h5py.is_hdf5(path):
+    return False
+  try:
+    with h5py.File(path, "r") as f:
+      group = f["model_weights"] if "model_weights" in f else f
+      return "layer_names" in group.attrs
+  except OSError:
+    return False  # Damaged: reported by the reader the name selects.
+
+
+def _keras3_weights_alphas(path: Path) -> list[float]:
+  """The ImageNet alphas whose ``Conv1`` width matches the 3x3x3 kernel of a Keras 3 ``.weights.h5`` file."""
+  import h5py  # Only needed for this file format.
+
+  widths = set()
+
+  def visit(_: str, item: Any) -> None:
+    if isinstance(item, h5py.Dataset) and item.ndim == 4 and item.shape[:3] == (3, 3, 3):
+      widths.add(item.shape[3])
+
+  try:
+    with h5py.File(path, "r") as f:
+      f.visititems(visit)
+  except OSError:
+    return []
+  return [a for a in IMAGENET_ALPHAS if make_divisible(32 * a) in widths]
 
 
 def encoder_template(alpha: float) -> Variables:
@@ -275,6 +358,7 @@ def save_encoder_variables(path: str | os.PathLike, variables: Variables, alpha:
   """Writes converted encoder variables as ``.npz`` (atomically: temporary file, then rename)."""
   flat = flax.traverse_util.flatten_dict(jax.device_get(variables), sep="/")
   path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)  # As the other writers do (e.g. runs/encoder.npz).
   tmp = path.with_name(path.name + ".tmp.npz")
   np.savez(tmp, __alpha__=np.float64(alpha), **{k: np.asarray(v) for k, v in flat.items()})
   os.replace(tmp, path)
@@ -285,20 +369,33 @@ def load_converted_encoder(path: str | os.PathLike, alpha: float) -> Variables:
   path = Path(path)
   if not path.is_file():
     raise WeightsError(f"Converted encoder weight file {path} does not exist.")
-  with np.load(path) as data:
-    file_alpha = float(data["__alpha__"]) if "__alpha__" in data else None
-    flat = {k: data[k] for k in data.files if k != "__alpha__"}
+  try:
+    with np.load(path) as data:
+      file_alpha = float(data["__alpha__"]) if "__alpha__" in data else None
+      flat = {k: data[k] for k in data.files if k != "__alpha__"}
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # Not a zip of .npy arrays, or cut short.
+    raise WeightsError(
+        f"{path}: cannot read as a converted encoder .npz ({type(e).__name__}: {e}); the file is damaged, "
+        "truncated or not an .npz. Write it again with scripts/convert_keras_weights.py.") from None
+  except TypeError:  # np.load returned a single array (no context manager): a '.npy' file named '.npz'.
+    raise WeightsError(f"{path}: not an .npz archive (a single array?). Write it with "
+                       "scripts/convert_keras_weights.py.") from None
   if file_alpha is not None and abs(file_alpha - alpha) > 1e-9:
     raise WeightsError(
         f"{path} holds alpha={file_alpha} encoder weights, but config.model.alpha={alpha}. Set "
         f"config.model.alpha={file_alpha} or use weights for alpha={alpha}.")
   variables = flax.traverse_util.unflatten_dict(flat, sep="/")
-  template = encoder_template(alpha)
-  for key, leaf in flax.traverse_util.flatten_dict(template, sep="/").items():
+  template = flax.traverse_util.flatten_dict(encoder_template(alpha), sep="/")
+  for key, leaf in template.items():
     if key not in flat:
       raise WeightsError(f"{path}: '{key}' is missing.")
     if flat[key].shape != leaf.shape:
       raise WeightsError(f"{path}: '{key}' has shape {flat[key].shape}, the model expects {leaf.shape}.")
+  unexpected = sorted(set(flat) - set(template))
+  if unexpected:  # Otherwise merge_encoder_variables fails later without naming the file or the array.
+    raise WeightsError(f"{path}: holds {unexpected[:3]}{' ...' if len(unexpected) > 3 else ''}, which the "
+                       f"alpha={alpha} encoder does not have; it is not a file written by "
+                       "scripts/convert_keras_weights.py.")
   return variables
 
 

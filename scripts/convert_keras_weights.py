@@ -9,10 +9,15 @@ loads with ``config.model.encoder_weights=<output>``.
 """
 
 import sys
+from pathlib import Path
 
-from absl import app, flags
+# As in the other scripts: this checkout's petseg_jax, not whichever copy is installed.
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
 
-from petseg_jax import weights
+from absl import app, flags  # pylint: disable=g-import-not-at-top
+
+from petseg_jax import weights  # pylint: disable=g-import-not-at-top
 
 FLAGS = flags.DEFINE_string("source", None, "Keras weight file, or 'imagenet'.", required=True)
 ALPHA = flags.DEFINE_float("alpha", 1.0, "MobileNetV2 width multiplier of the weights.")

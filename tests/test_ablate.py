@@ -79,6 +79,15 @@ def test_apply_overrides_checks_keys_and_types():
     ablation.apply_overrides(base, {"model": 1})
 
 
+def test_unusable_model_values_fail_their_variant_at_planning():
+  sweep = ablation.validate_sweep({"variants": {"ok": {}, "zero_width": {"model.alpha": 0.0},
+                                                "three_blocks": {"model.decoder_filters": [8, 8, 8]}}})
+  errors = {run.variant: error for run, _, error in ablation.plan_runs(SYNTHETIC, sweep)}
+  assert errors["ok"] == ""
+  assert errors["zero_width"].startswith("variant 'zero_width': config.model.alpha=0.0 must be a positive")
+  assert "config.model.decoder_filters=(8, 8, 8) must be 4 positive integers" in errors["three_blocks"]
+
+
 def test_parse_override():
   assert ablation.parse_override("train.num_epochs=3") == ("train.num_epochs", 3)
   assert ablation.parse_override("data.train_split=train[:80%]") == ("data.train_split", "train[:80%]")

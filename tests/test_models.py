@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import zipfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -127,6 +128,44 @@ def test_tap_resolutions_at_128():
 def test_input_size_not_divisible_by_32_is_a_clear_error():
   with pytest.raises(ValueError, match="divisible by 32"):
     MobileNetV2Encoder(0.35).init(jax.random.key(0), jnp.zeros((1, 100, 100, 3)))
+  with pytest.raises(ValueError, match="positive height and width.*0x0"):
+    jax.eval_shape(MobileNetV2Encoder(0.35).init, jax.random.key(0), jnp.zeros((1, 0, 0, 3)))
+
+
+@pytest.mark.parametrize("field,value", [
+    ("alpha", 0.0), ("alpha", -1.0), ("num_classes", 0), ("decoder_filters", (64, 32, 16, 0)),
+    ("decoder_filters", (64, 32, 16)), ("dropout", 1.0), ("dropout", -0.1), ("decoder_bn_momentum", 1.5),
+    ("conv_impl", "fastest"), ("dtype", "float16"),
+])
+def test_unusable_model_config_names_the_field(field, value):
+  from configs import default  # pylint: disable=g-import-not-at-top
+  from petseg_jax import models  # pylint: disable=g-import-not-at-top
+  config = default.get_config()
+  config.model[field] = value
+  with pytest.raises(ValueError, match=rf"config\.model\.{field}="):
+    models.create_model(config.model)
+
+
+def test_training_reports_unusable_model_config_as_config_error():
+  from configs import default  # pylint: disable=g-import-not-at-top
+  from petseg_jax import train  # pylint: disable=g-import-not-at-top
+  config = default.get_config()
+  config.data.source = "synthetic"
+  config.model.alpha = 0.0
+  with pytest.raises(train.ConfigError, match=r"config\.model\.alpha=0\.0"):  # One line in scripts/train.py.
+    train.validate_config(config, num_devices=1)
+
+
+def test_model_config_variants_build():
+  from configs import default  # pylint: disable=g-import-not-at-top
+  from petseg_jax import models  # pylint: disable=g-import-not-at-top
+  config = default.get_config()
+  config.model.update(alpha=0.75, num_classes=5, decoder_filters=(64, 32, 16, 8), dtype="bfloat16",
+                      dropout=0.5)
+  model = models.create_model(config.model)
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 96, 160, 3)))  # Non-square works.
+  logits = jax.eval_shape(model.apply, shapes, jnp.zeros((2, 96, 160, 3)))
+  assert logits.shape == (2, 96, 160, 5) and logits.dtype == jnp.float32
 
 
 # ----------------------------------------------------------------------------- whole U-Net == Keras tutorial
@@ -237,6 +276,72 @@ def test_converted_npz_roundtrip_and_alpha_check(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, loaded, variables)
   with pytest.raises(weights.WeightsError, match="alpha=0.35.*config.model.alpha=1.0"):
     weights.load_encoder_variables(str(path), 1.0)
+
+
+@pytest.mark.parametrize("name", ["enc.h5", "enc.weights.h5", "enc.keras", "enc.npz"])
+@pytest.mark.parametrize("content", ["text", "truncated"])
+def test_unreadable_weight_files_are_named_with_the_way_out(tmp_path, name, content):
+  if not WEIGHTS_035.exists():
+    pytest.skip("shared weights not found")
+  path = tmp_path / name
+  if content == "text":
+    path.write_text("not weights")
+  else:  # The first half of a real file of that format.
+    source = weights.BUNDLED_ENCODER_WEIGHTS if name.endswith(".npz") else WEIGHTS_035
+    data = Path(source).read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+  with pytest.raises(weights.WeightsError, match=rf"(?s){path}.*(damaged|truncated).*(again|Re-save)"):
+    weights.load_encoder_variables(str(path), 0.35)
+
+
+def test_legacy_h5_under_keras3_names_and_zip_under_h5_name(tmp_path):
+  if not WEIGHTS_035.exists():
+    pytest.skip("shared weights not found")
+  expected = weights.encoder_variables_from_keras(str(WEIGHTS_035), 0.35)
+  for name in ("enc.weights.h5", "enc.keras"):  # Legacy files are read by content, whatever the suffix.
+    path = tmp_path / name
+    path.write_bytes(WEIGHTS_035.read_bytes())
+    jax.tree.map(np.testing.assert_array_equal, weights.load_encoder_variables(str(path), 0.35), expected)
+  zipped = tmp_path / "model.h5"
+  with zipfile.ZipFile(zipped, "w") as z:
+    z.writestr("config.json", "{}")
+  with pytest.raises(weights.WeightsError, match=r"zip archive.*'\.keras' suffix"):
+    weights.load_encoder_variables(str(zipped), 0.35)
+  with pytest.raises(weights.WeightsError, match="is a directory"):
+    weights.load_encoder_variables(str(tmp_path), 0.35)
+
+
+def test_keras3_weights_file_of_another_alpha_says_which(tmp_path):
+  keras = pytest.importorskip("keras")
+  path = tmp_path / "enc.weights.h5"
+  keras.applications.MobileNetV2(input_shape=(96, 96, 3), alpha=1.0, include_top=False,
+                                 weights=None).save_weights(path)
+  with pytest.raises(weights.WeightsError) as info:
+    weights.load_encoder_variables(str(path), 0.35)
+  message = str(info.value)
+  assert str(path) in message and "looks like alpha=1.0" in message and "config.model.alpha" in message
+  assert "value=[" not in message and len(message) < 1000  # Keras' message dumps whole arrays.
+
+
+def test_npz_with_foreign_arrays_is_refused(tmp_path):
+  variables = _random_variables(MobileNetV2Encoder(0.35), (1, 32, 32, 3), seed=3)
+  path = tmp_path / "enc.npz"
+  weights.save_encoder_variables(path, {**variables, "extra": {"x": np.zeros(3)}}, 0.35)
+  with pytest.raises(weights.WeightsError, match=r"enc.npz: holds \['extra/x'\]"):
+    weights.load_encoder_variables(str(path), 0.35)
+
+
+def test_convert_script_writes_loadable_npz_into_a_new_directory(tmp_path, monkeypatch):
+  if not WEIGHTS_035.exists():
+    pytest.skip("shared weights not found")
+  from tests import trained_run  # pylint: disable=g-import-not-at-top
+  monkeypatch.delenv("PYTHONPATH", raising=False)  # The script must find this checkout by itself.
+  output = tmp_path / "new_dir" / "enc.npz"
+  (result,) = trained_run.run_scripts(
+      ("convert_keras_weights.py", "--source", WEIGHTS_035, "--alpha", 0.35, "--output", output))
+  assert result.returncode == 0, result.stderr
+  jax.tree.map(np.testing.assert_array_equal, weights.load_encoder_variables(str(output), 0.35),
+               weights.load_encoder_variables(weights.BUNDLED_ENCODER_WEIGHTS, 0.35))
 
 
 def test_bundled_weights_equal_the_keras_file():

@@ -2,20 +2,57 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import jax.numpy as jnp
 import ml_collections
 
-from petseg_jax.models.layers import ConvTranspose3x3s2, DepthwiseConv3x3
+from petseg_jax.models.layers import IMPLS, ConvTranspose3x3s2, DepthwiseConv3x3
 from petseg_jax.models.mobilenet_v2 import TAP_NAMES, MobileNetV2Encoder, make_divisible
 from petseg_jax.models.unet import Decoder, UNet, UpsampleBlock
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
+def _is_int(value) -> bool:
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_model_config(model_config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the first ``config.model`` field that cannot describe a U-Net.
+
+  Without it, alpha <= 0 or a filter count <= 0 silently builds a degenerate network, num_classes=0 fails
+  deep inside the initializer (ZeroDivisionError) and dropout >= 1 zeroes the decoder.
+  """
+  m = model_config
+  if m.dtype not in DTYPES:
+    raise ValueError(f"config.model.dtype={m.dtype!r}; expected one of {sorted(DTYPES)}")
+  if m.conv_impl not in IMPLS:
+    raise ValueError(f"config.model.conv_impl={m.conv_impl!r}; expected one of {IMPLS}")
+  if (not isinstance(m.alpha, numbers.Real) or isinstance(m.alpha, bool) or not math.isfinite(m.alpha)
+      or m.alpha <= 0):
+    raise ValueError(f"config.model.alpha={m.alpha!r} must be a positive width multiplier (Keras publishes "
+                     "ImageNet weights for 0.35, 0.5, 0.75, 1.0, 1.3, 1.4).")
+  if not _is_int(m.num_classes) or m.num_classes < 1:
+    raise ValueError(f"config.model.num_classes={m.num_classes!r} must be a positive integer.")
+  filters = tuple(m.decoder_filters)
+  if len(filters) != len(TAP_NAMES) - 1 or not all(_is_int(f) and f > 0 for f in filters):
+    raise ValueError(f"config.model.decoder_filters={filters!r} must be {len(TAP_NAMES) - 1} positive "
+                     "integers, one per upsampling block (e.g. (512, 256, 128, 64)).")
+  if not 0 <= m.dropout < 1:
+    raise ValueError(f"config.model.dropout={m.dropout!r} must be in [0, 1).")
+  if not 0 <= m.decoder_bn_momentum <= 1:
+    raise ValueError(f"config.model.decoder_bn_momentum={m.decoder_bn_momentum!r} must be in [0, 1].")
+
+
 def create_model(model_config: ml_collections.ConfigDict, bn_axis_name: str | None = None) -> UNet:
-  """Builds the ``UNet`` described by ``config.model``."""
-  if model_config.dtype not in DTYPES:
-    raise ValueError(f"config.model.dtype={model_config.dtype!r}; expected one of {sorted(DTYPES)}")
+  """Builds the ``UNet`` described by ``config.model``.
+
+  Raises:
+    ValueError: a field that cannot describe a U-Net (``check_model_config``), named with its value.
+  """
+  check_model_config(model_config)
   return UNet(
       num_classes=model_config.num_classes,
       alpha=model_config.alpha,
@@ -29,5 +66,5 @@ def create_model(model_config: ml_collections.ConfigDict, bn_axis_name: str | No
 
 __all__ = [
     "ConvTranspose3x3s2", "Decoder", "DepthwiseConv3x3", "MobileNetV2Encoder", "TAP_NAMES", "UNet",
-    "UpsampleBlock", "create_model", "make_divisible",
+    "UpsampleBlock", "check_model_config", "create_model", "make_divisible",
 ]

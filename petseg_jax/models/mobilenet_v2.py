@@ -99,9 +99,9 @@ class MobileNetV2Encoder(nn.Module):
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> dict[str, Array]:
     height, width = x.shape[1:3]
-    if height % 32 or width % 32:
+    if height % 32 or width % 32 or height <= 0 or width <= 0:
       raise ValueError(
-          f"MobileNetV2Encoder needs height and width divisible by 32; got {height}x{width}. "
+          f"MobileNetV2Encoder needs positive height and width divisible by 32; got {height}x{width}. "
           "Resize the input (config.data.image_size).")
     taps = {}
     x = Conv(make_divisible(32 * self.alpha), 3, strides=2, padding="same", impl=self.impl, dtype=self.dtype,
