@@ -276,10 +276,8 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
   if model.num_classes != len(metrics_lib.CLASS_NAMES):
     raise ConfigError(f"config.model.num_classes={model.num_classes!r}: the data has "
                       f"{len(metrics_lib.CLASS_NAMES)} classes {metrics_lib.CLASS_NAMES}.")
-  if model.dtype not in models.DTYPES:
-    raise ConfigError(f"config.model.dtype={model.dtype!r} is not one of {tuple(models.DTYPES)}.")
   try:
-    models.check_model_config(model)  # alpha, decoder_filters, dropout...: before anything is written.
+    models.check_model_config(model)  # dtype, alpha, decoder_filters, dropout...
   except ValueError as e:
     raise ConfigError(str(e)) from None
   for key in ("batch_size", "checkpoint_every_steps", "log_every_steps", "eval_every_epochs",
