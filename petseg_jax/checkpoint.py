@@ -137,6 +137,22 @@ class Checkpointer:
                      force=True)
       _empty_trash(self.workdir / BEST_DIR)
 
+  def discard_best_after(self, step: int) -> int | None:
+    """Deletes a best checkpoint of a step after ``step`` (where a run starts); returns its step or None.
+
+    Such a checkpoint belongs to an attempt that was killed before its next periodic checkpoint (or to an
+    earlier run in this workdir, when starting afresh at step 0): the steps after ``step`` are trained
+    again, and its mIoU, possibly of another config, must neither stay the bar they have to beat nor be
+    what ``--checkpoint best`` restores.
+    """
+    best = self.best.best_step()
+    if best is None or best <= step:
+      return None
+    for stale in self.best.all_steps():  # At most one (max_to_keep=1); all, to be sure none is left.
+      self.best.delete(stale)
+    _empty_trash(self.workdir / BEST_DIR)
+    return best
+
   def restore_latest(self, target_state: Any) -> Any:
     return _restore_into(self.latest, self.latest.latest_step(), target_state)
 

@@ -600,8 +600,14 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, ckpt: checkpoint.Ch
     state = ckpt.restore_latest(state)
     logging.info("Resuming from %s at step %d.", workdir / checkpoint.LATEST_DIR, resume_step)
   checkpoint.write_config(workdir, config)
-  # Records after the starting step belong to a crashed attempt; they are redone.
+  # Records after the starting step belong to a crashed attempt; they are redone. So is its best checkpoint
+  # (else its mIoU stays the bar, and `--checkpoint best` may restore a model of another config).
   records = _truncate_metrics(workdir, resume_step or 0)
+  stale_best = ckpt.discard_best_after(resume_step or 0)
+  if stale_best is not None:
+    logging.warning("Deleted the best checkpoint of step %d in %s: it is after the starting step %d (an "
+                    "attempt that did not checkpoint that far); the evaluations from there are redone.",
+                    stale_best, workdir / checkpoint.BEST_DIR, resume_step or 0)
 
   def is_eval_step(step: int) -> bool:
     return step == total_steps or (

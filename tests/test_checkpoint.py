@@ -79,6 +79,23 @@ def test_keeps_last_k_and_best(tmp_path):
   _assert_trees_equal(variables["params"], _stepped(template, 3).params)
 
 
+def test_best_checkpoint_after_the_starting_step_is_discarded(tmp_path):
+  """A run killed after a best checkpoint but before the next periodic one resumes from an earlier step."""
+  template = _tiny_state()
+  ckpt = checkpoint.Checkpointer(tmp_path, keep=2)
+  ckpt.save(_stepped(template, 2))
+  ckpt.save_best(_stepped(template, 4), 0.9)
+  ckpt.close()
+  ckpt = checkpoint.Checkpointer(tmp_path, keep=2)  # The next attempt starts at step 2.
+  assert ckpt.discard_best_after(4) is None  # Not after the starting step: kept.
+  assert ckpt.discard_best_after(2) == 4
+  assert ckpt.best_metric() is None
+  assert not list((tmp_path / checkpoint.BEST_DIR).iterdir())
+  ckpt.save_best(_stepped(template, 4), 0.5)  # The redone evaluation is the best again.
+  ckpt.close()
+  assert checkpoint.best_step(tmp_path) == 4
+
+
 def test_partially_written_checkpoint_is_never_restored(tmp_path):
   template = _tiny_state()
   ckpt = checkpoint.Checkpointer(tmp_path, keep=3)

@@ -258,6 +258,21 @@ def test_resume_after_sigterm_is_bit_identical(uninterrupted_run, tmp_path, monk
   assert [r["eval_miou"] for r in records] == [r["eval_miou"] for r in reference]
 
 
+def test_fresh_start_discards_a_best_checkpoint_left_by_an_earlier_attempt(tmp_path):
+  """An attempt killed after an evaluation but before its first periodic checkpoint (here of another model
+  entirely, with a high mIoU) leaves a best checkpoint: the run starting afresh must not keep it, neither
+  as the mIoU to beat nor as what ``--checkpoint best`` restores."""
+  workdir = tmp_path / "restarted"
+  from tests import test_checkpoint  # pylint: disable=g-import-not-at-top
+  stale = checkpoint.Checkpointer(workdir, keep=1)
+  stale.save_best(test_checkpoint._stepped(test_checkpoint._tiny_state(), 3), 0.99)  # pylint: disable=protected-access
+  stale.close()
+  train.train_and_evaluate(tiny_config(num_train_steps=STEPS_PER_EPOCH, unfreeze_after_epochs=-1), workdir)
+  assert checkpoint.best_step(workdir) == STEPS_PER_EPOCH
+  variables, _ = checkpoint.restore_variables(workdir, "best")
+  assert "decoder" in variables["params"] and "conv" not in variables["params"]["encoder"]
+
+
 def test_resume_refuses_an_incompatible_config(uninterrupted_run):
   workdir, _ = uninterrupted_run
   config = tiny_config()
