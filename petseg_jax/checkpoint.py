@@ -161,11 +161,34 @@ class Checkpointer:
     self.best.close()
 
 
+# What Orbax raises for a checkpoint whose files are missing, truncated or corrupt (from deep inside
+# TensorStore), and for one whose tree does not fit the target.
+_RESTORE_ERRORS = (ValueError, KeyError, TypeError, OSError)
+
+
+def _unreadable(manager: ocp.CheckpointManager, step: int, error: Exception) -> CheckpointError:
+  directory = Path(manager.directory) / str(step)
+  others = [s for s in manager.all_steps() if s != step]
+  return CheckpointError(
+      f"Checkpoint {directory} cannot be read: it is damaged or incompletely copied ({type(error).__name__}: "
+      f"{error}). Delete that directory to use an earlier checkpoint (other steps here: {others or 'none'}), "
+      "or copy it again.")
+
+
+def _read_raw(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
+  """The checkpoint's tree as saved, whatever the model; CheckpointError if its files cannot be read."""
+  try:
+    return manager.restore(step, args=ocp.args.StandardRestore())
+  except _RESTORE_ERRORS as e:
+    raise _unreadable(manager, step, e) from e
+
+
 def _restore_into(manager: ocp.CheckpointManager, step: int, target_state: Any) -> Any:
   target = _state_dict(target_state)
   try:
     tree = manager.restore(step, args=ocp.args.StandardRestore(target))
-  except (ValueError, KeyError, TypeError) as e:
+  except _RESTORE_ERRORS as e:
+    _read_raw(manager, step)  # A damaged checkpoint is reported as such, not as another model's.
     raise CheckpointError(
         f"Checkpoint {manager.directory / str(step)} does not fit the model/optimizer of this config "
         f"(was it written with a different model.alpha, decoder_filters, freezing or weight_decay?): "
@@ -246,7 +269,7 @@ def restore_variables(workdir: str | os.PathLike, which: str | int = "latest"
   checkpoint of any freezing/optimizer setting works.
   """
   manager, step = _locate(workdir, which)
-  tree = manager.restore(step, args=ocp.args.StandardRestore())
+  tree = _read_raw(manager, step)
   return {"params": tree["params"], "batch_stats": tree["batch_stats"]}, step
 
 

@@ -151,6 +151,33 @@ def test_restore_errors_are_clear(tmp_path):
     checkpoint.restore(tmp_path, "latest", _tiny_state(freeze=False))
 
 
+# TensorStore's reads still in flight when Orbax gives up report "Event loop is closed" from their threads.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_damaged_checkpoint_is_reported_as_damaged(tmp_path):
+  """Files truncated or missing (a disk error, an interrupted copy of the workdir): a CheckpointError naming
+  the directory and what to do, not Orbax's exception from deep inside TensorStore, nor "does not fit"."""
+  template = _tiny_state()
+  ckpt = checkpoint.Checkpointer(tmp_path, keep=3)
+  for step in (1, 2, 3):
+    ckpt.save(_stepped(template, step))
+  ckpt.close()
+  truncated = tmp_path / checkpoint.LATEST_DIR / "3"
+  for path in truncated.rglob("*"):
+    if path.is_file() and path.parent.name == "d":  # The array data.
+      path.write_bytes(b"")
+  missing = tmp_path / checkpoint.LATEST_DIR / "2"
+  (missing / "default" / "_METADATA").unlink()
+  for damaged in (truncated, missing):
+    with pytest.raises(checkpoint.CheckpointError,
+                       match=f"Checkpoint {damaged} cannot be read: it is damaged.*Delete that directory"):
+      checkpoint.restore_variables(tmp_path, int(damaged.name))
+    with pytest.raises(checkpoint.CheckpointError, match=f"Checkpoint {damaged} cannot be read"):
+      checkpoint.restore(tmp_path, int(damaged.name), template)
+  with pytest.raises(checkpoint.CheckpointError, match=r"other steps here: \[1, 2\]"):
+    checkpoint.Checkpointer(tmp_path, keep=3).restore_latest(template)  # What resuming does.
+  assert checkpoint.restore(tmp_path, 1, template).step == 1
+
+
 def test_workdir_lock(tmp_path):
   with checkpoint.lock_workdir(tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match=f"in use by another training process \\(pid {os.getpid()}\\)"):
