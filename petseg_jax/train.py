@@ -294,6 +294,13 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
     raise ConfigError(f"config.train.class_weights={tuple(tc.class_weights)} must be () or "
                       f"{model.num_classes} numbers, one per class {metrics_lib.CLASS_NAMES}.")
   try:
+    # The loss checks the values too, but only when the first step is traced: after the workdir is made.
+    losses._class_weight_array(tuple(tc.class_weights), model.num_classes)  # pylint: disable=protected-access
+  except ValueError as e:
+    raise ConfigError(f"config.train.{e}") from e
+  if not tc.weight_decay >= 0:  # A negative decay would silently grow the weights (NaN: never decay).
+    raise ConfigError(f"config.train.weight_decay={tc.weight_decay!r} must be >= 0 (0: Adam, > 0: AdamW).")
+  try:
     optim.compile_patterns(tc.frozen_params)
   except ValueError as e:
     raise ConfigError(str(e)) from e

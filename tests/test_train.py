@@ -378,6 +378,19 @@ def test_initializer_compiled_faster_gives_the_default_compilations_bits():
 
 # --- schedule and optimizer -----------------------------------------------------------------------------
 
+@pytest.mark.parametrize("key, value, message", [
+    ("class_weights", (-1.0, 1.0, 1.0), r"config\.train\.class_weights=\(-1\.0, 1\.0, 1\.0\) must be 3 finite "
+     "non-negative"),
+    ("class_weights", (float("nan"), 1.0, 1.0), r"config\.train\.class_weights=\(nan"),
+    ("weight_decay", -1e-4, r"config\.train\.weight_decay=-0\.0001 must be >= 0"),
+])
+def test_bad_loss_and_optimizer_values_are_config_errors(key, value, message):
+  """Refused with the other config checks, before a workdir is made (the loss's own check of the class
+  weights would raise only when the first step is traced; a negative decay would not raise at all)."""
+  with pytest.raises(train.ConfigError, match=message):
+    train.validate_config(tiny_config(**{key: value}), num_devices=1)
+
+
 def test_learning_rate_schedules():
   config = tiny_config(learning_rate=0.01, warmup_steps=10)
   constant = train.create_learning_rate_fn(config.train, 100)
