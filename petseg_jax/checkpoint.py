@@ -40,9 +40,11 @@ TRASH_DIR = "trash"
 BEST_METRIC = "eval_miou"
 
 # Config keys that must agree between a run and the checkpoints it resumes: they fix the parameter and
-# optimizer-state shapes or the batch layout of the data order.
+# optimizer-state shapes or the batch layout of the data order. The seed fixes the initialization, the data
+# order and the dropout masks: resumed with another, a run would be neither seed's (and config.json, rewritten
+# on resume, would claim the new one).
 RESUME_KEYS = (
-    "model.num_classes", "model.alpha", "model.decoder_filters", "model.freeze_encoder",
+    "seed", "model.num_classes", "model.alpha", "model.decoder_filters", "model.freeze_encoder",
     "data.image_size", "train.batch_size", "train.frozen_params", "train.unfreeze_after_epochs",
 )
 

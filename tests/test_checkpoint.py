@@ -206,4 +206,8 @@ def test_resume_config_check(tmp_path):
   config.data.image_size = 128
   with pytest.raises(checkpoint.CheckpointError, match=r"model\.alpha: saved 0\.35, now 1\.0.*data\.image_size"):
     checkpoint.check_resume_config(tmp_path, config)
+  config.model.alpha, config.data.image_size = 0.35, 64
+  config.seed = 1  # Another seed's data order and dropout from here on: neither seed's run.
+  with pytest.raises(checkpoint.CheckpointError, match=r"seed: saved 0, now 1"):
+    checkpoint.check_resume_config(tmp_path, config)
   assert checkpoint.read_config(tmp_path).model.alpha == 0.35
