@@ -454,7 +454,8 @@ def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
   evaluation it belonged to is redone on resume).
 
   Raises:
-    ValueError: another line is not valid JSON (the message names the file and line).
+    checkpoint.CheckpointError: another line is not valid JSON (the message names the file and line). A
+      ValueError, so that scripts/train.py reports it as one line, without a traceback.
   """
   path = Path(workdir) / METRICS_FILE
   if not path.exists():
@@ -470,7 +471,8 @@ def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
     try:
       records.append(json.loads(line))
     except json.JSONDecodeError as e:
-      raise ValueError(f"{path}, line {number}: not a JSON record ({e}). Remove or repair that line.") from e
+      raise checkpoint.CheckpointError(
+          f"{path}, line {number}: not a JSON record ({e}). Remove or repair that line.") from e
   return records
 
 
@@ -584,7 +586,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   if not resuming and config.model.init_from:
     state = load_init_from(state, config.model.init_from, init_from)
 
-  workdir.mkdir(parents=True, exist_ok=True)
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+  except OSError as e:  # A path below a file, no permission, a read-only disk.
+    raise checkpoint.CheckpointError(f"Cannot create the workdir {workdir} ({e}); pass another --workdir.") from e
   with checkpoint.lock_workdir(workdir):
     ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep_checkpoints)
     try:

@@ -7,6 +7,7 @@ session's persistent compilation cache (tests/conftest.py) compiles runs with th
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -325,6 +326,27 @@ def _run_cli(*args, env_extra=None, timeout=600):
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", **(env_extra or {}))
   return subprocess.run([sys.executable, str(TRAIN_SCRIPT), *map(str, args)], capture_output=True, text=True,
                         cwd=REPO_ROOT, env=env, timeout=timeout)
+
+
+def test_cli_reports_an_unusable_workdir_and_a_corrupt_metrics_file_without_a_traceback(
+    uninterrupted_run, tmp_path):
+  """A --workdir that cannot be created, and a finished run whose metrics.jsonl has a damaged line (the resume
+  reads it first): one ``error:`` line naming the path, exit code 1."""
+  (tmp_path / "file").write_text("")
+  damaged = tmp_path / "damaged"
+  shutil.copytree(uninterrupted_run[0], damaged)
+  lines = (damaged / train.METRICS_FILE).read_text().splitlines(keepends=True)
+  (damaged / train.METRICS_FILE).write_text("{oops\n" + "".join(lines))
+  overrides = [f"--config.{key}={value}" for key, value in (
+      ("data.image_size", 32), ("data.num_synthetic_train", 64), ("data.num_synthetic_eval", 12),
+      ("train.batch_size", 8), ("train.num_epochs", 2), ("train.unfreeze_after_epochs", 1),
+      ("train.encoder_lr_multiplier", 0.5))]
+  for workdir, message in ((tmp_path / "file" / "run", f"Cannot create the workdir {tmp_path / 'file' / 'run'}"),
+                           (damaged, f"{damaged / train.METRICS_FILE}, line 1: not a JSON record")):
+    proc = _run_cli("--config", REPO_ROOT / "configs" / "synthetic.py", "--workdir", workdir, *overrides)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert f"error: {message}" in proc.stderr, proc.stderr[-3000:]
 
 
 def test_cli_config_typo_names_the_key(tmp_path):
