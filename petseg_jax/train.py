@@ -304,6 +304,9 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
     optim.compile_patterns(tc.frozen_params)
   except ValueError as e:
     raise ConfigError(str(e)) from e
+  if model.freeze_encoder and not tc.frozen_params:  # Else the "frozen" encoder silently trains in full.
+    raise ConfigError("config.model.freeze_encoder=True but config.train.frozen_params=() freezes nothing; "
+                      "set frozen_params (e.g. ('encoder/.*',)), or model.freeze_encoder=False to train all.")
   if not tc.learning_rate > 0 or tc.encoder_lr_multiplier < 0:
     raise ConfigError(f"config.train.learning_rate={tc.learning_rate!r} must be > 0 and "
                       f"encoder_lr_multiplier={tc.encoder_lr_multiplier!r} >= 0.")

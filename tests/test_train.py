@@ -405,10 +405,12 @@ def test_initializer_compiled_faster_gives_the_default_compilations_bits():
      "non-negative"),
     ("class_weights", (float("nan"), 1.0, 1.0), r"config\.train\.class_weights=\(nan"),
     ("weight_decay", -1e-4, r"config\.train\.weight_decay=-0\.0001 must be >= 0"),
+    # With model.freeze_encoder=True (the tiny config's): the encoder would train, BatchNorm and all.
+    ("frozen_params", (), r"freeze_encoder=True but config\.train\.frozen_params=\(\) freezes nothing"),
 ])
 def test_bad_loss_and_optimizer_values_are_config_errors(key, value, message):
   """Refused with the other config checks, before a workdir is made (the loss's own check of the class
-  weights would raise only when the first step is traced; a negative decay would not raise at all)."""
+  weights would raise only when the first step is traced; the others would not raise at all)."""
   with pytest.raises(train.ConfigError, match=message):
     train.validate_config(tiny_config(**{key: value}), num_devices=1)
 
