@@ -383,11 +383,16 @@ def read_status(workdir: str | os.PathLike) -> dict[str, Any]:
 
 
 def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
-  """The evaluation records of a run's ``metrics.jsonl``, oldest first."""
+  """The evaluation records of a run's ``metrics.jsonl``, oldest first.
+
+  As ``train.read_metrics`` (not imported: it imports JAX): a last line without its newline is the record a
+  killed run was appending, redone when it resumes, and skipped.
+  """
   path = Path(workdir) / METRICS_FILE
   if not path.exists():
     return []
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  lines = path.read_text().split("\n")[:-1]  # The text after the last newline is empty or unterminated.
+  return [json.loads(line) for line in lines if line.strip()]
 
 
 def train_from_spec(workdir: str | os.PathLike) -> None:

@@ -40,9 +40,11 @@ TRASH_DIR = "trash"
 BEST_METRIC = "eval_miou"
 
 # Config keys that must agree between a run and the checkpoints it resumes: they fix the parameter and
-# optimizer-state shapes or the batch layout of the data order.
+# optimizer-state shapes or the batch layout of the data order. The seed fixes the initialization, the data
+# order and the dropout masks: resumed with another, a run would be neither seed's (and config.json, rewritten
+# on resume, would claim the new one).
 RESUME_KEYS = (
-    "model.num_classes", "model.alpha", "model.decoder_filters", "model.freeze_encoder",
+    "seed", "model.num_classes", "model.alpha", "model.decoder_filters", "model.freeze_encoder",
     "data.image_size", "train.batch_size", "train.frozen_params", "train.unfreeze_after_epochs",
 )
 
@@ -137,6 +139,22 @@ class Checkpointer:
                      force=True)
       _empty_trash(self.workdir / BEST_DIR)
 
+  def discard_best_after(self, step: int) -> int | None:
+    """Deletes a best checkpoint of a step after ``step`` (where a run starts); returns its step or None.
+
+    Such a checkpoint belongs to an attempt that was killed before its next periodic checkpoint (or to an
+    earlier run in this workdir, when starting afresh at step 0): the steps after ``step`` are trained
+    again, and its mIoU, possibly of another config, must neither stay the bar they have to beat nor be
+    what ``--checkpoint best`` restores.
+    """
+    best = self.best.best_step()
+    if best is None or best <= step:
+      return None
+    for stale in self.best.all_steps():  # At most one (max_to_keep=1); all, to be sure none is left.
+      self.best.delete(stale)
+    _empty_trash(self.workdir / BEST_DIR)
+    return best
+
   def restore_latest(self, target_state: Any) -> Any:
     return _restore_into(self.latest, self.latest.latest_step(), target_state)
 
@@ -145,11 +163,34 @@ class Checkpointer:
     self.best.close()
 
 
+# What Orbax raises for a checkpoint whose files are missing, truncated or corrupt (from deep inside
+# TensorStore), and for one whose tree does not fit the target.
+_RESTORE_ERRORS = (ValueError, KeyError, TypeError, OSError)
+
+
+def _unreadable(manager: ocp.CheckpointManager, step: int, error: Exception) -> CheckpointError:
+  directory = Path(manager.directory) / str(step)
+  others = [s for s in manager.all_steps() if s != step]
+  return CheckpointError(
+      f"Checkpoint {directory} cannot be read: it is damaged or incompletely copied ({type(error).__name__}: "
+      f"{error}). Delete that directory to use an earlier checkpoint (other steps here: {others or 'none'}), "
+      "or copy it again.")
+
+
+def _read_raw(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
+  """The checkpoint's tree as saved, whatever the model; CheckpointError if its files cannot be read."""
+  try:
+    return manager.restore(step, args=ocp.args.StandardRestore())
+  except _RESTORE_ERRORS as e:
+    raise _unreadable(manager, step, e) from e
+
+
 def _restore_into(manager: ocp.CheckpointManager, step: int, target_state: Any) -> Any:
   target = _state_dict(target_state)
   try:
     tree = manager.restore(step, args=ocp.args.StandardRestore(target))
-  except (ValueError, KeyError, TypeError) as e:
+  except _RESTORE_ERRORS as e:
+    _read_raw(manager, step)  # A damaged checkpoint is reported as such, not as another model's.
     raise CheckpointError(
         f"Checkpoint {manager.directory / str(step)} does not fit the model/optimizer of this config "
         f"(was it written with a different model.alpha, decoder_filters, freezing or weight_decay?): "
@@ -230,7 +271,7 @@ def restore_variables(workdir: str | os.PathLike, which: str | int = "latest"
   checkpoint of any freezing/optimizer setting works.
   """
   manager, step = _locate(workdir, which)
-  tree = manager.restore(step, args=ocp.args.StandardRestore())
+  tree = _read_raw(manager, step)
   return {"params": tree["params"], "batch_stats": tree["batch_stats"]}, step
 
 

@@ -296,9 +296,19 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
     raise ConfigError(f"config.train.class_weights={tuple(tc.class_weights)} must be () or "
                       f"{model.num_classes} numbers, one per class {metrics_lib.CLASS_NAMES}.")
   try:
+    # The loss checks the values too, but only when the first step is traced: after the workdir is made.
+    losses._class_weight_array(tuple(tc.class_weights), model.num_classes)  # pylint: disable=protected-access
+  except ValueError as e:
+    raise ConfigError(f"config.train.{e}") from e
+  if not tc.weight_decay >= 0:  # A negative decay would silently grow the weights (NaN: never decay).
+    raise ConfigError(f"config.train.weight_decay={tc.weight_decay!r} must be >= 0 (0: Adam, > 0: AdamW).")
+  try:
     optim.compile_patterns(tc.frozen_params)
   except ValueError as e:
     raise ConfigError(str(e)) from e
+  if model.freeze_encoder and not tc.frozen_params:  # Else the "frozen" encoder silently trains in full.
+    raise ConfigError("config.model.freeze_encoder=True but config.train.frozen_params=() freezes nothing; "
+                      "set frozen_params (e.g. ('encoder/.*',)), or model.freeze_encoder=False to train all.")
   if not tc.learning_rate > 0 or tc.encoder_lr_multiplier < 0:
     raise ConfigError(f"config.train.learning_rate={tc.learning_rate!r} must be > 0 and "
                       f"encoder_lr_multiplier={tc.encoder_lr_multiplier!r} >= 0.")
@@ -449,7 +459,8 @@ def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
   evaluation it belonged to is redone on resume).
 
   Raises:
-    ValueError: another line is not valid JSON (the message names the file and line).
+    checkpoint.CheckpointError: another line is not valid JSON (the message names the file and line). A
+      ValueError, so that scripts/train.py reports it as one line, without a traceback.
   """
   path = Path(workdir) / METRICS_FILE
   if not path.exists():
@@ -465,7 +476,8 @@ def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
     try:
       records.append(json.loads(line))
     except json.JSONDecodeError as e:
-      raise ValueError(f"{path}, line {number}: not a JSON record ({e}). Remove or repair that line.") from e
+      raise checkpoint.CheckpointError(
+          f"{path}, line {number}: not a JSON record ({e}). Remove or repair that line.") from e
   return records
 
 
@@ -579,7 +591,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   if not resuming and config.model.init_from:
     state = load_init_from(state, config.model.init_from, init_from)
 
-  workdir.mkdir(parents=True, exist_ok=True)
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+  except OSError as e:  # A path below a file, no permission, a read-only disk.
+    raise checkpoint.CheckpointError(f"Cannot create the workdir {workdir} ({e}); pass another --workdir.") from e
   with checkpoint.lock_workdir(workdir):
     ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep_checkpoints)
     try:
@@ -602,8 +617,14 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, ckpt: checkpoint.Ch
     state = ckpt.restore_latest(state)
     logging.info("Resuming from %s at step %d.", workdir / checkpoint.LATEST_DIR, resume_step)
   checkpoint.write_config(workdir, config)
-  # Records after the starting step belong to a crashed attempt; they are redone.
+  # Records after the starting step belong to a crashed attempt; they are redone. So is its best checkpoint
+  # (else its mIoU stays the bar, and `--checkpoint best` may restore a model of another config).
   records = _truncate_metrics(workdir, resume_step or 0)
+  stale_best = ckpt.discard_best_after(resume_step or 0)
+  if stale_best is not None:
+    logging.warning("Deleted the best checkpoint of step %d in %s: it is after the starting step %d (an "
+                    "attempt that did not checkpoint that far); the evaluations from there are redone.",
+                    stale_best, workdir / checkpoint.BEST_DIR, resume_step or 0)
 
   def is_eval_step(step: int) -> bool:
     return step == total_steps or (

@@ -114,6 +114,17 @@ def tiny_sweep(tmp_path_factory):
   return {"sweep": sweep, "workdir": workdir, "results": results, "paths": paths, "logs": logs}
 
 
+def test_metrics_of_a_run_killed_while_appending_a_record(tmp_path):
+  """The half-written last line of a SIGKILLed run is skipped (as train.read_metrics does), so that the
+  sweep run again resumes it instead of failing on its status."""
+  (tmp_path / ablation.METRICS_FILE).write_text('{"step": 4, "epoch": 1.0}\n{"step": 8, "ep')
+  assert ablation.read_metrics(tmp_path) == [{"step": 4, "epoch": 1.0}]
+  (tmp_path / ablation.CONFIG_FILE).write_text(json.dumps({"train": {"num_train_steps": 8, "num_epochs": 2}}))
+  assert not ablation.training_complete(tmp_path)
+  (tmp_path / ablation.METRICS_FILE).write_text('{"step": 4, "epoch": 1.0}\n{"step": 8, "epoch": 2.0}\n')
+  assert ablation.training_complete(tmp_path)
+
+
 def test_sweep_runs_every_variant_and_reports_failures(tiny_sweep):
   status = {(r.run.variant, r.run.seed): r.status for r in tiny_sweep["results"]}
   assert status == {("flip", 0): "done", ("flip", 1): "done", ("no_flip", 0): "done", ("no_flip", 1): "done",

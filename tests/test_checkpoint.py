@@ -79,6 +79,23 @@ def test_keeps_last_k_and_best(tmp_path):
   _assert_trees_equal(variables["params"], _stepped(template, 3).params)
 
 
+def test_best_checkpoint_after_the_starting_step_is_discarded(tmp_path):
+  """A run killed after a best checkpoint but before the next periodic one resumes from an earlier step."""
+  template = _tiny_state()
+  ckpt = checkpoint.Checkpointer(tmp_path, keep=2)
+  ckpt.save(_stepped(template, 2))
+  ckpt.save_best(_stepped(template, 4), 0.9)
+  ckpt.close()
+  ckpt = checkpoint.Checkpointer(tmp_path, keep=2)  # The next attempt starts at step 2.
+  assert ckpt.discard_best_after(4) is None  # Not after the starting step: kept.
+  assert ckpt.discard_best_after(2) == 4
+  assert ckpt.best_metric() is None
+  assert not list((tmp_path / checkpoint.BEST_DIR).iterdir())
+  ckpt.save_best(_stepped(template, 4), 0.5)  # The redone evaluation is the best again.
+  ckpt.close()
+  assert checkpoint.best_step(tmp_path) == 4
+
+
 def test_partially_written_checkpoint_is_never_restored(tmp_path):
   template = _tiny_state()
   ckpt = checkpoint.Checkpointer(tmp_path, keep=3)
@@ -134,6 +151,33 @@ def test_restore_errors_are_clear(tmp_path):
     checkpoint.restore(tmp_path, "latest", _tiny_state(freeze=False))
 
 
+# TensorStore's reads still in flight when Orbax gives up report "Event loop is closed" from their threads.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_damaged_checkpoint_is_reported_as_damaged(tmp_path):
+  """Files truncated or missing (a disk error, an interrupted copy of the workdir): a CheckpointError naming
+  the directory and what to do, not Orbax's exception from deep inside TensorStore, nor "does not fit"."""
+  template = _tiny_state()
+  ckpt = checkpoint.Checkpointer(tmp_path, keep=3)
+  for step in (1, 2, 3):
+    ckpt.save(_stepped(template, step))
+  ckpt.close()
+  truncated = tmp_path / checkpoint.LATEST_DIR / "3"
+  for path in truncated.rglob("*"):
+    if path.is_file() and path.parent.name == "d":  # The array data.
+      path.write_bytes(b"")
+  missing = tmp_path / checkpoint.LATEST_DIR / "2"
+  (missing / "default" / "_METADATA").unlink()
+  for damaged in (truncated, missing):
+    with pytest.raises(checkpoint.CheckpointError,
+                       match=f"Checkpoint {damaged} cannot be read: it is damaged.*Delete that directory"):
+      checkpoint.restore_variables(tmp_path, int(damaged.name))
+    with pytest.raises(checkpoint.CheckpointError, match=f"Checkpoint {damaged} cannot be read"):
+      checkpoint.restore(tmp_path, int(damaged.name), template)
+  with pytest.raises(checkpoint.CheckpointError, match=r"other steps here: \[1, 2\]"):
+    checkpoint.Checkpointer(tmp_path, keep=3).restore_latest(template)  # What resuming does.
+  assert checkpoint.restore(tmp_path, 1, template).step == 1
+
+
 def test_workdir_lock(tmp_path):
   with checkpoint.lock_workdir(tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match=f"in use by another training process \\(pid {os.getpid()}\\)"):
@@ -161,5 +205,9 @@ def test_resume_config_check(tmp_path):
   config.model.alpha = 1.0
   config.data.image_size = 128
   with pytest.raises(checkpoint.CheckpointError, match=r"model\.alpha: saved 0\.35, now 1\.0.*data\.image_size"):
+    checkpoint.check_resume_config(tmp_path, config)
+  config.model.alpha, config.data.image_size = 0.35, 64
+  config.seed = 1  # Another seed's data order and dropout from here on: neither seed's run.
+  with pytest.raises(checkpoint.CheckpointError, match=r"seed: saved 0, now 1"):
     checkpoint.check_resume_config(tmp_path, config)
   assert checkpoint.read_config(tmp_path).model.alpha == 0.35

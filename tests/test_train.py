@@ -7,6 +7,7 @@ session's persistent compilation cache (tests/conftest.py) compiles runs with th
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -258,6 +259,21 @@ def test_resume_after_sigterm_is_bit_identical(uninterrupted_run, tmp_path, monk
   assert [r["eval_miou"] for r in records] == [r["eval_miou"] for r in reference]
 
 
+def test_fresh_start_discards_a_best_checkpoint_left_by_an_earlier_attempt(tmp_path):
+  """An attempt killed after an evaluation but before its first periodic checkpoint (here of another model
+  entirely, with a high mIoU) leaves a best checkpoint: the run starting afresh must not keep it, neither
+  as the mIoU to beat nor as what ``--checkpoint best`` restores."""
+  workdir = tmp_path / "restarted"
+  from tests import test_checkpoint  # pylint: disable=g-import-not-at-top
+  stale = checkpoint.Checkpointer(workdir, keep=1)
+  stale.save_best(test_checkpoint._stepped(test_checkpoint._tiny_state(), 3), 0.99)  # pylint: disable=protected-access
+  stale.close()
+  train.train_and_evaluate(tiny_config(num_train_steps=STEPS_PER_EPOCH, unfreeze_after_epochs=-1), workdir)
+  assert checkpoint.best_step(workdir) == STEPS_PER_EPOCH
+  variables, _ = checkpoint.restore_variables(workdir, "best")
+  assert "decoder" in variables["params"] and "conv" not in variables["params"]["encoder"]
+
+
 def test_resume_refuses_an_incompatible_config(uninterrupted_run):
   workdir, _ = uninterrupted_run
   config = tiny_config()
@@ -312,6 +328,27 @@ def _run_cli(*args, env_extra=None, timeout=600):
                         cwd=REPO_ROOT, env=env, timeout=timeout)
 
 
+def test_cli_reports_an_unusable_workdir_and_a_corrupt_metrics_file_without_a_traceback(
+    uninterrupted_run, tmp_path):
+  """A --workdir that cannot be created, and a finished run whose metrics.jsonl has a damaged line (the resume
+  reads it first): one ``error:`` line naming the path, exit code 1."""
+  (tmp_path / "file").write_text("")
+  damaged = tmp_path / "damaged"
+  shutil.copytree(uninterrupted_run[0], damaged)
+  lines = (damaged / train.METRICS_FILE).read_text().splitlines(keepends=True)
+  (damaged / train.METRICS_FILE).write_text("{oops\n" + "".join(lines))
+  overrides = [f"--config.{key}={value}" for key, value in (
+      ("data.image_size", 32), ("data.num_synthetic_train", 64), ("data.num_synthetic_eval", 12),
+      ("train.batch_size", 8), ("train.num_epochs", 2), ("train.unfreeze_after_epochs", 1),
+      ("train.encoder_lr_multiplier", 0.5))]
+  for workdir, message in ((tmp_path / "file" / "run", f"Cannot create the workdir {tmp_path / 'file' / 'run'}"),
+                           (damaged, f"{damaged / train.METRICS_FILE}, line 1: not a JSON record")):
+    proc = _run_cli("--config", REPO_ROOT / "configs" / "synthetic.py", "--workdir", workdir, *overrides)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert f"error: {message}" in proc.stderr, proc.stderr[-3000:]
+
+
 def test_cli_config_typo_names_the_key(tmp_path):
   proc = _run_cli("--config", REPO_ROOT / "configs" / "synthetic.py", "--workdir", tmp_path / "w",
                   "--config.train.batchsize=3")
@@ -362,6 +399,21 @@ def test_initializer_compiled_faster_gives_the_default_compilations_bits():
 
 
 # --- schedule and optimizer -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("key, value, message", [
+    ("class_weights", (-1.0, 1.0, 1.0), r"config\.train\.class_weights=\(-1\.0, 1\.0, 1\.0\) must be 3 finite "
+     "non-negative"),
+    ("class_weights", (float("nan"), 1.0, 1.0), r"config\.train\.class_weights=\(nan"),
+    ("weight_decay", -1e-4, r"config\.train\.weight_decay=-0\.0001 must be >= 0"),
+    # With model.freeze_encoder=True (the tiny config's): the encoder would train, BatchNorm and all.
+    ("frozen_params", (), r"freeze_encoder=True but config\.train\.frozen_params=\(\) freezes nothing"),
+])
+def test_bad_loss_and_optimizer_values_are_config_errors(key, value, message):
+  """Refused with the other config checks, before a workdir is made (the loss's own check of the class
+  weights would raise only when the first step is traced; the others would not raise at all)."""
+  with pytest.raises(train.ConfigError, match=message):
+    train.validate_config(tiny_config(**{key: value}), num_devices=1)
+
 
 def test_learning_rate_schedules():
   config = tiny_config(learning_rate=0.01, warmup_steps=10)
