@@ -50,12 +50,13 @@ from typing import Any, Callable, Mapping, Sequence
 import ml_collections
 import numpy as np
 
+from petseg_jax.metrics_log import METRICS_FILE, read_metrics
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PLAN_FILE = "sweep.json"
 RUN_SPEC_FILE = "ablation_run.json"
 STATUS_FILE = "ablation_status.json"
 LOG_FILE = "train.log"
-METRICS_FILE = "metrics.jsonl"  # Written by train.py (train.METRICS_FILE); read without importing TF.
 COMPILATION_CACHE_DIR = "jax_cache"
 CONFIG_FILE = "config.json"  # Written by train.py (checkpoint.CONFIG_FILE).
 SWEEP_KEYS = ("seeds", "overrides", "variants", "grid")
@@ -380,19 +381,6 @@ def read_status(workdir: str | os.PathLike) -> dict[str, Any]:
     else:
       status["status"] = INTERRUPTED
   return status
-
-
-def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
-  """The evaluation records of a run's ``metrics.jsonl``, oldest first.
-
-  As ``train.read_metrics`` (not imported: it imports JAX): a last line without its newline is the record a
-  killed run was appending, redone when it resumes, and skipped.
-  """
-  path = Path(workdir) / METRICS_FILE
-  if not path.exists():
-    return []
-  lines = path.read_text().split("\n")[:-1]  # The text after the last newline is empty or unterminated.
-  return [json.loads(line) for line in lines if line.strip()]
 
 
 def train_from_spec(workdir: str | os.PathLike) -> None:

@@ -43,13 +43,14 @@ import tqdm
 from petseg_jax import checkpoint
 from petseg_jax import losses
 from petseg_jax import metrics as metrics_lib
+from petseg_jax import metrics_log
+from petseg_jax.metrics_log import METRICS_FILE, read_metrics  # Part of this module's API too.
 from petseg_jax import models
 from petseg_jax import optim
 from petseg_jax import plots
 from petseg_jax import weights
 
 AXIS = "batch"  # pmap axis name; also the UNet's BatchNorm axis.
-METRICS_FILE = "metrics.jsonl"
 FIGURES_DIR = "figures"
 
 
@@ -445,42 +446,6 @@ def _flat_record(prefix: str, result: dict[str, Any] | None) -> dict[str, Any]:
   return record
 
 
-def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
-  with open(path, "a") as f:
-    f.write(json.dumps(record) + "\n")
-    f.flush()
-    os.fsync(f.fileno())
-
-
-def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
-  """The records of ``workdir/metrics.jsonl`` (one per evaluation), oldest first.
-
-  A last line without its newline is the half-written record of a killed process: it is skipped (the
-  evaluation it belonged to is redone on resume).
-
-  Raises:
-    checkpoint.CheckpointError: another line is not valid JSON (the message names the file and line). A
-      ValueError, so that scripts/train.py reports it as one line, without a traceback.
-  """
-  path = Path(workdir) / METRICS_FILE
-  if not path.exists():
-    return []
-  text = path.read_text()
-  lines = text.split("\n")
-  if lines[-1]:
-    lines = lines[:-1]  # Unterminated: a killed append.
-  records = []
-  for number, line in enumerate(lines, 1):
-    if not line.strip():
-      continue
-    try:
-      records.append(json.loads(line))
-    except json.JSONDecodeError as e:
-      raise checkpoint.CheckpointError(
-          f"{path}, line {number}: not a JSON record ({e}). Remove or repair that line.") from e
-  return records
-
-
 def _truncate_metrics(workdir: Path, last_step: int) -> list[dict[str, Any]]:
   """Keeps the records up to the step a run starts from (later ones are redone); returns them."""
   path = workdir / METRICS_FILE
@@ -533,7 +498,7 @@ class _Evaluator:
     if self.best_miou is None or eval_result["miou"] > self.best_miou:
       self.best_miou = eval_result["miou"]
       self.ckpt.save_best(host_state, self.best_miou)
-    _append_jsonl(self.workdir / METRICS_FILE, record)
+    metrics_log.append_record(self.workdir / METRICS_FILE, record)
 
   def _save_figure(self, host_state: TrainState, path: Path) -> None:
     batch = next(iter(self.eval_input))

@@ -22,12 +22,13 @@ import tensorflow as tf
 from petseg_jax import checkpoint
 from petseg_jax import inference
 from petseg_jax import input_pipeline
+from petseg_jax import metrics_log
 from petseg_jax import train
 from petseg_jax import weights
 
 # Problems with a clear message of their own: shown as one "error: ..." line, without a traceback.
 USER_ERRORS = (train.ConfigError, FloatingPointError, checkpoint.CheckpointError, input_pipeline.DataError,
-               weights.WeightsError)
+               metrics_log.MetricsFileError, weights.WeightsError)
 
 FLAGS = flags.FLAGS
 

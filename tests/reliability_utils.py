@@ -85,7 +85,7 @@ def install(spec: dict[str, Any]) -> None:
   from orbax.checkpoint._src.path import deleter  # pylint: disable=g-import-not-at-top
 
   from petseg_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-  from petseg_jax import train  # pylint: disable=g-import-not-at-top
+  from petseg_jax import metrics_log  # pylint: disable=g-import-not-at-top
 
   fault = _Fault(spec)
 
@@ -134,7 +134,7 @@ def install(spec: dict[str, Any]) -> None:
 
   deleter.PathDeleter.delete = delete
 
-  append_fn = train._append_jsonl  # pylint: disable=protected-access
+  append_fn = metrics_log.append_record
 
   def append_jsonl(path, record):
     if fault.matches("metrics_write", int(record["step"])):
@@ -146,7 +146,7 @@ def install(spec: dict[str, Any]) -> None:
       fault.fire()
     return append_fn(path, record)
 
-  train._append_jsonl = append_jsonl  # pylint: disable=protected-access
+  metrics_log.append_record = append_jsonl
 
 
 def install_from_env() -> None:

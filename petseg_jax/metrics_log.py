@@ -1,0 +1,50 @@
+"""``metrics.jsonl``: a run's log of evaluation records, one JSON object per line.
+
+Written by ``train`` (append-only, each record fsynced), read by ``train`` (to resume), ``ablation`` and the
+scripts. Imports neither JAX nor TensorFlow, so that a sweep's driver process can read its runs' logs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class MetricsFileError(ValueError):
+  """A line of ``metrics.jsonl`` that is not a JSON record (the message names the file and line)."""
+
+
+def append_record(path: str | os.PathLike, record: dict[str, Any]) -> None:
+  """Appends ``record`` as one line and syncs it to disk (a killed process leaves at most a torn last line)."""
+  with open(path, "a") as f:
+    f.write(json.dumps(record) + "\n")
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
+  """The records of ``workdir/metrics.jsonl`` (one per evaluation), oldest first; [] if there is none.
+
+  A last line without its newline is the half-written record of a killed process: it is skipped (the
+  evaluation it belonged to is redone on resume).
+
+  Raises:
+    MetricsFileError: another line is not valid JSON.
+  """
+  path = Path(workdir) / METRICS_FILE
+  if not path.exists():
+    return []
+  lines = path.read_text().split("\n")[:-1]  # What follows the last newline is empty or a torn append.
+  records = []
+  for number, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError as e:
+      raise MetricsFileError(f"{path}, line {number}: not a JSON record ({e}). Remove or repair that line.") from e
+  return records
