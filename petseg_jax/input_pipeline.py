@@ -118,6 +118,37 @@ def split_size(data_config, split: str) -> int:
                     f"{sorted(builder.info.splits.keys())} ({e}).") from e
 
 
+def shared_examples(data_config, split_a: str, split_b: str) -> int:
+  """How many examples the two splits (tfds split syntax: "train[:80%]", "train[:50%]+test") have in common."""
+  check_data_config(data_config)
+  if data_config.source == "synthetic":  # Each split is drawn from its own seed: equal names or nothing.
+    return _synthetic_num(data_config, split_a) if split_a == split_b else 0
+  splits = get_dataset_builder(data_config).info.splits
+  ranges = []
+  for split in (split_a, split_b):
+    try:
+      instructions = splits[split].file_instructions
+    except (KeyError, ValueError, AssertionError) as e:
+      raise DataError(f"Split {split!r} does not exist; available: {sorted(splits.keys())} ({e}).") from e
+    ranges.append([(i.filename, i.skip, i.skip + i.take) for i in instructions])
+  return sum(max(0, min(end_a, end_b) - max(start_a, start_b))
+             for file_a, start_a, end_a in ranges[0] for file_b, start_b, end_b in ranges[1] if file_a == file_b)
+
+
+def check_train_eval_disjoint(data_config) -> None:
+  """Raises DataError if ``train_split`` and ``eval_split`` share examples.
+
+  Training evaluates (and picks its best checkpoint) on ``eval_split``: images it trained on would inflate
+  every number. To score a run on training images on purpose, use scripts/evaluate.py --split.
+  """
+  shared = shared_examples(data_config, data_config.train_split, data_config.eval_split)
+  if shared:
+    raise DataError(
+        f"config.data.train_split={data_config.train_split!r} and config.data.eval_split="
+        f"{data_config.eval_split!r} share {shared} example(s): the evaluation would score images the model "
+        "trained on. Use disjoint splits, e.g. train_split='train[:80%]' and eval_split='train[80%:]'.")
+
+
 def _render_synthetic(seed, index, size):
   # Looked up at call time so tests can count calls (the cache must make later epochs skip this).
   return synthetic.render_example(int(seed), int(index), int(size))

@@ -534,6 +534,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     init_from = checkpoint.restore_variables(config.model.init_from, "latest")  # Fails fast if missing.
 
   from petseg_jax import input_pipeline  # pylint: disable=g-import-not-at-top  # TensorFlow: see top.
+  input_pipeline.check_train_eval_disjoint(config.data)
   train_input = input_pipeline.TrainInput(config.data, config.train.batch_size, seed=config.seed,
                                           num_devices=num_devices)
   eval_input = input_pipeline.EvalInput(config.data, config.data.eval_split, config.train.batch_size,

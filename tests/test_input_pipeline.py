@@ -583,6 +583,26 @@ def test_bundled_sample():
     assert header.format == "JPEG" and min(header.width, header.height) == 160
 
 
+@pytest.mark.parametrize("train_split, eval_split, shared", [
+    ("train", "test", 0), ("train[:80%]", "train[80%:]", 0), ("train", "train[80%:]", 10),
+    ("train[:50%]+test", "test[:5]", 5), ("train[:30]", "train[20:]", 10)])
+def test_shared_examples_of_sliced_splits(train_split, eval_split, shared):
+  config = data_config(source="folder", data_dir=str(ip.BUNDLED_SAMPLE_DIR), image_size=32,
+                       train_split=train_split, eval_split=eval_split)  # train: 48, test: 24.
+  assert ip.shared_examples(config, train_split, eval_split) == shared
+  if shared:
+    with pytest.raises(ip.DataError, match=rf"share {shared} example\(s\): the evaluation would score images"):
+      ip.check_train_eval_disjoint(config)
+  else:
+    ip.check_train_eval_disjoint(config)
+
+
+def test_synthetic_splits_overlap_only_when_equal():
+  assert ip.shared_examples(synthetic_config(), "train", "test") == 0
+  with pytest.raises(ip.DataError, match="config.data.train_split=.test. and config.data.eval_split='test' share 10"):
+    ip.check_train_eval_disjoint(synthetic_config(train_split="test", eval_split="test"))
+
+
 def test_show_data_script(tmp_path):
   out = tmp_path / "show"
   result = subprocess.run(

@@ -291,6 +291,7 @@ def _tiny_config() -> ml_collections.ConfigDict:
 BAD_CONFIGS = [
     # (overrides, fragments the message must contain)
     ({"data.image_size": 48}, ["config.data.image_size=48", "multiple of 32"]),
+    ({"data.train_split": "test"}, ["config.data.train_split='test'", "share 8 example(s)"]),
     ({"model.encoder_weights": "imagenet", "model.alpha": 0.6}, ["alpha=0.6", "(0.35, 0.5, 0.75, 1.0"]),
     ({"model.alpha": 1.0}, ["alpha=0.35", "config.model.alpha=1.0"]),  # The bundled alpha-0.35 weights.
     ({"model.encoder_weights": "/nonexistent/weights.h5"}, ["/nonexistent/weights.h5", "does not exist"]),
