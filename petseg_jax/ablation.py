@@ -31,6 +31,8 @@ from __future__ import annotations
 import ast
 import copy
 import csv
+import ctypes
+import ctypes.util
 import dataclasses
 import datetime
 import importlib.util
@@ -418,6 +420,19 @@ def _subprocess_env(sweep_dir: Path) -> dict[str, str]:
   return env
 
 
+PR_SET_PDEATHSIG = 1  # From <sys/prctl.h>.
+
+
+def _stop_with_parent() -> None:
+  """In a training child (Linux): SIGTERM when the sweep process dies, even by SIGKILL.
+
+  Else the child trains on, orphaned, and a re-run of the sweep finds its workdir locked. SIGTERM stops
+  training gracefully (checkpoint, then exit), so the re-run resumes it.
+  """
+  libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+  libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def _train_subprocess(workdir: Path, sweep_dir: Path, log_path: Path, attempt: int) -> int:
   """Trains ``workdir``'s run in a fresh Python process, output appended to ``log_path``; its exit code.
 
@@ -428,7 +443,8 @@ def _train_subprocess(workdir: Path, sweep_dir: Path, log_path: Path, attempt: i
     f.write(f"\n=== attempt {attempt} at {datetime.datetime.now().isoformat(timespec='seconds')}\n")
     f.flush()
     process = subprocess.Popen([sys.executable, "-m", "petseg_jax.ablation", str(workdir)],
-                               stdout=f, stderr=subprocess.STDOUT, env=_subprocess_env(sweep_dir))
+                               stdout=f, stderr=subprocess.STDOUT, env=_subprocess_env(sweep_dir),
+                               preexec_fn=_stop_with_parent if sys.platform.startswith("linux") else None)
     try:
       return process.wait()
     except KeyboardInterrupt:

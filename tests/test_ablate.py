@@ -6,8 +6,10 @@ import math
 import os
 from pathlib import Path
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -123,6 +125,28 @@ def test_metrics_of_a_run_killed_while_appending_a_record(tmp_path):
   assert not ablation.training_complete(tmp_path)
   (tmp_path / ablation.METRICS_FILE).write_text('{"step": 4, "epoch": 1.0}\n{"step": 8, "epoch": 2.0}\n')
   assert ablation.training_complete(tmp_path)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl(PR_SET_PDEATHSIG) is Linux's")
+def test_training_child_is_stopped_when_the_sweep_process_is_killed():
+  """A SIGKILLed sweep process must not leave its training child running (it holds the workdir's lock)."""
+  parent = subprocess.Popen([sys.executable, "-c", (
+      "import subprocess, sys, time; from petseg_jax import ablation\n"
+      "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], "
+      "preexec_fn=ablation._stop_with_parent)\n"
+      "print(child.pid, flush=True); time.sleep(60)")], stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT)
+  child_pid = int(parent.stdout.readline())
+  parent.kill()
+  parent.wait()
+  deadline = time.monotonic() + 10
+  while time.monotonic() < deadline:
+    try:
+      os.kill(child_pid, 0)
+    except ProcessLookupError:
+      return
+    time.sleep(0.1)
+  os.kill(child_pid, signal.SIGKILL)
+  pytest.fail("the child outlived its killed parent")
 
 
 def test_sweep_runs_every_variant_and_reports_failures(tiny_sweep):
