@@ -427,7 +427,8 @@ def _stop_with_parent() -> None:
   """In a training child (Linux): SIGTERM when the sweep process dies, even by SIGKILL.
 
   Else the child trains on, orphaned, and a re-run of the sweep finds its workdir locked. SIGTERM stops
-  training gracefully (checkpoint, then exit), so the re-run resumes it.
+  training gracefully (checkpoint, then exit), so the re-run resumes it. (Linux sends it when the thread
+  that started the child ends: the sweep starts its children from its main thread.)
   """
   libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
   libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
