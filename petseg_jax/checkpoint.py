@@ -3,6 +3,7 @@
 Layout of a workdir::
 
   config.json              the run's configuration (resume refuses an incompatible one)
+  config_before_step_<S>.json  the earlier configuration, when a run resumed at step S with other settings
   checkpoints/<step>/      the last ``train.keep_checkpoints`` checkpoints (periodic + final)
   checkpoints_best/<step>/ the checkpoint with the best validation mIoU so far
   lock                     held (flock) by the training process using the workdir
@@ -292,18 +293,28 @@ def _config_to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return json.loads(config.to_json_best_effort())
 
 
-def check_resume_config(workdir: str | os.PathLike, config: ml_collections.ConfigDict) -> None:
-  """Raises CheckpointError if ``workdir/config.json`` differs from ``config`` in a RESUME_KEYS key."""
+def config_changes(workdir: str | os.PathLike, config: ml_collections.ConfigDict) -> dict[str, tuple[Any, Any]]:
+  """``{key: (saved, now)}`` for each config field where ``config`` differs from ``workdir/config.json``.
+
+  Empty if the workdir has no config.json yet. Raises CheckpointError if that file is not valid JSON.
+  """
   path = Path(workdir) / CONFIG_FILE
   if not path.exists():
-    return
+    return {}
   try:
     saved = _flatten(json.loads(path.read_text()))
   except json.JSONDecodeError as e:
     raise CheckpointError(f"{path} is not valid JSON ({e}); restore it or use a new --workdir.") from e
   current = _flatten(_config_to_dict(config))
-  differing = [f"{key}: saved {saved.get(key)!r}, now {current.get(key)!r}"
-               for key in RESUME_KEYS if saved.get(key) != current.get(key)]
+  return {key: (saved.get(key), current.get(key)) for key in sorted(set(saved) | set(current))
+          if saved.get(key) != current.get(key)}
+
+
+def check_resume_config(workdir: str | os.PathLike, config: ml_collections.ConfigDict) -> None:
+  """Raises CheckpointError if ``workdir/config.json`` differs from ``config`` in a RESUME_KEYS key."""
+  changes = config_changes(workdir, config)
+  differing = [f"{key}: saved {changes[key][0]!r}, now {changes[key][1]!r}" for key in RESUME_KEYS
+               if key in changes]
   if differing:
     raise CheckpointError(
         f"Cannot resume in {workdir}: its checkpoints were trained with a different configuration ("
@@ -311,14 +322,29 @@ def check_resume_config(workdir: str | os.PathLike, config: ml_collections.Confi
         + " to start a new run from its parameters.")
 
 
-def write_config(workdir: str | os.PathLike, config: ml_collections.ConfigDict) -> Path:
-  """Writes the run's configuration to ``workdir/config.json`` (human-readable)."""
+def write_config(workdir: str | os.PathLike, config: ml_collections.ConfigDict,
+                 resume_step: int | None = None) -> Path:
+  """Writes the run's configuration to ``workdir/config.json`` (human-readable).
+
+  When a run resumes (at ``resume_step``) with other settings than it was saved with, the saved file is
+  kept as ``config_before_step_<resume_step>.json``: config.json alone would claim that the whole run used
+  the new settings.
+  """
   path = Path(workdir) / CONFIG_FILE
-  # Written beside and renamed over the old one: a crash leaves the old file or the new, never half.
-  temporary = path.with_name(f".{CONFIG_FILE}.tmp")
-  temporary.write_text(json.dumps(_config_to_dict(config), indent=2, sort_keys=True) + "\n")
-  os.replace(temporary, path)
+  kept = path.with_name(f"config_before_step_{resume_step}.json")
+  # An existing copy for this step stays: it holds the settings that trained up to the step (a later attempt
+  # resumed here too, and what it trained beyond was discarded).
+  if resume_step is not None and not kept.exists() and config_changes(workdir, config):
+    _write_atomically(kept, path.read_text())
+  _write_atomically(path, json.dumps(_config_to_dict(config), indent=2, sort_keys=True) + "\n")
   return path
+
+
+def _write_atomically(path: Path, text: str) -> None:
+  # Written beside and renamed over the old one: a crash leaves the old file or the new, never half.
+  temporary = path.with_name(f".{path.name}.tmp")
+  temporary.write_text(text)
+  os.replace(temporary, path)
 
 
 def read_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:

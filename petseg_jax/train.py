@@ -425,6 +425,7 @@ class _TrainMetrics:
       return None
     result = metrics_lib.compute_metrics(self.confusion)
     result["loss"] = self.loss_sum / self.num_steps
+    result["num_steps"] = self.num_steps
     return result
 
   def reset(self) -> None:
@@ -477,8 +478,11 @@ class _Evaluator:
   def __call__(self, state: TrainState, step: int, train_result: dict[str, Any] | None,
                images_per_sec: float) -> None:
     eval_result = evaluate(self.p_eval_step, state, self.eval_input)
+    # train_steps: how many steps the train_* means cover (fewer than the interval after a resume within it).
     record = {"step": step, "epoch": round(step / self.steps_per_epoch, 3),
-              **_flat_record("train", train_result), **_flat_record("eval", eval_result),
+              **_flat_record("train", train_result),
+              **({"train_steps": train_result["num_steps"]} if train_result else {}),
+              **_flat_record("eval", eval_result),
               "images_per_sec": images_per_sec, "learning_rate": float(self.learning_rate_fn(step - 1)),
               "elapsed_sec": time.time() - self.start_time, "wall_time": time.time()}
     train_line = ("train loss %.4f acc %.4f mIoU %.4f | " % (
@@ -487,7 +491,7 @@ class _Evaluator:
                  record["epoch"], step, train_line, eval_result["loss"], eval_result["pixel_accuracy"],
                  eval_result["miou"], eval_result["dice"], images_per_sec)
     for key, value in record.items():
-      if key not in ("step", "wall_time") and value is not None:
+      if key not in ("step", "wall_time", "train_steps") and value is not None:
         # "eval_miou" → "eval/miou": TensorBoard groups the train and eval curves.
         tag = key.replace("_", "/", 1) if key.startswith(("train_", "eval_")) else key
         self.writer.scalar(tag, value, step)
@@ -549,6 +553,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   logging.info("train: %d examples, %d steps/epoch, %d steps (%d epochs); eval (%s): %d examples",
                train_input.num_examples, steps_per_epoch, total_steps, num_epochs,
                config.data.eval_split, eval_input.num_examples)
+  unfreeze_at = unfreeze_step(config, steps_per_epoch)
+  if unfreeze_at is not None and unfreeze_at >= total_steps:
+    logging.warning("config.train.unfreeze_after_epochs=%d unfreezes the encoder at step %d, but the run "
+                    "ends at step %d: the encoder stays frozen throughout.",
+                    config.train.unfreeze_after_epochs, unfreeze_at, total_steps)
 
   model = create_model(config)
   init_rng, dropout_rng = jax.random.split(jax.random.PRNGKey(config.seed))
@@ -582,7 +591,13 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, ckpt: checkpoint.Ch
     checkpoint.check_resume_config(workdir, config)
     state = ckpt.restore_latest(state)
     logging.info("Resuming from %s at step %d.", workdir / checkpoint.LATEST_DIR, resume_step)
-  checkpoint.write_config(workdir, config)
+    changes = checkpoint.config_changes(workdir, config)
+    if changes:  # Allowed (RESUME_KEYS are equal), but the schedule, the data or the loss change mid-run.
+      logging.warning("Resuming at step %d with changed settings (%s); the earlier config is kept as "
+                      "config_before_step_%d.json.", resume_step,
+                      "; ".join(f"{key}: {saved!r} -> {now!r}" for key, (saved, now) in changes.items()),
+                      resume_step)
+  checkpoint.write_config(workdir, config, resume_step)
   # Records after the starting step belong to a crashed attempt; they are redone. So is its best checkpoint
   # (else its mIoU stays the bar, and `--checkpoint best` may restore a model of another config).
   records = _truncate_metrics(workdir, resume_step or 0)

@@ -257,6 +257,37 @@ def test_resume_after_sigterm_is_bit_identical(uninterrupted_run, tmp_path, monk
   records, reference = train.read_metrics(workdir), train.read_metrics(uninterrupted_run[0])
   assert [r["step"] for r in records] == [8, 16]
   assert [r["eval_miou"] for r in records] == [r["eval_miou"] for r in reference]
+  # The resumed attempt's first train_* means cover steps 7 and 8 only, and say so.
+  assert [r["train_steps"] for r in records] == [2, STEPS_PER_EPOCH]
+  assert [r["train_steps"] for r in reference] == [STEPS_PER_EPOCH, STEPS_PER_EPOCH]
+
+
+def test_resume_with_changed_settings_warns_and_keeps_the_earlier_config(uninterrupted_run, tmp_path, caplog):
+  """A finished 2-epoch run resumed for a third epoch at another learning rate: allowed (the shapes and the
+  data order fit), said in the log, and config.json's earlier version kept beside it."""
+  workdir = tmp_path / "extended"
+  shutil.copytree(uninterrupted_run[0], workdir)
+  before = (workdir / checkpoint.CONFIG_FILE).read_text()
+  with caplog.at_level("WARNING"):
+    final = train.train_and_evaluate(tiny_config(num_epochs=3, learning_rate=5e-4), workdir)
+  assert final.step == 3 * STEPS_PER_EPOCH
+  kept = workdir / f"config_before_step_{2 * STEPS_PER_EPOCH}.json"
+  assert kept.read_text() == before
+  assert json.loads((workdir / checkpoint.CONFIG_FILE).read_text())["train"]["learning_rate"] == 5e-4
+  assert "train.learning_rate: 0.003 -> 0.0005" in caplog.text and "train.num_epochs: 2 -> 3" in caplog.text
+  # Resumed again without a change: nothing more is kept or said.
+  caplog.clear()
+  with caplog.at_level("WARNING"):
+    train.train_and_evaluate(tiny_config(num_epochs=3, learning_rate=5e-4), workdir)
+  assert "changed settings" not in caplog.text
+  assert sorted(p.name for p in workdir.glob("config_before_step_*.json")) == [kept.name]
+
+
+def test_an_unfreeze_after_the_last_step_is_a_warning(tmp_path, caplog):
+  with caplog.at_level("WARNING"):
+    train.train_and_evaluate(tiny_config(num_epochs=1, unfreeze_after_epochs=1, num_figure_examples=0),
+                             tmp_path / "run")
+  assert "unfreeze_after_epochs=1 unfreezes the encoder at step 8, but the run ends at step 8" in caplog.text
 
 
 def test_fresh_start_discards_a_best_checkpoint_left_by_an_earlier_attempt(tmp_path):
