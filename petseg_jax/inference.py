@@ -69,6 +69,15 @@ def load_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
   if not path.is_dir():
     raise WorkdirError(f"--workdir {workdir} does not exist; pass the workdir of a training run "
                        "(scripts/train.py --workdir).")
+  # A step directory is what a user sees in the run's tree; name the two flags that select it instead of
+  # failing on its missing config.json. (Not accepted as is: --checkpoint would then be ignored, and the
+  # evaluation's files would land inside the checkpoint.)
+  for step_dir in () if (path / checkpoint.CONFIG_FILE).exists() else (path, *path.parents):
+    if step_dir.name.isdigit() and step_dir.parent.name in (checkpoint.LATEST_DIR, checkpoint.BEST_DIR):
+      run = step_dir.parent.parent
+      raise WorkdirError(f"--workdir {workdir} is a checkpoint (step {step_dir.name}) of a run, not its "
+                         f"workdir; pass the run's workdir and the step: --workdir {run} --checkpoint "
+                         f"{step_dir.name}")
   try:
     config = checkpoint.read_config(path)
   except json.JSONDecodeError as e:

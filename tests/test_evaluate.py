@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -102,6 +103,11 @@ def test_errors_are_clear(workdir, cli, tmp_path):
     inference.load_config(tmp_path / "missing")
   with pytest.raises(inference.WorkdirError, match="config.json not found"):
     inference.load_config(tmp_path)
+  # A checkpoint's step directory (what one sees in the run's tree): the flags that select it.
+  step = trained_run.STEPS[-1]
+  with pytest.raises(inference.WorkdirError,
+                     match=rf"step {step}.*--workdir {re.escape(str(workdir))} --checkpoint {step}$"):
+    inference.load_config(workdir / checkpoint.LATEST_DIR / str(step))
   no_checkpoints = tmp_path / "no_checkpoints"
   no_checkpoints.mkdir()
   shutil.copy(workdir / checkpoint.CONFIG_FILE, no_checkpoints)
