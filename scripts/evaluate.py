@@ -4,8 +4,9 @@ The run's saved config (DIR/config.json) is the default of --config; ``--config.
 ``--config.data.source=folder --config.data.data_dir=PATH`` evaluates any folder in the official
 Oxford-IIIT Pet layout. Every image of the split is evaluated exactly once, with the training loop's eval
 step. Prints a table and, as its last line, one JSON object; writes the confusion matrix to
-DIR/eval/<split>_<step>_confusion.{json,png} (prefixed by the data folder's name for other data).
-The logic lives in ``petseg_jax/inference.py``.
+DIR/eval/<split>_<step>_confusion.{json,png}, the tag <split> prefixed by the data's name for other data
+and suffixed by other data settings (e.g. test_image_size-160), see ``inference.data_tag``; the JSON
+records the data settings used. The logic lives in ``petseg_jax/inference.py``.
 """
 
 import json
@@ -48,7 +49,8 @@ def main(argv):
     logging.info("Evaluating step %d of %s on split %r of %s", step, FLAGS.workdir, split, config.data.source)
     result, confusion, num_images = inference.evaluate_checkpoint(config, model, variables, split)
     data = {"split": split, "source": config.data.source, "data_dir": config.data.data_dir,
-            "workdir": str(FLAGS.workdir)}
+            "workdir": str(FLAGS.workdir), "data_config": config.data.to_dict(),
+            "data_overrides": inference.data_overrides(config.data, _SAVED_CONFIG.data)}
     tag = inference.data_tag(config.data, _SAVED_CONFIG.data, split)
     paths = inference.save_confusion(confusion, result, Path(FLAGS.workdir) / inference.EVAL_DIR, tag, step,
                                      data)
