@@ -249,19 +249,31 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, model: models.UNet, v
   return result, confusion, eval_input.num_examples
 
 
+def confusion_paths(directory: str | os.PathLike, tag: str, step: int) -> tuple[Path, Path]:
+  """``<directory>/<tag>_<step>_confusion.{json,png}``: where ``save_confusion`` writes."""
+  stem = Path(directory) / f"{tag}_{step}_confusion"
+  return stem.with_suffix(".json"), stem.with_suffix(".png")
+
+
 def save_confusion(confusion: np.ndarray, result: dict[str, Any], directory: str | os.PathLike, tag: str,
                    step: int, extra: dict[str, Any]) -> tuple[Path, Path]:
-  """Writes ``<directory>/<tag>_<step>_confusion.{json,png}``; returns both paths."""
-  directory = Path(directory)
-  directory.mkdir(parents=True, exist_ok=True)
-  stem = directory / f"{tag}_{step}_confusion"
-  json_path = stem.with_suffix(".json")
+  """Writes ``confusion_paths(directory, tag, step)``; returns both paths.
+
+  Raises:
+    WorkdirError: a file or ``directory`` cannot be written (the message names the path).
+  """
+  json_path, png_path = confusion_paths(directory, tag, step)
   record = {**extra, "checkpoint_step": step, "class_names": list(input_pipeline.CLASS_NAMES),
             "confusion": confusion.tolist(), "rows": "true class", "columns": "predicted class",
             "metrics": result}
-  json_path.write_text(json.dumps(record, indent=2) + "\n")
-  png_path = plots.save_confusion_matrix(confusion, stem.with_suffix(".png"),
-                                         class_names=input_pipeline.CLASS_NAMES)
+  target = json_path
+  try:
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(record, indent=2) + "\n")
+    target = png_path
+    plots.save_confusion_matrix(confusion, png_path, class_names=input_pipeline.CLASS_NAMES)
+  except OSError as e:  # str(e) names the directory or file that failed.
+    raise WorkdirError(f"Cannot write the confusion matrix to {target}: {e}") from e
   return json_path, png_path
 
 

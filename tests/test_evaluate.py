@@ -22,15 +22,22 @@ def workdir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def cli(workdir):
+def cli(workdir, tmp_path_factory):
   """The CLI runs of this file, started together (each one pays the TensorFlow/JAX start-up)."""
-  latest, folder, bad_step, image_size = trained_run.run_scripts(
+  # A copy of the run whose eval/ is a file: nothing can be written there, whoever runs the tests (root
+  # ignores permissions).
+  unwritable = tmp_path_factory.mktemp("unwritable") / "run"
+  shutil.copytree(workdir, unwritable, ignore=shutil.ignore_patterns(inference.EVAL_DIR))
+  (unwritable / inference.EVAL_DIR).write_text("not a directory")
+  latest, folder, bad_step, image_size, unwritable_run = trained_run.run_scripts(
       ("evaluate.py", "--workdir", workdir),
       ("evaluate.py", "--workdir", workdir, "--config.data.source=folder",
        f"--config.data.data_dir={input_pipeline.BUNDLED_SAMPLE_DIR}", "--split", "test"),
       ("evaluate.py", f"--workdir={workdir}", "--checkpoint", "3"),
-      ("evaluate.py", "--workdir", workdir, "--config.data.image_size=64"))
-  return {"latest": latest, "folder": folder, "bad_step": bad_step, "image_size": image_size}
+      ("evaluate.py", "--workdir", workdir, "--config.data.image_size=64"),
+      ("evaluate.py", "--workdir", unwritable))
+  return {"latest": latest, "folder": folder, "bad_step": bad_step, "image_size": image_size,
+          "unwritable": unwritable_run, "unwritable_workdir": unwritable}
 
 
 def _last_json(stdout: str) -> dict:
@@ -137,6 +144,17 @@ def test_data_tag_names_what_differs(tmp_path):
   many = saved.copy_and_resolve_references()
   many.mask_resize, many.tfds_name, many.manual_dir = "bilinear" * 20, "oxford_iiit_pet:4.*.*", "/x" * 40
   assert len(inference.data_tag(many, saved, "test")) < 100  # Cut, with a hash to keep names distinct.
+
+
+def test_unwritable_workdir_prints_results_then_one_line_error(cli):
+  """The table and the JSON line come first; the failed write is one line naming the path, exit code 1."""
+  proc = cli["unwritable"]
+  summary = _last_json(proc.stdout)
+  assert summary == _last_json(cli["latest"].stdout)
+  assert "pixel accuracy" in proc.stdout
+  path = cli["unwritable_workdir"] / "eval" / f"test_{summary['checkpoint_step']}_confusion.json"
+  _assert_clean_error(proc, f"error: Cannot write the confusion matrix to {path}")
+  assert len([line for line in proc.stderr.splitlines() if line.startswith("error:")]) == 1
 
 
 def test_errors_are_clear(workdir, cli, tmp_path):
