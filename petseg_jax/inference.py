@@ -13,6 +13,7 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import hashlib
 import json
 import os
 import re
@@ -39,6 +40,10 @@ from petseg_jax import train
 from petseg_jax.data import decode
 
 EVAL_DIR = "eval"
+# Data fields an evaluation's file name shows already (the data's name, the split), so not in its suffix.
+_NAMED_DATA_FIELDS = ("source", "data_dir", "eval_split")
+# Longer override suffixes are cut and completed by a hash, to stay well within file-name limits.
+_MAX_SUFFIX_CHARS = 80
 # Files a folder argument of predict expands to (case-insensitive). Named files are tried whatever their
 # extension: decoding goes by content.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -69,6 +74,15 @@ def load_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
   if not path.is_dir():
     raise WorkdirError(f"--workdir {workdir} does not exist; pass the workdir of a training run "
                        "(scripts/train.py --workdir).")
+  # A step directory is what a user sees in the run's tree; name the two flags that select it instead of
+  # failing on its missing config.json. (Not accepted as is: --checkpoint would then be ignored, and the
+  # evaluation's files would land inside the checkpoint.)
+  for step_dir in () if (path / checkpoint.CONFIG_FILE).exists() else (path, *path.parents):
+    if step_dir.name.isdigit() and step_dir.parent.name in (checkpoint.LATEST_DIR, checkpoint.BEST_DIR):
+      run = step_dir.parent.parent
+      raise WorkdirError(f"--workdir {workdir} is a checkpoint (step {step_dir.name}) of a run, not its "
+                         f"workdir; pass the run's workdir and the step: --workdir {run} --checkpoint "
+                         f"{step_dir.name}")
   try:
     config = checkpoint.read_config(path)
   except json.JSONDecodeError as e:
@@ -164,16 +178,45 @@ def restore_model(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
 
 # --- evaluation ------------------------------------------------------------------------------------------
 
+def data_overrides(data_config: ml_collections.ConfigDict, saved_data_config: ml_collections.ConfigDict
+                   ) -> dict[str, Any]:
+  """``{field: value}`` of the data settings that differ from the run's saved ones, sorted by field."""
+  current, saved = data_config.to_dict(), saved_data_config.to_dict()
+  return {key: current.get(key) for key in sorted(set(current) | set(saved))
+          if current.get(key) != saved.get(key)}
+
+
+def _name_part(value: Any) -> str:
+  """A config value as a file-name part: ``160``, ``bilinear``, ``0-1`` for ``"[0,1]"``, ``none`` for ""."""
+  text = "-".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
+  return re.sub(r"[^A-Za-z0-9_.]+", "-", text).strip("-") or "none"
+
+
 def data_tag(data_config: ml_collections.ConfigDict, saved_data_config: ml_collections.ConfigDict,
              split: str) -> str:
-  """File-name tag of an evaluation: the split, prefixed by the data's name when not the run's own data.
+  """File-name tag of an evaluation: the split, e.g. ``test``, the run's own data with its own settings.
 
-  Keeps the evaluation of another folder from overwriting that of the run's own data.
+  Other data is prefixed by its name (the data folder's, with a short hash of its full path, since e.g.
+  two tfds folders are both called ``tensorflow_datasets``; or the source's): ``pets_sample-1a2b3c_test``.
+  Other data settings (``--config.data.image_size=160``...) are appended as ``field-value``:
+  ``test_image_size-160``. So evaluations of the same checkpoint with other data or settings do not
+  overwrite each other's files, and the name says what differed.
   """
   tag = split
   if (data_config.source, data_config.data_dir) != (saved_data_config.source, saved_data_config.data_dir):
-    name = Path(data_config.data_dir).name if data_config.data_dir else data_config.source
-    tag = f"{name}_{split}"
+    if data_config.data_dir:
+      path = str(Path(data_config.data_dir).expanduser().resolve())
+      tag = f"{Path(path).name}-{hashlib.sha1(path.encode()).hexdigest()[:6]}_{split}"
+    else:
+      tag = f"{data_config.source}_{split}"
+  overrides = {key: value for key, value in data_overrides(data_config, saved_data_config).items()
+               if key not in _NAMED_DATA_FIELDS}
+  suffix = "_".join(f"{key}-{_name_part(value)}" for key, value in overrides.items())
+  if len(suffix) > _MAX_SUFFIX_CHARS:
+    digest = hashlib.sha1(json.dumps(overrides, sort_keys=True, default=str).encode()).hexdigest()[:6]
+    suffix = f"{suffix[:_MAX_SUFFIX_CHARS - 7]}-{digest}"
+  if suffix:
+    tag = f"{tag}_{suffix}"
   return re.sub(r"[^A-Za-z0-9_.-]+", "-", tag)
 
 
@@ -206,19 +249,31 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, model: models.UNet, v
   return result, confusion, eval_input.num_examples
 
 
+def confusion_paths(directory: str | os.PathLike, tag: str, step: int) -> tuple[Path, Path]:
+  """``<directory>/<tag>_<step>_confusion.{json,png}``: where ``save_confusion`` writes."""
+  stem = Path(directory) / f"{tag}_{step}_confusion"
+  return stem.with_suffix(".json"), stem.with_suffix(".png")
+
+
 def save_confusion(confusion: np.ndarray, result: dict[str, Any], directory: str | os.PathLike, tag: str,
                    step: int, extra: dict[str, Any]) -> tuple[Path, Path]:
-  """Writes ``<directory>/<tag>_<step>_confusion.{json,png}``; returns both paths."""
-  directory = Path(directory)
-  directory.mkdir(parents=True, exist_ok=True)
-  stem = directory / f"{tag}_{step}_confusion"
-  json_path = stem.with_suffix(".json")
+  """Writes ``confusion_paths(directory, tag, step)``; returns both paths.
+
+  Raises:
+    WorkdirError: a file or ``directory`` cannot be written (the message names the path).
+  """
+  json_path, png_path = confusion_paths(directory, tag, step)
   record = {**extra, "checkpoint_step": step, "class_names": list(input_pipeline.CLASS_NAMES),
             "confusion": confusion.tolist(), "rows": "true class", "columns": "predicted class",
             "metrics": result}
-  json_path.write_text(json.dumps(record, indent=2) + "\n")
-  png_path = plots.save_confusion_matrix(confusion, stem.with_suffix(".png"),
-                                         class_names=input_pipeline.CLASS_NAMES)
+  target = json_path
+  try:
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(record, indent=2) + "\n")
+    target = png_path
+    plots.save_confusion_matrix(confusion, png_path, class_names=input_pipeline.CLASS_NAMES)
+  except OSError as e:  # str(e) names the directory or file that failed.
+    raise WorkdirError(f"Cannot write the confusion matrix to {target}: {e}") from e
   return json_path, png_path
 
 

@@ -147,8 +147,12 @@ def segmentation_loss(
 
   Args:
     logits: ``(B, H, W, C)`` logits, any float dtype (cast to float32 first).
-    labels: ``(B, H, W)`` integer class ids in ``[0, C)`` (out-of-range labels give a NaN loss for
-      cross-entropy, they are not validated under jit).
+    labels: ``(B, H, W)`` integer class ids in ``[0, C)``. Not validated here (they may be traced under
+      jit); the input pipeline rejects trimaps outside 1/2/3, so training never sees others. An id outside
+      ``[0, C)`` (3, 255, -1...) gives no NaN and no error: its one-hot row is all zeros, so its
+      cross-entropy and focal terms are 0 with zero gradient, but the pixel still counts in ``sum(valid)``
+      (diluting the mean as a perfectly predicted pixel would), and the Dice term counts its predicted
+      probabilities as false positives. To ignore pixels, give them weight 0 in ``weights``.
     loss: one of ``LOSSES``:
       "cross_entropy": sparse softmax cross-entropy (``optax.softmax_cross_entropy`` on one-hot labels).
       "cross_entropy+dice": the cross-entropy above + ``soft_dice_loss`` (weight 1 each).

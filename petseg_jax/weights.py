@@ -138,7 +138,7 @@ def _keras_mobilenet(alpha: float, weights: str) -> Any:
       input_shape=(224, 224, 3), alpha=alpha, include_top=False, weights=weights)
 
 
-def _read_source(source: Any, alpha: float) -> LayerArrays:
+def _read_source(source: Any, alpha: float, alpha_setting: str = "config.model.alpha") -> LayerArrays:
   if not isinstance(source, (str, os.PathLike)):
     return read_keras_model(source)
   if str(source) == "imagenet":
@@ -187,7 +187,7 @@ def _read_source(source: Any, alpha: float) -> LayerArrays:
       hint = (f" Its first convolution looks like alpha={' or '.join(map(str, found))}." if found
               and alpha not in found else "")
       raise WeightsError(f"{path}: does not load into a Keras MobileNetV2 with alpha={alpha} "
-                         f"({_first_line(e)}).{hint} Check config.model.alpha against the file.") from None
+                         f"({_first_line(e)}).{hint} Check {alpha_setting} against the file.") from None
   if zipfile.is_zipfile(path):
     raise WeightsError(f"{path}: is a zip archive, not an HDF5 weight file: a Keras 3 model saved as "
                        "'.keras'? Name it with the '.keras' suffix.")
@@ -260,13 +260,18 @@ def encoder_template(alpha: float) -> Variables:
 
 
 def _convert_layers(layers: LayerArrays, template: Mapping[str, Any], source_desc: str,
-                    alpha: float | None, keras_layout: Mapping[str, str] | None = None) -> Variables:
-  """Fills ``template`` ({'params': {layer: ...}, 'batch_stats': ...}) from Keras layer arrays."""
+                    alpha: float | None, keras_layout: Mapping[str, str] | None = None,
+                    alpha_setting: str = "config.model.alpha") -> Variables:
+  """Fills ``template`` ({'params': {layer: ...}, 'batch_stats': ...}) from Keras layer arrays.
+
+  ``alpha_setting`` is what the error messages tell the user to change when the weights' alpha differs.
+  """
   keras_layout = keras_layout or {}
   found_alpha = _infer_alpha(layers)
   hint = ""
   if alpha is not None and found_alpha is not None and found_alpha != alpha:
-    hint = f" The weights look like alpha={found_alpha}, but alpha={alpha} was asked for (config.model.alpha)."
+    hint = (f" The weights look like alpha={found_alpha}, but alpha={alpha} was asked for: set "
+            f"{alpha_setting}={found_alpha}.")
   out: dict[str, dict[str, dict[str, np.ndarray]]] = {"params": {}, "batch_stats": {}}
   layer_names = sorted(set(template.get("params", {})) | set(template.get("batch_stats", {})),
                        key=_network_order)
@@ -297,7 +302,8 @@ def _convert_layers(layers: LayerArrays, template: Mapping[str, Any], source_des
   return out
 
 
-def encoder_variables_from_keras(source: Any, alpha: float) -> Variables:
+def encoder_variables_from_keras(source: Any, alpha: float, alpha_setting: str = "config.model.alpha"
+                                 ) -> Variables:
   """Converts Keras MobileNetV2 weights into ``MobileNetV2Encoder(alpha)`` variables.
 
   Args:
@@ -305,6 +311,8 @@ def encoder_variables_from_keras(source: Any, alpha: float) -> Variables:
       to a Keras weight file (legacy ``.h5`` as ``keras.applications`` downloads it, Keras 3
       ``.weights.h5`` or ``.keras``), or ``"imagenet"`` (downloads through ``keras.applications``).
     alpha: the encoder width the weights must fit.
+    alpha_setting: where the user set ``alpha``, named by the error messages when the weights do not fit
+      it (e.g. ``"--alpha"`` for ``scripts/convert_keras_weights.py``).
 
   Returns:
     ``{"params": ..., "batch_stats": ...}`` as NumPy float32 arrays.
@@ -313,7 +321,8 @@ def encoder_variables_from_keras(source: Any, alpha: float) -> Variables:
     WeightsError: naming the layer and both shapes on any mismatch, or the way out when unavailable.
   """
   desc = source if isinstance(source, (str, os.PathLike)) else f"Keras model '{getattr(source, 'name', '?')}'"
-  return _convert_layers(_read_source(source, alpha), encoder_template(alpha), str(desc), alpha)
+  layers = _read_source(source, alpha, alpha_setting)
+  return _convert_layers(layers, encoder_template(alpha), str(desc), alpha, alpha_setting=alpha_setting)
 
 
 def unet_variables_from_keras(keras_model: Any, alpha: float | None = None) -> Variables:

@@ -29,7 +29,8 @@ def main(argv: list[str]) -> None:
   if not OUTPUT.value.endswith(".npz"):
     sys.exit(f"--output must end with .npz, got {OUTPUT.value!r}")
   try:
-    variables = weights.encoder_variables_from_keras(FLAGS.value, ALPHA.value)
+    # Errors about a mismatched alpha name this command's flag, not the training config's field.
+    variables = weights.encoder_variables_from_keras(FLAGS.value, ALPHA.value, alpha_setting="--alpha")
   except weights.WeightsError as e:
     sys.exit(f"error: {e}")
   weights.save_encoder_variables(OUTPUT.value, variables, ALPHA.value)

@@ -3,9 +3,10 @@
 The run's saved config (DIR/config.json) is the default of --config; ``--config.x=y`` overrides it, e.g.
 ``--config.data.source=folder --config.data.data_dir=PATH`` evaluates any folder in the official
 Oxford-IIIT Pet layout. Every image of the split is evaluated exactly once, with the training loop's eval
-step. Prints a table and, as its last line, one JSON object; writes the confusion matrix to
-DIR/eval/<split>_<step>_confusion.{json,png} (prefixed by the data folder's name for other data).
-The logic lives in ``petseg_jax/inference.py``.
+step. Prints a table and, as its last line, one JSON object; then writes the confusion matrix to
+DIR/eval/<split>_<step>_confusion.{json,png}, the tag <split> prefixed by the data's name for other data
+and suffixed by other data settings (e.g. test_image_size-160), see ``inference.data_tag``; the JSON
+records the data settings used. The logic lives in ``petseg_jax/inference.py``.
 """
 
 import json
@@ -47,19 +48,25 @@ def main(argv):
     model, variables, step = inference.restore_model(config, FLAGS.workdir, FLAGS.checkpoint)
     logging.info("Evaluating step %d of %s on split %r of %s", step, FLAGS.workdir, split, config.data.source)
     result, confusion, num_images = inference.evaluate_checkpoint(config, model, variables, split)
-    data = {"split": split, "source": config.data.source, "data_dir": config.data.data_dir,
-            "workdir": str(FLAGS.workdir)}
-    tag = inference.data_tag(config.data, _SAVED_CONFIG.data, split)
-    paths = inference.save_confusion(confusion, result, Path(FLAGS.workdir) / inference.EVAL_DIR, tag, step,
-                                     data)
   except (inference.WorkdirError, checkpoint.CheckpointError, input_pipeline.DataError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
+  eval_dir = Path(FLAGS.workdir) / inference.EVAL_DIR
+  tag = inference.data_tag(config.data, _SAVED_CONFIG.data, split)
   where = config.data.data_dir or config.data.source
+  # The results first, the files after: a workdir that cannot be written loses the files, not the numbers.
   print(f"Checkpoint step {step} ({FLAGS.checkpoint}) of {FLAGS.workdir}; split {split!r} of {where}")
   print(inference.format_evaluation(result, num_images))
-  print("Confusion matrix: " + ", ".join(str(p) for p in paths))
-  print(json.dumps(inference.summary_record(result, num_images, step)))
+  print("Confusion matrix: " + ", ".join(str(p) for p in inference.confusion_paths(eval_dir, tag, step)))
+  print(json.dumps(inference.summary_record(result, num_images, step)), flush=True)
+  data = {"split": split, "source": config.data.source, "data_dir": config.data.data_dir,
+          "workdir": str(FLAGS.workdir), "data_config": config.data.to_dict(),
+          "data_overrides": inference.data_overrides(config.data, _SAVED_CONFIG.data)}
+  try:
+    inference.save_confusion(confusion, result, eval_dir, tag, step, data)
+  except inference.WorkdirError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
 
 
 if __name__ == "__main__":

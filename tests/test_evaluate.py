@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -21,14 +22,22 @@ def workdir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def cli(workdir):
+def cli(workdir, tmp_path_factory):
   """The CLI runs of this file, started together (each one pays the TensorFlow/JAX start-up)."""
-  latest, folder, bad_step = trained_run.run_scripts(
+  # A copy of the run whose eval/ is a file: nothing can be written there, whoever runs the tests (root
+  # ignores permissions).
+  unwritable = tmp_path_factory.mktemp("unwritable") / "run"
+  shutil.copytree(workdir, unwritable, ignore=shutil.ignore_patterns(inference.EVAL_DIR))
+  (unwritable / inference.EVAL_DIR).write_text("not a directory")
+  latest, folder, bad_step, image_size, unwritable_run = trained_run.run_scripts(
       ("evaluate.py", "--workdir", workdir),
       ("evaluate.py", "--workdir", workdir, "--config.data.source=folder",
        f"--config.data.data_dir={input_pipeline.BUNDLED_SAMPLE_DIR}", "--split", "test"),
-      ("evaluate.py", f"--workdir={workdir}", "--checkpoint", "3"))
-  return {"latest": latest, "folder": folder, "bad_step": bad_step}
+      ("evaluate.py", f"--workdir={workdir}", "--checkpoint", "3"),
+      ("evaluate.py", "--workdir", workdir, "--config.data.image_size=64"),
+      ("evaluate.py", "--workdir", unwritable))
+  return {"latest": latest, "folder": folder, "bad_step": bad_step, "image_size": image_size,
+          "unwritable": unwritable_run, "unwritable_workdir": unwritable}
 
 
 def _last_json(stdout: str) -> dict:
@@ -91,8 +100,61 @@ def test_other_folder_in_oxford_layout(workdir, cli):
   summary = _last_json(proc.stdout)
   assert summary["num_images"] == 24
   assert 0.0 <= summary["miou"] <= 1.0
-  # Written beside, not over, the evaluation of the run's own data.
-  assert (workdir / "eval" / f"pets_sample_test_{summary['checkpoint_step']}_confusion.json").exists()
+  # Written beside, not over, the evaluation of the run's own data; named by the folder (and a hash of its
+  # path: another folder of the same name gets other files).
+  (path,) = (workdir / "eval").glob(f"pets_sample-??????_test_{summary['checkpoint_step']}_confusion.json")
+  saved = json.loads(path.read_text())
+  assert saved["data_dir"] == str(input_pipeline.BUNDLED_SAMPLE_DIR)
+  assert saved["data_overrides"] == {"data_dir": str(input_pipeline.BUNDLED_SAMPLE_DIR), "source": "folder"}
+
+
+def test_other_data_settings_get_their_own_files(workdir, cli):
+  """--config.data.image_size=64: files named by the override, beside (not over) the default ones, and the
+  JSON records the settings used."""
+  proc = cli["image_size"]
+  assert proc.returncode == 0, proc.stderr
+  step = _last_json(proc.stdout)["checkpoint_step"]
+  stem = workdir / "eval" / f"test_image_size-64_{step}_confusion"
+  assert stem.with_suffix(".png").stat().st_size > 0
+  saved = json.loads(stem.with_suffix(".json").read_text())
+  assert saved["data_overrides"] == {"image_size": 64}
+  assert saved["data_config"]["image_size"] == 64 and saved["data_config"]["source"] == "synthetic"
+  assert np.array(saved["confusion"]).sum() == trained_run.NUM_EVAL * 64 * 64
+  assert cli["latest"].returncode == 0, cli["latest"].stderr  # Its files are the run's own size:
+  default = json.loads((workdir / "eval" / f"test_{step}_confusion.json").read_text())
+  assert default["data_overrides"] == {} and default["data_config"]["image_size"] == 32
+  assert str(stem.with_suffix(".json")) in proc.stdout  # The paths are printed.
+
+
+def test_data_tag_names_what_differs(tmp_path):
+  saved = trained_run.tiny_config().data
+  assert inference.data_tag(saved, saved, "test") == "test"  # The name the README and tests rely on.
+  other = saved.copy_and_resolve_references()
+  other.image_size, other.input_range = 160, "[0,1]"
+  assert inference.data_tag(other, saved, "test") == "test_image_size-160_input_range-0-1"
+  # Two folders of the same name: told apart by the hash of their paths; the same folder, by any path,
+  # gets the same name.
+  tags = []
+  for parent in ("a", "b", "b/../b"):
+    other = saved.copy_and_resolve_references()
+    other.source, other.data_dir = "folder", str(tmp_path / parent / "pets")
+    tags.append(inference.data_tag(other, saved, "val"))
+  assert tags[0] != tags[1] and tags[1] == tags[2]
+  assert all(tag.startswith("pets-") and tag.endswith("_val") for tag in tags)
+  many = saved.copy_and_resolve_references()
+  many.mask_resize, many.tfds_name, many.manual_dir = "bilinear" * 20, "oxford_iiit_pet:4.*.*", "/x" * 40
+  assert len(inference.data_tag(many, saved, "test")) < 100  # Cut, with a hash to keep names distinct.
+
+
+def test_unwritable_workdir_prints_results_then_one_line_error(cli):
+  """The table and the JSON line come first; the failed write is one line naming the path, exit code 1."""
+  proc = cli["unwritable"]
+  summary = _last_json(proc.stdout)
+  assert summary == _last_json(cli["latest"].stdout)
+  assert "pixel accuracy" in proc.stdout
+  path = cli["unwritable_workdir"] / "eval" / f"test_{summary['checkpoint_step']}_confusion.json"
+  _assert_clean_error(proc, f"error: Cannot write the confusion matrix to {path}")
+  assert len([line for line in proc.stderr.splitlines() if line.startswith("error:")]) == 1
 
 
 def test_errors_are_clear(workdir, cli, tmp_path):
@@ -102,6 +164,11 @@ def test_errors_are_clear(workdir, cli, tmp_path):
     inference.load_config(tmp_path / "missing")
   with pytest.raises(inference.WorkdirError, match="config.json not found"):
     inference.load_config(tmp_path)
+  # A checkpoint's step directory (what one sees in the run's tree): the flags that select it.
+  step = trained_run.STEPS[-1]
+  with pytest.raises(inference.WorkdirError,
+                     match=rf"step {step}.*--workdir {re.escape(str(workdir))} --checkpoint {step}$"):
+    inference.load_config(workdir / checkpoint.LATEST_DIR / str(step))
   no_checkpoints = tmp_path / "no_checkpoints"
   no_checkpoints.mkdir()
   shutil.copy(workdir / checkpoint.CONFIG_FILE, no_checkpoints)

@@ -169,6 +169,29 @@ def test_jit_grad_finite_including_all_padding_and_perfect_predictions():
     assert abs(float(value)) < 1e-6, name  # No valid pixel: 0, not NaN.
 
 
+@pytest.mark.parametrize("bad_label", [3, 255, -1])
+def test_out_of_range_labels_behave_as_documented(bad_label):
+  """segmentation_loss's docstring: no NaN; cross-entropy/focal give the pixel 0 loss and 0 gradient but
+  count it in the mean; the Dice term sees its probabilities as false positives."""
+  logits, labels = _data(14)
+  labels[0, 0, 0] = bad_label
+  excluded = np.ones(labels.shape, np.float32)
+  excluded[0, 0, 0] = 0.0
+  num_pixels = labels.size
+  for name in losses.LOSSES:
+    value, grad = jax.value_and_grad(
+        lambda lg, name=name: losses.segmentation_loss(lg, labels, loss=name, class_weights=(2.0, 2.0, 1.0))
+    )(logits)
+    assert np.isfinite(value) and np.all(np.isfinite(grad)), name
+    if name == "cross_entropy+dice":
+      assert np.any(grad[0, 0, 0] != 0), name  # The Dice term's false positives.
+      continue
+    ignored = losses.segmentation_loss(logits, labels, loss=name, class_weights=(2.0, 2.0, 1.0),
+                                       weights=excluded)
+    np.testing.assert_allclose(value, ignored * (num_pixels - 1) / num_pixels, rtol=1e-5, err_msg=name)
+    np.testing.assert_array_equal(grad[0, 0, 0], 0.0, err_msg=name)
+
+
 def test_bad_arguments_raise_clear_errors():
   logits, labels = _data(13)
   with pytest.raises(ValueError, match="Unknown loss 'dice'.*cross_entropy.*focal"):

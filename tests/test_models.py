@@ -321,6 +321,10 @@ def test_keras3_weights_file_of_another_alpha_says_which(tmp_path):
   message = str(info.value)
   assert str(path) in message and "looks like alpha=1.0" in message and "config.model.alpha" in message
   assert "value=[" not in message and len(message) < 1000  # Keras' message dumps whole arrays.
+  # scripts/convert_keras_weights.py names its own flag instead.
+  with pytest.raises(weights.WeightsError, match="Check --alpha against the file") as info:
+    weights.encoder_variables_from_keras(str(path), 0.35, alpha_setting="--alpha")
+  assert "config.model" not in str(info.value)
 
 
 def test_npz_with_foreign_arrays_is_refused(tmp_path):
@@ -342,6 +346,19 @@ def test_convert_script_writes_loadable_npz_into_a_new_directory(tmp_path, monke
   assert result.returncode == 0, result.stderr
   jax.tree.map(np.testing.assert_array_equal, weights.load_encoder_variables(str(output), 0.35),
                weights.load_encoder_variables(weights.BUNDLED_ENCODER_WEIGHTS, 0.35))
+
+
+def test_convert_script_names_its_alpha_flag_when_the_file_differs(tmp_path):
+  """The alpha-0.35 file converted with --alpha 1.0: the error says which --alpha to pass, not a config
+  field this command does not have."""
+  if not WEIGHTS_035.exists():
+    pytest.skip("shared weights not found")
+  from tests import trained_run  # pylint: disable=g-import-not-at-top
+  (result,) = trained_run.run_scripts(
+      ("convert_keras_weights.py", "--source", WEIGHTS_035, "--alpha", 1.0, "--output", tmp_path / "enc.npz"))
+  assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+  assert "look like alpha=0.35" in result.stderr and "set --alpha=0.35" in result.stderr, result.stderr
+  assert "config.model" not in result.stderr and not (tmp_path / "enc.npz").exists()
 
 
 def test_bundled_weights_equal_the_keras_file():
