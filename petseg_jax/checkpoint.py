@@ -310,8 +310,12 @@ def config_changes(workdir: str | os.PathLike, config: ml_collections.ConfigDict
           if saved.get(key) != current.get(key)}
 
 
-def check_resume_config(workdir: str | os.PathLike, config: ml_collections.ConfigDict) -> None:
-  """Raises CheckpointError if ``workdir/config.json`` differs from ``config`` in a RESUME_KEYS key."""
+def check_resume_config(workdir: str | os.PathLike,
+                        config: ml_collections.ConfigDict) -> dict[str, tuple[Any, Any]]:
+  """Raises CheckpointError if ``workdir/config.json`` differs from ``config`` in a RESUME_KEYS key.
+
+  Returns the other differences (``config_changes``): a resume may change them.
+  """
   changes = config_changes(workdir, config)
   differing = [f"{key}: saved {changes[key][0]!r}, now {changes[key][1]!r}" for key in RESUME_KEYS
                if key in changes]
@@ -320,21 +324,21 @@ def check_resume_config(workdir: str | os.PathLike, config: ml_collections.Confi
         f"Cannot resume in {workdir}: its checkpoints were trained with a different configuration ("
         + "; ".join(differing) + "). Use a new --workdir, or model.init_from=" + str(workdir)
         + " to start a new run from its parameters.")
+  return changes
 
 
 def write_config(workdir: str | os.PathLike, config: ml_collections.ConfigDict,
-                 resume_step: int | None = None) -> Path:
+                 keep_previous_at: int | None = None) -> Path:
   """Writes the run's configuration to ``workdir/config.json`` (human-readable).
 
-  When a run resumes (at ``resume_step``) with other settings than it was saved with, the saved file is
-  kept as ``config_before_step_<resume_step>.json``: config.json alone would claim that the whole run used
-  the new settings.
+  With ``keep_previous_at=S`` (a run resuming at step S with changed settings) the file it replaces is kept
+  as ``config_before_step_<S>.json``: config.json alone would claim that the whole run used the new settings.
   """
   path = Path(workdir) / CONFIG_FILE
-  kept = path.with_name(f"config_before_step_{resume_step}.json")
+  kept = path.with_name(f"config_before_step_{keep_previous_at}.json")
   # An existing copy for this step stays: it holds the settings that trained up to the step (a later attempt
   # resumed here too, and what it trained beyond was discarded).
-  if resume_step is not None and not kept.exists() and config_changes(workdir, config):
+  if keep_previous_at is not None and not kept.exists():
     _write_atomically(kept, path.read_text())
   _write_atomically(path, json.dumps(_config_to_dict(config), indent=2, sort_keys=True) + "\n")
   return path

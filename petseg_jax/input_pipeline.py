@@ -110,9 +110,13 @@ def split_size(data_config, split: str) -> int:
   check_data_config(data_config)
   if data_config.source == "synthetic":
     return _synthetic_num(data_config, split)
-  builder = get_dataset_builder(data_config)
+  return int(_split_info(get_dataset_builder(data_config), split).num_examples)
+
+
+def _split_info(builder: tfds.core.DatasetBuilder, split: str) -> tfds.core.SplitInfo:
+  """``builder``'s info on ``split`` (tfds split syntax); DataError naming the splits if it does not exist."""
   try:
-    return int(builder.info.splits[split].num_examples)
+    return builder.info.splits[split]
   except (KeyError, ValueError, AssertionError) as e:
     raise DataError(f"Split {split!r} does not exist in {builder.name}; available: "
                     f"{sorted(builder.info.splits.keys())} ({e}).") from e
@@ -123,14 +127,9 @@ def shared_examples(data_config, split_a: str, split_b: str) -> int:
   check_data_config(data_config)
   if data_config.source == "synthetic":  # Each split is drawn from its own seed: equal names or nothing.
     return _synthetic_num(data_config, split_a) if split_a == split_b else 0
-  splits = get_dataset_builder(data_config).info.splits
-  ranges = []
-  for split in (split_a, split_b):
-    try:
-      instructions = splits[split].file_instructions
-    except (KeyError, ValueError, AssertionError) as e:
-      raise DataError(f"Split {split!r} does not exist; available: {sorted(splits.keys())} ({e}).") from e
-    ranges.append([(i.filename, i.skip, i.skip + i.take) for i in instructions])
+  builder = get_dataset_builder(data_config)
+  ranges = [[(i.filename, i.skip, i.skip + i.take) for i in _split_info(builder, split).file_instructions]
+            for split in (split_a, split_b)]
   return sum(max(0, min(end_a, end_b) - max(start_a, start_b))
              for file_a, start_a, end_a in ranges[0] for file_b, start_b, end_b in ranges[1] if file_a == file_b)
 
@@ -175,11 +174,8 @@ def raw_dataset(data_config, split: str) -> tf.data.Dataset:
     return tf.data.Dataset.range(num).map(draw, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   builder = get_dataset_builder(data_config)
   read_config = tfds.ReadConfig(try_autocache=False, shuffle_seed=None)  # We cache after resizing ourselves.
-  try:
-    ds = builder.as_dataset(split=split, shuffle_files=False, read_config=read_config)
-  except (KeyError, ValueError, AssertionError) as e:
-    raise DataError(f"Split {split!r} does not exist in {builder.name}; available: "
-                    f"{sorted(builder.info.splits.keys())} ({e}).") from e
+  _split_info(builder, split)  # A split that does not exist: the error naming those that do.
+  ds = builder.as_dataset(split=split, shuffle_files=False, read_config=read_config)
   return ds.map(lambda ex: {k: ex[k] for k in ("image", "segmentation_mask", "file_name")})
 
 

@@ -54,7 +54,12 @@ def _pixel_weights(weights: Any, labels: jax.Array) -> jax.Array:
   return jnp.broadcast_to(weights, labels.shape)
 
 
-def _class_weight_array(class_weights: Sequence[float] | None, num_classes: int) -> np.ndarray | None:
+def class_weight_array(class_weights: Sequence[float] | None, num_classes: int) -> np.ndarray | None:
+  """``class_weights`` as a float32 array, or None for () / None.
+
+  Raises:
+    ValueError: not ``num_classes`` finite non-negative numbers (the message names config train.class_weights).
+  """
   if class_weights is None or len(class_weights) == 0:
     return None
   cw = np.asarray(class_weights, np.float32)
@@ -177,7 +182,7 @@ def segmentation_loss(
   logits = jnp.asarray(logits, jnp.float32)
   labels = jnp.asarray(labels)
   _check_shapes(logits, labels)
-  cw = _class_weight_array(class_weights, logits.shape[-1])
+  cw = class_weight_array(class_weights, logits.shape[-1])
   valid = _pixel_weights(weights, labels)
 
   if loss == "focal":

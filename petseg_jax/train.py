@@ -293,12 +293,9 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
                       "one of them must be positive.")
   if tc.loss not in losses.LOSSES:
     raise ConfigError(f"config.train.loss={tc.loss!r} is not one of {losses.LOSSES}.")
-  if len(tc.class_weights) not in (0, model.num_classes):
-    raise ConfigError(f"config.train.class_weights={tuple(tc.class_weights)} must be () or "
-                      f"{model.num_classes} numbers, one per class {metrics_lib.CLASS_NAMES}.")
   try:
-    # The loss checks the values too, but only when the first step is traced: after the workdir is made.
-    losses._class_weight_array(tuple(tc.class_weights), model.num_classes)  # pylint: disable=protected-access
+    # The loss checks them too, but only when the first step is traced: after the workdir is made.
+    losses.class_weight_array(tuple(tc.class_weights), model.num_classes)
   except ValueError as e:
     raise ConfigError(f"config.train.{e}") from e
   if not tc.weight_decay >= 0:  # A negative decay would silently grow the weights (NaN: never decay).
@@ -585,19 +582,18 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, ckpt: checkpoint.Ch
   """The loop of ``train_and_evaluate``, run holding the workdir's lock."""
   steps_per_epoch = train_input.steps_per_epoch
   num_epochs = math.ceil(total_steps / steps_per_epoch)
-  resume_step = ckpt.latest_step()
+  resume_step, changes = ckpt.latest_step(), {}
   if resume_step is not None:
     # Checked again now that the lock is held: another process may have written a run here meanwhile.
-    checkpoint.check_resume_config(workdir, config)
+    changes = checkpoint.check_resume_config(workdir, config)
     state = ckpt.restore_latest(state)
     logging.info("Resuming from %s at step %d.", workdir / checkpoint.LATEST_DIR, resume_step)
-    changes = checkpoint.config_changes(workdir, config)
     if changes:  # Allowed (RESUME_KEYS are equal), but the schedule, the data or the loss change mid-run.
       logging.warning("Resuming at step %d with changed settings (%s); the earlier config is kept as "
                       "config_before_step_%d.json.", resume_step,
                       "; ".join(f"{key}: {saved!r} -> {now!r}" for key, (saved, now) in changes.items()),
                       resume_step)
-  checkpoint.write_config(workdir, config, resume_step)
+  checkpoint.write_config(workdir, config, keep_previous_at=resume_step if changes else None)
   # Records after the starting step belong to a crashed attempt; they are redone. So is its best checkpoint
   # (else its mIoU stays the bar, and `--checkpoint best` may restore a model of another config).
   records = _truncate_metrics(workdir, resume_step or 0)
