@@ -26,6 +26,7 @@ from petseg_jax import input_pipeline
 from petseg_jax import models
 from petseg_jax import optim
 from petseg_jax import train
+from petseg_jax import weights
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = REPO_ROOT / "scripts" / "train.py"
@@ -428,6 +429,31 @@ def test_initializer_compiled_faster_gives_the_default_compilations_bits():
   fast = train.initialized(key, config.data.image_size, model)
   assert _trees_equal(flax.core.unfreeze(default), fast)
 
+
+
+def test_initializer_with_given_encoder_skips_its_random_init_and_keeps_the_decoders_bits():
+  """Loaded encoder variables replace the encoder inside the compiled initializer: the decoder's random values
+  are those of a full initialization, the encoder's are the given ones, and the encoder's random kernels are
+  not computed at all (XLA removes them: the compiled program has far fewer random-number ops)."""
+  config = tiny_config()
+  model = train.create_model(config)
+  key = jax.random.PRNGKey(config.seed)
+  full = train.initialized(key, config.data.image_size, model)
+  encoder = jax.tree.map(lambda x: np.full(x.shape, 0.25, np.float32),
+                         {c: full[c]["encoder"] for c in ("params", "batch_stats")})
+  merged = train.initialized(key, config.data.image_size, model, encoder)
+  assert _trees_equal(merged["params"]["decoder"], full["params"]["decoder"])
+  assert _trees_equal(merged["batch_stats"]["decoder"], full["batch_stats"]["decoder"])
+  assert _trees_equal({c: merged[c]["encoder"] for c in ("params", "batch_stats")}, encoder)
+
+  def random_ops(*args) -> int:  # Threefry's rounds rotate bits: count the shift ops XLA kept.
+    hlo = train._init.lower(model, key, config.data.image_size, *args).compile().as_text()
+    return hlo.count("shift-left")
+  assert random_ops(encoder) < random_ops(None) / 4
+
+  wrong = jax.tree.map(lambda x: np.zeros(x.shape + (1,), np.float32), encoder)
+  with pytest.raises(weights.WeightsError, match="do not fit the model's encoder"):
+    train.initialized(key, config.data.image_size, model, wrong)
 
 # --- schedule and optimizer -----------------------------------------------------------------------------
 
