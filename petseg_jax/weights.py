@@ -12,6 +12,7 @@ arrays plus the width ``alpha``); ``scripts/convert_keras_weights.py`` writes th
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 import zipfile
@@ -89,27 +90,45 @@ def read_keras_h5(path: str | os.PathLike) -> LayerArrays:
   path = Path(path)
   try:
     with h5py.File(path, "r") as f:
-      group = f["model_weights"] if "model_weights" in f else f
-      if "layer_names" not in group.attrs:
-        raise WeightsError(
-            f"{path}: not a legacy Keras HDF5 weight file (no 'layer_names' attribute). Keras 3 "
-            "'.weights.h5' and '.keras' files are read through Keras; name them with those suffixes.")
-      layers: LayerArrays = {}
-      for raw in group.attrs["layer_names"]:
-        layer = raw.decode() if isinstance(raw, bytes) else str(raw)
-        names = group[layer].attrs.get("weight_names", [])
-        arrays = {}
-        for raw_w in names:
-          w = raw_w.decode() if isinstance(raw_w, bytes) else str(raw_w)
-          arrays[_var_name(w)] = np.asarray(group[layer][w])
-        if arrays:
-          layers[layer] = arrays
-      return layers
+      group = _legacy_group(f)
+      if group is None:
+        raise _not_legacy_h5(path)
+      return _read_legacy_group(group, path)
+  except OSError as e:
+    raise _unreadable_hdf5(path, e) from None
+
+
+def _legacy_group(f: Any) -> Any:
+  """The group of an open HDF5 file holding the layers of the legacy Keras layout, or None if not that layout."""
+  group = f["model_weights"] if "model_weights" in f else f
+  return group if "layer_names" in group.attrs else None
+
+
+def _read_legacy_group(group: Any, path: Path) -> LayerArrays:
+  """The arrays of a legacy Keras HDF5 layer group by layer name; read errors are WeightsErrors naming ``path``."""
+  try:
+    layers: LayerArrays = {}
+    for raw in group.attrs["layer_names"]:
+      layer = raw.decode() if isinstance(raw, bytes) else str(raw)
+      names = group[layer].attrs.get("weight_names", [])
+      arrays = {}
+      for raw_w in names:
+        w = raw_w.decode() if isinstance(raw_w, bytes) else str(raw_w)
+        arrays[_var_name(w)] = np.asarray(group[layer][w])
+      if arrays:
+        layers[layer] = arrays
+    return layers
   except OSError as e:
     raise _unreadable_hdf5(path, e) from None
   except KeyError as e:  # 'layer_names' or 'weight_names' naming a group or dataset the file lacks.
     raise WeightsError(
         f"{path}: malformed Keras HDF5 weight file ({e}). Download or export it again.") from None
+
+
+def _not_legacy_h5(path: Path) -> WeightsError:
+  return WeightsError(
+      f"{path}: not a legacy Keras HDF5 weight file (no 'layer_names' attribute). Keras 3 "
+      "'.weights.h5' and '.keras' files are read through Keras; name them with those suffixes.")
 
 
 def read_keras_model(model: Any) -> LayerArrays:
@@ -163,8 +182,9 @@ def _read_source(source: Any, alpha: float, alpha_setting: str = "config.model.a
         "weight file (.h5, .weights.h5, .keras), a converted .npz file, or None.")
   # Dispatch on the content as well as the name: a legacy file saved or renamed as '.weights.h5' is common,
   # and a damaged file must be reported as such, not as a bare error from deep inside h5py or Keras.
-  if _is_legacy_keras_h5(path):
-    return read_keras_h5(path)
+  probe = _probe_hdf5(path)
+  if probe.legacy_layers is not None:
+    return probe.legacy_layers
   name = path.name
   if name.endswith(".keras"):
     if not zipfile.is_zipfile(path):
@@ -179,11 +199,12 @@ def _read_source(source: Any, alpha: float, alpha_setting: str = "config.model.a
     except Exception as e:  # Keras raises many types (ValueError, TypeError, KeyError...) for bad archives.
       raise WeightsError(f"{path}: Keras cannot load this '.keras' file ({_first_line(e)}).") from None
   if name.endswith(".weights.h5"):
-    _check_hdf5(path)
+    if probe.open_error is not None:
+      raise _unreadable_hdf5(path, probe.open_error)
     try:
       return read_keras_model(_keras_mobilenet(alpha, str(path)))
     except ValueError as e:
-      found = _keras3_weights_alphas(path)
+      found = probe.conv1_alphas
       hint = (f" Its first convolution looks like alpha={' or '.join(map(str, found))}." if found
               and alpha not in found else "")
       raise WeightsError(f"{path}: does not load into a Keras MobileNetV2 with alpha={alpha} "
@@ -191,7 +212,9 @@ def _read_source(source: Any, alpha: float, alpha_setting: str = "config.model.a
   if zipfile.is_zipfile(path):
     raise WeightsError(f"{path}: is a zip archive, not an HDF5 weight file: a Keras 3 model saved as "
                        "'.keras'? Name it with the '.keras' suffix.")
-  return read_keras_h5(path)
+  if probe.open_error is not None:
+    raise _unreadable_hdf5(path, probe.open_error)
+  raise _not_legacy_h5(path)
 
 
 def _first_line(error: Exception) -> str:
@@ -205,38 +228,28 @@ def _first_line(error: Exception) -> str:
   return text[:500]
 
 
-def _check_hdf5(path: Path) -> None:
-  """Raises WeightsError unless ``path`` is a readable HDF5 file."""
-  import h5py  # Only needed for this file format.
-
-  try:
-    with h5py.File(path, "r"):
-      pass
-  except OSError as e:
-    raise _unreadable_hdf5(path, e) from None
-
-
 def _unreadable_hdf5(path: Path, error: Exception) -> WeightsError:
   return WeightsError(f"{path}: cannot read as an HDF5 weight file ({error}); the file is damaged, "
                       "truncated or of another format. Download or export it again.")
 
 
-def _is_legacy_keras_h5(path: Path) -> bool:
-  """Whether ``path`` is an HDF5 file in the legacy Keras layout (a 'layer_names' attribute)."""
-  import h5py  # Only needed for this file format.
+@dataclasses.dataclass(frozen=True)
+class _Hdf5Probe:
+  """What one opening of a weight file with h5py tells ``_read_source``."""
 
-  if not h5py.is_hdf5(path):
-    return False
-  try:
-    with h5py.File(path, "r") as f:
-      group = f["model_weights"] if "model_weights" in f else f
-      return "layer_names" in group.attrs
-  except OSError:
-    return False  # Damaged: reported by the reader the name selects.
+  open_error: OSError | None = None  # Why h5py cannot read it: another format, damaged or truncated.
+  legacy_layers: LayerArrays | None = None  # Its arrays, if it is in the legacy Keras layout.
+  # For another HDF5 file (a Keras 3 '.weights.h5'): the ImageNet alphas its 3x3x3 (Conv1) kernels fit.
+  conv1_alphas: tuple[float, ...] = ()
 
 
-def _keras3_weights_alphas(path: Path) -> list[float]:
-  """The ImageNet alphas whose ``Conv1`` width matches the 3x3x3 kernel of a Keras 3 ``.weights.h5`` file."""
+def _probe_hdf5(path: Path) -> _Hdf5Probe:
+  """Opens ``path`` with h5py once for every check made before Keras reads it (each opening reads metadata).
+
+  Raises:
+    WeightsError: a legacy Keras file whose layers cannot be read (the other problems are noted in the
+      result and reported by the reader the file's name selects).
+  """
   import h5py  # Only needed for this file format.
 
   widths = set()
@@ -247,10 +260,16 @@ def _keras3_weights_alphas(path: Path) -> list[float]:
 
   try:
     with h5py.File(path, "r") as f:
-      f.visititems(visit)
-  except OSError:
-    return []
-  return [a for a in IMAGENET_ALPHAS if make_divisible(32 * a) in widths]
+      group = _legacy_group(f)
+      if group is not None:
+        return _Hdf5Probe(legacy_layers=_read_legacy_group(group, path))
+      try:
+        f.visititems(visit)  # Metadata only; the alphas let a Keras load error say which alpha fits.
+      except OSError:
+        widths.clear()  # Only a hint: Keras reports the damage when it reads the file.
+  except OSError as e:  # Not HDF5 (a zip, text), damaged or truncated.
+    return _Hdf5Probe(open_error=e)
+  return _Hdf5Probe(conv1_alphas=tuple(a for a in IMAGENET_ALPHAS if make_divisible(32 * a) in widths))
 
 
 def encoder_template(alpha: float) -> Variables:

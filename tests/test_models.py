@@ -327,6 +327,34 @@ def test_keras3_weights_file_of_another_alpha_says_which(tmp_path):
   assert "config.model" not in str(info.value)
 
 
+def test_weight_file_is_opened_once_before_keras_reads_it(tmp_path, monkeypatch):
+  """Legacy or Keras 3, a file's checks (layout, readability, the alpha hint) share one h5py opening."""
+  h5py = pytest.importorskip("h5py")
+  legacy = tmp_path / "partial.h5"
+  with h5py.File(legacy, "w") as f:
+    f.attrs["layer_names"] = [b"Conv1"]
+    f.create_group("Conv1").attrs["weight_names"] = [b"Conv1/kernel:0"]
+    f["Conv1"].create_dataset("Conv1/kernel:0", data=np.zeros((3, 3, 3, 16), np.float32))
+  keras3 = tmp_path / "enc.weights.h5"  # The Keras 3 layout: no 'layer_names', variables under paths.
+  with h5py.File(keras3, "w") as f:
+    f.create_dataset("layers/conv2d/vars/0", data=np.zeros((3, 3, 3, 32), np.float32))
+
+  def keras_refuses(alpha, source):
+    raise ValueError(f"Layer 'Conv1' expected a kernel of another shape for alpha={alpha}")
+
+  opened = []
+  real_file = h5py.File
+  monkeypatch.setattr(h5py, "File", lambda path, *args, **kwargs: opened.append(path) or real_file(
+      path, *args, **kwargs))
+  monkeypatch.setattr(weights, "_keras_mobilenet", keras_refuses)
+  with pytest.raises(weights.WeightsError, match="layer 'bn_Conv1' is missing"):
+    weights.encoder_variables_from_keras(str(legacy), 0.35)
+  assert len(opened) == 1, opened
+  opened.clear()
+  with pytest.raises(weights.WeightsError, match="looks like alpha=1.0.*Check config.model.alpha"):
+    weights.encoder_variables_from_keras(str(keras3), 0.35)
+  assert len(opened) == 1, opened
+
 def test_npz_with_foreign_arrays_is_refused(tmp_path):
   variables = _random_variables(MobileNetV2Encoder(0.35), (1, 32, 32, 3), seed=3)
   path = tmp_path / "enc.npz"
