@@ -32,6 +32,8 @@ LayerArrays = dict[str, dict[str, np.ndarray]]  # Keras layer name → variable 
 BUNDLED_ENCODER_WEIGHTS = str(Path(__file__).parent / "assets" / "mobilenet_v2_0.35_imagenet.npz")
 # Widths for which keras.applications publishes ImageNet MobileNetV2 weights.
 IMAGENET_ALPHAS = (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)
+# Where a training config sets the encoder width: the default alpha_setting of the conversion functions.
+_CONFIG_ALPHA = "config.model.alpha"
 
 _KERAS_TO_FLAX = {
     "kernel": ("params", "kernel"),
@@ -157,29 +159,35 @@ def _keras_mobilenet(alpha: float, weights: str) -> Any:
       input_shape=(224, 224, 3), alpha=alpha, include_top=False, weights=weights)
 
 
-def _read_source(source: Any, alpha: float, alpha_setting: str = "config.model.alpha") -> LayerArrays:
+def _read_source(source: Any, alpha: float, alpha_setting: str = _CONFIG_ALPHA) -> LayerArrays:
   if not isinstance(source, (str, os.PathLike)):
     return read_keras_model(source)
+  # The ways out through model.encoder_weights (None, a converted .npz) exist only in a training config.
+  from_config = alpha_setting == _CONFIG_ALPHA
   if str(source) == "imagenet":
     if alpha not in IMAGENET_ALPHAS:
       raise WeightsError(
           f"Keras publishes ImageNet MobileNetV2 weights only for alpha in {IMAGENET_ALPHAS}; got "
-          f"alpha={alpha}. Use one of those, or model.encoder_weights=None for a random encoder.")
+          f"{alpha_setting}={alpha}. Set {alpha_setting} to one of those"
+          + (", or model.encoder_weights=None for a random encoder." if from_config else "."))
     try:
       return read_keras_model(_keras_mobilenet(alpha, "imagenet"))
     except Exception as e:  # Keras raises a bare URL/OS error offline.
+      example = "../shared/weights/mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top.h5"
+      way_out = (f"point model.encoder_weights at a Keras weight file (e.g. {example}), at the bundled "
+                 f"converted alpha-0.35 weights ({BUNDLED_ENCODER_WEIGHTS}), or set it to None for a randomly "
+                 "initialised encoder." if from_config else
+                 f"convert a Keras weight file instead of 'imagenet' (e.g. {example}).")
       raise WeightsError(
           f"Could not get the ImageNet MobileNetV2 (alpha={alpha}) weights through keras.applications "
-          f"({type(e).__name__}: {e}). Offline, point model.encoder_weights at a Keras weight file "
-          "(e.g. ../shared/weights/mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top.h5), "
-          f"at the bundled converted alpha-0.35 weights ({BUNDLED_ENCODER_WEIGHTS}), or set it to None "
-          "for a randomly initialised encoder.") from None
+          f"({type(e).__name__}: {e}). Offline, {way_out}") from None
   path = Path(source)
   if not path.is_file():
     what = "is a directory, not a file" if path.is_dir() else "does not exist"
-    raise WeightsError(
-        f"Encoder weight file {path} {what}. model.encoder_weights takes 'imagenet', a Keras "
-        "weight file (.h5, .weights.h5, .keras), a converted .npz file, or None.")
+    takes = ("model.encoder_weights takes 'imagenet', a Keras weight file (.h5, .weights.h5, .keras), a "
+             "converted .npz file, or None." if from_config else
+             "Give 'imagenet' or a Keras weight file (.h5, .weights.h5, .keras).")
+    raise WeightsError(f"Encoder weight file {path} {what}. {takes}")
   # Dispatch on the content as well as the name: a legacy file saved or renamed as '.weights.h5' is common,
   # and a damaged file must be reported as such, not as a bare error from deep inside h5py or Keras.
   probe = _probe_hdf5(path)
@@ -280,7 +288,7 @@ def encoder_template(alpha: float) -> Variables:
 
 def _convert_layers(layers: LayerArrays, template: Mapping[str, Any], source_desc: str,
                     alpha: float | None, keras_layout: Mapping[str, str] | None = None,
-                    alpha_setting: str = "config.model.alpha") -> Variables:
+                    alpha_setting: str = _CONFIG_ALPHA) -> Variables:
   """Fills ``template`` ({'params': {layer: ...}, 'batch_stats': ...}) from Keras layer arrays.
 
   ``alpha_setting`` is what the error messages tell the user to change when the weights' alpha differs.
@@ -321,8 +329,7 @@ def _convert_layers(layers: LayerArrays, template: Mapping[str, Any], source_des
   return out
 
 
-def encoder_variables_from_keras(source: Any, alpha: float, alpha_setting: str = "config.model.alpha"
-                                 ) -> Variables:
+def encoder_variables_from_keras(source: Any, alpha: float, alpha_setting: str = _CONFIG_ALPHA) -> Variables:
   """Converts Keras MobileNetV2 weights into ``MobileNetV2Encoder(alpha)`` variables.
 
   Args:
@@ -331,7 +338,9 @@ def encoder_variables_from_keras(source: Any, alpha: float, alpha_setting: str =
       ``.weights.h5`` or ``.keras``), or ``"imagenet"`` (downloads through ``keras.applications``).
     alpha: the encoder width the weights must fit.
     alpha_setting: where the user set ``alpha``, named by the error messages when the weights do not fit
-      it (e.g. ``"--alpha"`` for ``scripts/convert_keras_weights.py``).
+      it (e.g. ``"--alpha"`` for ``scripts/convert_keras_weights.py``). Any other than the default (a
+      training config's ``config.model.alpha``) also keeps the messages from offering what only a training
+      config can take instead (``model.encoder_weights=None``, a converted ``.npz``).
 
   Returns:
     ``{"params": ..., "batch_stats": ...}`` as NumPy float32 arrays.

@@ -259,6 +259,26 @@ def test_missing_file_and_no_imagenet_alpha():
     weights.load_encoder_variables("imagenet", 0.6)
 
 
+def test_imagenet_and_missing_file_errors_fit_a_script_caller(monkeypatch):
+  """scripts/convert_keras_weights.py passes alpha_setting="--alpha": no training-config ways out."""
+  with pytest.raises(weights.WeightsError, match="got config.model.alpha=0.6. Set config.model.alpha to one "
+                     "of those, or model.encoder_weights=None"):
+    weights.encoder_variables_from_keras("imagenet", 0.6)
+  monkeypatch.setattr(weights, "_keras_mobilenet", lambda alpha, source: pytest.fail("asked Keras"))
+  with pytest.raises(weights.WeightsError, match=r"got --alpha=0.6. Set --alpha to one of those.$"):
+    weights.encoder_variables_from_keras("imagenet", 0.6, alpha_setting="--alpha")
+  with pytest.raises(weights.WeightsError, match=r"does not exist. Give 'imagenet' or a Keras weight file"):
+    weights.encoder_variables_from_keras("/nonexistent/enc.h5", 0.35, alpha_setting="--alpha")
+
+  def offline(alpha, source):
+    raise OSError("URL fetch failure: network unreachable")
+
+  monkeypatch.setattr(weights, "_keras_mobilenet", offline)
+  with pytest.raises(weights.WeightsError, match="Offline, convert a Keras weight file instead") as info:
+    weights.encoder_variables_from_keras("imagenet", 0.35, alpha_setting="--alpha")
+  assert "encoder_weights" not in str(info.value) and "None" not in str(info.value)
+
+
 def test_imagenet_offline_error_names_the_ways_out(monkeypatch):
   def offline(alpha, source):
     raise OSError("URL fetch failure: network unreachable")
@@ -377,16 +397,20 @@ def test_convert_script_writes_loadable_npz_into_a_new_directory(tmp_path, monke
 
 
 def test_convert_script_names_its_alpha_flag_when_the_file_differs(tmp_path):
-  """The alpha-0.35 file converted with --alpha 1.0: the error says which --alpha to pass, not a config
-  field this command does not have."""
+  """The alpha-0.35 file converted with --alpha 1.0 (or 'imagenet' with an alpha Keras has no weights for):
+  the error names --alpha, not a config field this command does not have."""
   if not WEIGHTS_035.exists():
     pytest.skip("shared weights not found")
   from tests import trained_run  # pylint: disable=g-import-not-at-top
-  (result,) = trained_run.run_scripts(
-      ("convert_keras_weights.py", "--source", WEIGHTS_035, "--alpha", 1.0, "--output", tmp_path / "enc.npz"))
+  result, imagenet = trained_run.run_scripts(
+      ("convert_keras_weights.py", "--source", WEIGHTS_035, "--alpha", 1.0, "--output", tmp_path / "enc.npz"),
+      ("convert_keras_weights.py", "--source", "imagenet", "--alpha", 0.6, "--output", tmp_path / "in.npz"))
   assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
   assert "look like alpha=0.35" in result.stderr and "set --alpha=0.35" in result.stderr, result.stderr
   assert "config.model" not in result.stderr and not (tmp_path / "enc.npz").exists()
+  # An alpha without ImageNet weights: this command's flag again, no training-config field.
+  assert imagenet.returncode != 0 and "Traceback" not in imagenet.stderr, imagenet.stderr
+  assert "Set --alpha to one of those" in imagenet.stderr and "encoder_weights" not in imagenet.stderr
 
 
 def test_bundled_weights_equal_the_keras_file():
