@@ -717,9 +717,12 @@ def write_csv(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
 
 
 def _param_text(row: Mapping[str, Any]) -> str:
+  """The parameter counts of summary.csv (trainable, frozen, BatchNorm statistics) as one table cell."""
   if row.get("params_total") is None:
     return "–"
-  return f"{row['params_trainable'] / 1e6:.2f}M / {row['params_frozen'] / 1e6:.2f}M"
+  # BatchNorm statistics are tens of thousands: in M with two decimals they would all read 0.03M.
+  return (f"{row['params_trainable'] / 1e6:.2f}M / {row['params_frozen'] / 1e6:.2f}M / "
+          f"{row['params_batch_stats'] / 1e3:.1f}k")
 
 
 def write_markdown(plan: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
@@ -727,7 +730,7 @@ def write_markdown(plan: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], p
   titles = {"eval_miou": "mIoU", "eval_pixel_accuracy": "pixel acc."}
   headers = (["variant", "overrides", "seeds"] + [titles.get(k, k.replace("eval_iou_", "IoU "))
                                                    for k in keys]
-             + ["train img/s", "params trainable / frozen", "wall time / run"])
+             + ["train img/s", "params trainable / frozen / BatchNorm stats", "wall time / run"])
   lines = [
       f"# Sweep {plan['sweep']}", "",
       f"- base config: `{plan['base_config']}`",

@@ -19,7 +19,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from absl import app
 from absl import flags
@@ -193,7 +193,7 @@ def _name_part(value: Any) -> str:
 
 
 def data_tag(data_config: ml_collections.ConfigDict, saved_data_config: ml_collections.ConfigDict,
-             split: str) -> str:
+             split: str, *, overrides: Mapping[str, Any] | None = None) -> str:
   """File-name tag of an evaluation: the split, e.g. ``test``, the run's own data with its own settings.
 
   Other data is prefixed by its name (the data folder's, with a short hash of its full path, since e.g.
@@ -201,6 +201,9 @@ def data_tag(data_config: ml_collections.ConfigDict, saved_data_config: ml_colle
   Other data settings (``--config.data.image_size=160``...) are appended as ``field-value``:
   ``test_image_size-160``. So evaluations of the same checkpoint with other data or settings do not
   overwrite each other's files, and the name says what differed.
+
+  ``overrides``, if given, is ``data_overrides(data_config, saved_data_config)`` computed by the caller
+  (scripts/evaluate.py also records it).
   """
   tag = split
   if (data_config.source, data_config.data_dir) != (saved_data_config.source, saved_data_config.data_dir):
@@ -209,11 +212,12 @@ def data_tag(data_config: ml_collections.ConfigDict, saved_data_config: ml_colle
       tag = f"{Path(path).name}-{hashlib.sha1(path.encode()).hexdigest()[:6]}_{split}"
     else:
       tag = f"{data_config.source}_{split}"
-  overrides = {key: value for key, value in data_overrides(data_config, saved_data_config).items()
-               if key not in _NAMED_DATA_FIELDS}
-  suffix = "_".join(f"{key}-{_name_part(value)}" for key, value in overrides.items())
+  if overrides is None:
+    overrides = data_overrides(data_config, saved_data_config)
+  settings = {key: value for key, value in overrides.items() if key not in _NAMED_DATA_FIELDS}
+  suffix = "_".join(f"{key}-{_name_part(value)}" for key, value in settings.items())
   if len(suffix) > _MAX_SUFFIX_CHARS:
-    digest = hashlib.sha1(json.dumps(overrides, sort_keys=True, default=str).encode()).hexdigest()[:6]
+    digest = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:6]
     suffix = f"{suffix[:_MAX_SUFFIX_CHARS - 7]}-{digest}"
   if suffix:
     tag = f"{tag}_{suffix}"

@@ -20,6 +20,8 @@ shuffle also depends on TensorFlow's global seed, which this project never sets.
 
 from __future__ import annotations
 
+import codecs
+import re
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -157,7 +159,8 @@ def raw_dataset(data_config, split: str) -> tf.data.Dataset:
   """The undecorated examples of a split, in a fixed order.
 
   Yields {"image": uint8 (H, W, 3), "segmentation_mask": uint8 (H, W, 1) trimap 1/2/3, "file_name": string};
-  synthetic examples are drawn at `image_size`, files keep their own size.
+  synthetic examples are drawn at `image_size`, files keep their own size. For source "tfds", a trimap value
+  outside {1, 2, 3} fails the iteration (TrainInput and EvalInput raise it as a DataError naming the example).
   """
   check_data_config(data_config)
   if data_config.source == "synthetic":
@@ -176,7 +179,65 @@ def raw_dataset(data_config, split: str) -> tf.data.Dataset:
   read_config = tfds.ReadConfig(try_autocache=False, shuffle_seed=None)  # We cache after resizing ourselves.
   _split_info(builder, split)  # A split that does not exist: the error naming those that do.
   ds = builder.as_dataset(split=split, shuffle_files=False, read_config=read_config)
-  return ds.map(lambda ex: {k: ex[k] for k in ("image", "segmentation_mask", "file_name")})
+  ds = ds.map(lambda ex: {k: ex[k] for k in ("image", "segmentation_mask", "file_name")})
+  if data_config.source == "tfds":
+    # The folder builder checks every trimap before it builds; tfds' prepared files are checked here, as read.
+    ds = ds.map(_check_trimap_fn(builder, split), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  return ds
+
+
+# A DataError raised inside the tf.data graph reaches Python as a tf.errors.InvalidArgumentError; its message
+# sits between these markers so that _as_numpy can raise it again as a DataError.
+_ERROR_START, _ERROR_END = "<<petseg_jax.DataError ", " petseg_jax.DataError>>"
+
+
+def _check_trimap_fn(builder: tfds.core.DatasetBuilder, split: str):
+  """A map fn failing (message as decode.check_trimap_values) on a trimap value outside {1, 2, 3}.
+
+  Costs one reduction per example (once per split with config.data.cache); the message is built only on failure.
+  """
+  what_to_do = (f"The prepared tfds data in {builder.data_dir} is damaged or not the official one: delete that "
+                "folder and run again to prepare it from the official archives, or use an extracted copy "
+                "(--config.data.source=folder, which checks every trimap before it builds).")
+
+  def message(mask, valid, file_name):
+    bad = tf.logical_not(valid)
+    values = tf.sort(tf.unique(tf.cast(tf.boolean_mask(mask, bad), tf.int32))[0])
+    first = tf.where(bad)[0]
+    return tf.strings.join([
+        _ERROR_START, f"tfds {builder.name} split {split!r}, example ", file_name, ": trimap values [",
+        tf.strings.reduce_join(tf.strings.as_string(values), separator=", "),
+        "] are outside {1 pet, 2 background, 3 border} (", tf.strings.as_string(tf.math.count_nonzero(bad)),
+        " pixels, first at row ", tf.strings.as_string(first[0]), ", column ", tf.strings.as_string(first[1]),
+        "). ", what_to_do, _ERROR_END])
+
+  def fn(example):
+    mask = example["segmentation_mask"]
+    valid = (mask >= 1) & (mask <= 3)
+    ok = tf.reduce_all(valid)
+    text = tf.cond(ok, lambda: tf.constant(""), lambda: message(mask, valid, example["file_name"]))
+    with tf.control_dependencies([tf.debugging.Assert(ok, [text])]):
+      return dict(example, segmentation_mask=tf.identity(mask))
+
+  return fn
+
+
+def _as_numpy(ds: tf.data.Dataset) -> Iterator[dict[str, np.ndarray]]:
+  """tfds.as_numpy(ds), raising the DataErrors of the graph (see _ERROR_START) as DataError."""
+  iterator = iter(tfds.as_numpy(ds))
+  while True:
+    try:
+      batch = next(iterator)
+    except StopIteration:
+      return
+    except tf.errors.InvalidArgumentError as e:
+      match = re.search(re.escape(_ERROR_START) + "(.*?)" + re.escape(_ERROR_END), e.message, re.DOTALL)
+      if match is None:
+        raise
+      # Assert prints its string C-escaped (quotes, non-ASCII bytes as octal): undo that.
+      text = codecs.escape_decode(match.group(1).encode("utf-8"))[0].decode("utf-8", errors="replace")
+      raise DataError(text) from e
+    yield batch
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -392,7 +453,7 @@ class TrainInput:
     ds = ds.batch(self.batch_size, drop_remainder=True)
     ds = ds.map(_finalize_fn(config.input_range), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
-    for batch in tfds.as_numpy(ds):
+    for batch in _as_numpy(ds):
       yield _shard(batch, self.num_devices)
 
 
@@ -428,7 +489,7 @@ class EvalInput:
     ds = ds.batch(self.batch_size)
     ds = ds.map(_finalize_fn(self._config.input_range), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
-    for batch in tfds.as_numpy(ds):
+    for batch in _as_numpy(ds):
       yield _shard(_pad_batch(batch, self.batch_size), self.num_devices)
 
 

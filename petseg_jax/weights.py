@@ -12,6 +12,7 @@ arrays plus the width ``alpha``); ``scripts/convert_keras_weights.py`` writes th
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 import zipfile
@@ -31,6 +32,8 @@ LayerArrays = dict[str, dict[str, np.ndarray]]  # Keras layer name → variable 
 BUNDLED_ENCODER_WEIGHTS = str(Path(__file__).parent / "assets" / "mobilenet_v2_0.35_imagenet.npz")
 # Widths for which keras.applications publishes ImageNet MobileNetV2 weights.
 IMAGENET_ALPHAS = (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)
+# Where a training config sets the encoder width: the default alpha_setting of the conversion functions.
+_CONFIG_ALPHA = "config.model.alpha"
 
 _KERAS_TO_FLAX = {
     "kernel": ("params", "kernel"),
@@ -89,27 +92,45 @@ def read_keras_h5(path: str | os.PathLike) -> LayerArrays:
   path = Path(path)
   try:
     with h5py.File(path, "r") as f:
-      group = f["model_weights"] if "model_weights" in f else f
-      if "layer_names" not in group.attrs:
-        raise WeightsError(
-            f"{path}: not a legacy Keras HDF5 weight file (no 'layer_names' attribute). Keras 3 "
-            "'.weights.h5' and '.keras' files are read through Keras; name them with those suffixes.")
-      layers: LayerArrays = {}
-      for raw in group.attrs["layer_names"]:
-        layer = raw.decode() if isinstance(raw, bytes) else str(raw)
-        names = group[layer].attrs.get("weight_names", [])
-        arrays = {}
-        for raw_w in names:
-          w = raw_w.decode() if isinstance(raw_w, bytes) else str(raw_w)
-          arrays[_var_name(w)] = np.asarray(group[layer][w])
-        if arrays:
-          layers[layer] = arrays
-      return layers
+      group = _legacy_group(f)
+      if group is None:
+        raise _not_legacy_h5(path)
+      return _read_legacy_group(group, path)
+  except OSError as e:
+    raise _unreadable_hdf5(path, e) from None
+
+
+def _legacy_group(f: Any) -> Any:
+  """The group of an open HDF5 file holding the layers of the legacy Keras layout, or None if not that layout."""
+  group = f["model_weights"] if "model_weights" in f else f
+  return group if "layer_names" in group.attrs else None
+
+
+def _read_legacy_group(group: Any, path: Path) -> LayerArrays:
+  """The arrays of a legacy Keras HDF5 layer group by layer name; read errors are WeightsErrors naming ``path``."""
+  try:
+    layers: LayerArrays = {}
+    for raw in group.attrs["layer_names"]:
+      layer = raw.decode() if isinstance(raw, bytes) else str(raw)
+      names = group[layer].attrs.get("weight_names", [])
+      arrays = {}
+      for raw_w in names:
+        w = raw_w.decode() if isinstance(raw_w, bytes) else str(raw_w)
+        arrays[_var_name(w)] = np.asarray(group[layer][w])
+      if arrays:
+        layers[layer] = arrays
+    return layers
   except OSError as e:
     raise _unreadable_hdf5(path, e) from None
   except KeyError as e:  # 'layer_names' or 'weight_names' naming a group or dataset the file lacks.
     raise WeightsError(
         f"{path}: malformed Keras HDF5 weight file ({e}). Download or export it again.") from None
+
+
+def _not_legacy_h5(path: Path) -> WeightsError:
+  return WeightsError(
+      f"{path}: not a legacy Keras HDF5 weight file (no 'layer_names' attribute). Keras 3 "
+      "'.weights.h5' and '.keras' files are read through Keras; name them with those suffixes.")
 
 
 def read_keras_model(model: Any) -> LayerArrays:
@@ -138,33 +159,40 @@ def _keras_mobilenet(alpha: float, weights: str) -> Any:
       input_shape=(224, 224, 3), alpha=alpha, include_top=False, weights=weights)
 
 
-def _read_source(source: Any, alpha: float, alpha_setting: str = "config.model.alpha") -> LayerArrays:
+def _read_source(source: Any, alpha: float, alpha_setting: str = _CONFIG_ALPHA) -> LayerArrays:
   if not isinstance(source, (str, os.PathLike)):
     return read_keras_model(source)
+  # The ways out through model.encoder_weights (None, a converted .npz) exist only in a training config.
+  from_config = alpha_setting == _CONFIG_ALPHA
   if str(source) == "imagenet":
     if alpha not in IMAGENET_ALPHAS:
       raise WeightsError(
           f"Keras publishes ImageNet MobileNetV2 weights only for alpha in {IMAGENET_ALPHAS}; got "
-          f"alpha={alpha}. Use one of those, or model.encoder_weights=None for a random encoder.")
+          f"{alpha_setting}={alpha}. Set {alpha_setting} to one of those"
+          + (", or model.encoder_weights=None for a random encoder." if from_config else "."))
     try:
       return read_keras_model(_keras_mobilenet(alpha, "imagenet"))
     except Exception as e:  # Keras raises a bare URL/OS error offline.
+      example = "../shared/weights/mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top.h5"
+      way_out = (f"point model.encoder_weights at a Keras weight file (e.g. {example}), at the bundled "
+                 f"converted alpha-0.35 weights ({BUNDLED_ENCODER_WEIGHTS}), or set it to None for a randomly "
+                 "initialised encoder." if from_config else
+                 f"convert a Keras weight file instead of 'imagenet' (e.g. {example}).")
       raise WeightsError(
           f"Could not get the ImageNet MobileNetV2 (alpha={alpha}) weights through keras.applications "
-          f"({type(e).__name__}: {e}). Offline, point model.encoder_weights at a Keras weight file "
-          "(e.g. ../shared/weights/mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top.h5), "
-          f"at the bundled converted alpha-0.35 weights ({BUNDLED_ENCODER_WEIGHTS}), or set it to None "
-          "for a randomly initialised encoder.") from None
+          f"({type(e).__name__}: {e}). Offline, {way_out}") from None
   path = Path(source)
   if not path.is_file():
     what = "is a directory, not a file" if path.is_dir() else "does not exist"
-    raise WeightsError(
-        f"Encoder weight file {path} {what}. model.encoder_weights takes 'imagenet', a Keras "
-        "weight file (.h5, .weights.h5, .keras), a converted .npz file, or None.")
+    takes = ("model.encoder_weights takes 'imagenet', a Keras weight file (.h5, .weights.h5, .keras), a "
+             "converted .npz file, or None." if from_config else
+             "Give 'imagenet' or a Keras weight file (.h5, .weights.h5, .keras).")
+    raise WeightsError(f"Encoder weight file {path} {what}. {takes}")
   # Dispatch on the content as well as the name: a legacy file saved or renamed as '.weights.h5' is common,
   # and a damaged file must be reported as such, not as a bare error from deep inside h5py or Keras.
-  if _is_legacy_keras_h5(path):
-    return read_keras_h5(path)
+  probe = _probe_hdf5(path)
+  if probe.legacy_layers is not None:
+    return probe.legacy_layers
   name = path.name
   if name.endswith(".keras"):
     if not zipfile.is_zipfile(path):
@@ -179,11 +207,12 @@ def _read_source(source: Any, alpha: float, alpha_setting: str = "config.model.a
     except Exception as e:  # Keras raises many types (ValueError, TypeError, KeyError...) for bad archives.
       raise WeightsError(f"{path}: Keras cannot load this '.keras' file ({_first_line(e)}).") from None
   if name.endswith(".weights.h5"):
-    _check_hdf5(path)
+    if probe.open_error is not None:
+      raise _unreadable_hdf5(path, probe.open_error)
     try:
       return read_keras_model(_keras_mobilenet(alpha, str(path)))
     except ValueError as e:
-      found = _keras3_weights_alphas(path)
+      found = probe.conv1_alphas
       hint = (f" Its first convolution looks like alpha={' or '.join(map(str, found))}." if found
               and alpha not in found else "")
       raise WeightsError(f"{path}: does not load into a Keras MobileNetV2 with alpha={alpha} "
@@ -191,7 +220,9 @@ def _read_source(source: Any, alpha: float, alpha_setting: str = "config.model.a
   if zipfile.is_zipfile(path):
     raise WeightsError(f"{path}: is a zip archive, not an HDF5 weight file: a Keras 3 model saved as "
                        "'.keras'? Name it with the '.keras' suffix.")
-  return read_keras_h5(path)
+  if probe.open_error is not None:
+    raise _unreadable_hdf5(path, probe.open_error)
+  raise _not_legacy_h5(path)
 
 
 def _first_line(error: Exception) -> str:
@@ -205,38 +236,28 @@ def _first_line(error: Exception) -> str:
   return text[:500]
 
 
-def _check_hdf5(path: Path) -> None:
-  """Raises WeightsError unless ``path`` is a readable HDF5 file."""
-  import h5py  # Only needed for this file format.
-
-  try:
-    with h5py.File(path, "r"):
-      pass
-  except OSError as e:
-    raise _unreadable_hdf5(path, e) from None
-
-
 def _unreadable_hdf5(path: Path, error: Exception) -> WeightsError:
   return WeightsError(f"{path}: cannot read as an HDF5 weight file ({error}); the file is damaged, "
                       "truncated or of another format. Download or export it again.")
 
 
-def _is_legacy_keras_h5(path: Path) -> bool:
-  """Whether ``path`` is an HDF5 file in the legacy Keras layout (a 'layer_names' attribute)."""
-  import h5py  # Only needed for this file format.
+@dataclasses.dataclass(frozen=True)
+class _Hdf5Probe:
+  """What one opening of a weight file with h5py tells ``_read_source``."""
 
-  if not h5py.is_hdf5(path):
-    return False
-  try:
-    with h5py.File(path, "r") as f:
-      group = f["model_weights"] if "model_weights" in f else f
-      return "layer_names" in group.attrs
-  except OSError:
-    return False  # Damaged: reported by the reader the name selects.
+  open_error: OSError | None = None  # Why h5py cannot read it: another format, damaged or truncated.
+  legacy_layers: LayerArrays | None = None  # Its arrays, if it is in the legacy Keras layout.
+  # For another HDF5 file (a Keras 3 '.weights.h5'): the ImageNet alphas its 3x3x3 (Conv1) kernels fit.
+  conv1_alphas: tuple[float, ...] = ()
 
 
-def _keras3_weights_alphas(path: Path) -> list[float]:
-  """The ImageNet alphas whose ``Conv1`` width matches the 3x3x3 kernel of a Keras 3 ``.weights.h5`` file."""
+def _probe_hdf5(path: Path) -> _Hdf5Probe:
+  """Opens ``path`` with h5py once for every check made before Keras reads it (each opening reads metadata).
+
+  Raises:
+    WeightsError: a legacy Keras file whose layers cannot be read (the other problems are noted in the
+      result and reported by the reader the file's name selects).
+  """
   import h5py  # Only needed for this file format.
 
   widths = set()
@@ -247,10 +268,16 @@ def _keras3_weights_alphas(path: Path) -> list[float]:
 
   try:
     with h5py.File(path, "r") as f:
-      f.visititems(visit)
-  except OSError:
-    return []
-  return [a for a in IMAGENET_ALPHAS if make_divisible(32 * a) in widths]
+      group = _legacy_group(f)
+      if group is not None:
+        return _Hdf5Probe(legacy_layers=_read_legacy_group(group, path))
+      try:
+        f.visititems(visit)  # Metadata only; the alphas let a Keras load error say which alpha fits.
+      except OSError:
+        widths.clear()  # Only a hint: Keras reports the damage when it reads the file.
+  except OSError as e:  # Not HDF5 (a zip, text), damaged or truncated.
+    return _Hdf5Probe(open_error=e)
+  return _Hdf5Probe(conv1_alphas=tuple(a for a in IMAGENET_ALPHAS if make_divisible(32 * a) in widths))
 
 
 def encoder_template(alpha: float) -> Variables:
@@ -261,7 +288,7 @@ def encoder_template(alpha: float) -> Variables:
 
 def _convert_layers(layers: LayerArrays, template: Mapping[str, Any], source_desc: str,
                     alpha: float | None, keras_layout: Mapping[str, str] | None = None,
-                    alpha_setting: str = "config.model.alpha") -> Variables:
+                    alpha_setting: str = _CONFIG_ALPHA) -> Variables:
   """Fills ``template`` ({'params': {layer: ...}, 'batch_stats': ...}) from Keras layer arrays.
 
   ``alpha_setting`` is what the error messages tell the user to change when the weights' alpha differs.
@@ -302,8 +329,7 @@ def _convert_layers(layers: LayerArrays, template: Mapping[str, Any], source_des
   return out
 
 
-def encoder_variables_from_keras(source: Any, alpha: float, alpha_setting: str = "config.model.alpha"
-                                 ) -> Variables:
+def encoder_variables_from_keras(source: Any, alpha: float, alpha_setting: str = _CONFIG_ALPHA) -> Variables:
   """Converts Keras MobileNetV2 weights into ``MobileNetV2Encoder(alpha)`` variables.
 
   Args:
@@ -312,7 +338,9 @@ def encoder_variables_from_keras(source: Any, alpha: float, alpha_setting: str =
       ``.weights.h5`` or ``.keras``), or ``"imagenet"`` (downloads through ``keras.applications``).
     alpha: the encoder width the weights must fit.
     alpha_setting: where the user set ``alpha``, named by the error messages when the weights do not fit
-      it (e.g. ``"--alpha"`` for ``scripts/convert_keras_weights.py``).
+      it (e.g. ``"--alpha"`` for ``scripts/convert_keras_weights.py``). Any other than the default (a
+      training config's ``config.model.alpha``) also keeps the messages from offering what only a training
+      config can take instead (``model.encoder_weights=None``, a converted ``.npz``).
 
   Returns:
     ``{"params": ..., "batch_stats": ...}`` as NumPy float32 arrays.

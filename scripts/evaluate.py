@@ -52,7 +52,8 @@ def main(argv):
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
   eval_dir = Path(FLAGS.workdir) / inference.EVAL_DIR
-  tag = inference.data_tag(config.data, _SAVED_CONFIG.data, split)
+  overrides = inference.data_overrides(config.data, _SAVED_CONFIG.data)  # Names the files and is recorded.
+  tag = inference.data_tag(config.data, _SAVED_CONFIG.data, split, overrides=overrides)
   where = config.data.data_dir or config.data.source
   # The results first, the files after: a workdir that cannot be written loses the files, not the numbers.
   print(f"Checkpoint step {step} ({FLAGS.checkpoint}) of {FLAGS.workdir}; split {split!r} of {where}")
@@ -61,7 +62,7 @@ def main(argv):
   print(json.dumps(inference.summary_record(result, num_images, step)), flush=True)
   data = {"split": split, "source": config.data.source, "data_dir": config.data.data_dir,
           "workdir": str(FLAGS.workdir), "data_config": config.data.to_dict(),
-          "data_overrides": inference.data_overrides(config.data, _SAVED_CONFIG.data)}
+          "data_overrides": overrides}
   try:
     inference.save_confusion(confusion, result, eval_dir, tag, step, data)
   except inference.WorkdirError as e:

@@ -178,6 +178,8 @@ def test_report_numbers_equal_the_runs_metrics(tiny_sweep):
   workdir = tiny_sweep["workdir"]
   rows = {row["variant"]: row for row in csv.DictReader(open(tiny_sweep["paths"]["csv"]))}
   assert list(rows) == ["flip", "no_flip", "unknown_key", "bad_value"]
+  md = tiny_sweep["paths"]["md"].read_text()
+  assert "| params trainable / frozen / BatchNorm stats |" in md
   for variant in ("flip", "no_flip"):
     finals = [ablation.read_metrics(workdir / variant / f"seed_{s}")[-1] for s in (0, 1)]
     assert finals[0]["step"] == 2
@@ -191,6 +193,9 @@ def test_report_numbers_equal_the_runs_metrics(tiny_sweep):
     total, trainable, frozen, stats = (int(rows[variant][k]) for k in (
         "params_total", "params_trainable", "params_frozen", "params_batch_stats"))
     assert frozen > 0 and trainable > 0 and stats > 0 and trainable + frozen + stats == total
+    # summary.md shows the same three counts.
+    (md_row,) = [line for line in md.splitlines() if line.startswith(f"| {variant} |")]
+    assert f"| {trainable / 1e6:.2f}M / {frozen / 1e6:.2f}M / {stats / 1e3:.1f}k |" in md_row
     assert float(rows[variant]["images_per_sec_mean"]) > 0
     assert float(rows[variant]["wall_time_sec_mean"]) > 0
   assert rows["unknown_key"]["seeds_done"] == "0" and rows["unknown_key"]["eval_miou_mean"] == ""

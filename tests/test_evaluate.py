@@ -146,6 +146,16 @@ def test_data_tag_names_what_differs(tmp_path):
   assert len(inference.data_tag(many, saved, "test")) < 100  # Cut, with a hash to keep names distinct.
 
 
+def test_data_tag_uses_the_callers_overrides(monkeypatch):
+  """scripts/evaluate.py computes data_overrides once, for the file names and the JSON record."""
+  saved = trained_run.tiny_config().data
+  other = saved.copy_and_resolve_references()
+  other.image_size = 160
+  overrides = inference.data_overrides(other, saved)
+  monkeypatch.setattr(inference, "data_overrides", lambda *args: pytest.fail("computed the overrides again"))
+  assert inference.data_tag(other, saved, "test", overrides=overrides) == "test_image_size-160"
+
+
 def test_unwritable_workdir_prints_results_then_one_line_error(cli):
   """The table and the JSON line come first; the failed write is one line naming the path, exit code 1."""
   proc = cli["unwritable"]

@@ -380,6 +380,44 @@ def test_tfds_source_offline_errors(tmp_path, monkeypatch):
     ip.get_dataset_builder(config)
 
 
+class _FakePetsBuilder:
+  """What raw_dataset uses of a prepared tfds oxford_iiit_pet builder, over in-memory examples."""
+
+  name = "oxford_iiit_pet"
+
+  def __init__(self, data_dir, masks, file_names):
+    self.data_dir = str(data_dir)
+    self._examples = {"image": np.zeros(masks.shape[:3] + (3,), np.uint8), "segmentation_mask": masks,
+                      "file_name": file_names, "label": np.zeros(len(masks), np.int64)}
+    self.info = type("Info", (), {"splits": {"test": type("Split", (), {"num_examples": len(masks)})()}})()
+
+  def as_dataset(self, split, shuffle_files, read_config):
+    del shuffle_files, read_config
+    assert split == "test"
+    return tf.data.Dataset.from_tensor_slices(self._examples)
+
+
+def test_tfds_source_trimap_values_are_checked(tmp_path, monkeypatch):
+  masks = np.full((3, 8, 8, 1), 2, np.uint8)
+  masks[0, :4] = 1
+  masks[1, 2, 5] = 0  # The folder source refuses such a trimap before it builds; tfds' must not pass either.
+  masks[1, 6, 0] = 7
+  builder = _FakePetsBuilder(tmp_path / "oxford_iiit_pet" / "4.0.0", masks, ["a_1.jpg", "b'ü_2.jpg", "c_3.jpg"])
+  monkeypatch.setattr(tfds_source, "prepare_official_builder", lambda *args, **kwargs: builder)
+  config = data_config(source="tfds", image_size=32, train_split="test")
+  with pytest.raises(ip.DataError) as info:
+    list(ip.EvalInput(config, "test", 2))
+  message = str(info.value)
+  assert "example b'ü_2.jpg: trimap values [0, 7] are outside {1 pet, 2 background, 3 border}" in message
+  assert "(2 pixels, first at row 2, column 5)" in message and "split 'test'" in message
+  assert builder.data_dir in message and "source=folder" in message and "petseg_jax.DataError" not in message
+  with pytest.raises(ip.DataError, match="trimap values"):
+    list(ip.TrainInput(config, 2, seed=0).epoch(0))
+  masks[1, 2, 5] = masks[1, 6, 0] = 3
+  batches = list(ip.EvalInput(config, "test", 2))  # Valid trimaps pass unchanged.
+  assert [b["weight"].tolist() for b in batches] == [[1, 1], [1, 0]]
+  assert set(np.unique(batches[0]["mask"][0])) == {0, 1}
+
 def test_synthetic_examples_are_deterministic_and_recoverable():
   image, trimap = synthetic.render_example(0, 3, 64)
   again, trimap_again = synthetic.render_example(0, 3, 64)

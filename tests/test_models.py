@@ -259,6 +259,26 @@ def test_missing_file_and_no_imagenet_alpha():
     weights.load_encoder_variables("imagenet", 0.6)
 
 
+def test_imagenet_and_missing_file_errors_fit_a_script_caller(monkeypatch):
+  """scripts/convert_keras_weights.py passes alpha_setting="--alpha": no training-config ways out."""
+  with pytest.raises(weights.WeightsError, match="got config.model.alpha=0.6. Set config.model.alpha to one "
+                     "of those, or model.encoder_weights=None"):
+    weights.encoder_variables_from_keras("imagenet", 0.6)
+  monkeypatch.setattr(weights, "_keras_mobilenet", lambda alpha, source: pytest.fail("asked Keras"))
+  with pytest.raises(weights.WeightsError, match=r"got --alpha=0.6. Set --alpha to one of those.$"):
+    weights.encoder_variables_from_keras("imagenet", 0.6, alpha_setting="--alpha")
+  with pytest.raises(weights.WeightsError, match=r"does not exist. Give 'imagenet' or a Keras weight file"):
+    weights.encoder_variables_from_keras("/nonexistent/enc.h5", 0.35, alpha_setting="--alpha")
+
+  def offline(alpha, source):
+    raise OSError("URL fetch failure: network unreachable")
+
+  monkeypatch.setattr(weights, "_keras_mobilenet", offline)
+  with pytest.raises(weights.WeightsError, match="Offline, convert a Keras weight file instead") as info:
+    weights.encoder_variables_from_keras("imagenet", 0.35, alpha_setting="--alpha")
+  assert "encoder_weights" not in str(info.value) and "None" not in str(info.value)
+
+
 def test_imagenet_offline_error_names_the_ways_out(monkeypatch):
   def offline(alpha, source):
     raise OSError("URL fetch failure: network unreachable")
@@ -327,6 +347,34 @@ def test_keras3_weights_file_of_another_alpha_says_which(tmp_path):
   assert "config.model" not in str(info.value)
 
 
+def test_weight_file_is_opened_once_before_keras_reads_it(tmp_path, monkeypatch):
+  """Legacy or Keras 3, a file's checks (layout, readability, the alpha hint) share one h5py opening."""
+  h5py = pytest.importorskip("h5py")
+  legacy = tmp_path / "partial.h5"
+  with h5py.File(legacy, "w") as f:
+    f.attrs["layer_names"] = [b"Conv1"]
+    f.create_group("Conv1").attrs["weight_names"] = [b"Conv1/kernel:0"]
+    f["Conv1"].create_dataset("Conv1/kernel:0", data=np.zeros((3, 3, 3, 16), np.float32))
+  keras3 = tmp_path / "enc.weights.h5"  # The Keras 3 layout: no 'layer_names', variables under paths.
+  with h5py.File(keras3, "w") as f:
+    f.create_dataset("layers/conv2d/vars/0", data=np.zeros((3, 3, 3, 32), np.float32))
+
+  def keras_refuses(alpha, source):
+    raise ValueError(f"Layer 'Conv1' expected a kernel of another shape for alpha={alpha}")
+
+  opened = []
+  real_file = h5py.File
+  monkeypatch.setattr(h5py, "File", lambda path, *args, **kwargs: opened.append(path) or real_file(
+      path, *args, **kwargs))
+  monkeypatch.setattr(weights, "_keras_mobilenet", keras_refuses)
+  with pytest.raises(weights.WeightsError, match="layer 'bn_Conv1' is missing"):
+    weights.encoder_variables_from_keras(str(legacy), 0.35)
+  assert len(opened) == 1, opened
+  opened.clear()
+  with pytest.raises(weights.WeightsError, match="looks like alpha=1.0.*Check config.model.alpha"):
+    weights.encoder_variables_from_keras(str(keras3), 0.35)
+  assert len(opened) == 1, opened
+
 def test_npz_with_foreign_arrays_is_refused(tmp_path):
   variables = _random_variables(MobileNetV2Encoder(0.35), (1, 32, 32, 3), seed=3)
   path = tmp_path / "enc.npz"
@@ -349,16 +397,20 @@ def test_convert_script_writes_loadable_npz_into_a_new_directory(tmp_path, monke
 
 
 def test_convert_script_names_its_alpha_flag_when_the_file_differs(tmp_path):
-  """The alpha-0.35 file converted with --alpha 1.0: the error says which --alpha to pass, not a config
-  field this command does not have."""
+  """The alpha-0.35 file converted with --alpha 1.0 (or 'imagenet' with an alpha Keras has no weights for):
+  the error names --alpha, not a config field this command does not have."""
   if not WEIGHTS_035.exists():
     pytest.skip("shared weights not found")
   from tests import trained_run  # pylint: disable=g-import-not-at-top
-  (result,) = trained_run.run_scripts(
-      ("convert_keras_weights.py", "--source", WEIGHTS_035, "--alpha", 1.0, "--output", tmp_path / "enc.npz"))
+  result, imagenet = trained_run.run_scripts(
+      ("convert_keras_weights.py", "--source", WEIGHTS_035, "--alpha", 1.0, "--output", tmp_path / "enc.npz"),
+      ("convert_keras_weights.py", "--source", "imagenet", "--alpha", 0.6, "--output", tmp_path / "in.npz"))
   assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
   assert "look like alpha=0.35" in result.stderr and "set --alpha=0.35" in result.stderr, result.stderr
   assert "config.model" not in result.stderr and not (tmp_path / "enc.npz").exists()
+  # An alpha without ImageNet weights: this command's flag again, no training-config field.
+  assert imagenet.returncode != 0 and "Traceback" not in imagenet.stderr, imagenet.stderr
+  assert "Set --alpha to one of those" in imagenet.stderr and "encoder_weights" not in imagenet.stderr
 
 
 def test_bundled_weights_equal_the_keras_file():
