@@ -31,6 +31,8 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from petseg_jax import files
+
 LATEST_DIR = "checkpoints"
 BEST_DIR = "checkpoints_best"
 CONFIG_FILE = "config.json"
@@ -339,16 +341,9 @@ def write_config(workdir: str | os.PathLike, config: ml_collections.ConfigDict,
   # An existing copy for this step stays: it holds the settings that trained up to the step (a later attempt
   # resumed here too, and what it trained beyond was discarded).
   if keep_previous_at is not None and not kept.exists():
-    _write_atomically(kept, path.read_text())
-  _write_atomically(path, json.dumps(_config_to_dict(config), indent=2, sort_keys=True) + "\n")
+    files.write_atomically(kept, path.read_text())
+  files.write_atomically(path, json.dumps(_config_to_dict(config), indent=2, sort_keys=True) + "\n")
   return path
-
-
-def _write_atomically(path: Path, text: str) -> None:
-  # Written beside and renamed over the old one: a crash leaves the old file or the new, never half.
-  temporary = path.with_name(f".{path.name}.tmp")
-  temporary.write_text(text)
-  os.replace(temporary, path)
 
 
 def read_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:

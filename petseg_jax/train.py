@@ -41,6 +41,7 @@ import optax
 import tqdm
 
 from petseg_jax import checkpoint
+from petseg_jax import files
 from petseg_jax import losses
 from petseg_jax import metrics as metrics_lib
 from petseg_jax import metrics_log
@@ -450,9 +451,7 @@ def _truncate_metrics(workdir: Path, last_step: int) -> list[dict[str, Any]]:
   kept = [record for record in read_metrics(workdir) if record["step"] <= last_step]
   text = "".join(json.dumps(record) + "\n" for record in kept)
   if path.exists() and path.read_text() != text:
-    temporary = path.with_name(f".{METRICS_FILE}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)  # Atomic: the old records or the new, never half of them.
+    files.write_atomically(path, text)  # The old records or the new, never half of them.
   return kept
 
 
