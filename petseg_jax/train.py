@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
-import json
 import logging as std_logging
 import math
 import os
@@ -41,7 +40,6 @@ import optax
 import tqdm
 
 from petseg_jax import checkpoint
-from petseg_jax import files
 from petseg_jax import losses
 from petseg_jax import metrics as metrics_lib
 from petseg_jax import metrics_log
@@ -445,16 +443,6 @@ def _flat_record(prefix: str, result: dict[str, Any] | None) -> dict[str, Any]:
   return record
 
 
-def _truncate_metrics(workdir: Path, last_step: int) -> list[dict[str, Any]]:
-  """Keeps the records up to the step a run starts from (later ones are redone); returns them."""
-  path = workdir / METRICS_FILE
-  kept = [record for record in read_metrics(workdir) if record["step"] <= last_step]
-  text = "".join(json.dumps(record) + "\n" for record in kept)
-  if path.exists() and path.read_text() != text:
-    files.write_atomically(path, text)  # The old records or the new, never half of them.
-  return kept
-
-
 class _Evaluator:
   """Evaluation at an eval point and everything recorded with it.
 
@@ -595,7 +583,7 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, ckpt: checkpoint.Ch
   checkpoint.write_config(workdir, config, keep_previous_at=resume_step if changes else None)
   # Records after the starting step belong to a crashed attempt; they are redone. So is its best checkpoint
   # (else its mIoU stays the bar, and `--checkpoint best` may restore a model of another config).
-  records = _truncate_metrics(workdir, resume_step or 0)
+  records = metrics_log.truncate_metrics(workdir, resume_step or 0)
   stale_best = ckpt.discard_best_after(resume_step or 0)
   if stale_best is not None:
     logging.warning("Deleted the best checkpoint of step %d in %s: it is after the starting step %d (an "

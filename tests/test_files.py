@@ -13,7 +13,7 @@ import pytest
 from petseg_jax import ablation
 from petseg_jax import checkpoint
 from petseg_jax import files
-from petseg_jax import train
+from petseg_jax import metrics_log
 from petseg_jax import weights
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -58,10 +58,10 @@ def _write_encoder(workdir, value):
 
 
 def _truncate_metrics(workdir, value):
-  path = workdir / train.METRICS_FILE
+  path = workdir / metrics_log.METRICS_FILE
   if not path.exists():
     path.write_text("".join(json.dumps({"step": step}) + "\n" for step in (1, 2, 3)))
-  train._truncate_metrics(workdir, value)  # pylint: disable=protected-access
+  metrics_log.truncate_metrics(workdir, value)
   return path
 
 
