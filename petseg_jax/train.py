@@ -344,6 +344,25 @@ class SummaryWriter:
     with self._writer.as_default():
       tf.summary.write(tag, tf.constant(value, tf.float32), step=step, metadata=self._metadata)
 
+  def mark_start(self, step: int) -> None:
+    """Records that this attempt trains on from ``step``: TensorBoard then shows the later steps once.
+
+    An attempt killed after logging beyond its last checkpoint leaves points that the resumed attempt logs
+    again. On a ``SessionLog(START)`` event at step S + 1, TensorBoard's event loader (EventAccumulator,
+    ``purge_orphaned_data``) discards the points it has read before it with a step >= S + 1.
+    """
+    tf = self._tf
+    event = tf.compat.v1.Event(wall_time=time.time(), step=step + 1,
+                               session_log=tf.compat.v1.SessionLog(status=tf.compat.v1.SessionLog.START))
+    # tf.summary has no call for a whole Event. ImportEvent writes one through this writer, into its file in
+    # order with the scalars, as TensorFlow's own (unexported) summary_ops_v2.import_event does.
+    resource = getattr(self._writer, "_resource", None)
+    if resource is None:  # A TensorFlow that changed its writer: no reason to stop a training run.
+      logging.warning("Cannot mark the start of step %d in the TensorBoard events (TensorFlow %s); TensorBoard "
+                      "may show the steps after it twice.", step + 1, tf.__version__)
+      return
+    tf.raw_ops.ImportEvent(writer=resource, event=event.SerializeToString())
+
   def flush(self) -> None:
     self._writer.flush()
 
@@ -604,6 +623,8 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, ckpt: checkpoint.Ch
   dropout_rngs = replicate(dropout_rng)
   p_train_steps = {}  # frozen_encoder → pmapped step, compiled once per phase.
   writer = SummaryWriter(workdir)
+  # Also at step 0: an attempt killed before its first checkpoint logged steps that are trained again.
+  writer.mark_start(step)
   evaluator = _Evaluator(config, workdir, model, eval_input, ckpt, writer, learning_rate_fn, steps_per_epoch,
                          start_time)
   train_metrics = _TrainMetrics(learning_rate_fn)
