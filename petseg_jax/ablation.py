@@ -52,6 +52,7 @@ from typing import Any, Callable, Mapping, Sequence
 import ml_collections
 import numpy as np
 
+from petseg_jax import files
 from petseg_jax.metrics_log import METRICS_FILE, read_metrics
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -337,9 +338,7 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 def _write_json(path: Path, data: Any) -> None:
   path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_suffix(path.suffix + ".tmp")
-  tmp.write_text(json.dumps(data, indent=2) + "\n")
-  tmp.replace(path)  # Atomic: a killed sweep never leaves half a status file.
+  files.write_atomically(path, json.dumps(data, indent=2) + "\n")  # A killed sweep never leaves half a file.
 
 
 def _pid_alive(pid: Any) -> bool:

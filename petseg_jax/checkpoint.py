@@ -21,8 +21,11 @@ import contextlib
 import errno
 import fcntl
 import json
+import logging as std_logging
 import os
 import shutil
+import sys
+import traceback
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -30,6 +33,8 @@ import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+
+from petseg_jax import files
 
 LATEST_DIR = "checkpoints"
 BEST_DIR = "checkpoints_best"
@@ -169,6 +174,47 @@ class Checkpointer:
 _RESTORE_ERRORS = (ValueError, KeyError, TypeError, OSError)
 
 
+# Orbax runs a restore's TensorStore reads on an event loop of its own (asyncio_utils.run_sync), and closes it
+# as soon as one read fails (asyncio.gather), while TensorStore still runs the others. Each read that ends after
+# the loop closed has a TensorStore thread call call_soon_threadsafe on it, and Python reports the
+# RuntimeError("Event loop is closed") through sys.unraisablehook; each read that failed too, before, leaves a
+# task whose error asyncio logs as "Task exception was never retrieved" when the task is collected. Both are
+# tracebacks on stderr after our one-line CheckpointError, until the process exits (closing the manager does not
+# stop them), and say nothing more: the restore has failed already. So these two reports, and only these, are
+# dropped.
+class _DropReadsEndingAfterTheLoop:
+  """A ``sys.unraisablehook`` without the reports of reads that end after Orbax closed their loop."""
+
+  def __init__(self, previous: Any):
+    self.previous = previous
+
+  def __call__(self, unraisable: Any) -> None:
+    late_read = (unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed"
+                 and any(frame.name == "call_soon_threadsafe"
+                         for frame in traceback.extract_tb(unraisable.exc_traceback)))
+    if not late_read:
+      self.previous(unraisable)
+
+
+class _DropUnretrievedReadErrors(std_logging.Filter):
+  """Drops asyncio's "Task exception was never retrieved" for a failed TensorStore read (an awaited future)."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    error = record.exc_info[1] if record.exc_info else None
+    frames = traceback.extract_tb(error.__traceback__) if error is not None else []
+    return not (record.getMessage().startswith("Task exception was never retrieved")
+                and bool(frames) and frames[-1].name == "_wrap_awaitable")
+
+
+def _quiet_failed_reads() -> None:
+  """Installs the two filters above (once); called before a restore, as its reads may outlive it."""
+  if not isinstance(sys.unraisablehook, _DropReadsEndingAfterTheLoop):
+    sys.unraisablehook = _DropReadsEndingAfterTheLoop(sys.unraisablehook)
+  asyncio_logger = std_logging.getLogger("asyncio")
+  if not any(isinstance(f, _DropUnretrievedReadErrors) for f in asyncio_logger.filters):
+    asyncio_logger.addFilter(_DropUnretrievedReadErrors())
+
+
 def _unreadable(manager: ocp.CheckpointManager, step: int, error: Exception) -> CheckpointError:
   directory = Path(manager.directory) / str(step)
   others = [s for s in manager.all_steps() if s != step]
@@ -180,6 +226,7 @@ def _unreadable(manager: ocp.CheckpointManager, step: int, error: Exception) -> 
 
 def _read_raw(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
   """The checkpoint's tree as saved, whatever the model; CheckpointError if its files cannot be read."""
+  _quiet_failed_reads()
   try:
     return manager.restore(step, args=ocp.args.StandardRestore())
   except _RESTORE_ERRORS as e:
@@ -188,6 +235,7 @@ def _read_raw(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
 
 def _restore_into(manager: ocp.CheckpointManager, step: int, target_state: Any) -> Any:
   target = _state_dict(target_state)
+  _quiet_failed_reads()
   try:
     tree = manager.restore(step, args=ocp.args.StandardRestore(target))
   except _RESTORE_ERRORS as e:
@@ -339,16 +387,9 @@ def write_config(workdir: str | os.PathLike, config: ml_collections.ConfigDict,
   # An existing copy for this step stays: it holds the settings that trained up to the step (a later attempt
   # resumed here too, and what it trained beyond was discarded).
   if keep_previous_at is not None and not kept.exists():
-    _write_atomically(kept, path.read_text())
-  _write_atomically(path, json.dumps(_config_to_dict(config), indent=2, sort_keys=True) + "\n")
+    files.write_atomically(kept, path.read_text())
+  files.write_atomically(path, json.dumps(_config_to_dict(config), indent=2, sort_keys=True) + "\n")
   return path
-
-
-def _write_atomically(path: Path, text: str) -> None:
-  # Written beside and renamed over the old one: a crash leaves the old file or the new, never half.
-  temporary = path.with_name(f".{path.name}.tmp")
-  temporary.write_text(text)
-  os.replace(temporary, path)
 
 
 def read_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:

@@ -1,7 +1,8 @@
 """``metrics.jsonl``: a run's log of evaluation records, one JSON object per line.
 
-Written by ``train`` (append-only, each record fsynced), read by ``train`` (to resume), ``ablation`` and the
-scripts. Imports neither JAX nor TensorFlow, so that a sweep's driver process can read its runs' logs.
+Written by ``train`` (append-only, each record fsynced; truncated to the starting step when a run resumes),
+read by ``train`` (to resume), ``ablation`` and the scripts. Imports neither JAX nor TensorFlow, so that a
+sweep's driver process can read its runs' logs.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import json
 import os
 from pathlib import Path
 from typing import Any
+
+from petseg_jax import files
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -48,3 +51,23 @@ def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
     except json.JSONDecodeError as e:
       raise MetricsFileError(f"{path}, line {number}: not a JSON record ({e}). Remove or repair that line.") from e
   return records
+
+
+def truncate_metrics(workdir: str | os.PathLike, last_step: int) -> list[dict[str, Any]]:
+  """Keeps the records of ``workdir/metrics.jsonl`` up to ``last_step`` (the step a run starts from).
+
+  Later records belong to an attempt that did not checkpoint that far: their evaluations are redone. A torn
+  last line goes too. The file is rewritten atomically, and only if that changes it.
+
+  Returns:
+    The records kept, oldest first.
+
+  Raises:
+    MetricsFileError: a line other than the last is not valid JSON.
+  """
+  path = Path(workdir) / METRICS_FILE
+  kept = [record for record in read_metrics(workdir) if record["step"] <= last_step]
+  text = "".join(json.dumps(record) + "\n" for record in kept)
+  if path.exists() and path.read_text() != text:
+    files.write_atomically(path, text)  # The old records or the new, never half of them.
+  return kept

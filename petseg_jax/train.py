@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
-import json
 import logging as std_logging
 import math
 import os
@@ -362,6 +361,25 @@ class SummaryWriter:
     with self._writer.as_default():
       tf.summary.write(tag, tf.constant(value, tf.float32), step=step, metadata=self._metadata)
 
+  def mark_start(self, step: int) -> None:
+    """Records that this attempt trains on from ``step``: TensorBoard then shows the later steps once.
+
+    An attempt killed after logging beyond its last checkpoint leaves points that the resumed attempt logs
+    again. On a ``SessionLog(START)`` event at step S + 1, TensorBoard's event loader (EventAccumulator,
+    ``purge_orphaned_data``) discards the points it has read before it with a step >= S + 1.
+    """
+    tf = self._tf
+    event = tf.compat.v1.Event(wall_time=time.time(), step=step + 1,
+                               session_log=tf.compat.v1.SessionLog(status=tf.compat.v1.SessionLog.START))
+    # tf.summary has no call for a whole Event. ImportEvent writes one through this writer, into its file in
+    # order with the scalars, as TensorFlow's own (unexported) summary_ops_v2.import_event does.
+    resource = getattr(self._writer, "_resource", None)
+    if resource is None:  # A TensorFlow that changed its writer: no reason to stop a training run.
+      logging.warning("Cannot mark the start of step %d in the TensorBoard events (TensorFlow %s); TensorBoard "
+                      "may show the steps after it twice.", step + 1, tf.__version__)
+      return
+    tf.raw_ops.ImportEvent(writer=resource, event=event.SerializeToString())
+
   def flush(self) -> None:
     self._writer.flush()
 
@@ -459,18 +477,6 @@ def _flat_record(prefix: str, result: dict[str, Any] | None) -> dict[str, Any]:
   record = {f"{prefix}_{k}": result[k] for k in ("loss", "pixel_accuracy", "miou", "dice")}
   record.update({f"{prefix}_iou_{name}": v for name, v in result["iou"].items()})
   return record
-
-
-def _truncate_metrics(workdir: Path, last_step: int) -> list[dict[str, Any]]:
-  """Keeps the records up to the step a run starts from (later ones are redone); returns them."""
-  path = workdir / METRICS_FILE
-  kept = [record for record in read_metrics(workdir) if record["step"] <= last_step]
-  text = "".join(json.dumps(record) + "\n" for record in kept)
-  if path.exists() and path.read_text() != text:
-    temporary = path.with_name(f".{METRICS_FILE}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)  # Atomic: the old records or the new, never half of them.
-  return kept
 
 
 class _Evaluator:
@@ -613,7 +619,7 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, ckpt: checkpoint.Ch
   checkpoint.write_config(workdir, config, keep_previous_at=resume_step if changes else None)
   # Records after the starting step belong to a crashed attempt; they are redone. So is its best checkpoint
   # (else its mIoU stays the bar, and `--checkpoint best` may restore a model of another config).
-  records = _truncate_metrics(workdir, resume_step or 0)
+  records = metrics_log.truncate_metrics(workdir, resume_step or 0)
   stale_best = ckpt.discard_best_after(resume_step or 0)
   if stale_best is not None:
     logging.warning("Deleted the best checkpoint of step %d in %s: it is after the starting step %d (an "
@@ -634,6 +640,8 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, ckpt: checkpoint.Ch
   dropout_rngs = replicate(dropout_rng)
   p_train_steps = {}  # frozen_encoder → pmapped step, compiled once per phase.
   writer = SummaryWriter(workdir)
+  # Also at step 0: an attempt killed before its first checkpoint logged steps that are trained again.
+  writer.mark_start(step)
   evaluator = _Evaluator(config, workdir, model, eval_input, ckpt, writer, learning_rate_fn, steps_per_epoch,
                          start_time)
   train_metrics = _TrainMetrics(learning_rate_fn)

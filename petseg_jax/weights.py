@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from petseg_jax import files
 from petseg_jax.models.mobilenet_v2 import MobileNetV2Encoder, make_divisible
 
 Variables = dict[str, Any]
@@ -396,9 +397,8 @@ def save_encoder_variables(path: str | os.PathLike, variables: Variables, alpha:
   flat = flax.traverse_util.flatten_dict(jax.device_get(variables), sep="/")
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)  # As the other writers do (e.g. runs/encoder.npz).
-  tmp = path.with_name(path.name + ".tmp.npz")
-  np.savez(tmp, __alpha__=np.float64(alpha), **{k: np.asarray(v) for k, v in flat.items()})
-  os.replace(tmp, path)
+  with files.atomic_output(path) as f:
+    np.savez(f, __alpha__=np.float64(alpha), **{k: np.asarray(v) for k, v in flat.items()})
 
 
 def load_converted_encoder(path: str | os.PathLike, alpha: float) -> Variables:

@@ -1,4 +1,4 @@
-"""Tests for petseg_jax.metrics."""
+"""Tests for petseg_jax.metrics and petseg_jax.metrics_log."""
 
 import json
 import math
@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from petseg_jax import metrics
+from petseg_jax import metrics_log
 
 # A hand-checked example: one 2x3 image, class 2 ("border") absent from both truth and prediction.
 LABELS = np.array([[[0, 0, 1], [1, 1, 0]]], np.int32)
@@ -161,3 +162,15 @@ def test_format_metrics_table():
   assert not any(math.isnan(v) for v in (m["miou"], m["dice"]))
   with pytest.raises(ValueError, match="lack key"):
     metrics.format_metrics_table({"miou": 0.5})
+
+
+def test_truncate_metrics_keeps_the_records_up_to_the_starting_step(tmp_path):
+  """What a resumed run does to metrics.jsonl: later records (and a torn last line) go; nothing else."""
+  path = tmp_path / metrics_log.METRICS_FILE
+  assert metrics_log.truncate_metrics(tmp_path, 4) == [] and not path.exists()
+  path.write_text("".join(json.dumps({"step": s}) + "\n" for s in (2, 4, 6)) + '{"step": 8, "tr')
+  assert metrics_log.truncate_metrics(tmp_path, 4) == [{"step": 2}, {"step": 4}]
+  assert path.read_text() == '{"step": 2}\n{"step": 4}\n'
+  inode = path.stat().st_ino
+  assert metrics_log.truncate_metrics(tmp_path, 10) == [{"step": 2}, {"step": 4}]
+  assert path.stat().st_ino == inode  # Unchanged, so not rewritten.

@@ -183,6 +183,51 @@ def test_two_devices_equal_one_device_for_the_same_global_batch(initial_state):
   np.testing.assert_array_equal(np.array(two["eval"]["confusion"]).sum(), 5 * 32 * 32)
 
 
+# --- TensorBoard events ---------------------------------------------------------------------------------
+
+def _event_files(workdir):
+  """The events of each TensorBoard file in ``workdir``, files in the order they were written."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  files = [list(tf.compat.v1.train.summary_iterator(str(path))) for path in workdir.glob("events.out.tfevents.*")]
+  # By the times of their events (the first, file_version, is in whole seconds).
+  return sorted(files, key=lambda events: [e.wall_time for e in events])
+
+
+def _scalars_as_tensorboard_shows_them(event_files):
+  """(tag, step, value) as TensorBoard's EventAccumulator keeps them (purge_orphaned_data, the default): a
+  SessionLog START at step s discards the points read before it with a step >= s."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  points = []
+  for event in (e for events in event_files for e in events):
+    if event.session_log.status == tf.compat.v1.SessionLog.START:
+      points = [p for p in points if p[1] < event.step]
+    points += [(v.tag, event.step, float(tf.make_ndarray(v.tensor))) for v in event.summary.value]
+  return points
+
+
+def test_summary_writer_marks_a_restart_for_tensorboard(tmp_path):
+  """An attempt logged steps 4, 8 and 12 but checkpointed only step 8; the next one resumes at step 8."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  killed = train.SummaryWriter(tmp_path)
+  killed.mark_start(0)
+  for step in (4, 8, 12):
+    killed.scalar("train/loss", float(step), step)
+  killed.close()
+  resumed = train.SummaryWriter(tmp_path)
+  resumed.mark_start(8)
+  for step in (12, 16):
+    resumed.scalar("train/loss", -float(step), step)
+  resumed.close()
+  first, second = _event_files(tmp_path)
+  starts = [[e.step for e in events if e.session_log.status == tf.compat.v1.SessionLog.START]
+            for events in (first, second)]
+  assert starts == [[1], [9]]
+  # The START comes first in the resumed attempt's file: after all of the killed attempt's scalars.
+  assert second[1].session_log.status == tf.compat.v1.SessionLog.START
+  assert _scalars_as_tensorboard_shows_them([first, second]) == [
+      ("train/loss", 4, 4.0), ("train/loss", 8, 8.0), ("train/loss", 12, -12.0), ("train/loss", 16, -16.0)]
+
+
 # --- the training loop ----------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -261,6 +306,11 @@ def test_resume_after_sigterm_is_bit_identical(uninterrupted_run, tmp_path, monk
   # The resumed attempt's first train_* means cover steps 7 and 8 only, and say so.
   assert [r["train_steps"] for r in records] == [2, STEPS_PER_EPOCH]
   assert [r["train_steps"] for r in reference] == [STEPS_PER_EPOCH, STEPS_PER_EPOCH]
+  # Each attempt's events mark the step it trains from (see test_summary_writer_marks_a_restart_for_tensorboard).
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  event_files = _event_files(workdir)
+  assert [[e.step for e in events if e.session_log.status == tf.compat.v1.SessionLog.START]
+          for events in event_files] == [[1], [7]]
 
 
 def test_resume_with_changed_settings_warns_and_keeps_the_earlier_config(uninterrupted_run, tmp_path, caplog):
