@@ -512,8 +512,10 @@ class _Evaluator:
                  eval_result["miou"], eval_result["dice"], images_per_sec)
     for key, value in record.items():
       if key not in ("step", "wall_time", "train_steps") and value is not None:
-        # "eval_miou" → "eval/miou": TensorBoard groups the train and eval curves.
-        tag = key.replace("_", "/", 1) if key.startswith(("train_", "eval_")) else key
+        # "eval_miou" → "eval/miou": TensorBoard groups the train and eval curves. The train_* means since the
+        # last evaluation go to train_epoch/: train/ has the loop's means over log_every_steps, some at this step.
+        tag = (key.replace("train_", "train_epoch/", 1) if key.startswith("train_")
+               else key.replace("_", "/", 1) if key.startswith("eval_") else key)
         self.writer.scalar(tag, value, step)
     self.writer.flush()
     host_state = first_replica(state)

@@ -257,10 +257,13 @@ def test_run_writes_checkpoints_metrics_figures_and_summaries(uninterrupted_run)
   # TensorBoard event file with the evaluation scalars.
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   (events,) = workdir.glob("events.out.tfevents.*")
-  tags = {(e.step, v.tag): float(tf.make_ndarray(v.tensor))
-          for e in tf.compat.v1.train.summary_iterator(str(events)) for v in e.summary.value}
+  points = [(e.step, v.tag, float(tf.make_ndarray(v.tensor)))
+            for e in tf.compat.v1.train.summary_iterator(str(events)) for v in e.summary.value]
+  tags = {(step, tag): value for step, tag, value in points}
+  assert len(tags) == len(points), "a tag written twice at one step: TensorBoard zigzags between the values"
   assert tags[(16, "eval/miou")] == pytest.approx(records[-1]["eval_miou"])
-  assert (4, "train/loss") in tags
+  assert tags[(16, "train_epoch/loss")] == pytest.approx(records[-1]["train_loss"])
+  assert (4, "train/loss") in tags and (8, "train/loss") in tags
 
 
 def test_encoder_frozen_then_unfrozen(uninterrupted_run, initial_state):
