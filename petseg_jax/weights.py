@@ -219,6 +219,11 @@ def _read_source(source: Any, alpha: float, alpha_setting: str = _CONFIG_ALPHA) 
       raise WeightsError(f"{path}: does not load into a Keras MobileNetV2 with alpha={alpha} "
                          f"({_first_line(e)}).{hint} Check {alpha_setting} against the file.") from None
   if zipfile.is_zipfile(path):
+    with zipfile.ZipFile(path) as archive:
+      converted = "__alpha__.npy" in archive.namelist()  # What save_encoder_variables writes.
+    if converted:
+      raise WeightsError(f"{path}: is already a converted encoder (.npz), not a Keras weight file: it needs "
+                         "no conversion; give it to model.encoder_weights as it is.")
     raise WeightsError(f"{path}: is a zip archive, not an HDF5 weight file: a Keras 3 model saved as "
                        "'.keras'? Name it with the '.keras' suffix.")
   if probe.open_error is not None:

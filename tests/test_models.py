@@ -329,6 +329,9 @@ def test_legacy_h5_under_keras3_names_and_zip_under_h5_name(tmp_path):
     weights.load_encoder_variables(str(zipped), 0.35)
   with pytest.raises(weights.WeightsError, match="is a directory"):
     weights.load_encoder_variables(str(tmp_path), 0.35)
+  # A converted .npz given as a Keras file (convert_keras_weights.py --source): it needs no conversion.
+  with pytest.raises(weights.WeightsError, match=r"already a converted encoder.*model\.encoder_weights"):
+    weights.encoder_variables_from_keras(str(weights.BUNDLED_ENCODER_WEIGHTS), 0.35)
 
 
 def test_keras3_weights_file_of_another_alpha_says_which(tmp_path):
