@@ -115,6 +115,21 @@ def test_load_image_decodes_by_content(quirks_folder, pets_sample_dir):
   np.testing.assert_array_equal(gray[..., 0], gray[..., 1])
 
 
+
+def test_16_bit_images_keep_their_top_8_bits_and_32_bit_ones_are_refused(tmp_path):
+  import io  # pylint: disable=g-import-not-at-top
+  def encoded(array, image_format):
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format=image_format)
+    return buffer.getvalue()
+  bright = np.array([[0, 256], [32768, 65535]], np.uint16)
+  dark = np.array([[0, 100], [200, 255]], np.uint16)  # A dark 16-bit photo: not 8-bit levels.
+  for array in (bright, dark):
+    rgb = decode.decode_image_bytes(encoded(array, "PNG"), "x.png")
+    np.testing.assert_array_equal(rgb, np.repeat((array >> 8).astype(np.uint8)[..., None], 3, axis=-1))
+  with pytest.raises(decode.DataError, match=r"x\.tif: 32-bit integer images .*convert it to an 8-bit"):
+    decode.decode_image_bytes(encoded(dark.astype(np.int32), "TIFF"), "x.tif")
+
 def test_quirky_folder_builds_and_keeps_pixels(quirks_folder):
   config = data_config(source="folder", data_dir=str(quirks_folder))
   assert ip.split_size(config, "train") == len(TRAIN_PAIRS) + 3

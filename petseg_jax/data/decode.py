@@ -103,11 +103,14 @@ def _open_fully(data: bytes, name: str) -> Image.Image:
 def _to_rgb(im: Image.Image, name: str) -> np.ndarray:
   """Converts any PIL image mode to uint8 RGB (H, W, 3). Alpha is dropped, as tfds oxford_iiit_pet does."""
   mode = im.mode
-  if mode in ("I;16", "I;16B", "I;16L", "I"):
-    # 16-bit grayscale: keep the top 8 bits.
-    arr = np.asarray(im).astype(np.int64)
-    arr = np.clip(arr >> 8 if arr.max() > 255 else arr, 0, 255).astype(np.uint8)
+  if mode.startswith("I;16") or (mode == "I" and im.format == "PNG"):
+    # 16-bit grayscale (a PNG holds nothing wider): the top 8 bits, whatever the values. Taking small values
+    # as 8-bit levels instead would turn a dark photo bright.
+    arr = (np.asarray(im).astype(np.uint32) >> 8).astype(np.uint8)
     return np.repeat(arr[..., None], 3, axis=-1)
+  if mode == "I":
+    raise DataError(f"{name}: 32-bit integer images ({im.format}, PIL mode I) have no fixed range to scale to "
+                    "8 bits; convert it to an 8-bit RGB or grayscale image")
   if mode == "F":
     raise DataError(f"{name}: floating-point images (PIL mode F) are not supported; convert to 8-bit RGB")
   if mode == "P" or mode == "PA":
