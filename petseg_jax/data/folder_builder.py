@@ -56,7 +56,7 @@ BREEDS = (
 SPECIES = ("Cat", "Dog")
 
 # Bump when the stored content changes, so that old prepared copies are not reused.
-_FORMAT_VERSION = "1"
+_FORMAT_VERSION = "2"  # 2: 16-bit grayscale images scaled by their bit depth, not by their values.
 _MAX_LISTED_PROBLEMS = 20
 
 
