@@ -365,8 +365,9 @@ class SummaryWriter:
     """Records that this attempt trains on from ``step``: TensorBoard then shows the later steps once.
 
     An attempt killed after logging beyond its last checkpoint leaves points that the resumed attempt logs
-    again. On a ``SessionLog(START)`` event at step S + 1, TensorBoard's event loader (EventAccumulator,
-    ``purge_orphaned_data``) discards the points it has read before it with a step >= S + 1.
+    again. On a ``SessionLog(START)`` event at step S + 1, TensorBoard's Python event loader (EventAccumulator,
+    ``purge_orphaned_data``; ``--load_fast=false``) discards the points it has read before it with a step
+    >= S + 1. (Whether the Rust data server of ``--load_fast=true`` does the same is not checked here.)
     """
     tf = self._tf
     event = tf.compat.v1.Event(wall_time=time.time(), step=step + 1,
