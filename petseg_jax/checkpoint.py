@@ -27,7 +27,7 @@ import shutil
 import sys
 import traceback
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import jax
 import ml_collections
@@ -353,7 +353,11 @@ def config_changes(workdir: str | os.PathLike, config: ml_collections.ConfigDict
     saved = _flatten(json.loads(path.read_text()))
   except json.JSONDecodeError as e:
     raise CheckpointError(f"{path} is not valid JSON ({e}); restore it or use a new --workdir.") from e
-  current = _flatten(_config_to_dict(config))
+  return differences(saved, _flatten(_config_to_dict(config)))
+
+
+def differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+  """``{key: (saved value, current value)}`` for each key whose values differ (a missing one is None)."""
   return {key: (saved.get(key), current.get(key)) for key in sorted(set(saved) | set(current))
           if saved.get(key) != current.get(key)}
 

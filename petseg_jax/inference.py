@@ -181,9 +181,8 @@ def restore_model(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
 def data_overrides(data_config: ml_collections.ConfigDict, saved_data_config: ml_collections.ConfigDict
                    ) -> dict[str, Any]:
   """``{field: value}`` of the data settings that differ from the run's saved ones, sorted by field."""
-  current, saved = data_config.to_dict(), saved_data_config.to_dict()
-  return {key: current.get(key) for key in sorted(set(current) | set(saved))
-          if current.get(key) != saved.get(key)}
+  changed = checkpoint.differences(saved_data_config.to_dict(), data_config.to_dict())
+  return {key: now for key, (_, now) in changed.items()}
 
 
 def _name_part(value: Any) -> str:

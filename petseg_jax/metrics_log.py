@@ -39,9 +39,12 @@ def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
     MetricsFileError: another line is not valid JSON.
   """
   path = Path(workdir) / METRICS_FILE
-  if not path.exists():
-    return []
-  lines = path.read_text().split("\n")[:-1]  # What follows the last newline is empty or a torn append.
+  return _parse(path, path.read_text()) if path.exists() else []
+
+
+def _parse(path: Path, text: str) -> list[dict[str, Any]]:
+  """The records of ``text``, the content of ``path`` (named in the error); see ``read_metrics``."""
+  lines = text.split("\n")[:-1]  # What follows the last newline is empty or a torn append.
   records = []
   for number, line in enumerate(lines, 1):
     if not line.strip():
@@ -66,8 +69,11 @@ def truncate_metrics(workdir: str | os.PathLike, last_step: int) -> list[dict[st
     MetricsFileError: a line other than the last is not valid JSON.
   """
   path = Path(workdir) / METRICS_FILE
-  kept = [record for record in read_metrics(workdir) if record["step"] <= last_step]
+  if not path.exists():
+    return []
+  old_text = path.read_text()
+  kept = [record for record in _parse(path, old_text) if record["step"] <= last_step]
   text = "".join(json.dumps(record) + "\n" for record in kept)
-  if path.exists() and path.read_text() != text:
+  if text != old_text:
     files.write_atomically(path, text)  # The old records or the new, never half of them.
   return kept
