@@ -54,6 +54,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # Config files import their base as `from configs import default`: make the repo root importable.
 sys.path.insert(0, str(REPO_ROOT))
 
+from petseg_jax import host  # pylint: disable=g-import-not-at-top
+
+if __name__ == "__main__":  # Before JAX and TensorFlow load: glibc reads its tunables at start-up only.
+  host.restart_with_tunables()
+
 import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp
 import ml_collections
@@ -604,8 +609,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   parser.add_argument("--matmul-peak", action="store_true",
                       help="also measure the machine's matmul rate and the fraction of it reached")
   parser.add_argument("--malloc-tuning", action="store_true",
-                      help="restart with glibc malloc tunables that reuse freed memory (Linux; JAX and Keras "
-                      "both run under them)")
+                      help="restart with glibc malloc tunables that also reuse freed memory (Linux; JAX and "
+                      "Keras both run under them)")
   parser.add_argument("--json", action="store_true", help="only the JSON line on stdout (text to stderr)")
   args = parser.parse_args(argv)
   if args.steps < 1 or args.warmup < 0:
@@ -615,26 +620,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   return args
 
 
-# glibc malloc settings that keep freed memory in the heap for reuse: XLA:CPU allocates every step's
-# activations afresh, and with the defaults each large buffer is a new mmap whose pages fault (and are zeroed
-# by the kernel) on first touch, which costs 20-35% of the time of memory-bound ops (see BENCHMARKS.md).
-MALLOC_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736:glibc.malloc.arena_max=1"
-
-
-def reexec_with_malloc_tunables() -> None:
-  """Restarts this process with ``MALLOC_TUNABLES`` (glibc reads them at start-up only)."""
-  if os.environ.get("GLIBC_TUNABLES") == MALLOC_TUNABLES or not sys.platform.startswith("linux"):
-    return
-  env = {**os.environ, "GLIBC_TUNABLES": MALLOC_TUNABLES}
-  sys.stdout.flush()
-  os.execve(sys.executable, [sys.executable, *sys.argv], env)
+# glibc malloc settings that also keep freed memory in the heap for reuse (on top of the huge pages that
+# every script asks for, petseg_jax/host.py): no page faults at all in the steps after the first, but in
+# alternating runs no faster than huge pages alone (BENCHMARKS.md).
+MALLOC_TUNABLES = ("glibc.malloc.mmap_max=0", "glibc.malloc.trim_threshold=68719476736",
+                   "glibc.malloc.arena_max=1")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   global _log_stream
   args = parse_args(argv)
   if args.malloc_tuning and argv is None:
-    reexec_with_malloc_tunables()
+    host.restart_with_tunables([*host.default_tunables(), *MALLOC_TUNABLES])
   if args.json:
     _log_stream = sys.stderr
   # With --json, whatever libraries print (TFDS preparing the input benchmark's dataset, Keras) goes to
@@ -686,6 +683,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 image_size=config.data.image_size, alpha=config.model.alpha, dtype=config.model.dtype,
                 conv_impl=config.model.conv_impl, jax_version=jax.__version__,
                 malloc_tunables=os.environ.get("GLIBC_TUNABLES", ""),
+                transparent_huge_pages=host.transparent_huge_pages_mode(),
                 compilation_cache=args.compilation_cache or None, load_average_start=load_start,
                 load_average_end=load_average())
   return result

@@ -12,6 +12,11 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from petseg_jax import host  # pylint: disable=g-import-not-at-top
+
+if __name__ == "__main__":  # Before JAX and TensorFlow load: glibc reads its tunables at start-up only.
+  host.restart_with_tunables()
+
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 from absl import logging

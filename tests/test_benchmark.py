@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from petseg_jax import host
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "scripts" / "benchmark.py"
 BUNDLED_SAMPLE = REPO_ROOT / "petseg_jax" / "assets" / "pets_sample"
@@ -81,6 +83,10 @@ def test_train(tmp_path):
   dumped = Path(frozen["hlo_path"])
   assert dumped == tmp_path / "train_frozen.hlo.txt"
   assert load_benchmark_module().hlo_fingerprint(dumped.read_text()) == result["hlo_fingerprint"]
+  # The script restarted itself with the tunables this host benefits from (petseg_jax/host.py), and says so.
+  assert result["transparent_huge_pages"] == host.transparent_huge_pages_mode()
+  if "GLIBC_TUNABLES" not in os.environ:
+    assert result["malloc_tunables"] == ":".join(host.default_tunables())
 
 
 def test_infer_against_keras_json_only_with_profile():

@@ -1,0 +1,85 @@
+"""Process settings that must be made before JAX starts: glibc's malloc tunables (Linux).
+
+XLA:CPU allocates a training step's activations afresh in every step, hundreds of MB of them. With glibc's
+defaults each large buffer is a new ``mmap`` of 4 KiB pages: the alpha-1.0 U-Net's float32 step at batch 64
+took ~180,000 page faults, and its memory-bound ops (concatenations, transposes, BatchNorm) and matmuls
+missed the TLB. ``glibc.malloc.hugetlb=1`` makes malloc ask for transparent huge pages (``madvise``), and the
+same step ran 11-21% faster on a 2-core CPU (BENCHMARKS.md). glibc reads ``GLIBC_TUNABLES`` only when a
+process starts, so the scripts call ``restart_with_tunables`` first, before JAX or TensorFlow is imported.
+
+Opt out by setting the tunable yourself, e.g. ``GLIBC_TUNABLES=glibc.malloc.hugetlb=0``: a tunable the
+environment already names is never changed. This module imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+HUGE_PAGES = "glibc.malloc.hugetlb=1"
+# glibc 2.35 added glibc.malloc.hugetlb.
+MIN_GLIBC = (2, 35)
+THP_MODE_FILE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+def transparent_huge_pages_mode(path: Path = THP_MODE_FILE) -> str | None:
+  """The kernel's transparent-huge-page mode (``always``, ``madvise`` or ``never``); None if unknown."""
+  try:
+    text = path.read_text()
+  except OSError:
+    return None
+  start, end = text.find("["), text.find("]")
+  return text[start + 1:end] if 0 <= start < end else None
+
+
+def missing_tunables(current: str, wanted: Sequence[str]) -> list[str]:
+  """The ``name=value`` entries of ``wanted`` whose name ``current`` (a GLIBC_TUNABLES value) lacks."""
+  named = {entry.split("=", 1)[0] for entry in current.split(":") if entry}
+  return [entry for entry in wanted if entry.split("=", 1)[0] not in named]
+
+
+def _glibc_at_least(version: tuple[int, int]) -> bool:
+  if not sys.platform.startswith("linux"):
+    return False
+  libc, libc_version = platform.libc_ver()
+  try:
+    return libc == "glibc" and tuple(int(part) for part in libc_version.split(".")[:2]) >= version
+  except ValueError:
+    return False
+
+
+def default_tunables() -> list[str]:
+  """The tunables this machine benefits from: huge pages where the kernel gives them only when asked."""
+  if transparent_huge_pages_mode() == "madvise" and _glibc_at_least(MIN_GLIBC):
+    return [HUGE_PAGES]
+  return []
+
+
+def restart_with_tunables(tunables: Sequence[str] | None = None) -> None:
+  """Re-executes this process (same interpreter and arguments) with ``tunables`` added to GLIBC_TUNABLES.
+
+  Returns without restarting when the environment already names every tunable (as the restarted process'
+  does), on other platforms than Linux with glibc, or when the restart fails.
+
+  Args:
+    tunables: ``name=value`` entries; by default ``default_tunables()``.
+  """
+  if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+    return
+  current = os.environ.get("GLIBC_TUNABLES", "")
+  missing = missing_tunables(current, default_tunables() if tunables is None else tunables)
+  if not missing:
+    return
+  env = {**os.environ, "GLIBC_TUNABLES": ":".join([entry for entry in current.split(":") if entry] + missing)}
+  sys.stdout.flush()
+  sys.stderr.flush()
+  try:
+    # sys.orig_argv keeps the interpreter's options (-m, -X ...); argv[0] is the interpreter itself, so that
+    # a virtual environment's interpreter finds its environment again.
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+  except OSError as e:  # Carry on with the defaults: slower, not wrong.
+    print(f"warning: could not restart with GLIBC_TUNABLES={env['GLIBC_TUNABLES']} ({e}); continuing "
+          "without them.", file=sys.stderr)
