@@ -487,8 +487,12 @@ def bench_input(config: ml_collections.ConfigDict, args: argparse.Namespace) -> 
     from petseg_jax import input_pipeline
 
     start = time.perf_counter()
-    train_input = input_pipeline.TrainInput(config.data, config.train.batch_size, seed=config.seed,
-                                            num_devices=jax.local_device_count())
+    try:
+      train_input = input_pipeline.TrainInput(config.data, config.train.batch_size, seed=config.seed,
+                                              num_devices=jax.local_device_count())
+    except input_pipeline.DataError as e:  # E.g. the bundled sample's 48 pets with the default batch of 64.
+      raise SystemExit(f"--mode input on {data_dir}: {e} Here: pass a smaller --batch-size, or --data-dir "
+                       "with more images.") from e
     prepare_s = time.perf_counter() - start
     per_epoch = train_input.steps_per_epoch * config.train.batch_size
 

@@ -25,7 +25,9 @@ KEYS = ("images_per_sec", "ratio", "step_ms_median", "compile_s", "peak_rss_mb",
 
 
 def run_benchmark(*args: str) -> dict:
-  env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+  # Without GLIBC_TUNABLES, as a user's shell: the script then chooses its own (petseg_jax/host.py).
+  env = {key: value for key, value in os.environ.items() if key != "GLIBC_TUNABLES"}
+  env["TF_CPP_MIN_LOG_LEVEL"] = "3"
   proc = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=300,
                         env=env, cwd=REPO_ROOT)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -85,8 +87,7 @@ def test_train(tmp_path):
   assert load_benchmark_module().hlo_fingerprint(dumped.read_text()) == result["hlo_fingerprint"]
   # The script restarted itself with the tunables this host benefits from (petseg_jax/host.py), and says so.
   assert result["transparent_huge_pages"] == host.transparent_huge_pages_mode()
-  if "GLIBC_TUNABLES" not in os.environ:
-    assert result["malloc_tunables"] == ":".join(host.default_tunables())
+  assert result["malloc_tunables"] == ":".join(host.default_tunables())
 
 
 def test_infer_against_keras_json_only_with_profile():
@@ -120,11 +121,21 @@ def test_bad_override_is_a_clear_error():
   assert proc.returncode != 0 and "config has no key 'model.alhpa'" in proc.stderr
 
 
+def test_input_batch_larger_than_the_data_is_a_clear_error():
+  proc = subprocess.run([sys.executable, str(SCRIPT), "--mode", "input", "--data-dir", str(BUNDLED_SAMPLE),
+                         "--batch-size", "64"], capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
+  assert proc.returncode != 0
+  message = proc.stderr.strip().splitlines()[-1]
+  assert str(BUNDLED_SAMPLE) in message and "pass a smaller --batch-size" in message, proc.stderr[-2000:]
+
+
 SUITE = REPO_ROOT / "scripts" / "benchmark_suite.py"
 
 
 def run_suite(*args: str) -> subprocess.CompletedProcess:
-  env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+  # Without GLIBC_TUNABLES, as a user's shell: the script then chooses its own (petseg_jax/host.py).
+  env = {key: value for key, value in os.environ.items() if key != "GLIBC_TUNABLES"}
+  env["TF_CPP_MIN_LOG_LEVEL"] = "3"
   return subprocess.run([sys.executable, str(SUITE), *args], capture_output=True, text=True, timeout=300,
                         env=env, cwd=REPO_ROOT)
 
