@@ -1,11 +1,12 @@
 """Process settings that must be made before JAX starts: glibc's malloc tunables (Linux).
 
-XLA:CPU allocates a training step's activations afresh in every step, hundreds of MB of them. With glibc's
+XLA:CPU allocates a training step's buffers afresh in every step, hundreds of MB of them. With glibc's
 defaults each large buffer is a new ``mmap`` of 4 KiB pages: the alpha-1.0 U-Net's float32 step at batch 64
-took ~180,000 page faults, and its memory-bound ops (concatenations, transposes, BatchNorm) and matmuls
-missed the TLB. ``glibc.malloc.hugetlb=1`` makes malloc ask for transparent huge pages (``madvise``), and the
-same step ran 11-21% faster on a 2-core CPU (BENCHMARKS.md). glibc reads ``GLIBC_TUNABLES`` only when a
-process starts, so the scripts call ``restart_with_tunables`` first, before JAX or TensorFlow is imported.
+took ~180,000 page faults. ``glibc.malloc.hugetlb=1`` makes malloc ask for transparent huge pages
+(``madvise``): ~800 faults, less user time too (2.5 -> 2.1 CPU-seconds per step, likely fewer TLB misses),
+and the step ran 0-22% faster on a 2-core CPU (10-22% in nine of ten alternating pairs; BENCHMARKS.md).
+glibc reads ``GLIBC_TUNABLES`` only when a process starts, so the scripts call ``restart_with_tunables``
+first, before JAX or TensorFlow is imported.
 
 Opt out by setting the tunable yourself, e.g. ``GLIBC_TUNABLES=glibc.malloc.hugetlb=0``: a tunable the
 environment already names is never changed. This module imports nothing heavy.
