@@ -258,7 +258,8 @@ def available_steps(workdir: str | os.PathLike) -> list[int]:
   directory = _checkpoint_root(Path(workdir)) / LATEST_DIR
   if not directory.is_dir():
     return []
-  return sorted(_manager(directory, best=False, read_only=True).all_steps())
+  with _manager(directory, best=False, read_only=True) as manager:
+    return sorted(manager.all_steps())
 
 
 def best_step(workdir: str | os.PathLike) -> int | None:
@@ -266,11 +267,12 @@ def best_step(workdir: str | os.PathLike) -> int | None:
   directory = _checkpoint_root(Path(workdir)) / BEST_DIR
   if not directory.is_dir():
     return None
-  return _manager(directory, best=True, read_only=True).best_step()
+  with _manager(directory, best=True, read_only=True) as manager:
+    return manager.best_step()
 
 
 def _locate(workdir: str | os.PathLike, which: str | int) -> tuple[ocp.CheckpointManager, int]:
-  """The manager and step of ``which`` ("latest" | "best" | a step) in a workdir.
+  """The (read-only) manager and step of ``which`` ("latest" | "best" | a step) in a workdir; close the manager.
 
   ``workdir`` may also be a workdir's checkpoints/ directory, or one step's directory (which then wins).
   """
@@ -309,7 +311,8 @@ def restore(workdir: str | os.PathLike, which: str | int = "latest", target_stat
   is that state with step, params, batch_stats and opt_state from the checkpoint.
   """
   manager, step = _locate(workdir, which)
-  return _restore_into(manager, step, target_state)
+  with manager:
+    return _restore_into(manager, step, target_state)
 
 
 def restore_variables(workdir: str | os.PathLike, which: str | int = "latest"
@@ -320,7 +323,8 @@ def restore_variables(workdir: str | os.PathLike, which: str | int = "latest"
   checkpoint of any freezing/optimizer setting works.
   """
   manager, step = _locate(workdir, which)
-  tree = _read_raw(manager, step)
+  with manager:
+    tree = _read_raw(manager, step)
   return {"params": tree["params"], "batch_stats": tree["batch_stats"]}, step
 
 

@@ -165,7 +165,8 @@ def _read_source(source: Any, alpha: float, alpha_setting: str = _CONFIG_ALPHA) 
     return read_keras_model(source)
   # The ways out through model.encoder_weights (None, a converted .npz) exist only in a training config.
   from_config = alpha_setting == _CONFIG_ALPHA
-  if str(source) == "imagenet":
+  # Any capitalisation (as None's): "ImageNet" is the dataset's own spelling, and no file is named so.
+  if str(source).lower() == "imagenet" and not Path(source).exists():
     if alpha not in IMAGENET_ALPHAS:
       raise WeightsError(
           f"Keras publishes ImageNet MobileNetV2 weights only for alpha in {IMAGENET_ALPHAS}; got "
@@ -442,7 +443,7 @@ def load_converted_encoder(path: str | os.PathLike, alpha: float) -> Variables:
 
 
 def load_encoder_variables(spec: str | None, alpha: float) -> Variables | None:
-  """Resolves ``config.model.encoder_weights``: "imagenet", a Keras file, a converted .npz, or None/""."""
+  """Resolves ``config.model.encoder_weights``: "imagenet" (any case), a Keras file, a converted .npz, or None/""."""
   if spec is None or spec == "" or str(spec).lower() == "none":
     return None
   if str(spec).endswith(".npz"):

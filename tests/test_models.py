@@ -259,6 +259,13 @@ def test_missing_file_and_no_imagenet_alpha():
     weights.load_encoder_variables("imagenet", 0.6)
 
 
+def test_imagenet_in_any_capitalisation_asks_keras_for_the_imagenet_weights():
+  # alpha 0.6 has no ImageNet weights: the error comes before any download, and says it is about ImageNet.
+  for spec in ("ImageNet", "IMAGENET"):
+    with pytest.raises(weights.WeightsError, match=r"ImageNet MobileNetV2 weights only for alpha"):
+      weights.load_encoder_variables(spec, 0.6)
+
+
 def test_imagenet_and_missing_file_errors_fit_a_script_caller(monkeypatch):
   """scripts/convert_keras_weights.py passes alpha_setting="--alpha": no training-config ways out."""
   with pytest.raises(weights.WeightsError, match="got config.model.alpha=0.6. Set config.model.alpha to one "
