@@ -314,8 +314,8 @@ def _im2col_3x3s2(g: Array, h: int, w: int) -> Array:
   return jnp.stack([jnp.stack([tap(ky, kx) for kx in range(3)], axis=3) for ky in range(3)], axis=3)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def conv_transpose_3x3s2(parts: tuple[Array, ...], kernel: Array, frozen_skips: bool = False) -> Array:
+@jax.custom_vjp
+def conv_transpose_3x3s2(parts: tuple[Array, ...], kernel: Array) -> Array:
   """Keras ``Conv2DTranspose(3, strides=2, padding="same")`` without bias: (N, H, W, in) → (N, 2H, 2W, out).
 
   ``parts`` are the input's channel blocks, in order (a U-Net decoder's upsampled features and encoder
@@ -325,15 +325,12 @@ def conv_transpose_3x3s2(parts: tuple[Array, ...], kernel: Array, frozen_skips: 
   rounding).
 
   The backward pass is written out: it gathers the output gradient into per-tap rows
-  (``_im2col_3x3s2``) and does an input-gradient matmul per part, and kernel-gradient matmuls (one per part,
-  or, with ``frozen_skips`` in float32, one over the concatenated input). Autodiff of the overlap-add would
+  (``_im2col_3x3s2``) and does an input-gradient matmul per part, and kernel-gradient matmuls (one over the
+  concatenated input in float32, one per part in bfloat16). Autodiff of the overlap-add would
   materialize nine zero-padded copies of the per-tap gradient; and one input-gradient matmul per part means
   that the gradient of a part nobody differentiates (the skip of a frozen encoder, behind ``stop_gradient``)
   is dead code that XLA removes, instead of a slice of one large matmul that it computes in full.
-
-  ``frozen_skips``: a hint that the parts after the first are not differentiated (same values either way).
   """
-  del frozen_skips  # Used by the backward pass.
   return _col2im_3x3s2(_taps_matmul(parts, kernel))
 
 
@@ -362,23 +359,23 @@ def _kernel_blocks(parts: tuple[Array, ...], kernel: Array) -> list[tuple[Array,
   return [(part, kernel[:, :, start:stop]) for part, start, stop in zip(parts, bounds[:-1], bounds[1:])]
 
 
-def _conv_transpose_3x3s2_fwd(parts: tuple[Array, ...], kernel: Array, frozen_skips: bool
+def _conv_transpose_3x3s2_fwd(parts: tuple[Array, ...], kernel: Array
                               ) -> tuple[Array, tuple[tuple[Array, ...], Array]]:
-  return conv_transpose_3x3s2(parts, kernel, frozen_skips), (parts, kernel)
+  return conv_transpose_3x3s2(parts, kernel), (parts, kernel)
 
 
-def _conv_transpose_3x3s2_bwd(frozen_skips: bool, residuals: tuple[tuple[Array, ...], Array], g: Array
+def _conv_transpose_3x3s2_bwd(residuals: tuple[tuple[Array, ...], Array], g: Array
                               ) -> tuple[tuple[Array, ...], Array]:
   parts, kernel = residuals
   _, h, w, _ = parts[0].shape
   dy = _as_bits(lambda g: _im2col_3x3s2(g, h, w), g.astype(parts[0].dtype))  # (N, H, W, 3, 3, out)
   blocks = _kernel_blocks(parts, kernel)
   dparts = tuple(_dot(dy, part_kernel, ((3, 4, 5), (0, 1, 3)), part.dtype) for part, part_kernel in blocks)
-  if frozen_skips and len(parts) > 1 and parts[0].dtype == jnp.float32 and not _products_per_block(parts, kernel):
+  if len(parts) > 1 and parts[0].dtype == jnp.float32 and not _products_per_block(parts, kernel):
     # One kernel-gradient matmul over the concatenated input, which the forward pass stored: XLA transposes
     # it as a plain copy. Per block, it recomputed the upsampled block's BatchNorm+ReLU inside a strided
-    # transposing loop. Measured (BENCHMARKS.md): float32 frozen-encoder steps 2-14% faster; fine-tuning
-    # steps (skips differentiated) 2-5% slower, bfloat16 1-10% slower: those keep the per-block matmuls.
+    # transposing loop. Measured (BENCHMARKS.md): float32 frozen-encoder steps 2-14% faster, fine-tuning
+    # steps 2-6% faster with huge pages (2-5% slower without); bfloat16 steps no faster: per block there.
     return dparts, _dot(_channel_concat(parts), dy, ((0, 1, 2), (0, 1, 2)), kernel.dtype).transpose(1, 2, 0, 3)
   dkernels = []
   for part, _ in blocks:
@@ -426,8 +423,8 @@ class ConvTranspose3x3s2(nn.Module):
   bias_init: Initializer = nn.initializers.zeros
 
   @nn.compact
-  def __call__(self, x: Array | Sequence[Array], frozen_skips: bool = False) -> Array:
-    """``frozen_skips``: the blocks after the first are not differentiated (a hint; see conv_transpose_3x3s2)."""
+  def __call__(self, x: Array | Sequence[Array]) -> Array:
+    """``x``: the input, or its channel blocks in order (their concatenation is the input)."""
     parts = tuple(x) if isinstance(x, (list, tuple)) else (x,)
     in_features = sum(part.shape[-1] for part in parts)
     kernel = self.param("kernel", self.kernel_init, (3, 3, in_features, self.features), self.param_dtype)
@@ -436,7 +433,7 @@ class ConvTranspose3x3s2(nn.Module):
     parts = tuple(parts)
     if _use_cpu_formulation(self.impl):
       # The bias is added to the float32 sums, so its gradient is summed in float32 too.
-      y = conv_transpose_3x3s2(parts, kernel, frozen_skips)
+      y = conv_transpose_3x3s2(parts, kernel)
       if bias is not None:
         y = y + bias.astype(jnp.promote_types(bias.dtype, jnp.float32))
       return y.astype(parts[0].dtype)

@@ -30,10 +30,10 @@ class UpsampleBlock(nn.Module):
   bn_momentum: float = DECODER_BN_MOMENTUM
 
   @nn.compact
-  def __call__(self, x: Array | Sequence[Array], train: bool = False, frozen_skips: bool = False) -> Array:
-    """``x``: the input, or its channel blocks (see ``ConvTranspose3x3s2``, also for ``frozen_skips``)."""
+  def __call__(self, x: Array | Sequence[Array], train: bool = False) -> Array:
+    """``x``: the input, or its channel blocks (see ``ConvTranspose3x3s2``)."""
     x = ConvTranspose3x3s2(self.features, use_bias=False, impl=self.impl, dtype=self.dtype,
-                           kernel_init=nn.initializers.normal(0.02), name="conv_transpose")(x, frozen_skips)
+                           kernel_init=nn.initializers.normal(0.02), name="conv_transpose")(x)
     # BatchNorm, dropout and ReLU in float32, rounded once to the convolution's dtype (see
     # MobileNetV2Encoder._bn).
     y = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
@@ -56,8 +56,8 @@ class Decoder(nn.Module):
   bn_momentum: float = DECODER_BN_MOMENTUM
 
   @nn.compact
-  def __call__(self, taps: dict[str, Array], train: bool = False, frozen_skips: bool = False) -> Array:
-    """Logits from the encoder's ``taps``; ``frozen_skips``: they are not differentiated (a speed hint)."""
+  def __call__(self, taps: dict[str, Array], train: bool = False) -> Array:
+    """Logits from the encoder's ``taps``."""
     skips = [taps[name] for name in TAP_NAMES]
     if len(self.filters) != len(skips) - 1:
       raise ValueError(f"decoder_filters needs {len(skips) - 1} entries, got {tuple(self.filters)}")
@@ -66,11 +66,11 @@ class Decoder(nn.Module):
     x = skips[-1]
     for i, (features, skip) in enumerate(zip(self.filters, reversed(skips[:-1]))):
       y = UpsampleBlock(features, self.dropout, self.dtype, self.impl, self.bn_axis_name,
-                        self.bn_momentum, name=f"up_{i}")(x, train, frozen_skips)
+                        self.bn_momentum, name=f"up_{i}")(x, train)
       x = (y, skip.astype(y.dtype))
     # Keras Conv2DTranspose defaults for the last layer: glorot-uniform kernel, zero bias.
     return ConvTranspose3x3s2(self.num_classes, use_bias=True, impl=self.impl, dtype=self.dtype,
-                              name="last")(x, frozen_skips)
+                              name="last")(x)
 
 
 class UNet(nn.Module):
@@ -101,5 +101,5 @@ class UNet(nn.Module):
       taps = jax.tree.map(jax.lax.stop_gradient, taps)
     logits = Decoder(self.num_classes, tuple(self.decoder_filters), self.dropout, self.dtype, self.impl,
                      self.bn_axis_name, self.decoder_bn_momentum, name="decoder")(
-                         taps, train=train, frozen_skips=frozen_encoder)
+                         taps, train=train)
     return logits.astype(jnp.float32)
