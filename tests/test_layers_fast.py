@@ -128,7 +128,6 @@ def test_conv_transpose_on_channel_blocks_equals_concatenation_and_skips_dead_gr
   assert compiled_flops(all_grads) - compiled_flops(skip_frozen) >= skip_input_gradient
 
 
-
 def test_conv_transpose_matches_a_direct_scatter():
   """Independent of lax: out[2m + ky, 2l + kx] += x[m, l] @ kernel[ky, kx], cropped to 2H x 2W."""
   x, kernel = _random((1, 3, 2, 4), 6), _random((3, 3, 4, 5), 7)

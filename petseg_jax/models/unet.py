@@ -100,6 +100,5 @@ class UNet(nn.Module):
     if frozen_encoder:
       taps = jax.tree.map(jax.lax.stop_gradient, taps)
     logits = Decoder(self.num_classes, tuple(self.decoder_filters), self.dropout, self.dtype, self.impl,
-                     self.bn_axis_name, self.decoder_bn_momentum, name="decoder")(
-                         taps, train=train)
+                     self.bn_axis_name, self.decoder_bn_momentum, name="decoder")(taps, train=train)
     return logits.astype(jnp.float32)
