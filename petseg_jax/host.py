@@ -15,7 +15,6 @@ environment already names is never changed. This module imports nothing heavy.
 from __future__ import annotations
 
 import os
-import platform
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,19 +41,19 @@ def missing_tunables(current: str, wanted: Sequence[str]) -> list[str]:
   return [entry for entry in wanted if entry.split("=", 1)[0] not in named]
 
 
-def _glibc_at_least(version: tuple[int, int]) -> bool:
-  if not sys.platform.startswith("linux"):
-    return False
-  libc, libc_version = platform.libc_ver()
+def glibc_version() -> tuple[int, int] | None:
+  """The running C library's glibc (major, minor); None on other C libraries and platforms."""
   try:
-    return libc == "glibc" and tuple(int(part) for part in libc_version.split(".")[:2]) >= version
-  except ValueError:
-    return False
+    name, version = os.confstr("CS_GNU_LIBC_VERSION").split()  # E.g. "glibc 2.36".
+    major, minor = version.split(".")[:2]
+    return (int(major), int(minor)) if name == "glibc" else None
+  except (AttributeError, ValueError, OSError):  # No confstr, no such name, or another format.
+    return None
 
 
 def default_tunables() -> list[str]:
   """The tunables this machine benefits from: huge pages where the kernel gives them only when asked."""
-  if transparent_huge_pages_mode() == "madvise" and _glibc_at_least(MIN_GLIBC):
+  if transparent_huge_pages_mode() == "madvise" and (glibc_version() or (0, 0)) >= MIN_GLIBC:
     return [HUGE_PAGES]
   return []
 
@@ -63,12 +62,12 @@ def restart_with_tunables(tunables: Sequence[str] | None = None) -> None:
   """Re-executes this process (same interpreter and arguments) with ``tunables`` added to GLIBC_TUNABLES.
 
   Returns without restarting when the environment already names every tunable (as the restarted process'
-  does), on other platforms than Linux with glibc, or when the restart fails.
+  does), without glibc, or when the restart fails.
 
   Args:
     tunables: ``name=value`` entries; by default ``default_tunables()``.
   """
-  if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+  if glibc_version() is None:
     return
   current = os.environ.get("GLIBC_TUNABLES", "")
   missing = missing_tunables(current, default_tunables() if tunables is None else tunables)

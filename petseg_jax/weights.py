@@ -35,6 +35,8 @@ BUNDLED_ENCODER_WEIGHTS = str(Path(__file__).parent / "assets" / "mobilenet_v2_0
 IMAGENET_ALPHAS = (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)
 # Where a training config sets the encoder width: the default alpha_setting of the conversion functions.
 _CONFIG_ALPHA = "config.model.alpha"
+# The array of a converted .npz that holds its alpha (beside the encoder's flattened variables).
+_ALPHA_ENTRY = "__alpha__"
 
 _KERAS_TO_FLAX = {
     "kernel": ("params", "kernel"),
@@ -221,7 +223,7 @@ def _read_source(source: Any, alpha: float, alpha_setting: str = _CONFIG_ALPHA) 
                          f"({_first_line(e)}).{hint} Check {alpha_setting} against the file.") from None
   if zipfile.is_zipfile(path):
     with zipfile.ZipFile(path) as archive:
-      converted = "__alpha__.npy" in archive.namelist()  # What save_encoder_variables writes.
+      converted = f"{_ALPHA_ENTRY}.npy" in archive.namelist()  # What save_encoder_variables writes.
     if converted:
       raise WeightsError(f"{path}: is already a converted encoder (.npz), not a Keras weight file: it needs "
                          "no conversion; give it to model.encoder_weights as it is.")
@@ -404,7 +406,7 @@ def save_encoder_variables(path: str | os.PathLike, variables: Variables, alpha:
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)  # As the other writers do (e.g. runs/encoder.npz).
   with files.atomic_output(path) as f:
-    np.savez(f, __alpha__=np.float64(alpha), **{k: np.asarray(v) for k, v in flat.items()})
+    np.savez(f, **{_ALPHA_ENTRY: np.float64(alpha)}, **{k: np.asarray(v) for k, v in flat.items()})
 
 
 def load_converted_encoder(path: str | os.PathLike, alpha: float) -> Variables:
@@ -414,8 +416,8 @@ def load_converted_encoder(path: str | os.PathLike, alpha: float) -> Variables:
     raise WeightsError(f"Converted encoder weight file {path} does not exist.")
   try:
     with np.load(path) as data:
-      file_alpha = float(data["__alpha__"]) if "__alpha__" in data else None
-      flat = {k: data[k] for k in data.files if k != "__alpha__"}
+      file_alpha = float(data[_ALPHA_ENTRY]) if _ALPHA_ENTRY in data else None
+      flat = {k: data[k] for k in data.files if k != _ALPHA_ENTRY}
   except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # Not a zip of .npy arrays, or cut short.
     raise WeightsError(
         f"{path}: cannot read as a converted encoder .npz ({type(e).__name__}: {e}); the file is damaged, "

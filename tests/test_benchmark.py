@@ -24,12 +24,16 @@ TINY = ["--batch-size", "2", "--steps", "1", "--warmup", "0", "--set", "data.ima
 KEYS = ("images_per_sec", "ratio", "step_ms_median", "compile_s", "peak_rss_mb", "device")
 
 
-def run_benchmark(*args: str) -> dict:
-  # Without GLIBC_TUNABLES, as a user's shell: the script then chooses its own (petseg_jax/host.py).
+def script_env() -> dict[str, str]:
+  """This environment without GLIBC_TUNABLES, as a user's shell: the scripts choose their own (host.py)."""
   env = {key: value for key, value in os.environ.items() if key != "GLIBC_TUNABLES"}
   env["TF_CPP_MIN_LOG_LEVEL"] = "3"
+  return env
+
+
+def run_benchmark(*args: str) -> dict:
   proc = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=300,
-                        env=env, cwd=REPO_ROOT)
+                        env=script_env(), cwd=REPO_ROOT)
   assert proc.returncode == 0, proc.stderr[-3000:]
   lines = proc.stdout.strip().splitlines()
   result = json.loads(lines[-1])
@@ -133,11 +137,8 @@ SUITE = REPO_ROOT / "scripts" / "benchmark_suite.py"
 
 
 def run_suite(*args: str) -> subprocess.CompletedProcess:
-  # Without GLIBC_TUNABLES, as a user's shell: the script then chooses its own (petseg_jax/host.py).
-  env = {key: value for key, value in os.environ.items() if key != "GLIBC_TUNABLES"}
-  env["TF_CPP_MIN_LOG_LEVEL"] = "3"
   return subprocess.run([sys.executable, str(SUITE), *args], capture_output=True, text=True, timeout=300,
-                        env=env, cwd=REPO_ROOT)
+                        env=script_env(), cwd=REPO_ROOT)
 
 
 def test_suite_records_rows_resumes_and_records_failures(tmp_path):

@@ -13,7 +13,7 @@ import pytest
 from petseg_jax import host
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-GLIBC_LINUX = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+GLIBC = host.glibc_version() is not None
 
 
 def test_missing_tunables_keeps_every_tunable_the_environment_names():
@@ -23,6 +23,11 @@ def test_missing_tunables_keeps_every_tunable_the_environment_names():
   assert host.missing_tunables("glibc.malloc.hugetlb=0", wanted) == ["glibc.malloc.arena_max=1"]
   assert host.missing_tunables("glibc.malloc.arena_max=4:glibc.malloc.hugetlb=1", wanted) == []
   assert host.missing_tunables("glibc.malloc.hugetlb_x=1", wanted) == wanted  # Whole names only.
+
+
+def test_glibc_version_is_that_of_the_running_c_library():
+  if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
+    assert host.glibc_version() == tuple(int(part) for part in platform.libc_ver()[1].split(".")[:2])
 
 
 def test_transparent_huge_pages_mode(tmp_path):
@@ -37,8 +42,8 @@ def test_transparent_huge_pages_mode(tmp_path):
 
 
 def test_default_tunables_ask_for_huge_pages_only_where_the_kernel_needs_asking():
-  expected = ([host.HUGE_PAGES] if GLIBC_LINUX and host.transparent_huge_pages_mode() == "madvise"
-              and host._glibc_at_least(host.MIN_GLIBC) else [])
+  expected = ([host.HUGE_PAGES] if host.transparent_huge_pages_mode() == "madvise"
+              and (host.glibc_version() or (0, 0)) >= host.MIN_GLIBC else [])
   assert host.default_tunables() == expected
 
 
@@ -56,13 +61,13 @@ def run_restarting(environment_tunables: str | None) -> list[str]:
   return proc.stdout.splitlines()
 
 
-@pytest.mark.skipif(not GLIBC_LINUX, reason="glibc tunables are Linux/glibc only")
+@pytest.mark.skipif(not GLIBC, reason="glibc tunables need glibc")
 def test_restart_adds_the_tunable_and_keeps_the_arguments():
   assert run_restarting(None) == ["glibc.malloc.hugetlb=1", "['first', '--second=2']"]
   assert run_restarting("glibc.malloc.arena_max=2") == ["glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1",
                                                         "['first', '--second=2']"]
 
 
-@pytest.mark.skipif(not GLIBC_LINUX, reason="glibc tunables are Linux/glibc only")
+@pytest.mark.skipif(not GLIBC, reason="glibc tunables need glibc")
 def test_restart_leaves_a_tunable_the_user_set():
   assert run_restarting("glibc.malloc.hugetlb=0") == ["glibc.malloc.hugetlb=0", "['first', '--second=2']"]
