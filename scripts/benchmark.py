@@ -64,6 +64,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from petseg_jax.models.layers import IMPLS  # pylint: disable=g-import-not-at-top
+
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "default.py"
 SHARED_SAMPLE = REPO_ROOT.parent / "shared" / "data" / "oxford_iiit_pet_sample"
 BUNDLED_SAMPLE = REPO_ROOT / "petseg_jax" / "assets" / "pets_sample"
@@ -230,13 +232,18 @@ def record_program(stats: dict[str, Any], compiled: Any, name: str, args: argpar
   return hlo_text
 
 
-def profile_ops(step: Callable[[], Any], hlo_text: str, top: int) -> list[dict[str, Any]]:
+def trace_subdir(args: argparse.Namespace, name: str) -> str:
+  """Where ``--profile`` keeps the trace of program ``name``: under ``--trace-dir``, or "" (not kept)."""
+  return str(Path(args.trace_dir) / name) if args.trace_dir else ""
+
+
+def profile_ops(step: Callable[[], Any], hlo_text: str, top: int, trace_dir: str = "") -> list[dict[str, Any]]:
   """Runs ``step`` once under the JAX profiler; the ``top`` XLA ops by time, named by their JAX source op.
 
   Independent ops may run concurrently on XLA:CPU, so the times of one step can add up to more than its
-  wall time; use them to rank, not to sum.
+  wall time; use them to rank, not to sum. ``trace_dir``: keep the trace there (for Perfetto or XProf)
+  instead of in a temporary directory.
   """
-  import collections
   import glob
   import gzip
 
@@ -246,22 +253,42 @@ def profile_ops(step: Callable[[], Any], hlo_text: str, top: int) -> list[dict[s
     if match:
       op_name = re.search(r'op_name="([^"]*)"', line)
       source[match.group(1)] = (match.group(2), op_name.group(1) if op_name else "")
-  with tempfile.TemporaryDirectory(prefix="benchmark_trace_") as trace_dir:
-    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+  with contextlib.ExitStack() as stack:
+    directory = trace_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="benchmark_trace_"))
+    with jax.profiler.trace(directory, create_perfetto_trace=True):
       step()
-    trace_file = glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True)[0]
+    trace_file = max(glob.glob(f"{directory}/**/*.trace.json.gz", recursive=True), key=os.path.getmtime)
     with gzip.open(trace_file) as f:
       events = json.load(f)["traceEvents"]
+  if trace_dir:
+    log(f"profiler trace: {trace_file}")
+  rows = []
+  for name, ms in op_times(events, source)[:top]:
+    shape, op_name = source[name]
+    rows.append({"op": name, "ms": round(ms, 3), "shape": shape, "source": op_name})
+    log(f"  {ms:8.2f} ms  {name[:28]:28s} {shape[:34]:34s} {op_name[-90:]}")
+  return rows
+
+
+def op_times(events: list[dict[str, Any]], source: dict[str, Any]) -> list[tuple[str, float]]:
+  """Milliseconds per HLO instruction in a profiler trace's events, most expensive first.
+
+  On XLA:CPU an op's event is named after its HLO instruction. On a GPU the device's events are kernels,
+  with the instruction in ``args["hlo_op"]``, and the host's launch events carry the same name: where the
+  trace has a GPU/TPU device, only that device's events count.
+  """
+  import collections
+
+  devices = {event["pid"] for event in events if event.get("ph") == "M" and event.get("name") == "process_name"
+             and re.search(r"/device:(GPU|TPU)", str(event.get("args", {}).get("name", "")))}
   totals: dict[str, float] = collections.defaultdict(float)
   for event in events:
-    if event.get("ph") == "X" and event["name"] in source:
-      totals[event["name"]] += event["dur"] / 1e3
-  rows = []
-  for name, ms in sorted(totals.items(), key=lambda item: -item[1])[:top]:
-    shape, op_name = source[name]
-    rows.append({"op": name, "ms": round(ms, 2), "shape": shape, "source": op_name})
-    log(f"  {ms:8.1f} ms  {name[:28]:28s} {shape[:34]:34s} {op_name[-90:]}")
-  return rows
+    if event.get("ph") != "X" or (devices and event.get("pid") not in devices):
+      continue
+    name = event.get("args", {}).get("hlo_op", event["name"])
+    if name in source:
+      totals[name] += event["dur"] / 1e3
+  return sorted(totals.items(), key=lambda item: -item[1])
 
 
 def matmul_peak_gflops(dtype: Any = jnp.float32, size: int = 4096, repeats: int = 3) -> float:
@@ -330,8 +357,11 @@ def bench_train(config: ml_collections.ConfigDict, args: argparse.Namespace) -> 
     state = train.replicate(state)
     dropout_rngs = train.replicate(dropout_rng)
     p_step = train.pmapped_train_step(variant_config, frozen_encoder=frozen)  # The training loop's step.
+    jax.block_until_ready(state)
+    initialized = time.perf_counter()
     # Compiled ahead of time once: the same executable gives the cost analysis and runs the steps.
     compiled = p_step.lower(state, batch, dropout_rngs).compile()
+    compiled_at = time.perf_counter()
     flops = xla_flops(compiled)
     holder = {"state": state}
 
@@ -343,16 +373,20 @@ def bench_train(config: ml_collections.ConfigDict, args: argparse.Namespace) -> 
     first_step_s = time.perf_counter() - start  # Init, lowering, compilation (cached by pmap) and one step.
     stats = summarize(time_steps(step, args.warmup, args.steps), batch_size)
     stats["first_step_s"] = first_step_s
+    # Where the first step's time goes: variables made and placed; tracing, lowering and compiling; one run.
+    stats["first_step_parts_s"] = {"init": initialized - start, "compile": compiled_at - initialized,
+                                   "run": start + first_step_s - compiled_at}
     stats["flops_per_image"] = flops / (batch_size // num_devices) if flops else None
     hlo_text = record_program(stats, compiled, f"train_{name}", args)
     if args.profile:
       log(f"top {args.profile} XLA ops of one {name}-encoder step:")
-      stats["profile"] = profile_ops(step, hlo_text, args.profile)
+      stats["profile"] = profile_ops(step, hlo_text, args.profile, trace_subdir(args, f"train_{name}"))
     results[name] = stats
     del holder, state
     log(f"JAX train ({name} encoder): {stats['images_per_sec']:.1f} img/s, step median "
         f"{stats['step_ms_median']:.0f} ms (min {stats['step_ms_min']:.0f}, max {stats['step_ms_max']:.0f}; "
-        f"CPU {stats['cpu_ms_median']:.0f} ms), first step {first_step_s:.1f} s, "
+        f"CPU {stats['cpu_ms_median']:.0f} ms), first step {first_step_s:.1f} s ("
+        + ", ".join(f"{part} {s:.1f}" for part, s in stats["first_step_parts_s"].items()) + "), "
         + (f"{stats['flops_per_image'] / 1e9:.2f} GFLOPs/image (XLA)" if flops else "FLOPs n/a")
         + f"; program {stats['hlo_fingerprint']}")
   main = results["frozen" if "frozen" in results else "finetune"]
@@ -390,7 +424,7 @@ def bench_infer(config: ml_collections.ConfigDict, args: argparse.Namespace) -> 
   hlo_text = record_program(stats, apply, "infer", args)
   if args.profile:
     log(f"top {args.profile} XLA ops of one inference call:")
-    stats["profile"] = profile_ops(step, hlo_text, args.profile)
+    stats["profile"] = profile_ops(step, hlo_text, args.profile, trace_subdir(args, "infer"))
   log(f"JAX inference: {stats['images_per_sec']:.1f} img/s, step median {stats['step_ms_median']:.0f} ms "
       f"(CPU {stats['cpu_ms_median']:.0f} ms), first call {first_step_s:.1f} s, "
       + (f"{flops / batch_size / 1e9:.2f} GFLOPs/image (XLA)" if flops else "FLOPs n/a")
@@ -440,11 +474,13 @@ def model_layers(config: ml_collections.ConfigDict
 
 
 def bench_layers(config: ml_collections.ConfigDict, args: argparse.Namespace) -> dict[str, Any]:
-  """Forward and forward+backward time of each distinct fast-formulated layer, "fast" against "reference"."""
+  """Forward and forward+backward time of each distinct fast-formulated layer, ``--impl`` (default "fast";
+  "explicit" times the CPU formulations on an accelerator) against "reference"."""
   from petseg_jax.models import DTYPES
 
+  timed = args.impl or "fast"
   rows = []
-  total_fast = total_ref = 0.0
+  total_timed = total_ref = 0.0
   selected = [layer for layer in model_layers(config) if re.search(args.only, layer[0])]
   if not selected:
     raise SystemExit(f"--only {args.only!r} matches none of: {[label for label, _, _ in model_layers(config)]}")
@@ -453,7 +489,7 @@ def bench_layers(config: ml_collections.ConfigDict, args: argparse.Namespace) ->
     parts = tuple(jnp.asarray(rng.uniform(-1, 1, shape), jnp.float32) for shape in shapes)
     x = parts if len(parts) > 1 else parts[0]  # Every block differentiated (a fine-tuning step).
     row: dict[str, Any] = {"layer": label, "input": [list(shape) for shape in shapes]}
-    for impl in ("fast", "reference"):
+    for impl in (timed, "reference"):
       m = module.clone(impl=impl, dtype=DTYPES[config.model.dtype])
       variables = m.init(jax.random.PRNGKey(0), jax.tree.map(lambda a: a[:1], x))
       forward = jax.jit(m.apply)
@@ -464,12 +500,13 @@ def bench_layers(config: ml_collections.ConfigDict, args: argparse.Namespace) ->
         jax.block_until_ready(fn(variables, x))
         walls, _ = time_steps(lambda: jax.block_until_ready(fn(variables, x)), 0, args.steps)
         row[f"{impl}_{name}_ms"] = 1e3 * statistics.median(walls)
-    total_fast += row["fast_fwd_bwd_ms"]
+    total_timed += row[f"{timed}_fwd_bwd_ms"]
     total_ref += row["reference_fwd_bwd_ms"]
     rows.append(row)
-    log(f"{label:36s} {' + '.join(str(tuple(shape)) for shape in shapes):22s} fast {row['fast_fwd_ms']:8.1f} / {row['fast_fwd_bwd_ms']:8.1f} ms"
-        f"   reference {row['reference_fwd_ms']:8.1f} / {row['reference_fwd_bwd_ms']:8.1f} ms  (fwd / fwd+bwd)")
-  return {"layers": rows, "images_per_sec": None, "step_ms_median": total_fast, "compile_s": None,
+    log(f"{label:36s} {' + '.join(str(tuple(shape)) for shape in shapes):22s} {timed} "
+        f"{row[f'{timed}_fwd_ms']:8.2f} / {row[f'{timed}_fwd_bwd_ms']:8.2f} ms   reference "
+        f"{row['reference_fwd_ms']:8.2f} / {row['reference_fwd_bwd_ms']:8.2f} ms  (fwd / fwd+bwd)")
+  return {"layers": rows, "images_per_sec": None, "step_ms_median": total_timed, "compile_s": None,
           "reference_step_ms_median": total_ref}
 
 
@@ -597,13 +634,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="config file (default: the tutorial)")
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="config override, e.g. --set model.dtype=bfloat16 --set data.image_size=64")
-  parser.add_argument("--impl", choices=("fast", "reference"), default=None,
-                      help="convolution formulation (petseg_jax.models.layers); default: the model's")
+  parser.add_argument("--impl", choices=IMPLS, default=None,
+                      help="convolution formulation (petseg_jax.models.layers); default: the model's; "
+                      "layers: the one timed against reference (default fast)")
   parser.add_argument("--skip-finetune", action="store_true", help="train: time the frozen encoder only")
   parser.add_argument("--data-dir", default="", help="input: official-layout folder (default: shared "
                       "sample beside the repo, else the bundled one)")
   parser.add_argument("--profile", type=int, default=0, metavar="N",
                       help="train/infer: profile one more step and print its N most expensive XLA ops")
+  parser.add_argument("--trace-dir", default="", metavar="DIR",
+                      help="with --profile: keep each profiler trace under DIR/<program> (Perfetto, XProf)")
   parser.add_argument("--dump-hlo", default="", metavar="DIR",
                       help="train/infer: write each compiled program's optimized HLO text into DIR")
   parser.add_argument("--only", default="", metavar="REGEX", help="layers: only layers whose label matches")
@@ -621,6 +661,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.error("--steps must be >= 1 and --warmup >= 0")
   if args.compare_keras and args.mode not in ("train", "infer"):
     parser.error("--compare-keras applies to --mode train and infer")
+  if args.mode == "layers" and args.impl == "reference":
+    parser.error("--mode layers times --impl fast or explicit against reference; reference alone compares nothing")
+  if args.trace_dir and not args.profile:
+    parser.error("--trace-dir keeps the traces of --profile N: pass --profile too")
   return args
 
 

@@ -84,6 +84,9 @@ def test_train(tmp_path):
   assert result["flops_per_image"] > 0
   assert result["ratio"] is None  # No --compare-keras.
   frozen = result["variants"]["frozen"]
+  parts = frozen["first_step_parts_s"]
+  assert set(parts) == {"init", "compile", "run"} and all(seconds > 0 for seconds in parts.values())
+  assert sum(parts.values()) == pytest.approx(frozen["first_step_s"])
   assert re.fullmatch(r"[0-9a-f]{16}", result["hlo_fingerprint"])
   assert frozen["hlo_fingerprint"] == result["hlo_fingerprint"]
   dumped = Path(frozen["hlo_path"])
@@ -94,8 +97,10 @@ def test_train(tmp_path):
   assert result["malloc_tunables"] == ":".join(host.default_tunables())
 
 
-def test_infer_against_keras_json_only_with_profile():
-  result, lines = run_benchmark("--mode", "infer", "--compare-keras", "--json", "--profile", "3", *TINY)
+def test_infer_against_keras_json_only_with_profile(tmp_path):
+  result, lines = run_benchmark("--mode", "infer", "--compare-keras", "--json", "--profile", "3",
+                                "--trace-dir", str(tmp_path), *TINY)
+  assert list(tmp_path.glob("infer/**/*.trace.json.gz"))  # --trace-dir keeps the trace.
   assert len(lines) == 1  # --json: the JSON line alone on stdout.
   assert result["mode"] == "infer" and result["images_per_sec"] > 0
   assert result["keras_images_per_sec"] > 0
@@ -117,6 +122,37 @@ def test_layers_fast_against_reference():
                                                        "encoder/block_1_depthwise s2"]
   for row in result["layers"]:
     assert all(row[f"{impl}_{part}_ms"] > 0 for impl in ("fast", "reference") for part in ("fwd", "fwd_bwd"))
+
+
+def test_layers_explicit_against_reference():
+  result, _ = run_benchmark("--mode", "layers", "--impl", "explicit", "--only", "up_3", "--json", *TINY)
+  assert result["conv_impl"] == "explicit"
+  [row] = result["layers"]
+  assert all(row[f"{impl}_{part}_ms"] > 0 for impl in ("explicit", "reference") for part in ("fwd", "fwd_bwd"))
+  assert result["step_ms_median"] == row["explicit_fwd_bwd_ms"]
+
+
+def test_op_times_counts_an_accelerators_kernels_once():
+  op_times = load_benchmark_module().op_times
+  source = {"fusion.1": ("f32[2]", "jit(f)/add"), "convolution.2": ("f32[4]", "jit(f)/conv")}
+  events = [
+      {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/host:CPU"}},
+      {"ph": "M", "name": "process_name", "pid": 7, "args": {"name": "/device:GPU:0 NVIDIA H200"}},
+      # The host's launches carry the instruction names too; they must not count.
+      {"ph": "X", "name": "fusion.1", "pid": 1, "dur": 900.0},
+      {"ph": "X", "name": "loop_add_fusion", "pid": 7, "dur": 1000.0, "args": {"hlo_op": "fusion.1"}},
+      {"ph": "X", "name": "sm90_xmma_fprop", "pid": 7, "dur": 1500.0, "args": {"hlo_op": "convolution.2"}},
+      {"ph": "X", "name": "cudnn_helper", "pid": 7, "dur": 500.0, "args": {"hlo_op": "convolution.2"}},
+  ]
+  assert op_times(events, source) == [("convolution.2", 2.0), ("fusion.1", 1.0)]
+  cpu_events = [{"ph": "X", "name": "fusion.1", "pid": 1, "dur": 250.0}]  # XLA:CPU: named after the op.
+  assert op_times(cpu_events, source) == [("fusion.1", 0.25)]
+
+
+def test_layers_against_itself_is_a_clear_error():
+  proc = subprocess.run([sys.executable, str(SCRIPT), "--mode", "layers", "--impl", "reference"],
+                        capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+  assert proc.returncode != 0 and "--mode layers times --impl fast or explicit against reference" in proc.stderr
 
 
 def test_bad_override_is_a_clear_error():

@@ -259,3 +259,24 @@ def test_unsupported_conv_is_a_clear_error(kernel_size, strides, padding):
 def test_unknown_impl_is_a_clear_error():
   with pytest.raises(ValueError, match="impl='slow' is not one of"):
     Conv(4, 1, impl="slow").init(jax.random.key(0), jnp.zeros((1, 2, 2, 3)))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "gpu"])
+def test_impl_picks_the_formulation_per_backend(monkeypatch, backend):
+  """"fast" is the explicit formulation on CPU only; "explicit" on every backend; "reference" on none.
+
+  Traced only (the backend is what ``jax.default_backend`` reports at trace time), so this runs on CPU.
+  """
+  monkeypatch.setattr(jax, "default_backend", lambda: backend)
+  model = UNet(num_classes=3, alpha=0.35, decoder_filters=(16, 8, 8, 8))
+  x = jnp.zeros((1, 64, 64, 3))
+  variables = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), x)
+
+  def convolutions(impl):
+    jaxpr = jax.make_jaxpr(lambda v, x: model.clone(impl=impl).apply(v, x, train=False))(variables, x)
+    return str(jaxpr).count("conv_general_dilated")
+
+  lax_convs = convolutions("reference")
+  assert lax_convs > 0
+  assert convolutions("explicit") == 0
+  assert convolutions("fast") == (0 if backend == "cpu" else lax_convs)

@@ -24,7 +24,8 @@ Every module keeps the parameters of its reference formulation (``impl="referenc
 convolution), so the two are interchangeable on the same variables; tests check them against each other,
 forward and gradients, and against Keras. ``impl="fast"`` picks the formulation per backend at trace time:
 the ones above on CPU, the ``lax`` convolutions elsewhere (XLA hands those to cuDNN on GPU; H200 numbers in
-BENCHMARKS.md; the CPU formulations were not timed there).
+BENCHMARKS.md). ``impl="explicit"`` uses the formulations above on every backend, so that they can be timed
+against ``"reference"`` on an accelerator (``scripts/benchmark.py --impl explicit``).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ Array = jax.Array
 Dtype = Any
 Initializer = Callable[..., Array]
 
-IMPLS = ("fast", "reference")
+IMPLS = ("fast", "reference", "explicit")
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
 
@@ -50,10 +51,10 @@ def _check_impl(impl: str) -> None:
     raise ValueError(f"impl={impl!r} is not one of {IMPLS}")
 
 
-def _use_cpu_formulation(impl: str) -> bool:
-  """``impl="fast"`` on XLA:CPU (the backend the traced computation will run on)."""
+def _use_explicit_formulation(impl: str) -> bool:
+  """``impl="explicit"``, or ``"fast"`` on XLA:CPU (the backend the traced computation will run on)."""
   _check_impl(impl)
-  return impl == "fast" and jax.default_backend() == "cpu"
+  return impl == "explicit" or (impl == "fast" and jax.default_backend() == "cpu")
 
 
 def keras_same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
@@ -195,8 +196,8 @@ class DepthwiseConv3x3(nn.Module):
   Attributes:
     strides: 1 or 2.
     padding: "same", "valid" (Keras semantics) or explicit ``((top, bottom), (left, right))``.
-    impl: "fast" (nine shifted multiply-adds on CPU) or "reference" (``lax.conv`` with
-      ``feature_group_count``).
+    impl: "fast" (nine shifted multiply-adds on CPU), "explicit" (those on every backend) or "reference"
+      (``lax.conv`` with ``feature_group_count``).
   """
 
   strides: int = 1
@@ -214,7 +215,7 @@ class DepthwiseConv3x3(nn.Module):
     x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
     s = self.strides
     pads = _conv_padding(self.padding, x.shape[1:3], s)
-    if not _use_cpu_formulation(self.impl):
+    if not _use_explicit_formulation(self.impl):
       return jax.lax.conv_general_dilated(
           x, kernel, window_strides=(s, s), padding=pads, dimension_numbers=_NHWC,
           feature_group_count=channels)
@@ -242,7 +243,7 @@ class Conv(nn.Module):
     kernel_size: 1 or 3.
     strides: 1 or 2 (1 for a 1x1 convolution).
     padding: "same", "valid" (Keras semantics) or, for 3x3, explicit ``((top, bottom), (left, right))``.
-    impl: "fast" (matmul on CPU) or "reference" (``lax.conv``).
+    impl: "fast" (matmul on CPU), "explicit" (matmul on every backend) or "reference" (``lax.conv``).
   """
 
   features: int
@@ -263,7 +264,7 @@ class Conv(nn.Module):
     kernel = self.param("kernel", self.kernel_init, (k, k, x.shape[-1], self.features), self.param_dtype)
     x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
     pads = _conv_padding(self.padding, x.shape[1:3], s) if k == 3 else [(0, 0), (0, 0)]
-    if not _use_cpu_formulation(self.impl):
+    if not _use_explicit_formulation(self.impl):
       return jax.lax.conv_general_dilated(x, kernel, (s, s), pads, dimension_numbers=_NHWC)
     if k == 1:
       return matmul(x, kernel[0, 0])
@@ -410,8 +411,8 @@ class ConvTranspose3x3s2(nn.Module):
   Attributes:
     features: output channels.
     use_bias: add a bias (the tutorial's last layer does; the pix2pix blocks don't).
-    impl: "fast" (``conv_transpose_3x3s2``: matmul + overlap-add, on CPU) or "reference" (input-dilated
-      ``lax.conv``).
+    impl: "fast" (``conv_transpose_3x3s2``: matmul + overlap-add, on CPU), "explicit" (that on every
+      backend) or "reference" (input-dilated ``lax.conv``).
   """
 
   features: int
@@ -431,7 +432,7 @@ class ConvTranspose3x3s2(nn.Module):
     bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
     *parts, kernel, promoted_bias = nn.dtypes.promote_dtype(*parts, kernel, bias, dtype=self.dtype)
     parts = tuple(parts)
-    if _use_cpu_formulation(self.impl):
+    if _use_explicit_formulation(self.impl):
       # The bias is added to the float32 sums, so its gradient is summed in float32 too.
       y = conv_transpose_3x3s2(parts, kernel)
       if bias is not None:

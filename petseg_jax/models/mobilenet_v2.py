@@ -68,7 +68,7 @@ class MobileNetV2Encoder(nn.Module):
   Attributes:
     alpha: width multiplier (Keras ``alpha``); channels are rounded as Keras does.
     dtype: computation dtype (e.g. ``jnp.bfloat16``); parameters stay float32.
-    impl: convolution formulation, "fast" or "reference" (see ``petseg_jax.models.layers``).
+    impl: convolution formulation, "fast", "reference" or "explicit" (see ``petseg_jax.models.layers``).
     bn_axis_name: pmap axis over which training-mode BatchNorm statistics are averaged.
 
   Input: images (N, H, W, 3) scaled to [-1, 1], H and W divisible by 32.
