@@ -40,8 +40,8 @@ def get_config() -> ml_collections.ConfigDict:
   model.decoder_filters = (512, 256, 128, 64)
   model.dropout = 0.0
   model.decoder_bn_momentum = 0.99  # Keras' default; lower (0.9) lets short runs' eval statistics keep up.
-  # "fast": XLA:CPU-friendly convolution formulations on CPU, plain lax ones elsewhere; "reference": plain lax
-  # everywhere; "explicit": the CPU formulations everywhere. The same function each way (tests/test_models.py).
+  # "fast": matmul/shift convolution formulations on CPU and GPU, plain lax ones elsewhere (TPU); "reference":
+  # plain lax everywhere; "explicit": the formulations everywhere. The same function each way (tests).
   model.conv_impl = "fast"
   model.dtype = "float32"  # Compute dtype: "float32" or "bfloat16" (params and loss stay float32).
   model.init_from = ""  # Workdir or checkpoint dir of a previous run: load its parameters only.

@@ -261,9 +261,9 @@ def test_unknown_impl_is_a_clear_error():
     Conv(4, 1, impl="slow").init(jax.random.key(0), jnp.zeros((1, 2, 2, 3)))
 
 
-@pytest.mark.parametrize("backend", ["cpu", "gpu"])
+@pytest.mark.parametrize("backend", ["cpu", "gpu", "tpu"])
 def test_impl_picks_the_formulation_per_backend(monkeypatch, backend):
-  """"fast" is the explicit formulation on CPU only; "explicit" on every backend; "reference" on none.
+  """"fast" is the explicit formulation on CPU and GPU; "explicit" on every backend; "reference" on none.
 
   Traced only (the backend is what ``jax.default_backend`` reports at trace time), so this runs on CPU.
   """
@@ -279,4 +279,4 @@ def test_impl_picks_the_formulation_per_backend(monkeypatch, backend):
   lax_convs = convolutions("reference")
   assert lax_convs > 0
   assert convolutions("explicit") == 0
-  assert convolutions("fast") == (0 if backend == "cpu" else lax_convs)
+  assert convolutions("fast") == (lax_convs if backend == "tpu" else 0)
