@@ -51,7 +51,6 @@ from petseg_jax import weights
 
 AXIS = "batch"  # pmap axis name; also the UNet's BatchNorm axis.
 FIGURES_DIR = "figures"
-PREFETCH_BATCHES = 2  # Batches on the devices ahead of the step (flax's advice for GPUs: 2).
 
 
 class TrainState(train_state.TrainState):
@@ -261,7 +260,7 @@ def first_replica(tree: Any) -> Any:
 def evaluate(p_eval_step: Callable, state: TrainState, eval_input: Any) -> dict[str, Any]:
   """Loss and ``metrics.compute_metrics`` over the whole eval split (``state`` replicated)."""
   confusion, loss_sum, num_pixels = 0, 0.0, 0.0
-  for batch in jax_utils.prefetch_to_device(iter(eval_input), PREFETCH_BATCHES):
+  for batch in eval_input:
     out = first_replica(p_eval_step(state, batch))
     confusion = confusion + np.asarray(out["confusion"], np.int64)  # int64 on the host: no overflow.
     loss_sum += float(out["loss_sum"])
@@ -686,9 +685,7 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, ckpt: checkpoint.Ch
                       unit="step", disable=None, leave=False)
       epoch_start, epoch_first_step = time.time(), step
       batches = train_input.epoch(epoch, start_step=step - epoch * steps_per_epoch)
-      # Two batches copied to the devices ahead: on a GPU the next batch's copy overlaps this step.
-      batches = jax_utils.prefetch_to_device(itertools.islice(batches, epoch_end - step), PREFETCH_BATCHES)
-      for batch in batches:
+      for batch in itertools.islice(batches, epoch_end - step):
         state, step_metrics = run_step(state, batch, dropout_rngs)
         step += 1
         train_metrics.add(step, step_metrics)

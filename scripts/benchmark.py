@@ -333,7 +333,6 @@ def random_variables(model: Any, image_size: int, seed: int = 0) -> dict[str, An
 
 def bench_train(config: ml_collections.ConfigDict, args: argparse.Namespace) -> dict[str, Any]:
   """Frozen-encoder (and fine-tuning) train steps of ``petseg_jax.train``, pmapped as the loop does."""
-  from flax import jax_utils
   from petseg_jax import train
 
   batch_size, size = config.train.batch_size, config.data.image_size
@@ -365,11 +364,9 @@ def bench_train(config: ml_collections.ConfigDict, args: argparse.Namespace) -> 
     compiled_at = time.perf_counter()
     flops = xla_flops(compiled)
     holder = {"state": state}
-    # The same host batch every step, copied to the devices ahead of it as the training loop's batches are.
-    batches = jax_utils.prefetch_to_device(itertools.repeat(batch), train.PREFETCH_BATCHES)
 
     def step():
-      holder["state"], metrics = compiled(holder["state"], next(batches), dropout_rngs)
+      holder["state"], metrics = compiled(holder["state"], batch, dropout_rngs)
       jax.block_until_ready(metrics)
 
     step()
@@ -385,7 +382,7 @@ def bench_train(config: ml_collections.ConfigDict, args: argparse.Namespace) -> 
       log(f"top {args.profile} XLA ops of one {name}-encoder step:")
       stats["profile"] = profile_ops(step, hlo_text, args.profile, trace_subdir(args, f"train_{name}"))
     results[name] = stats
-    del holder, state, batches
+    del holder, state
     log(f"JAX train ({name} encoder): {stats['images_per_sec']:.1f} img/s, step median "
         f"{stats['step_ms_median']:.0f} ms (min {stats['step_ms_min']:.0f}, max {stats['step_ms_max']:.0f}; "
         f"CPU {stats['cpu_ms_median']:.0f} ms), first step {first_step_s:.1f} s ("

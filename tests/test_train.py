@@ -285,10 +285,8 @@ def test_resume_after_sigterm_is_bit_identical(uninterrupted_run, tmp_path, monk
 
   def epoch_with_sigterm(self, epoch, start_step=0):
     for i, batch in enumerate(epoch_fn(self, epoch, start_step)):
-      # The loop reads PREFETCH_BATCHES - 1 batches ahead of the one it hands to a step: this signal arrives
-      # while step 6's batch is being handed over.
-      if (epoch, start_step + i) == (0, 5 + train.PREFETCH_BATCHES - 1):
-        os.kill(os.getpid(), signal.SIGTERM)
+      if (epoch, start_step + i) == (0, 5):
+        os.kill(os.getpid(), signal.SIGTERM)  # Arrives while step 6 is being prepared.
       yield batch
 
   monkeypatch.setattr(input_pipeline.TrainInput, "epoch", epoch_with_sigterm)
