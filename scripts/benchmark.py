@@ -275,7 +275,9 @@ def op_times(events: list[dict[str, Any]], source: dict[str, Any]) -> list[tuple
 
   On XLA:CPU an op's event is named after its HLO instruction. On a GPU the device's events are kernels,
   with the instruction in ``args["hlo_op"]``, and the host's launch events carry the same name: where the
-  trace has a GPU/TPU device, only that device's events count.
+  trace has a GPU/TPU device, only that device's events count. Inside a CUDA graph ``hlo_op`` names the
+  whole command buffer, so a kernel named after its fusion (``loop_add_fusion_3`` for
+  ``loop_add_fusion.3``) counts for that fusion.
   """
   import collections
 
@@ -285,9 +287,11 @@ def op_times(events: list[dict[str, Any]], source: dict[str, Any]) -> list[tuple
   for event in events:
     if event.get("ph") != "X" or (devices and event.get("pid") not in devices):
       continue
-    name = event.get("args", {}).get("hlo_op", event["name"])
-    if name in source:
-      totals[name] += event["dur"] / 1e3
+    kernel = event["name"]
+    for name in (kernel, re.sub(r"_(\d+)$", r".\1", kernel), event.get("args", {}).get("hlo_op")):
+      if name in source:
+        totals[name] += event["dur"] / 1e3
+        break
   return sorted(totals.items(), key=lambda item: -item[1])
 
 

@@ -10,8 +10,9 @@ the end). ``--resume`` skips rows already recorded without an error, so a killed
 stopped. Arguments after ``--`` are appended to every row's command (e.g. ``-- --compilation-cache DIR``).
 
 Suites: ``cpu`` is the CPU table (float32 and bfloat16 training and inference against Keras, the machine's
-matmul peak, the input pipeline); ``gpu`` the accelerator table (the same at 30 timed steps, TF32 matmuls,
-batch 256). Where TensorFlow is not installed (accelerator hosts with JAX alone), the Keras comparison runs
+matmul peak, the input pipeline); ``gpu`` the accelerator table (the same at 30 timed steps, against Keras
+and against the plain ``lax`` convolutions (``--impl reference``), full-precision float32 matmuls, batch
+256). Where TensorFlow is not installed (accelerator hosts with JAX alone), the Keras comparison runs
 on Keras' JAX backend (``KERAS_BACKEND=jax``); each row's JSON says which backend ran.
 """
 
@@ -51,14 +52,20 @@ def suite_rows(suite: str) -> list[Row]:
             Row("infer_fp32", ("--mode", "infer")), Row("infer_bf16", ("--mode", "infer") + BF16),
             Row("input", ("--mode", "input", "--steps", "3"), keras=False)]
   if suite == "gpu":
-    train = ("--mode", "train", "--matmul-peak", "--steps", "30", "--warmup", "5")
+    train = ("--mode", "train", "--steps", "30", "--warmup", "5")
     infer = ("--mode", "infer", "--steps", "30", "--warmup", "5")
-    batch_256 = ("--batch-size", "256", "--skip-finetune")
-    return [Row("train_fp32", train), Row("train_bf16", train + BF16),
-            Row("train_fp32_tf32", train + ("--skip-finetune",),
-                env=(("JAX_DEFAULT_MATMUL_PRECISION", "tensorfloat32"),)),
-            Row("train_fp32_b256", train + batch_256), Row("train_bf16_b256", train + batch_256 + BF16),
-            Row("infer_fp32", infer), Row("infer_bf16", infer + BF16),
+    frozen = ("--skip-finetune",)
+    reference = ("--impl", "reference")  # The plain lax (cuDNN) convolutions, against the default.
+    return [Row("train_bf16", train + BF16), Row("train_fp32", train),
+            Row("train_bf16_reference", train + frozen + reference + BF16, keras=False),
+            Row("train_fp32_reference", train + frozen + reference, keras=False),
+            Row("infer_bf16", infer + BF16), Row("infer_fp32", infer),
+            Row("infer_bf16_reference", infer + reference + BF16, keras=False),
+            Row("infer_fp32_reference", infer + reference, keras=False),
+            # Full float32 matmuls (JAX's default on recent GPUs is TF32).
+            Row("train_fp32_full_precision", train + frozen, env=(("JAX_DEFAULT_MATMUL_PRECISION", "float32"),),
+                keras=False),
+            Row("train_bf16_b256", train + frozen + BF16 + ("--batch-size", "256"), keras=False),
             Row("input", ("--mode", "input", "--steps", "3"), keras=False)]
   raise ValueError(f"unknown suite {suite!r}: use 'cpu' or 'gpu'")
 

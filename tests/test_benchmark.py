@@ -134,7 +134,8 @@ def test_layers_explicit_against_reference():
 
 def test_op_times_counts_an_accelerators_kernels_once():
   op_times = load_benchmark_module().op_times
-  source = {"fusion.1": ("f32[2]", "jit(f)/add"), "convolution.2": ("f32[4]", "jit(f)/conv")}
+  source = {"fusion.1": ("f32[2]", "jit(f)/add"), "convolution.2": ("f32[4]", "jit(f)/conv"),
+            "loop_add_fusion.3": ("f32[8]", "jit(f)/add"), "command_buffer_1": ("()", "")}
   events = [
       {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/host:CPU"}},
       {"ph": "M", "name": "process_name", "pid": 7, "args": {"name": "/device:GPU:0 NVIDIA H200"}},
@@ -145,6 +146,10 @@ def test_op_times_counts_an_accelerators_kernels_once():
       {"ph": "X", "name": "cudnn_helper", "pid": 7, "dur": 500.0, "args": {"hlo_op": "convolution.2"}},
   ]
   assert op_times(events, source) == [("convolution.2", 2.0), ("fusion.1", 1.0)]
+  # In a CUDA graph, hlo_op is the command buffer: a kernel named after its fusion counts for that fusion.
+  graph = [{"ph": "X", "name": "loop_add_fusion_3", "pid": 7, "dur": 300.0, "args": {"hlo_op": "command_buffer_1"}},
+           {"ph": "X", "name": "nvjet_sm90_gemm", "pid": 7, "dur": 200.0, "args": {"hlo_op": "command_buffer_1"}}]
+  assert op_times(events[:2] + graph, source) == [("loop_add_fusion.3", 0.3), ("command_buffer_1", 0.2)]
   cpu_events = [{"ph": "X", "name": "fusion.1", "pid": 1, "dur": 250.0}]  # XLA:CPU: named after the op.
   assert op_times(cpu_events, source) == [("fusion.1", 0.25)]
 
@@ -201,7 +206,8 @@ def test_suite_lists_the_gpu_rows():
   proc = run_suite("--suite", "gpu", "--list")
   assert proc.returncode == 0, proc.stderr[-3000:]
   rows = dict(line.split(": ", 1) for line in proc.stdout.strip().splitlines())
-  assert {"train_fp32", "train_bf16", "infer_fp32", "infer_bf16", "train_fp32_tf32"} <= set(rows)
-  assert rows["train_fp32_tf32"].startswith("JAX_DEFAULT_MATMUL_PRECISION=tensorfloat32 ")
+  assert {"train_fp32", "train_bf16", "infer_fp32", "infer_bf16", "train_fp32_full_precision"} <= set(rows)
+  assert rows["train_fp32_full_precision"].startswith("JAX_DEFAULT_MATMUL_PRECISION=float32 ")
+  assert "--impl reference" in rows["train_bf16_reference"] and "--compare-keras" not in rows["train_bf16_reference"]
   assert "--compare-keras" in rows["infer_bf16"] and "model.dtype=bfloat16" in rows["infer_bf16"]
   assert run_suite("--suite", "gpu", "--only", "nothing", "--list").returncode != 0
