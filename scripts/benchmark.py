@@ -64,7 +64,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from petseg_jax.models.layers import IMPLS  # pylint: disable=g-import-not-at-top
+from petseg_jax.models.layers import IMPLS
 
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "default.py"
 SHARED_SAMPLE = REPO_ROOT.parent / "shared" / "data" / "oxford_iiit_pet_sample"

@@ -204,7 +204,7 @@ class DepthwiseConv3x3(nn.Module):
   Attributes:
     strides: 1 or 2.
     padding: "same", "valid" (Keras semantics) or explicit ``((top, bottom), (left, right))``.
-    impl: "fast" (nine shifted multiply-adds on CPU), "explicit" (those on every backend) or "reference"
+    impl: "fast" (nine shifted multiply-adds on CPU and GPU), "explicit" (those on every backend) or "reference"
       (``lax.conv`` with ``feature_group_count``).
   """
 
@@ -251,7 +251,7 @@ class Conv(nn.Module):
     kernel_size: 1 or 3.
     strides: 1 or 2 (1 for a 1x1 convolution).
     padding: "same", "valid" (Keras semantics) or, for 3x3, explicit ``((top, bottom), (left, right))``.
-    impl: "fast" (matmul on CPU), "explicit" (matmul on every backend) or "reference" (``lax.conv``).
+    impl: "fast" (matmul on CPU and GPU), "explicit" (matmul on every backend) or "reference" (``lax.conv``).
   """
 
   features: int
@@ -419,7 +419,7 @@ class ConvTranspose3x3s2(nn.Module):
   Attributes:
     features: output channels.
     use_bias: add a bias (the tutorial's last layer does; the pix2pix blocks don't).
-    impl: "fast" (``conv_transpose_3x3s2``: matmul + overlap-add, on CPU), "explicit" (that on every
+    impl: "fast" (``conv_transpose_3x3s2``: matmul + overlap-add, on CPU and GPU), "explicit" (that on every
       backend) or "reference" (input-dilated ``lax.conv``).
   """
 
