@@ -354,7 +354,8 @@ def conv_transpose_3x3s2(parts: tuple[Array, ...], kernel: Array) -> Array:
 # chunk's product stays in cache: alone, up_3's forward took 175 -> 105 ms in float32 and up_2's 77 -> 68
 # (smaller products, and the last layer's, were no faster chunked). In whole steps (BENCHMARKS.md): float32
 # frozen training 3-6% faster in three alternating pairs, inference -2..+3%; bfloat16 inference 4-6% faster
-# but training 1-9% slower in two pairs, so bfloat16 inputs are not chunked.
+# but training 1-9% slower in two pairs, so bfloat16 inputs are not chunked. The float32 backward pass is
+# chunked the same way (frozen steps 2-6% faster in five of six more pairs, 5% slower in one).
 _CHUNKED_PRODUCT_MIN_BYTES = 64 * 2**20
 _CHUNK_PRODUCT_BYTES = 16 * 2**20
 
@@ -403,16 +404,36 @@ def _conv_transpose_3x3s2_fwd(parts: tuple[Array, ...], kernel: Array
 def _conv_transpose_3x3s2_bwd(residuals: tuple[tuple[Array, ...], Array], g: Array
                               ) -> tuple[tuple[Array, ...], Array]:
   parts, kernel = residuals
-  _, h, w, _ = parts[0].shape
-  dy = _as_bits(lambda g: _im2col_3x3s2(g, h, w), g.astype(parts[0].dtype))  # (N, H, W, 3, 3, out)
+  n, h, w, _ = parts[0].shape
   blocks = _kernel_blocks(parts, kernel)
-  dparts = tuple(_dot(dy, part_kernel, ((3, 4, 5), (0, 1, 3)), part.dtype) for part, part_kernel in blocks)
+
+  def input_gradients(dy: Array) -> tuple[Array, ...]:
+    return tuple(_dot(dy, part_kernel, ((3, 4, 5), (0, 1, 3)), part.dtype) for part, part_kernel in blocks)
+
   if len(parts) > 1 and parts[0].dtype == jnp.float32 and not _products_per_block(parts, kernel):
     # One kernel-gradient matmul over the concatenated input, which the forward pass stored: XLA transposes
     # it as a plain copy. Per block, it recomputed the upsampled block's BatchNorm+ReLU inside a strided
     # transposing loop. Measured (BENCHMARKS.md): float32 frozen-encoder steps 2-14% faster, fine-tuning
     # steps 2-6% faster with huge pages (2-5% slower without); bfloat16 steps no faster: per block there.
-    return dparts, _dot(_channel_concat(parts), dy, ((0, 1, 2), (0, 1, 2)), kernel.dtype).transpose(1, 2, 0, 3)
+    def gradients(parts: tuple[Array, ...], g: Array) -> tuple[tuple[Array, ...], Array]:
+      dy = _im2col_3x3s2(g, g.shape[1] // 2, g.shape[2] // 2)  # (N, H, W, 3, 3, out)
+      return input_gradients(dy), _dot(_channel_concat(parts), dy, ((0, 1, 2), (0, 1, 2)), jnp.float32)
+
+    chunks = _batch_chunks(parts, kernel)
+    if chunks == 1:
+      dparts, dkernel = gradients(parts, g.astype(jnp.float32))
+    else:  # As in the forward pass, a few images at a time keep the per-tap gradient in cache.
+      def chunk(dkernel: Array, chunk_parts_and_g: tuple[tuple[Array, ...], Array]) -> tuple[Array, Any]:
+        dparts, chunk_dkernel = gradients(*chunk_parts_and_g)
+        return dkernel + chunk_dkernel, dparts
+
+      split = lambda x: x.reshape((chunks, n // chunks) + x.shape[1:])
+      dkernel = jnp.zeros((kernel.shape[2], 3, 3, kernel.shape[3]), jnp.float32)
+      dkernel, dparts = jax.lax.scan(chunk, dkernel, (tuple(map(split, parts)), split(g.astype(jnp.float32))))
+      dparts = tuple(d.reshape((n,) + d.shape[2:]) for d in dparts)
+    return dparts, dkernel.astype(kernel.dtype).transpose(1, 2, 0, 3)
+  dy = _as_bits(lambda g: _im2col_3x3s2(g, h, w), g.astype(parts[0].dtype))  # (N, H, W, 3, 3, out)
+  dparts = input_gradients(dy)
   dkernels = []
   for part, _ in blocks:
     # The kernel gradient contracts over all pixels, and XLA transposes its left operand for the matmul:
