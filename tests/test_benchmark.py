@@ -132,6 +132,17 @@ def test_layers_explicit_against_reference():
   assert result["step_ms_median"] == row["explicit_fwd_bwd_ms"]
 
 
+def test_flops_of_a_program_with_loops_come_from_its_unchunked_twin():
+  xla_flops = load_benchmark_module().xla_flops
+  x = jnp.ones((4, 64, 64))
+  looped = jax.jit(lambda x: jax.lax.map(lambda a: a @ a, x)).lower(x).compile()
+  plain = jax.jit(lambda x: jnp.einsum("bij,bjk->bik", x, x)).lower(x).compile()
+  assert xla_flops(plain) >= 4 * 2 * 64 ** 3
+  assert xla_flops(looped) < xla_flops(plain)  # XLA counts the loop's body once.
+  assert xla_flops(looped, unchunked=lambda: plain) == xla_flops(plain)
+  assert xla_flops(plain, unchunked=lambda: looped) == xla_flops(plain)  # No loop: its own count.
+
+
 def test_op_times_counts_an_accelerators_kernels_once():
   op_times = load_benchmark_module().op_times
   source = {"fusion.1": ("f32[2]", "jit(f)/add"), "convolution.2": ("f32[4]", "jit(f)/conv"),

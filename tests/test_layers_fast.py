@@ -299,5 +299,9 @@ def test_conv_transpose_in_batch_chunks_equals_reference(monkeypatch):
   assert layers._batch_chunks((up[:5], skip[:5]), kernel) == 5  # 3 wanted, no divisor of 5 but 5: one a chunk.
   monkeypatch.setattr(layers, "_CHUNK_PRODUCT_BYTES", 4 * 4 * 16 * 9 * 4)  # 4 images: not a divisor of 6.
   assert layers._batch_chunks((up, skip), kernel) == 2
+  with layers.unchunked():  # For XLA's cost analysis (it counts a loop's body once): the same, no loop.
+    assert layers._batch_chunks((up, skip), kernel) == 1
+    assert "scan" not in str(jax.make_jaxpr(lambda x: fast.apply(variables, x))((up, skip)))
+  assert layers._batch_chunks((up, skip), kernel) == 2
   bf16 = tuple(x.astype(jnp.bfloat16) for x in (up, skip))
   assert layers._batch_chunks(bf16, kernel.astype(jnp.bfloat16)) == 1  # Measured slower in bfloat16 training.

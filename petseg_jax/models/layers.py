@@ -32,6 +32,7 @@ BENCHMARKS.md. ``impl="explicit"`` uses the formulations above on every backend 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Any, Callable, Iterator, Sequence
 
@@ -360,11 +361,29 @@ _CHUNKED_PRODUCT_MIN_BYTES = 64 * 2**20
 _CHUNK_PRODUCT_BYTES = 16 * 2**20
 
 
+_chunking = [True]  # Switched off by ``unchunked``.
+
+
+@contextlib.contextmanager
+def unchunked() -> Iterator[None]:
+  """Within: ``conv_transpose_3x3s2`` traces without batch chunks (the same function, no loops).
+
+  For XLA's cost analysis, which counts a loop's body once: ``scripts/benchmark.py`` counts a program's
+  FLOPs on its unchunked twin. Trace a new function object inside (a jitted function traced before keeps
+  its chunks).
+  """
+  _chunking.append(False)
+  try:
+    yield
+  finally:
+    _chunking.pop()
+
+
 def _batch_chunks(parts: tuple[Array, ...], kernel: Array) -> int:
-  """Into how many batch chunks ``conv_transpose_3x3s2`` splits its forward pass (1: not split)."""
+  """Into how many batch chunks ``conv_transpose_3x3s2`` splits its passes (1: not split)."""
   n, h, w, _ = parts[0].shape
   product_bytes = 4 * n * h * w * 9 * kernel.shape[-1]  # float32 whatever the inputs' dtype
-  if (jax.default_backend() != "cpu" or parts[0].dtype != jnp.float32
+  if (not _chunking[-1] or jax.default_backend() != "cpu" or parts[0].dtype != jnp.float32
       or product_bytes <= _CHUNKED_PRODUCT_MIN_BYTES):
     return 1
   wanted = -(-product_bytes // _CHUNK_PRODUCT_BYTES)
