@@ -193,14 +193,14 @@ def summarize(times: tuple[list[float], list[float]], batch_size: int) -> dict[s
           "images_per_sec": batch_size / median, "cpu_ms_median": 1e3 * statistics.median(cpus)}
 
 
-def xla_flops(compiled: Any, unchunked: Callable[[], Any] | None = None) -> float | None:
+def xla_flops(compiled: Any, hlo_text: str = "", unchunked: Callable[[], Any] | None = None) -> float | None:
   """FLOPs of a compiled computation according to XLA's cost analysis (None if it gives none).
 
-  The analysis counts a loop's body once: where the program has loops (the batch chunks of
+  The analysis counts a loop's body once: where the program's ``hlo_text`` has loops (the batch chunks of
   ``layers.conv_transpose_3x3s2``), ``unchunked()`` compiles the same computation without them
   (inside ``layers.unchunked``) for the count.
   """
-  if unchunked is not None and re.search(r"\bwhile\(", compiled.as_text()):
+  if unchunked is not None and re.search(r"\bwhile\(", hlo_text):
     with layers.unchunked():
       compiled = unchunked()
   try:
@@ -372,7 +372,8 @@ def bench_train(config: ml_collections.ConfigDict, args: argparse.Namespace) -> 
     p_step = train.pmapped_train_step(variant_config, frozen_encoder=frozen)  # The training loop's step.
     jax.block_until_ready(state)
     initialized = time.perf_counter()
-    # Compiled ahead of time once: the same executable gives the cost analysis and runs the steps.
+    # Compiled ahead of time once: the same executable runs the steps and gives the cost analysis (unless it
+    # has loops: see xla_flops).
     compiled = p_step.lower(state, batch, dropout_rngs).compile()
     compiled_at = time.perf_counter()
     holder = {"state": state}
@@ -388,10 +389,10 @@ def bench_train(config: ml_collections.ConfigDict, args: argparse.Namespace) -> 
     # Where the first step's time goes: variables made and placed; tracing, lowering and compiling; one run.
     stats["first_step_parts_s"] = {"init": initialized - start, "compile": compiled_at - initialized,
                                    "run": start + first_step_s - compiled_at}
-    flops = xla_flops(compiled, lambda: train.pmapped_train_step(variant_config, frozen_encoder=frozen).lower(
-        holder["state"], batch, dropout_rngs).compile())
-    stats["flops_per_image"] = flops / (batch_size // num_devices) if flops else None
     hlo_text = record_program(stats, compiled, f"train_{name}", args)
+    flops = xla_flops(compiled, hlo_text, lambda: train.pmapped_train_step(
+        variant_config, frozen_encoder=frozen).lower(holder["state"], batch, dropout_rngs).compile())
+    stats["flops_per_image"] = flops / (batch_size // num_devices) if flops else None
     if args.profile:
       log(f"top {args.profile} XLA ops of one {name}-encoder step:")
       stats["profile"] = profile_ops(step, hlo_text, args.profile, trace_subdir(args, f"train_{name}"))
@@ -432,11 +433,11 @@ def bench_infer(config: ml_collections.ConfigDict, args: argparse.Namespace) -> 
   step = lambda: jax.block_until_ready(apply(variables, images))
   step()
   first_step_s = time.perf_counter() - start
-  flops = xla_flops(apply, lambda: jax.jit(functools.partial(model.apply, train=False)).lower(
-      variables, images).compile())
   stats = summarize(time_steps(step, args.warmup, args.steps), batch_size)
-  stats.update(compile_s=first_step_s, flops_per_image=flops / batch_size if flops else None)
   hlo_text = record_program(stats, apply, "infer", args)
+  flops = xla_flops(apply, hlo_text, lambda: jax.jit(functools.partial(model.apply, train=False)).lower(
+      variables, images).compile())
+  stats.update(compile_s=first_step_s, flops_per_image=flops / batch_size if flops else None)
   if args.profile:
     log(f"top {args.profile} XLA ops of one inference call:")
     stats["profile"] = profile_ops(step, hlo_text, args.profile, trace_subdir(args, "infer"))

@@ -344,10 +344,8 @@ def conv_transpose_3x3s2(parts: tuple[Array, ...], kernel: Array) -> Array:
   chunks = _batch_chunks(parts, kernel)
   if chunks == 1:
     return _col2im_3x3s2(_taps_matmul(parts, kernel))
-  n = parts[0].shape[0]
-  split = tuple(part.reshape((chunks, n // chunks) + part.shape[1:]) for part in parts)
-  out = jax.lax.map(lambda chunk: _col2im_3x3s2(_taps_matmul(chunk, kernel)), split)
-  return out.reshape((n,) + out.shape[2:])
+  split = tuple(_split_batch(part, chunks) for part in parts)
+  return _merge_batch(jax.lax.map(lambda chunk: _col2im_3x3s2(_taps_matmul(chunk, kernel)), split))
 
 
 # On CPU, a per-tap product larger than any cache (up_2 and up_3 at batch 64: 72 and 144 MiB of float32) is
@@ -390,6 +388,16 @@ def _batch_chunks(parts: tuple[Array, ...], kernel: Array) -> int:
   return next(d for d in range(min(wanted, n), n + 1) if n % d == 0)  # Equal chunks: a divisor of n.
 
 
+def _split_batch(x: Array, chunks: int) -> Array:
+  """(N, ...) -> (chunks, N // chunks, ...): the leading axis for ``lax.map``/``lax.scan``."""
+  return x.reshape((chunks, x.shape[0] // chunks) + x.shape[1:])
+
+
+def _merge_batch(x: Array) -> Array:
+  """The inverse of ``_split_batch``."""
+  return x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
+
+
 def _taps_matmul(parts: tuple[Array, ...], kernel: Array) -> Array:
   """(N, H, W, in) @ (in, 3, 3, out) → (N, H, W, 3, 3, out) in float32, for the input given as channel blocks.
 
@@ -423,7 +431,7 @@ def _conv_transpose_3x3s2_fwd(parts: tuple[Array, ...], kernel: Array
 def _conv_transpose_3x3s2_bwd(residuals: tuple[tuple[Array, ...], Array], g: Array
                               ) -> tuple[tuple[Array, ...], Array]:
   parts, kernel = residuals
-  n, h, w, _ = parts[0].shape
+  _, h, w, _ = parts[0].shape
   blocks = _kernel_blocks(parts, kernel)
 
   def input_gradients(dy: Array) -> tuple[Array, ...]:
@@ -435,7 +443,7 @@ def _conv_transpose_3x3s2_bwd(residuals: tuple[tuple[Array, ...], Array], g: Arr
     # transposing loop. Measured (BENCHMARKS.md): float32 frozen-encoder steps 2-14% faster, fine-tuning
     # steps 2-6% faster with huge pages (2-5% slower without); bfloat16 steps no faster: per block there.
     def gradients(parts: tuple[Array, ...], g: Array) -> tuple[tuple[Array, ...], Array]:
-      dy = _im2col_3x3s2(g, g.shape[1] // 2, g.shape[2] // 2)  # (N, H, W, 3, 3, out)
+      dy = _im2col_3x3s2(g, h, w)  # (N, H, W, 3, 3, out)
       return input_gradients(dy), _dot(_channel_concat(parts), dy, ((0, 1, 2), (0, 1, 2)), jnp.float32)
 
     chunks = _batch_chunks(parts, kernel)
@@ -446,10 +454,10 @@ def _conv_transpose_3x3s2_bwd(residuals: tuple[tuple[Array, ...], Array], g: Arr
         dparts, chunk_dkernel = gradients(*chunk_parts_and_g)
         return dkernel + chunk_dkernel, dparts
 
-      split = lambda x: x.reshape((chunks, n // chunks) + x.shape[1:])
       dkernel = jnp.zeros((kernel.shape[2], 3, 3, kernel.shape[3]), jnp.float32)
-      dkernel, dparts = jax.lax.scan(chunk, dkernel, (tuple(map(split, parts)), split(g.astype(jnp.float32))))
-      dparts = tuple(d.reshape((n,) + d.shape[2:]) for d in dparts)
+      split = (tuple(_split_batch(part, chunks) for part in parts), _split_batch(g.astype(jnp.float32), chunks))
+      dkernel, dparts = jax.lax.scan(chunk, dkernel, split)
+      dparts = tuple(map(_merge_batch, dparts))
     return dparts, dkernel.astype(kernel.dtype).transpose(1, 2, 0, 3)
   dy = _as_bits(lambda g: _im2col_3x3s2(g, h, w), g.astype(parts[0].dtype))  # (N, H, W, 3, 3, out)
   dparts = input_gradients(dy)
