@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 
 import flax.linen as nn
@@ -302,6 +303,8 @@ def test_conv_transpose_in_batch_chunks_equals_reference(monkeypatch):
   with layers.unchunked():  # For XLA's cost analysis (it counts a loop's body once): the same, no loop.
     assert layers._batch_chunks((up, skip), kernel) == 1
     assert "scan" not in str(jax.make_jaxpr(lambda x: fast.apply(variables, x))((up, skip)))
+    with concurrent.futures.ThreadPoolExecutor(1) as other_thread:  # Tracing elsewhere keeps its chunks.
+      assert other_thread.submit(layers._batch_chunks, (up, skip), kernel).result() == 2
   assert layers._batch_chunks((up, skip), kernel) == 2
   bf16 = tuple(x.astype(jnp.bfloat16) for x in (up, skip))
   assert layers._batch_chunks(bf16, kernel.astype(jnp.bfloat16)) == 1  # Measured slower in bfloat16 training.

@@ -33,6 +33,7 @@ BENCHMARKS.md. ``impl="explicit"`` uses the formulations above on every backend 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 from typing import Any, Callable, Iterator, Sequence
 
@@ -359,7 +360,8 @@ _CHUNKED_PRODUCT_MIN_BYTES = 64 * 2**20
 _CHUNK_PRODUCT_BYTES = 16 * 2**20
 
 
-_chunking = [True]  # Switched off by ``unchunked``.
+# Switched off by ``unchunked``; a context variable, so one thread's ``unchunked`` leaves another's tracing alone.
+_chunking = contextvars.ContextVar("petseg_jax_batch_chunking", default=True)
 
 
 @contextlib.contextmanager
@@ -370,18 +372,18 @@ def unchunked() -> Iterator[None]:
   FLOPs on its unchunked twin. Trace a new function object inside (a jitted function traced before keeps
   its chunks).
   """
-  _chunking.append(False)
+  token = _chunking.set(False)
   try:
     yield
   finally:
-    _chunking.pop()
+    _chunking.reset(token)
 
 
 def _batch_chunks(parts: tuple[Array, ...], kernel: Array) -> int:
   """Into how many batch chunks ``conv_transpose_3x3s2`` splits its passes (1: not split)."""
   n, h, w, _ = parts[0].shape
   product_bytes = 4 * n * h * w * 9 * kernel.shape[-1]  # float32 whatever the inputs' dtype
-  if (not _chunking[-1] or jax.default_backend() != "cpu" or parts[0].dtype != jnp.float32
+  if (not _chunking.get() or jax.default_backend() != "cpu" or parts[0].dtype != jnp.float32
       or product_bytes <= _CHUNKED_PRODUCT_MIN_BYTES):
     return 1
   wanted = -(-product_bytes // _CHUNK_PRODUCT_BYTES)
