@@ -152,14 +152,31 @@ def load_average() -> float | None:
     return None
 
 
-def cpu_name() -> str:
+def _cpuinfo_field(name: str) -> str | None:
+  """The first ``name`` line's value in /proc/cpuinfo (Linux), else None."""
   try:
     for line in Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith("model name"):
+      if line.split(":", 1)[0].strip() == name:
         return line.split(":", 1)[1].strip()
   except OSError:
     pass
-  return platform.processor() or platform.machine()
+  return None
+
+
+def cpu_name() -> str:
+  return _cpuinfo_field("model name") or platform.processor() or platform.machine()
+
+
+# The instruction sets that set this model's speed on a CPU: AVX-512 for float32 matmuls, AVX512-BF16 and AMX
+# for bfloat16 ones. The CI hosts differ (BENCHMARKS.md: bfloat16 matmuls ran at about 4x the float32 rate
+# on one with AMX, 2x on one with AVX512-BF16 only), so each result says which it had.
+MATMUL_CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16")
+
+
+def cpu_flags() -> list[str] | None:
+  """Which of ``MATMUL_CPU_FLAGS`` the CPU reports (/proc/cpuinfo), or None where that is unknown."""
+  flags = _cpuinfo_field("flags")
+  return None if flags is None else [f for f in MATMUL_CPU_FLAGS if f in flags.split()]
 
 
 def device_description() -> str:
@@ -714,7 +731,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     jax.config.update("jax_compilation_cache_dir", args.compilation_cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   load_start = load_average()
-  log(f"device: {device_description()}; jax {jax.__version__}; load average {load_start}")
+  log(f"device: {device_description()}; CPU flags {' '.join(cpu_flags() or ['unknown'])}; jax {jax.__version__}; "
+      f"load average {load_start}")
   log(f"config: {args.config}; batch {config.train.batch_size}, {config.data.image_size}x"
       f"{config.data.image_size}, alpha {config.model.alpha}, dtype {config.model.dtype}, conv impl "
       f"{config.model.conv_impl}")
@@ -746,7 +764,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   result.update(mode=args.mode, device=device_description(), batch_size=config.train.batch_size,
                 image_size=config.data.image_size, alpha=config.model.alpha, dtype=config.model.dtype,
                 conv_impl=config.model.conv_impl, jax_version=jax.__version__,
-                malloc_tunables=os.environ.get("GLIBC_TUNABLES", ""),
+                cpu_flags=cpu_flags(), malloc_tunables=os.environ.get("GLIBC_TUNABLES", ""),
                 transparent_huge_pages=host.transparent_huge_pages_mode(),
                 compilation_cache=args.compilation_cache or None, load_average_start=load_start,
                 load_average_end=load_average())

@@ -95,6 +95,17 @@ def test_train(tmp_path):
   # The script restarted itself with the tunables this host benefits from (petseg_jax/host.py), and says so.
   assert result["transparent_huge_pages"] == host.transparent_huge_pages_mode()
   assert result["malloc_tunables"] == ":".join(host.default_tunables())
+  assert result["cpu_flags"] == load_benchmark_module().cpu_flags()  # Which host it was (BENCHMARKS.md).
+
+
+def test_cpu_flags_are_the_matmul_relevant_ones_the_cpu_reports(monkeypatch):
+  benchmark = load_benchmark_module()
+  reported = {"flags": "fpu sse avx2 avx512f avx512_bf16 amx_tile amx_bf16 sha_ni", "model name": "Some CPU"}
+  monkeypatch.setattr(benchmark, "_cpuinfo_field", reported.get)
+  assert benchmark.cpu_flags() == ["avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16"]
+  assert benchmark.cpu_name() == "Some CPU"
+  monkeypatch.setattr(benchmark, "_cpuinfo_field", lambda name: None)  # No /proc/cpuinfo (macOS).
+  assert benchmark.cpu_flags() is None and benchmark.cpu_name()
 
 
 def test_infer_against_keras_json_only_with_profile(tmp_path):
