@@ -79,6 +79,31 @@ def test_conv3x3_equals_reference_and_flax_conv(stride, padding, shape):
   _assert_same_function(fast, flax_conv, variables, x)
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+def test_depthwise_bfloat16_gradients_are_rounded_once(stride):
+  """In bfloat16 the input gradient is the float32 one rounded once (not after each tap's padded add)."""
+  x = _random((4, 16, 16, 32), 21).astype(jnp.bfloat16)
+  g = _random((4, 16 // stride, 16 // stride, 32), 22).astype(jnp.bfloat16)
+  module = DepthwiseConv3x3(strides=stride, dtype=jnp.bfloat16)
+  variables = module.init(jax.random.key(8), x)
+  kernel_bf16 = jax.tree.map(lambda k: k.astype(jnp.bfloat16).astype(jnp.float32), variables)  # What it sees.
+
+  def vjp(module, variables, x, g):
+    _, pullback = jax.vjp(lambda v, x: module.apply(v, x), variables, x)
+    return pullback(g)
+
+  dvariables, dx = vjp(module, variables, x, g)
+  ref_dvariables, ref_dx = vjp(module.clone(dtype=jnp.float32), kernel_bf16, x.astype(jnp.float32),
+                               g.astype(jnp.float32))
+  assert dx.dtype == jnp.bfloat16
+  ulp = jnp.abs(ref_dx) * 2.0**-7  # One bfloat16 step (8 significant bits) at that value, at most.
+  assert bool(jnp.all(jnp.abs(dx.astype(jnp.float32) - ref_dx) <= ulp))
+  # The float32 sums rounded once: equal but for the rare tie that another float32 summation order flips.
+  assert float(jnp.mean(dx == ref_dx.astype(jnp.bfloat16))) > 0.99
+  dkernel, ref_dkernel = dvariables["params"]["kernel"], ref_dvariables["params"]["kernel"]
+  assert relative_error(dkernel, ref_dkernel) < 2.0**-8
+
+
 def test_depthwise_explicit_padding_equals_padding_the_input():
   """Explicit ((top, bottom), (left, right)) pads are those of padding the input, then convolving "valid"."""
   x = _random((2, 8, 6, 4), 13)
