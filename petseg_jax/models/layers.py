@@ -264,7 +264,7 @@ def _rounded_once_depthwise(x: Array, kernel: Array, pads: tuple[tuple[int, int]
   Autodiff of the forward pass takes the input gradient in x's dtype: in bfloat16, the nine taps' padded
   gradients are added and rounded one after another (on XLA:CPU a float32 pass plus a rounding step each,
   over the whole padded input). The backward pass here runs that transpose in float32 and rounds once:
-  bfloat16 fine-tuning steps 32% faster (median of six alternating pairs; BENCHMARKS.md).
+  bfloat16 fine-tuning steps 29-35% faster (medians of three interleaved runs; BENCHMARKS.md).
   """
   return _depthwise_sums(x, kernel, pads, stride).astype(x.dtype)
 
