@@ -229,10 +229,10 @@ class DepthwiseConv3x3(nn.Module):
       return jax.lax.conv_general_dilated(
           x, kernel, window_strides=(s, s), padding=pads, dimension_numbers=_NHWC,
           feature_group_count=channels)
-    return depthwise_conv3x3(x, kernel, tuple(map(tuple, pads)), s)
+    return depthwise_conv3x3(x, kernel, pads, s)
 
 
-def depthwise_conv3x3(x: Array, kernel: Array, pads: tuple[tuple[int, int], ...], stride: int) -> Array:
+def depthwise_conv3x3(x: Array, kernel: Array, pads: Sequence[tuple[int, int]], stride: int) -> Array:
   """3x3 depthwise convolution of ``x`` (N, H, W, C) with ``kernel`` (3, 3, 1, C) as nine shifted multiply-adds.
 
   ``pads``: ((top, bottom), (left, right)) zeros around ``x``. The sums accumulate in float32 and are rounded
@@ -240,6 +240,7 @@ def depthwise_conv3x3(x: Array, kernel: Array, pads: tuple[tuple[int, int], ...]
   CPU, where each bfloat16 operation is a float32 one plus a rounding step. So is the input gradient
   (``_rounded_once_depthwise``).
   """
+  pads = tuple((int(before), int(after)) for before, after in pads)  # Hashable: the backward pass's static.
   if jnp.promote_types(x.dtype, jnp.float32) == x.dtype:
     # float32: autodiff's transpose already runs in float32. (The custom backward pass below, used here
     # too, made float32 fine-tuning steps 2% slower in five of six alternating pairs.)
