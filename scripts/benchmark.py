@@ -387,12 +387,17 @@ def bench_train(config: ml_collections.ConfigDict, args: argparse.Namespace) -> 
     state = train.create_train_state(init_rng, variant_config, model, learning_rate_fn, steps_per_epoch=100)
     state = train.replicate(state)
     dropout_rngs = train.replicate(dropout_rng)
-    p_step = train.pmapped_train_step(variant_config, frozen_encoder=frozen)  # The training loop's step.
+
+    def compile_step(state: Any) -> Any:
+      # The training loop's step, a new function object each call (so that layers.unchunked traces afresh).
+      return train.pmapped_train_step(variant_config, frozen_encoder=frozen).lower(
+          state, batch, dropout_rngs).compile()
+
     jax.block_until_ready(state)
     initialized = time.perf_counter()
     # Compiled ahead of time once: the same executable runs the steps and gives the cost analysis (unless it
     # has loops: see xla_flops).
-    compiled = p_step.lower(state, batch, dropout_rngs).compile()
+    compiled = compile_step(state)
     compiled_at = time.perf_counter()
     holder = {"state": state}
 
@@ -408,8 +413,7 @@ def bench_train(config: ml_collections.ConfigDict, args: argparse.Namespace) -> 
     stats["first_step_parts_s"] = {"init": initialized - start, "compile": compiled_at - initialized,
                                    "run": start + first_step_s - compiled_at}
     hlo_text = record_program(stats, compiled, f"train_{name}", args)
-    flops = xla_flops(compiled, hlo_text, lambda: train.pmapped_train_step(
-        variant_config, frozen_encoder=frozen).lower(holder["state"], batch, dropout_rngs).compile())
+    flops = xla_flops(compiled, hlo_text, lambda: compile_step(holder["state"]))
     stats["flops_per_image"] = flops / (batch_size // num_devices) if flops else None
     if args.profile:
       log(f"top {args.profile} XLA ops of one {name}-encoder step:")
@@ -447,14 +451,15 @@ def bench_infer(config: ml_collections.ConfigDict, args: argparse.Namespace) -> 
   model = models.create_model(config.model)
   images = jnp.asarray(synthetic_batch(batch_size, size, config.model.num_classes)["image"])
   variables = random_variables(model, size)
-  apply = jax.jit(functools.partial(model.apply, train=False)).lower(variables, images).compile()
+  # A new function object each call (so that layers.unchunked traces afresh).
+  compile_apply = lambda: jax.jit(functools.partial(model.apply, train=False)).lower(variables, images).compile()
+  apply = compile_apply()
   step = lambda: jax.block_until_ready(apply(variables, images))
   step()
   first_step_s = time.perf_counter() - start
   stats = summarize(time_steps(step, args.warmup, args.steps), batch_size)
   hlo_text = record_program(stats, apply, "infer", args)
-  flops = xla_flops(apply, hlo_text, lambda: jax.jit(functools.partial(model.apply, train=False)).lower(
-      variables, images).compile())
+  flops = xla_flops(apply, hlo_text, compile_apply)
   stats.update(compile_s=first_step_s, flops_per_image=flops / batch_size if flops else None)
   if args.profile:
     log(f"top {args.profile} XLA ops of one inference call:")
@@ -732,7 +737,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     jax.config.update("jax_compilation_cache_dir", args.compilation_cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   load_start = load_average()
-  log(f"device: {device_description()}; CPU flags {' '.join(cpu_flags() or ['unknown'])}; jax {jax.__version__}; "
+  flags = cpu_flags()
+  log(f"device: {device_description()}; CPU flags {' '.join(flags or ['unknown'])}; jax {jax.__version__}; "
       f"load average {load_start}")
   log(f"config: {args.config}; batch {config.train.batch_size}, {config.data.image_size}x"
       f"{config.data.image_size}, alpha {config.model.alpha}, dtype {config.model.dtype}, conv impl "
@@ -765,7 +771,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   result.update(mode=args.mode, device=device_description(), batch_size=config.train.batch_size,
                 image_size=config.data.image_size, alpha=config.model.alpha, dtype=config.model.dtype,
                 conv_impl=config.model.conv_impl, jax_version=jax.__version__,
-                cpu_flags=cpu_flags(), malloc_tunables=os.environ.get("GLIBC_TUNABLES", ""),
+                cpu_flags=flags, malloc_tunables=os.environ.get("GLIBC_TUNABLES", ""),
                 transparent_huge_pages=host.transparent_huge_pages_mode(),
                 compilation_cache=args.compilation_cache or None, load_average_start=load_start,
                 load_average_end=load_average())
