@@ -4,7 +4,7 @@ The library side of ``scripts/evaluate.py`` and ``scripts/predict.py``. Evaluati
 own ``train.eval_step``/``train.evaluate`` on ``input_pipeline.EvalInput`` (every image exactly once), so
 its numbers are those the run logged for the same checkpoint and data. Prediction preprocesses images with
 ``input_pipeline.preprocess_images`` (the evaluation preprocessing) and predicts batches padded to one
-fixed shape, whatever the images' sizes (``train.predict``).
+fixed shape, whatever the images' sizes (``train.Predictor``).
 """
 
 from __future__ import annotations
@@ -396,6 +396,7 @@ def predict_files(config: ml_collections.ConfigDict, model: models.UNet, variabl
     if on_failure:
       on_failure(str(path), reason)
 
+  predictor = train.Predictor(model, variables)
   for start in range(0, len(files), batch_size):
     chunk = []
     for path in files[start:start + batch_size]:
@@ -408,7 +409,7 @@ def predict_files(config: ml_collections.ConfigDict, model: models.UNet, variabl
     images = input_pipeline.preprocess_images([image for _, image in chunk], config.data)
     padded = np.zeros((batch_size,) + images.shape[1:], images.dtype)
     padded[:len(images)] = images
-    masks = train.predict(model, variables, padded)
+    masks = predictor(padded)
     for (path, image), mask in zip(chunk, masks):
       try:
         written = _write_outputs(path, names[path], image, mask, output_dir, report)

@@ -5,12 +5,14 @@
 
 By default it runs the tutorial model (configs/default.py: MobileNetV2 alpha 1.0, 128x128, frozen encoder,
 batch 64) with random weights on one fixed synthetic host batch, fed to every step as the training loop feeds
-its batches (the input pipeline is timed on its own by ``--mode input``). Every rate is the median over ``--steps`` timed steps after ``--warmup`` untimed ones.
+its batches (``train.device_batches``: put on the device two steps ahead; the input pipeline is timed on its
+own by ``--mode input``). Every rate is the median over ``--steps`` timed steps after ``--warmup`` untimed ones.
 
 * ``train``: the project's real ``train.train_step`` (``train.pmapped_train_step``, as the loop uses it) with the
   encoder frozen and, unless ``--skip-finetune``, fine-tuning the whole network; time to the first
   finished step (initialization and compilation included); FLOPs per image from XLA's cost analysis.
-* ``infer``: the jitted ``model.apply(train=False)``.
+* ``infer``: the jitted ``model.apply(train=False)`` as ``train.Predictor`` runs it (variables packed into
+  one buffer; ``--tree-variables``: as their tree of ~270 arrays).
 * ``input``: ``input_pipeline.TrainInput`` on real JPEGs (``--data-dir``, default the shared Oxford-IIIT
   Pet sample beside the repo, else the bundled one): the first epoch (decode + resize + cache) and later,
   cached epochs. The folder is prepared into a temporary tfds data dir, so the first epoch is a cold one.
@@ -371,8 +373,10 @@ def bench_train(config: ml_collections.ConfigDict, args: argparse.Namespace) -> 
   if batch_size % num_devices:
     raise SystemExit(f"--batch-size {batch_size} must be divisible by the {num_devices} local devices.")
   host_batch = synthetic_batch(batch_size, size, config.model.num_classes)
-  # A host batch sharded over local devices, fed to every step as the training loop feeds its batches.
-  batch = {k: v.reshape((num_devices, batch_size // num_devices) + v.shape[1:]) for k, v in host_batch.items()}
+  # A host batch split over the local devices, put on them for every step as the training loop puts its
+  # batches (the transfer is real: a new device copy per step).
+  host_batch = {k: v.reshape((num_devices, batch_size // num_devices) + v.shape[1:])
+                for k, v in host_batch.items()}
   results: dict[str, Any] = {}
   variants = [("frozen", True)] if config.model.freeze_encoder else []
   if not args.skip_finetune or not variants:
@@ -387,6 +391,8 @@ def bench_train(config: ml_collections.ConfigDict, args: argparse.Namespace) -> 
     state = train.create_train_state(init_rng, variant_config, model, learning_rate_fn, steps_per_epoch=100)
     state = train.replicate(state)
     dropout_rngs = train.replicate(dropout_rng)
+    batches = train.device_batches(itertools.repeat(host_batch))
+    batch = next(batches)
 
     def compile_step(state: Any) -> Any:
       # The training loop's step, a new function object each call (so that layers.unchunked traces afresh).
@@ -402,7 +408,7 @@ def bench_train(config: ml_collections.ConfigDict, args: argparse.Namespace) -> 
     holder = {"state": state}
 
     def step():
-      holder["state"], metrics = compiled(holder["state"], batch, dropout_rngs)
+      holder["state"], metrics = compiled(holder["state"], next(batches), dropout_rngs)
       jax.block_until_ready(metrics)
 
     step()
@@ -439,20 +445,28 @@ def bench_train(config: ml_collections.ConfigDict, args: argparse.Namespace) -> 
 
 
 def bench_infer(config: ml_collections.ConfigDict, args: argparse.Namespace) -> dict[str, Any]:
-  """Jitted ``model.apply(train=False)`` on one device, on variables as a checkpoint would give them.
+  """``model.apply(train=False)`` on one device as ``train.Predictor`` runs it (the variables packed into one
+  buffer), on variables as a checkpoint would give them.
 
-  The time to the first call counts tracing, compilation and the call, not ``model.init`` (prediction
-  restores variables instead of initializing them).
+  The time to the first call counts packing, tracing, compilation and the call, not ``model.init``
+  (prediction restores variables instead of initializing them).
   """
   from petseg_jax import models
+  from petseg_jax import train
 
   batch_size, size = config.train.batch_size, config.data.image_size
   start = time.perf_counter()
   model = models.create_model(config.model)
   images = jnp.asarray(synthetic_batch(batch_size, size, config.model.num_classes)["image"])
-  variables = random_variables(model, size)
+  if args.tree_variables:  # The variables as ~270 arguments, to time what packing saves.
+    variables = random_variables(model, size)
+    function = lambda: functools.partial(model.apply, train=False)
+  else:
+    predictor = train.Predictor(model, random_variables(model, size))
+    variables = predictor.packed_variables
+    function = lambda: functools.partial(train.packed_logits, model, predictor.layout)
   # A new function object each call (so that layers.unchunked traces afresh).
-  compile_apply = lambda: jax.jit(functools.partial(model.apply, train=False)).lower(variables, images).compile()
+  compile_apply = lambda: jax.jit(function()).lower(variables, images).compile()
   apply = compile_apply()
   step = lambda: jax.block_until_ready(apply(variables, images))
   step()
@@ -460,7 +474,8 @@ def bench_infer(config: ml_collections.ConfigDict, args: argparse.Namespace) -> 
   stats = summarize(time_steps(step, args.warmup, args.steps), batch_size)
   hlo_text = record_program(stats, apply, "infer", args)
   flops = xla_flops(apply, hlo_text, compile_apply)
-  stats.update(compile_s=first_step_s, flops_per_image=flops / batch_size if flops else None)
+  stats.update(compile_s=first_step_s, flops_per_image=flops / batch_size if flops else None,
+               variables="tree" if args.tree_variables else "packed")
   if args.profile:
     log(f"top {args.profile} XLA ops of one inference call:")
     stats["profile"] = profile_ops(step, hlo_text, args.profile, trace_subdir(args, "infer"))
@@ -677,6 +692,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       help="convolution formulation (petseg_jax.models.layers); default: the model's; "
                       "layers: the one timed against reference (default fast)")
   parser.add_argument("--skip-finetune", action="store_true", help="train: time the frozen encoder only")
+  parser.add_argument("--tree-variables", action="store_true",
+                      help="infer: pass the variables as their tree (~270 arguments), not packed as "
+                           "train.Predictor does")
   parser.add_argument("--data-dir", default="", help="input: official-layout folder (default: shared "
                       "sample beside the repo, else the bundled one)")
   parser.add_argument("--profile", type=int, default=0, metavar="N",

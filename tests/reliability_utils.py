@@ -18,6 +18,7 @@ cleanup, what a preemption or the OOM killer does) or "pause" (write ``ready``, 
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 from pathlib import Path
@@ -86,18 +87,28 @@ def install(spec: dict[str, Any]) -> None:
 
   from petseg_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   from petseg_jax import metrics_log  # pylint: disable=g-import-not-at-top
+  from petseg_jax import train  # pylint: disable=g-import-not-at-top
 
   fault = _Fault(spec)
 
-  epoch_fn = input_pipeline.TrainInput.epoch
+  # The loop takes its batches from train.device_batches, which reads the input PREFETCH_BATCHES steps
+  # ahead: the steps of the batches read but not yet taken wait here, in order.
+  steps_read: collections.deque[int] = collections.deque()
+  epoch_fn, device_batches_fn = input_pipeline.TrainInput.epoch, train.device_batches
 
   def epoch(self, epoch, start_step=0):
     for i, batch in enumerate(epoch_fn(self, epoch, start_step)):
-      if fault.matches("batch", epoch * self.steps_per_epoch + start_step + i + 1):
+      steps_read.append(epoch * self.steps_per_epoch + start_step + i + 1)
+      yield batch
+
+  def device_batches(batches, *args, **kwargs):
+    for batch in device_batches_fn(batches, *args, **kwargs):
+      if steps_read and fault.matches("batch", steps_read.popleft()):  # Not evaluation's batches.
         fault.fire()
       yield batch
 
   input_pipeline.TrainInput.epoch = epoch
+  train.device_batches = device_batches
 
   rename_path = atomicity.AtomicRenameTemporaryPath
   create_fn, finalize_fn = rename_path.create, rename_path.finalize

@@ -107,16 +107,45 @@ def test_frozen_step_does_not_differentiate_the_encoder(initial_state):
 
 def test_a_replicated_state_and_a_stepped_state_share_one_compiled_step(initial_state, caplog):
   """pmap compiles per input sharding: ``train.replicate`` must shard like the steps' outputs, or every run
-  compiles its first training step twice (it did, with flax's default replication axis name)."""
+  compiles its first training step twice (it did, with flax's default replication axis name). The batches
+  come as the loop feeds them, from ``train.device_batches``."""
   config = tiny_config()
   step = train.pmapped_train_step(config, True)
   state, rng = train.replicate(initial_state), train.replicate(jax.random.PRNGKey(0))
-  batch = _random_batch(config)
+  host_batches = [_random_batch(config, seed=i) for i in range(3)]
   with jax.log_compiles(), caplog.at_level(logging.WARNING):
-    for _ in range(3):
+    for batch in train.device_batches(host_batches):
+      assert batch["image"].sharding == state.step.sharding  # Sharded over AXIS like the state.
       state, _ = step(state, batch, rng)
   compiled = [r.getMessage()[:80] for r in caplog.records if r.getMessage().startswith("Compiling ")]
   assert len(compiled) == 1, compiled
+
+
+def test_device_batches_yields_every_batch_in_order_put_ahead():
+  host_batches = [{"x": np.full((1, 2), i, np.float32)} for i in range(5)]
+  put = []
+  source = (put.append(i) or batch for i, batch in enumerate(host_batches))
+  for i, batch in enumerate(train.device_batches(source, ahead=2)):
+    assert isinstance(batch["x"], jax.Array)
+    np.testing.assert_array_equal(np.asarray(batch["x"]), host_batches[i]["x"])
+    assert len(put) == min(i + 3, 5)  # Taken from the host iterator two batches ahead of its step.
+  assert i == 4
+
+
+def test_predictor_is_model_apply_and_compiles_once_per_layout(initial_state):
+  """Packed variables change nothing computed; Predictors of other values reuse the compiled program."""
+  config = tiny_config()
+  model = train.create_model(config)
+  variables = {"params": initial_state.params, "batch_stats": initial_state.batch_stats}
+  images = _random_batch(config)["image"][0]
+  expected = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, images)
+  predictor = train.Predictor(model, variables)
+  np.testing.assert_array_equal(np.asarray(predictor.logits(images)), np.asarray(expected))
+  np.testing.assert_array_equal(predictor(images), np.argmax(np.asarray(expected), -1))
+  compilations = train._class_maps._cache_size()  # pylint: disable=protected-access
+  other = jax.tree.map(lambda x: x * 0.5, variables)
+  train.Predictor(model, other)(images)
+  assert train._class_maps._cache_size() == compilations  # pylint: disable=protected-access
 
 
 # --- pmap: N devices == 1 device ------------------------------------------------------------------------
@@ -127,8 +156,8 @@ def _three_steps_and_an_eval(state, num_devices):
   step, evaluate = train.pmapped_train_step(config, True), train.pmapped_eval_step(config)
   replicated, rng = train.replicate(state), train.replicate(jax.random.PRNGKey(1))
   losses, confusions = [], []
-  for i in range(3):
-    replicated, m = step(replicated, _random_batch(config, num_devices, seed=i), rng)
+  for batch in train.device_batches(_random_batch(config, num_devices, seed=i) for i in range(3)):
+    replicated, m = step(replicated, batch, rng)
     losses.append(float(m["loss"][0]))
     confusions.append(np.asarray(m["confusion"][0]).tolist())
   batch = _random_batch(config, num_devices, seed=7)
@@ -286,14 +315,16 @@ def test_resume_after_sigterm_is_bit_identical(uninterrupted_run, tmp_path, monk
   def epoch_with_sigterm(self, epoch, start_step=0):
     for i, batch in enumerate(epoch_fn(self, epoch, start_step)):
       if (epoch, start_step + i) == (0, 5):
-        os.kill(os.getpid(), signal.SIGTERM)  # Arrives while step 6 is being prepared.
+        os.kill(os.getpid(), signal.SIGTERM)  # Arrives while step 6's batch is being prepared.
       yield batch
 
+  # Batches are taken from the input PREFETCH_BATCHES steps ahead: the step that finishes next is step 4.
+  stopped = 6 - train.PREFETCH_BATCHES
   monkeypatch.setattr(input_pipeline.TrainInput, "epoch", epoch_with_sigterm)
-  with pytest.raises(train.TrainingInterrupted, match="SIGTERM after step 6") as raised:
+  with pytest.raises(train.TrainingInterrupted, match=f"SIGTERM after step {stopped};") as raised:
     train.train_and_evaluate(tiny_config(), workdir)
   assert raised.value.signum == signal.SIGTERM
-  assert checkpoint.available_steps(workdir) == [6]
+  assert checkpoint.available_steps(workdir) == [stopped]
   assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # Handlers restored.
   monkeypatch.undo()
 
@@ -306,14 +337,14 @@ def test_resume_after_sigterm_is_bit_identical(uninterrupted_run, tmp_path, monk
   records, reference = train.read_metrics(workdir), train.read_metrics(uninterrupted_run[0])
   assert [r["step"] for r in records] == [8, 16]
   assert [r["eval_miou"] for r in records] == [r["eval_miou"] for r in reference]
-  # The resumed attempt's first train_* means cover steps 7 and 8 only, and say so.
-  assert [r["train_steps"] for r in records] == [2, STEPS_PER_EPOCH]
+  # The resumed attempt's first train_* means cover the steps after the checkpoint only, and say so.
+  assert [r["train_steps"] for r in records] == [STEPS_PER_EPOCH - stopped, STEPS_PER_EPOCH]
   assert [r["train_steps"] for r in reference] == [STEPS_PER_EPOCH, STEPS_PER_EPOCH]
   # Each attempt's events mark the step it trains from (see test_summary_writer_marks_a_restart_for_tensorboard).
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   event_files = _event_files(workdir)
   assert [[e.step for e in events if e.session_log.status == tf.compat.v1.SessionLog.START]
-          for events in event_files] == [[1], [7]]
+          for events in event_files] == [[1], [stopped + 1]]
 
 
 def test_resume_with_changed_settings_warns_and_keeps_the_earlier_config(uninterrupted_run, tmp_path, caplog):
