@@ -237,17 +237,18 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, model: models.UNet, v
                                         num_devices=jax.local_device_count())
   state = train.TrainState.create(apply_fn=model.apply, params=variables["params"], tx=optax.identity(),
                                   batch_stats=variables["batch_stats"])
-  p_eval_step = jax.pmap(functools.partial(train.eval_step, config=config), axis_name=train.AXIS)
+  buffers, layout = train.replicate_state(state)
+  p_eval_step = train.pmapped_eval_step(config, layout)
   # train.evaluate returns the metrics, not the matrix they come from; collect the per-batch matrices it
   # sums (device arrays: no extra host syncs inside the loop).
   batch_confusions = []
 
-  def recording_eval_step(state, batch):
-    out = p_eval_step(state, batch)
+  def recording_eval_step(buffers, batch):
+    out = p_eval_step(buffers, batch)
     batch_confusions.append(out["confusion"])
     return out
 
-  result = train.evaluate(recording_eval_step, train.replicate(state), eval_input)
+  result = train.evaluate(recording_eval_step, buffers, eval_input)
   confusion = sum(np.asarray(train.first_replica(c), np.int64) for c in batch_confusions)
   return result, confusion, eval_input.num_examples
 

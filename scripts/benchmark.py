@@ -8,11 +8,12 @@ batch 64) with random weights on one fixed synthetic host batch, fed to every st
 its batches (``train.device_batches``: put on the device two steps ahead; the input pipeline is timed on its
 own by ``--mode input``). Every rate is the median over ``--steps`` timed steps after ``--warmup`` untimed ones.
 
-* ``train``: the project's real ``train.train_step`` (``train.pmapped_train_step``, as the loop uses it) with the
-  encoder frozen and, unless ``--skip-finetune``, fine-tuning the whole network; time to the first
-  finished step (initialization and compilation included); FLOPs per image from XLA's cost analysis.
-* ``infer``: the jitted ``model.apply(train=False)`` as ``train.Predictor`` runs it (variables packed into
-  one buffer; ``--tree-variables``: as their tree of ~270 arrays).
+* ``train``: the project's real ``train.train_step`` (``train.pmapped_train_step`` on the packed state, as the
+  loop uses it) with the encoder frozen and, unless ``--skip-finetune``, fine-tuning the whole network; time
+  to the first finished step (initialization and compilation included); FLOPs per image from XLA's cost
+  analysis.
+* ``infer``: the jitted ``model.apply(train=False)`` as ``train.Predictor`` runs it (on accelerators the
+  variables packed into one buffer per dtype; ``--variables packed|tree`` chooses).
 * ``input``: ``input_pipeline.TrainInput`` on real JPEGs (``--data-dir``, default the shared Oxford-IIIT
   Pet sample beside the repo, else the bundled one): the first epoch (decode + resize + cache) and later,
   cached epochs. The folder is prepared into a temporary tfds data dir, so the first epoch is a cold one.
@@ -388,16 +389,15 @@ def bench_train(config: ml_collections.ConfigDict, args: argparse.Namespace) -> 
     model = train.create_model(variant_config)
     init_rng, dropout_rng = jax.random.split(jax.random.PRNGKey(variant_config.seed))
     learning_rate_fn = train.create_learning_rate_fn(variant_config.train, 1000)
-    state = train.create_train_state(init_rng, variant_config, model, learning_rate_fn, steps_per_epoch=100)
-    state = train.replicate(state)
+    state, layout = train.replicate_state(
+        train.create_train_state(init_rng, variant_config, model, learning_rate_fn, steps_per_epoch=100))
     dropout_rngs = train.replicate(dropout_rng)
     batches = train.device_batches(itertools.repeat(host_batch))
     batch = next(batches)
 
     def compile_step(state: Any) -> Any:
       # The training loop's step, a new function object each call (so that layers.unchunked traces afresh).
-      return train.pmapped_train_step(variant_config, frozen_encoder=frozen).lower(
-          state, batch, dropout_rngs).compile()
+      return train.pmapped_train_step(variant_config, frozen, layout).lower(state, batch, dropout_rngs).compile()
 
     jax.block_until_ready(state)
     initialized = time.perf_counter()
@@ -445,8 +445,8 @@ def bench_train(config: ml_collections.ConfigDict, args: argparse.Namespace) -> 
 
 
 def bench_infer(config: ml_collections.ConfigDict, args: argparse.Namespace) -> dict[str, Any]:
-  """``model.apply(train=False)`` on one device as ``train.Predictor`` runs it (the variables packed into one
-  buffer), on variables as a checkpoint would give them.
+  """``model.apply(train=False)`` on one device as ``train.Predictor`` runs it (the variables packed), on
+  variables as a checkpoint would give them.
 
   The time to the first call counts packing, tracing, compilation and the call, not ``model.init``
   (prediction restores variables instead of initializing them).
@@ -458,15 +458,12 @@ def bench_infer(config: ml_collections.ConfigDict, args: argparse.Namespace) -> 
   start = time.perf_counter()
   model = models.create_model(config.model)
   images = jnp.asarray(synthetic_batch(batch_size, size, config.model.num_classes)["image"])
-  if args.tree_variables:  # The variables as ~270 arguments, to time what packing saves.
-    variables = random_variables(model, size)
-    function = lambda: functools.partial(model.apply, train=False)
-  else:
-    predictor = train.Predictor(model, random_variables(model, size))
-    variables = predictor.packed_variables
-    function = lambda: functools.partial(train.packed_logits, model, predictor.layout)
+  concatenate = {"auto": None, "packed": True, "tree": False}[args.variables]
+  predictor = train.Predictor(model, random_variables(model, size), concatenate)
+  variables = predictor.packed_variables
   # A new function object each call (so that layers.unchunked traces afresh).
-  compile_apply = lambda: jax.jit(function()).lower(variables, images).compile()
+  compile_apply = lambda: jax.jit(functools.partial(train.packed_logits, model, predictor.layout)).lower(
+      variables, images).compile()
   apply = compile_apply()
   step = lambda: jax.block_until_ready(apply(variables, images))
   step()
@@ -475,7 +472,7 @@ def bench_infer(config: ml_collections.ConfigDict, args: argparse.Namespace) -> 
   hlo_text = record_program(stats, apply, "infer", args)
   flops = xla_flops(apply, hlo_text, compile_apply)
   stats.update(compile_s=first_step_s, flops_per_image=flops / batch_size if flops else None,
-               variables="tree" if args.tree_variables else "packed")
+               variables="packed" if predictor.layout.concatenated else "tree")
   if args.profile:
     log(f"top {args.profile} XLA ops of one inference call:")
     stats["profile"] = profile_ops(step, hlo_text, args.profile, trace_subdir(args, "infer"))
@@ -692,9 +689,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       help="convolution formulation (petseg_jax.models.layers); default: the model's; "
                       "layers: the one timed against reference (default fast)")
   parser.add_argument("--skip-finetune", action="store_true", help="train: time the frozen encoder only")
-  parser.add_argument("--tree-variables", action="store_true",
-                      help="infer: pass the variables as their tree (~270 arguments), not packed as "
-                           "train.Predictor does")
+  parser.add_argument("--variables", choices=("auto", "packed", "tree"), default="auto",
+                      help="infer: the variables packed into one buffer per dtype, or as their tree of ~270 "
+                           "arrays (auto: as train.Predictor does, packed on accelerators)")
   parser.add_argument("--data-dir", default="", help="input: official-layout folder (default: shared "
                       "sample beside the repo, else the bundled one)")
   parser.add_argument("--profile", type=int, default=0, metavar="N",

@@ -4,6 +4,7 @@ Every loop run uses tiny synthetic configs (32x32, alpha 0.35). Compilation domi
 session's persistent compilation cache (tests/conftest.py) compiles runs with the same config once.
 """
 
+import functools
 import json
 import logging
 import os
@@ -90,10 +91,10 @@ def _flops(lowered) -> float:
 
 def test_frozen_step_does_not_differentiate_the_encoder(initial_state):
   config = tiny_config()
-  state, batch = train.replicate(initial_state), _random_batch(config)
+  (state, layout), batch = train.replicate_state(initial_state), _random_batch(config)
   rng = train.replicate(jax.random.PRNGKey(0))
-  frozen = _flops(train.pmapped_train_step(config, True).lower(state, batch, rng))
-  fine_tune = _flops(train.pmapped_train_step(config, False).lower(state, batch, rng))
+  frozen = _flops(train.pmapped_train_step(config, True, layout).lower(state, batch, rng))
+  fine_tune = _flops(train.pmapped_train_step(config, False, layout).lower(state, batch, rng))
   encoder = models.MobileNetV2Encoder(config.model.alpha)
   image = jnp.zeros(batch["image"].shape[1:])
   # Lowering needs only the variables' shapes (an eager init would dispatch op by op: ~30 s).
@@ -110,15 +111,30 @@ def test_a_replicated_state_and_a_stepped_state_share_one_compiled_step(initial_
   compiles its first training step twice (it did, with flax's default replication axis name). The batches
   come as the loop feeds them, from ``train.device_batches``."""
   config = tiny_config()
-  step = train.pmapped_train_step(config, True)
-  state, rng = train.replicate(initial_state), train.replicate(jax.random.PRNGKey(0))
+  (state, layout), rng = train.replicate_state(initial_state), train.replicate(jax.random.PRNGKey(0))
+  step = train.pmapped_train_step(config, True, layout)
   host_batches = [_random_batch(config, seed=i) for i in range(3)]
   with jax.log_compiles(), caplog.at_level(logging.WARNING):
     for batch in train.device_batches(host_batches):
-      assert batch["image"].sharding == state.step.sharding  # Sharded over AXIS like the state.
+      assert batch["image"].sharding == state[0].sharding  # Sharded over AXIS like the state.
       state, _ = step(state, batch, rng)
   compiled = [r.getMessage()[:80] for r in caplog.records if r.getMessage().startswith("Compiling ")]
   assert len(compiled) == 1, compiled
+
+
+def test_the_packed_step_is_train_step_on_the_state_tree(initial_state):
+  """Packing the state through the pmapped step changes nothing computed."""
+  config = tiny_config()
+  batch, rng = _random_batch(config), train.replicate(jax.random.PRNGKey(0))
+  tree_step = jax.pmap(functools.partial(train.train_step, config=config, frozen_encoder=False),
+                       axis_name=train.AXIS)
+  expected, expected_metrics = tree_step(train.replicate(initial_state), batch, rng)
+  buffers, layout = train.replicate_state(initial_state, concatenate=True)  # As on accelerators.
+  assert len(buffers) == 2  # float32 and int32: ~300 leaves in two arguments.
+  assert train.replicate_state(initial_state)[1].concatenated == (jax.default_backend() != "cpu")
+  stepped, metrics = train.pmapped_train_step(config, False, layout)(buffers, batch, rng)
+  assert _trees_equal(train.host_state(stepped, layout), train.first_replica(expected))
+  assert _trees_equal(metrics, expected_metrics)
 
 
 def test_device_batches_yields_every_batch_in_order_put_ahead():
@@ -139,12 +155,12 @@ def test_predictor_is_model_apply_and_compiles_once_per_layout(initial_state):
   variables = {"params": initial_state.params, "batch_stats": initial_state.batch_stats}
   images = _random_batch(config)["image"][0]
   expected = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, images)
-  predictor = train.Predictor(model, variables)
+  predictor = train.Predictor(model, variables, concatenate=True)  # As on accelerators.
   np.testing.assert_array_equal(np.asarray(predictor.logits(images)), np.asarray(expected))
   np.testing.assert_array_equal(predictor(images), np.argmax(np.asarray(expected), -1))
   compilations = train._class_maps._cache_size()  # pylint: disable=protected-access
   other = jax.tree.map(lambda x: x * 0.5, variables)
-  train.Predictor(model, other)(images)
+  train.Predictor(model, other, concatenate=True)(images)
   assert train._class_maps._cache_size() == compilations  # pylint: disable=protected-access
 
 
@@ -153,8 +169,9 @@ def test_predictor_is_model_apply_and_compiles_once_per_layout(initial_state):
 def _three_steps_and_an_eval(state, num_devices):
   """Params/stats after 3 train steps and a padded eval batch, on ``num_devices`` devices (global batch 8)."""
   config = tiny_config()
-  step, evaluate = train.pmapped_train_step(config, True), train.pmapped_eval_step(config)
-  replicated, rng = train.replicate(state), train.replicate(jax.random.PRNGKey(1))
+  # The state packed as on accelerators (the CPU's default passes its leaves, as the loop tests do).
+  (replicated, layout), rng = train.replicate_state(state, True), train.replicate(jax.random.PRNGKey(1))
+  step, evaluate = train.pmapped_train_step(config, True, layout), train.pmapped_eval_step(config, layout)
   losses, confusions = [], []
   for batch in train.device_batches(_random_batch(config, num_devices, seed=i) for i in range(3)):
     replicated, m = step(replicated, batch, rng)
@@ -163,7 +180,7 @@ def _three_steps_and_an_eval(state, num_devices):
   batch = _random_batch(config, num_devices, seed=7)
   batch["weight"] = np.array([1.0] * 5 + [0.0] * 3, np.float32).reshape(num_devices, -1)  # 3 padding.
   ev = jax.tree.map(lambda x: np.asarray(x[0]).tolist(), evaluate(replicated, batch))
-  final = train.first_replica(replicated)
+  final = train.host_state(replicated, layout)
   leaves = [np.asarray(x).ravel() for x in jax.tree.leaves((final.params, final.batch_stats))]
   return {"losses": losses, "confusions": confusions, "eval": ev, "variables": np.concatenate(leaves).tolist()}
 
