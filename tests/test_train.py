@@ -26,6 +26,7 @@ from petseg_jax import checkpoint
 from petseg_jax import input_pipeline
 from petseg_jax import models
 from petseg_jax import optim
+from petseg_jax import packed
 from petseg_jax import train
 from petseg_jax import weights
 
@@ -310,6 +311,30 @@ def test_run_writes_checkpoints_metrics_figures_and_summaries(uninterrupted_run)
   assert tags[(16, "eval/miou")] == pytest.approx(records[-1]["eval_miou"])
   assert tags[(16, "train_epoch/loss")] == pytest.approx(records[-1]["train_loss"])
   assert (4, "train/loss") in tags and (8, "train/loss") in tags
+
+
+def test_the_accelerators_packed_state_path_gives_the_cpu_paths_bits(uninterrupted_run, tmp_path, monkeypatch):
+  """On accelerators the loop keeps the state (and the figures' variables) packed into buffers; on the CPU it
+  passes the leaves. Forced here on the CPU, the packed path trains, evaluates and checkpoints the same."""
+  pack, layouts = packed.pack, []
+
+  def pack_as_on_accelerators(tree, concatenate=None):
+    buffers, layout = pack(tree, concatenate is not False)
+    layouts.append(layout)
+    return buffers, layout
+
+  reference_dir, reference = uninterrupted_run  # Made before the patch.
+  monkeypatch.setattr(packed, "pack", pack_as_on_accelerators)
+  workdir = tmp_path / "packed"
+  final = train.train_and_evaluate(tiny_config(), workdir)
+  state_layouts = [layout for layout in layouts if len(layout.shapes) == len(jax.tree.leaves(final))]
+  assert state_layouts and all(layout.concatenated for layout in state_layouts)
+  for part in ("params", "batch_stats", "opt_state", "step"):
+    assert _trees_equal(getattr(final, part), getattr(reference, part)), part
+  assert train.read_metrics(workdir)[-1]["eval_miou"] == train.read_metrics(reference_dir)[-1]["eval_miou"]
+  assert checkpoint.available_steps(workdir) == checkpoint.available_steps(reference_dir)
+  assert _trees_equal(checkpoint.restore(workdir, 8, final).params,
+                      checkpoint.restore(reference_dir, 8, reference).params)
 
 
 def test_encoder_frozen_then_unfrozen(uninterrupted_run, initial_state):
