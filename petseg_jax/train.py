@@ -235,7 +235,7 @@ def _packed_train_step(buffers: tuple[jax.Array, ...], batch: dict[str, jax.Arra
   state, metrics = train_step(packed.unpack(buffers, layout), batch, dropout_rng, config=config,
                               frozen_encoder=frozen_encoder)
   new_buffers, new_layout = packed.pack(state, layout.concatenated)
-  if new_layout != layout:  # At trace time: the step must return the state it was given, value for value.
+  if new_layout != layout:  # At trace time: the new state must have the old one's structure, shapes, dtypes.
     raise ValueError(f"train_step changed the state's layout: {layout} -> {new_layout}")
   return new_buffers, metrics
 
@@ -344,7 +344,8 @@ def _class_maps(model: models.UNet, layout: packed.Layout, packed_variables: tup
 
 
 class Predictor:
-  """``model.apply(variables, images, train=False)`` compiled for one device, with the variables packed.
+  """``model.apply(variables, images, train=False)`` compiled for one device, the variables packed on
+  accelerators.
 
   The variables go to the device once, on accelerators packed into one buffer per dtype (``packed``): a
   call then passes two arrays instead of ~270, whose per-buffer host work is a large part of a small
@@ -368,7 +369,8 @@ class Predictor:
 def predict(model: models.UNet, variables: dict[str, Any], images: np.ndarray) -> np.ndarray:
   """Class maps (N, H, W) of preprocessed images, on one device: ``Predictor(model, variables)(images)``.
 
-  Packs the variables at each call; to predict many batches, make one ``Predictor`` and call it.
+  Puts (and on accelerators packs) the variables at each call; to predict many batches, make one
+  ``Predictor`` and call it.
   """
   return Predictor(model, variables)(images)
 

@@ -8,10 +8,10 @@ batch 64) with random weights on one fixed synthetic host batch, fed to every st
 its batches (``train.device_batches``: put on the device two steps ahead; the input pipeline is timed on its
 own by ``--mode input``). Every rate is the median over ``--steps`` timed steps after ``--warmup`` untimed ones.
 
-* ``train``: the project's real ``train.train_step`` (``train.pmapped_train_step`` on the packed state, as the
-  loop uses it) with the encoder frozen and, unless ``--skip-finetune``, fine-tuning the whole network; time
-  to the first finished step (initialization and compilation included); FLOPs per image from XLA's cost
-  analysis.
+* ``train``: the project's real ``train.train_step`` (``train.pmapped_train_step`` on the state as
+  ``train.replicate_state`` gives it, packed on accelerators, as the loop uses it) with the encoder frozen
+  and, unless ``--skip-finetune``, fine-tuning the whole network; time to the first finished step
+  (initialization and compilation included); FLOPs per image from XLA's cost analysis.
 * ``infer``: the jitted ``model.apply(train=False)`` as ``train.Predictor`` runs it (on accelerators the
   variables packed into one buffer per dtype; ``--variables packed|tree`` chooses).
 * ``input``: ``input_pipeline.TrainInput`` on real JPEGs (``--data-dir``, default the shared Oxford-IIIT
@@ -445,8 +445,8 @@ def bench_train(config: ml_collections.ConfigDict, args: argparse.Namespace) -> 
 
 
 def bench_infer(config: ml_collections.ConfigDict, args: argparse.Namespace) -> dict[str, Any]:
-  """``model.apply(train=False)`` on one device as ``train.Predictor`` runs it (the variables packed), on
-  variables as a checkpoint would give them.
+  """``model.apply(train=False)`` on one device as ``train.Predictor`` runs it (the variables packed on
+  accelerators; ``--variables`` chooses), on variables as a checkpoint would give them.
 
   The time to the first call counts packing, tracing, compilation and the call, not ``model.init``
   (prediction restores variables instead of initializing them).
