@@ -239,18 +239,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, model: models.UNet, v
                                   batch_stats=variables["batch_stats"])
   buffers, layout = train.replicate_state(state)
   p_eval_step = train.pmapped_eval_step(config, layout)
-  # train.evaluate returns the metrics, not the matrix they come from; collect the per-batch matrices it
-  # sums (device arrays: no extra host syncs inside the loop).
-  batch_confusions = []
-
-  def recording_eval_step(buffers, batch):
-    out = p_eval_step(buffers, batch)
-    batch_confusions.append(out["confusion"])
-    return out
-
-  result = train.evaluate(recording_eval_step, buffers, eval_input)
-  confusion = sum(np.asarray(train.first_replica(c), np.int64) for c in batch_confusions)
-  return result, confusion, eval_input.num_examples
+  sums = train.evaluation_sums(p_eval_step, buffers, eval_input)
+  return train.eval_metrics(sums), sums["confusion"], eval_input.num_examples
 
 
 def confusion_paths(directory: str | os.PathLike, tag: str, step: int) -> tuple[Path, Path]:

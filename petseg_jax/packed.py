@@ -62,7 +62,11 @@ def pack(tree: Any, concatenate: bool | None = None) -> tuple[tuple[Any, ...], L
                   tuple(_dtype(leaf) for leaf in leaves), concatenate)
   if not concatenate:
     return tuple(leaves), layout
-  buffers = tuple(jnp.concatenate([jnp.ravel(leaf) for leaf, d in zip(leaves, layout.dtypes) if d == dtype])
+  # Host leaves are packed on the host (a state about to be copied to every device need not go through one
+  # first); device arrays and tracers with jnp.
+  xp = jnp if any(isinstance(leaf, jax.Array) for leaf in leaves) else np
+  buffers = tuple(xp.concatenate([xp.ravel(leaf).astype(dtype) for leaf, d in zip(leaves, layout.dtypes)
+                                  if d == dtype])
                   for dtype in layout.buffer_dtypes)
   return buffers, layout
 

@@ -313,18 +313,43 @@ def device_batches(batches: Iterable[dict[str, np.ndarray]], ahead: int = PREFET
   yield from queue
 
 
-def evaluate(p_eval_step: Callable, buffers: tuple[jax.Array, ...], eval_input: Any) -> dict[str, Any]:
-  """Loss and ``metrics.compute_metrics`` over the whole eval split (``pmapped_eval_step`` on ``buffers``, a
-  state from ``replicate_state``)."""
-  confusion, loss_sum, num_pixels = 0, 0.0, 0.0
+def evaluation_sums(p_eval_step: Callable, buffers: tuple[jax.Array, ...], eval_input: Any
+                    ) -> dict[str, Any]:
+  """The summed ``eval_step`` outputs over the whole eval split (``pmapped_eval_step`` on ``buffers``, a state
+  from ``replicate_state``): "confusion" (int64 on the host: no overflow), "loss_sum" and "num_pixels".
+
+  Each batch's sums are fetched ``PREFETCH_BATCHES`` batches after its step is dispatched, so the host never
+  waits for the step it just started (fetched at once, every batch's small output cost the devices an idle
+  gap between steps), and at most that many steps are queued ahead of the host.
+  """
+  totals: dict[str, Any] = {"confusion": 0, "loss_sum": 0.0, "num_pixels": 0.0}
+
+  def add(out: dict[str, jax.Array]) -> None:
+    out = first_replica(out)
+    totals["confusion"] = totals["confusion"] + np.asarray(out["confusion"], np.int64)
+    totals["loss_sum"] += float(out["loss_sum"])
+    totals["num_pixels"] += float(out["num_pixels"])
+
+  in_flight: collections.deque[dict[str, jax.Array]] = collections.deque()
   for batch in device_batches(eval_input):
-    out = first_replica(p_eval_step(buffers, batch))
-    confusion = confusion + np.asarray(out["confusion"], np.int64)  # int64 on the host: no overflow.
-    loss_sum += float(out["loss_sum"])
-    num_pixels += float(out["num_pixels"])
-  result = metrics_lib.compute_metrics(confusion)
-  result["loss"] = loss_sum / num_pixels
+    in_flight.append(p_eval_step(buffers, batch))
+    if len(in_flight) > PREFETCH_BATCHES:
+      add(in_flight.popleft())
+  while in_flight:
+    add(in_flight.popleft())
+  return totals
+
+
+def eval_metrics(sums: dict[str, Any]) -> dict[str, Any]:
+  """``metrics.compute_metrics`` of ``evaluation_sums``' confusion matrix, and the mean "loss" per pixel."""
+  result = metrics_lib.compute_metrics(sums["confusion"])
+  result["loss"] = sums["loss_sum"] / sums["num_pixels"]
   return result
+
+
+def evaluate(p_eval_step: Callable, buffers: tuple[jax.Array, ...], eval_input: Any) -> dict[str, Any]:
+  """Loss and ``metrics.compute_metrics`` over the whole eval split (``eval_metrics`` of ``evaluation_sums``)."""
+  return eval_metrics(evaluation_sums(p_eval_step, buffers, eval_input))
 
 
 def packed_logits(model: models.UNet, layout: packed.Layout, packed_variables: tuple[jax.Array, ...],

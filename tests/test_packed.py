@@ -55,3 +55,17 @@ def test_unconcatenated_packing_passes_the_leaves_behind_the_same_interface():
   with pytest.raises(ValueError, match="leaves given for a layout of"):
     packed.unpack(leaves[1:], layout)
   assert packed.pack(tree)[1].concatenated == (jax.default_backend() != "cpu")  # Packs on accelerators.
+
+
+def test_a_host_tree_is_packed_on_the_host_into_the_same_buffers():
+  """replicate_state packs a host copy of the state: no round trip through one device before replicating."""
+  tree = _tree()
+  on_device, layout = packed.pack(tree, concatenate=True)
+  host_tree = jax.device_get(tree)
+  host_tree["opt"]["count"] = 7  # A Python scalar leaf: int32 as JAX would make it.
+  on_host, host_layout = packed.pack(host_tree, concatenate=True)
+  assert host_layout == layout
+  assert all(type(b) is np.ndarray for b in on_host)
+  for device_buffer, host_buffer in zip(on_device, on_host):
+    assert host_buffer.dtype == device_buffer.dtype
+    np.testing.assert_array_equal(host_buffer, np.asarray(device_buffer))

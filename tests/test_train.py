@@ -149,6 +149,34 @@ def test_device_batches_yields_every_batch_in_order_put_ahead():
   assert i == 4
 
 
+def test_evaluation_sums_every_batch_fetching_each_after_later_steps_are_dispatched(initial_state,
+                                                                                    monkeypatch):
+  config = tiny_config()
+  buffers, layout = train.replicate_state(initial_state)
+  p_eval_step = train.pmapped_eval_step(config, layout)
+  batches = [_random_batch(config, seed=i) for i in range(5)]
+  for batch in batches:
+    batch["weight"] = np.ones((1, config.train.batch_size), np.float32)
+  batches[-1]["weight"][0, 5:] = 0.0  # A padded last batch.
+  expected = [jax.tree.map(lambda x: np.asarray(x[0]), p_eval_step(buffers, batch)) for batch in batches]
+
+  dispatched, fetched_after = [], []
+  first_replica = train.first_replica
+  monkeypatch.setattr(train, "first_replica",
+                      lambda tree: fetched_after.append(len(dispatched)) or first_replica(tree))
+  sums = train.evaluation_sums(lambda *args: dispatched.append(1) or p_eval_step(*args), buffers, batches)
+
+  # Batch k's sums are read once steps up to k + PREFETCH_BATCHES are dispatched (then the rest at the end).
+  lag = train.PREFETCH_BATCHES
+  assert fetched_after == [min(k + 1 + lag, 5) for k in range(5)]
+  np.testing.assert_array_equal(sums["confusion"], sum(e["confusion"].astype(np.int64) for e in expected))
+  assert sums["confusion"].dtype == np.int64 and sums["confusion"].sum() == (4 * 8 + 5) * 32 * 32
+  assert sums["num_pixels"] == sum(float(e["num_pixels"]) for e in expected)
+  np.testing.assert_allclose(sums["loss_sum"], sum(float(e["loss_sum"]) for e in expected), rtol=1e-6)
+  metrics = train.eval_metrics(sums)
+  assert metrics["loss"] == sums["loss_sum"] / sums["num_pixels"] and 0 <= metrics["miou"] <= 1
+
+
 def test_predictor_is_model_apply_and_compiles_once_per_layout(initial_state):
   """Packed variables change nothing computed; Predictors of other values reuse the compiled program."""
   config = tiny_config()
