@@ -108,7 +108,7 @@ def _check_listable(path: str, what: str) -> None:
     raise DataError(f"Cannot read the {what} {path}: permission denied. Make it readable "
                     f"(e.g. chmod -R a+rX {path}).\n{EXPECTED_LAYOUT}") from e
   except OSError as e:
-    raise _layout_error(f"Cannot list the {what} {path}: {e.strerror or e}.")
+    raise _layout_error(f"Cannot list the {what} {path}: {e.strerror or e}.") from e
 
 
 def check_layout(data_dir: str) -> Layout:
@@ -155,7 +155,7 @@ def read_split_list(path: str) -> list[Entry]:
     with open(path, encoding="utf-8-sig") as f:
       lines = f.read().splitlines()
   except (OSError, UnicodeDecodeError) as e:
-    raise _layout_error(f"Cannot read the split list {path}: {e}.")
+    raise _layout_error(f"Cannot read the split list {path}: {e}.") from e
   entries, seen = [], {}
   for lineno, raw in enumerate(lines, start=1):
     line = raw.strip()
@@ -170,7 +170,8 @@ def read_split_list(path: str) -> list[Entry]:
       try:
         class_id, species_id = int(tokens[1]), int(tokens[2])
       except ValueError:
-        raise DataError(f"{where}: expected '<name> CLASS_ID SPECIES BREED_ID' with integers, got {line!r}.")
+        raise DataError(f"{where}: expected '<name> CLASS_ID SPECIES BREED_ID' with integers, got {line!r}."
+                        ) from None
       if not 1 <= class_id <= len(BREEDS):
         raise DataError(f"{where}: CLASS_ID {class_id} is not in 1..{len(BREEDS)}.")
       if species_id not in (1, 2):
