@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from pathlib import Path
 import zipfile
 from typing import Any, Mapping
@@ -111,17 +112,22 @@ def _legacy_group(f: Any) -> Any:
 
 def _read_legacy_group(group: Any, path: Path) -> LayerArrays:
   """The arrays of a legacy Keras HDF5 layer group by layer name; read errors are WeightsErrors naming ``path``."""
+  text = lambda raw: raw.decode() if isinstance(raw, bytes) else str(raw)
   try:
     layers: LayerArrays = {}
-    for raw in group.attrs["layer_names"]:
-      layer = raw.decode() if isinstance(raw, bytes) else str(raw)
-      names = group[layer].attrs.get("weight_names", [])
-      arrays = {}
-      for raw_w in names:
-        w = raw_w.decode() if isinstance(raw_w, bytes) else str(raw_w)
-        arrays[_var_name(w)] = np.asarray(group[layer][w])
-      if arrays:
-        layers[layer] = arrays
+    group_of: dict[str, str] = {}  # Layer → the file's layer group that holds it.
+    for group_name in map(text, group.attrs["layer_names"]):
+      names = [text(raw) for raw in group[group_name].attrs.get("weight_names", [])]
+      # A nested model's group (the tutorial's down_stack in a whole U-Net's file) lists the weights of many
+      # layers, named "<layer>/<variable>:0": each goes under its own layer. A plain layer's group is named
+      # by the layer (its variables may carry a uniquified prefix, e.g. "Conv1_1/kernel:0").
+      owners = {w.split("/")[-2] if "/" in w else group_name for w in names}
+      for w in names:
+        layer = w.split("/")[-2] if len(owners) > 1 else group_name
+        if group_of.setdefault(layer, group_name) != group_name:
+          raise WeightsError(f"{path}: layer '{layer}' appears in both '{group_of[layer]}' and '{group_name}' "
+                             "(two nested models?); give a file with one MobileNetV2.")
+        layers.setdefault(layer, {})[_var_name(w)] = np.asarray(group[group_name][w])
     return layers
   except OSError as e:
     raise _unreadable_hdf5(path, e) from None
@@ -156,10 +162,12 @@ def read_keras_model(model: Any) -> LayerArrays:
 
 
 def _keras_mobilenet(alpha: float, weights: str) -> Any:
-  import keras  # Heavy import; only needed when Keras itself must read the weights.
+  """A Keras MobileNetV2 (no top) of ``alpha`` with ``weights`` ("imagenet" or a Keras weight file) loaded."""
+  # keras_reference imports Keras: only when Keras itself must read the weights. Weights do not depend on
+  # the image size.
+  from petseg_jax import keras_reference  # pylint: disable=g-import-not-at-top
 
-  return keras.applications.MobileNetV2(
-      input_shape=(224, 224, 3), alpha=alpha, include_top=False, weights=weights)
+  return keras_reference.keras_encoder(alpha, 224, weights)[0]
 
 
 def _read_source(source: Any, alpha: float, alpha_setting: str = _CONFIG_ALPHA) -> LayerArrays:
@@ -213,14 +221,30 @@ def _read_source(source: Any, alpha: float, alpha_setting: str = _CONFIG_ALPHA) 
   if name.endswith(".weights.h5"):
     if probe.open_error is not None:
       raise _unreadable_hdf5(path, probe.open_error)
-    try:
-      return read_keras_model(_keras_mobilenet(alpha, str(path)))
-    except ValueError as e:
-      found = probe.conv1_alphas
-      hint = (f" Its first convolution looks like alpha={' or '.join(map(str, found))}." if found
-              and alpha not in found else "")
-      raise WeightsError(f"{path}: does not load into a Keras MobileNetV2 with alpha={alpha} "
-                         f"({_first_line(e)}).{hint} Check {alpha_setting} against the file.") from None
+    found = probe.conv1_alphas
+    hint = (f" Its first convolution looks like alpha={' or '.join(map(str, found))}." if found
+            and alpha not in found else "")
+    if probe.nested_models:
+      layers = _read_nested_mobilenet(path, probe.nested_models, alpha)
+      if layers is None:
+        raise WeightsError(
+            f"{path}: holds a whole Keras model's weights (nested models: {', '.join(probe.nested_models)}), "
+            f"and none of them loads into a Keras MobileNetV2 with alpha={alpha} or into its U-Net taps.{hint} "
+            f"Check {alpha_setting} against the file; or save that model with model.save('model.keras') and "
+            "give the '.keras' file, which records each layer's name.")
+      return layers
+    # A file that does not fit makes Keras warn once per layer it cannot fill before it raises: the error
+    # below says it all. The warnings of a load that succeeds are passed on.
+    with warnings.catch_warnings(record=True) as caught:
+      warnings.simplefilter("always")
+      try:
+        model = _keras_mobilenet(alpha, str(path))
+      except ValueError as e:
+        raise WeightsError(f"{path}: does not load into a Keras MobileNetV2 with alpha={alpha} "
+                           f"({_first_line(e)}).{hint} Check {alpha_setting} against the file.") from None
+    for warning in caught:
+      warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    return read_keras_model(model)
   if zipfile.is_zipfile(path):
     with zipfile.ZipFile(path) as archive:
       converted = f"{_ALPHA_ENTRY}.npy" in archive.namelist()  # What save_encoder_variables writes.
@@ -232,6 +256,39 @@ def _read_source(source: Any, alpha: float, alpha_setting: str = _CONFIG_ALPHA) 
   if probe.open_error is not None:
     raise _unreadable_hdf5(path, probe.open_error)
   raise _not_legacy_h5(path)
+
+
+def _read_nested_mobilenet(path: Path, groups: tuple[str, ...], alpha: float) -> LayerArrays | None:
+  """The MobileNetV2 nested in a whole Keras 3 model's ``.weights.h5`` (e.g. the tutorial U-Net's
+  ``down_stack``) by layer name; None if no group of ``groups`` holds one of ``alpha``.
+
+  Keras 3 stores a weight file by object path (``layers/functional/layers/conv2d/vars/0``), not by layer name,
+  so only the architecture that saved a group can read it. Each nested model's group is copied into a file of
+  its own and loaded into a Keras MobileNetV2 of ``alpha``, or into the sub-model of its U-Net taps (which
+  the tutorial nests: the MobileNetV2 cut at ``block_16_project``); the first that loads is read.
+  """
+  import tempfile
+
+  import h5py
+
+  from petseg_jax import keras_reference  # pylint: disable=g-import-not-at-top  # Imports Keras.
+
+  candidates = keras_reference.keras_encoder(alpha, 224)  # As _keras_mobilenet, and its U-Net taps.
+  with tempfile.TemporaryDirectory() as tmp:
+    for group in groups:
+      nested = Path(tmp) / f"{group.replace('/', '_')}.weights.h5"
+      with h5py.File(path, "r") as source, h5py.File(nested, "w") as target:
+        for key in source[group]:
+          source.copy(source[group][key], target, key)
+      for model in candidates:
+        try:
+          with warnings.catch_warnings():  # Keras warns once per layer it cannot fill, then raises.
+            warnings.simplefilter("ignore")
+            model.load_weights(nested)
+        except ValueError:  # Another architecture (a pix2pix block), or another alpha.
+          continue
+        return read_keras_model(model)  # A complete load: every variable of this model is the file's.
+  return None
 
 
 def _first_line(error: Exception) -> str:
@@ -256,8 +313,10 @@ class _Hdf5Probe:
 
   open_error: OSError | None = None  # Why h5py cannot read it: another format, damaged or truncated.
   legacy_layers: LayerArrays | None = None  # Its arrays, if it is in the legacy Keras layout.
-  # For another HDF5 file (a Keras 3 '.weights.h5'): the ImageNet alphas its 3x3x3 (Conv1) kernels fit.
+  # For another HDF5 file (a Keras 3 '.weights.h5'): the ImageNet alphas its 3x3x3 (Conv1) kernels fit,
   conv1_alphas: tuple[float, ...] = ()
+  # and the groups of its nested models (a whole U-Net's file holds the MobileNetV2 as one of those).
+  nested_models: tuple[str, ...] = ()
 
 
 def _probe_hdf5(path: Path) -> _Hdf5Probe:
@@ -282,11 +341,16 @@ def _probe_hdf5(path: Path) -> _Hdf5Probe:
         return _Hdf5Probe(legacy_layers=_read_legacy_group(group, path))
       try:
         f.visititems(visit)  # Metadata only; the alphas let a Keras load error say which alpha fits.
+        top = f.get("layers")
+        nested = tuple(f"layers/{name}" for name, item in (top.items() if isinstance(top, h5py.Group) else ())
+                       if isinstance(item, h5py.Group) and isinstance(item.get("layers"), h5py.Group))
       except OSError:
         widths.clear()  # Only a hint: Keras reports the damage when it reads the file.
+        nested = ()
   except OSError as e:  # Not HDF5 (a zip, text), damaged or truncated.
     return _Hdf5Probe(open_error=e)
-  return _Hdf5Probe(conv1_alphas=tuple(a for a in IMAGENET_ALPHAS if make_divisible(32 * a) in widths))
+  return _Hdf5Probe(conv1_alphas=tuple(a for a in IMAGENET_ALPHAS if make_divisible(32 * a) in widths),
+                    nested_models=nested)
 
 
 def encoder_template(alpha: float) -> Variables:
@@ -344,7 +408,8 @@ def encoder_variables_from_keras(source: Any, alpha: float, alpha_setting: str =
   Args:
     source: a Keras model (e.g. ``keras.applications.MobileNetV2(...)`` or a model containing it), a path
       to a Keras weight file (legacy ``.h5`` as ``keras.applications`` downloads it, Keras 3
-      ``.weights.h5`` or ``.keras``), or ``"imagenet"`` (downloads through ``keras.applications``).
+      ``.weights.h5`` or ``.keras``) of a MobileNetV2 or of a model that nests one (the tutorial U-Net's
+      ``save_weights``), or ``"imagenet"`` (downloads through ``keras.applications``).
     alpha: the encoder width the weights must fit.
     alpha_setting: where the user set ``alpha``, named by the error messages when the weights do not fit
       it (e.g. ``"--alpha"`` for ``scripts/convert_keras_weights.py``). Any other than the default (a

@@ -4,8 +4,9 @@
       --output encoder_0.35.npz
 
 ``--source`` takes a legacy Keras ``.h5`` (as ``keras.applications`` downloads it), a Keras 3 ``.weights.h5``
-or ``.keras`` file, or ``imagenet`` (downloads through ``keras.applications``; needs a network). The output
-loads with ``config.model.encoder_weights=<output>``.
+or ``.keras`` file (of a MobileNetV2, or of a whole model nesting one, e.g. the tutorial U-Net), or
+``imagenet`` (downloads through ``keras.applications``; needs a network). The output loads with
+``config.model.encoder_weights=<output>``.
 """
 
 import sys

@@ -341,6 +341,69 @@ def test_legacy_h5_under_keras3_names_and_zip_under_h5_name(tmp_path):
     weights.encoder_variables_from_keras(str(weights.BUNDLED_ENCODER_WEIGHTS), 0.35)
 
 
+def _legacy_whole_unet_file(path, duplicate_conv1=False):
+  """The layout tf.keras 2 writes for the tutorial U-Net's ``save_weights("unet.h5")`` (checked against a file
+  that tf_keras 2.21 wrote): the MobileNetV2 ``down_stack`` is one layer group, "model", listing its layers'
+  weights as "<layer>/<variable>:0"; a pix2pix block, "sequential", likewise; the last layer on its own."""
+  import h5py  # pylint: disable=g-import-not-at-top
+  with h5py.File(WEIGHTS_035, "r") as source, h5py.File(path, "w") as f:
+    f.attrs["layer_names"] = [b"input_2", b"model", b"sequential", b"conv2d_transpose_4"] + (
+        [b"model_1"] if duplicate_conv1 else [])
+    f.create_group("input_2").attrs["weight_names"] = []
+    model = f.create_group("model")
+    names = []
+    for layer in source.attrs["layer_names"]:
+      for w in source[layer].attrs["weight_names"]:
+        model.create_dataset(w, data=source[layer][w][()])
+        names.append(w.encode() if isinstance(w, str) else w)
+    model.attrs["weight_names"] = names
+    block = f.create_group("sequential")
+    block.attrs["weight_names"] = [b"conv2d_transpose/kernel:0", b"batch_normalization/gamma:0"]
+    block.create_dataset("conv2d_transpose/kernel:0", data=np.zeros((3, 3, 512, 56), np.float32))
+    block.create_dataset("batch_normalization/gamma:0", data=np.ones(512, np.float32))
+    last = f.create_group("conv2d_transpose_4")
+    last.attrs["weight_names"] = [b"conv2d_transpose_4_1/kernel:0"]  # A uniquified prefix (TF1 graphs).
+    last.create_dataset("conv2d_transpose_4_1/kernel:0", data=np.zeros((3, 3, 3, 112), np.float32))
+    if duplicate_conv1:  # A second nested MobileNetV2.
+      other = f.create_group("model_1")
+      other.attrs["weight_names"] = [b"Conv1/kernel:0", b"bn_Conv1/gamma:0"]
+      other.create_dataset("Conv1/kernel:0", data=np.zeros((3, 3, 3, 16), np.float32))
+      other.create_dataset("bn_Conv1/gamma:0", data=np.ones(16, np.float32))
+
+
+def test_the_encoder_of_a_whole_legacy_unet_file_is_read_by_its_layer_names(tmp_path):
+  if not WEIGHTS_035.exists():
+    pytest.skip("shared weights not found")
+  expected = weights.load_encoder_variables(str(WEIGHTS_035), 0.35)
+  path = tmp_path / "unet.h5"
+  _legacy_whole_unet_file(path)
+  jax.tree.map(np.testing.assert_array_equal, weights.load_encoder_variables(str(path), 0.35), expected)
+  # A plain layer's group names the layer, whatever prefix its variables carry (TF1 uniquified names).
+  layers = weights.read_keras_h5(path)
+  assert layers["conv2d_transpose_4"].keys() == {"kernel"} and layers["batch_normalization"].keys() == {"gamma"}
+  _legacy_whole_unet_file(path, duplicate_conv1=True)
+  with pytest.raises(weights.WeightsError, match=r"layer 'Conv1' appears in both 'model' and 'model_1'"):
+    weights.load_encoder_variables(str(path), 0.35)
+
+
+def test_the_encoder_of_a_whole_keras3_unet_weights_file_is_read_from_its_nested_mobilenet(tmp_path):
+  """``model.save_weights("unet.weights.h5")`` of the tutorial model in Keras 3: stored by object path, so
+  the encoder is read by loading its nested group into a Keras MobileNetV2 (its U-Net taps)."""
+  pytest.importorskip("keras")
+  if not WEIGHTS_035.exists():
+    pytest.skip("shared weights not found")
+  from petseg_jax import keras_reference  # pylint: disable=g-import-not-at-top
+  path = tmp_path / "unet.weights.h5"
+  keras_reference.keras_unet(alpha=0.35, image_size=96, weights=str(WEIGHTS_035)).save_weights(path)
+  expected = weights.load_encoder_variables(str(WEIGHTS_035), 0.35)
+  jax.tree.map(np.testing.assert_array_equal, weights.load_encoder_variables(str(path), 0.35), expected)
+  with pytest.raises(weights.WeightsError) as info:
+    weights.load_encoder_variables(str(path), 1.0)
+  message = str(info.value)
+  assert str(path) in message and "whole Keras model" in message and "layers/functional" in message
+  assert "looks like alpha=0.35" in message and "model.save('model.keras')" in message
+
+
 def test_keras3_weights_file_of_another_alpha_says_which(tmp_path):
   keras = pytest.importorskip("keras")
   path = tmp_path / "enc.weights.h5"
