@@ -1,7 +1,8 @@
 """The tutorial's Keras model, built the way the TensorFlow segmentation tutorial builds it.
 
-Used by the parity tests (``tests/keras_reference.py`` re-exports it) and by ``scripts/benchmark.py
---compare-keras``. Keras is imported inside the functions, so importing this module is cheap.
+Used by the parity tests (``tests/keras_reference.py`` re-exports it), by ``scripts/benchmark.py
+--compare-keras`` and by ``weights`` (Keras 3 weight files are read into these models). Keras is imported
+inside the functions, so importing this module is cheap.
 """
 
 from __future__ import annotations
