@@ -547,19 +547,21 @@ class _TrainMetrics:
   def add(self, step: int, step_metrics: dict[str, jax.Array]) -> None:
     self.pending.append((step, step_metrics))
 
-  def flush(self, last_checkpoint: str) -> dict[str, float] | None:
-    """Fetches the pending steps (the loop's only host sync) and checks their loss.
+  def flush(self, last_checkpoint: str, through: int | None = None) -> dict[str, float] | None:
+    """Fetches the pending steps (the loop's only host sync), those up to step ``through`` if given, and
+    checks their loss.
 
-    Returns the means over the pending steps, or None if there were none.
+    Returns the means over the fetched steps, or None if there were none.
 
     Raises:
       FloatingPointError: a step's loss is NaN/inf.
     """
-    if not self.pending:
+    count = len(self.pending) if through is None else sum(s <= through for s, _ in self.pending)
+    if not count:
       return None
-    steps = [s for s, _ in self.pending]
-    fetched = [first_replica(m) for _, m in self.pending]
-    self.pending = []
+    steps = [s for s, _ in self.pending[:count]]
+    fetched = [first_replica(m) for _, m in self.pending[:count]]
+    self.pending = self.pending[count:]
     step_losses = np.array([float(m["loss"]) for m in fetched])
     bad = np.flatnonzero(~np.isfinite(step_losses))
     if bad.size:
@@ -777,8 +779,27 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, ckpt: checkpoint.Ch
     except FloatingPointError as e:  # NaN parameters with a still finite loss.
       raise diverged(str(e), float(learning_rate_fn(step - 1)), last_checkpoint()) from e
 
+  # Steps whose train/ means are due: each is logged PREFETCH_BATCHES steps later (or at the next checkpoint,
+  # epoch end or stop), so that reading its metrics never waits for the step just dispatched: the devices
+  # keep those steps queued while the host fetches, writes and reads the next batch.
+  log_points: collections.deque[int] = collections.deque()
+
+  def log(log_step: int) -> None:
+    interval = train_metrics.flush(last_checkpoint(), through=log_step)
+    if interval is None:  # Already fetched by an earlier flush (e.g. a checkpoint's).
+      return
+    bar.set_postfix(loss=f"{interval['loss']:.4f}", acc=f"{interval['pixel_accuracy']:.4f}")
+    writer.scalar("train/loss", interval["loss"], log_step)
+    writer.scalar("train/pixel_accuracy", interval["pixel_accuracy"], log_step)
+    writer.scalar("train/learning_rate", float(learning_rate_fn(log_step - 1)), log_step)
+
+  def log_all() -> None:
+    while log_points:
+      log(log_points.popleft())
+
   def stopped(signum: int) -> TrainingInterrupted:
     """Checkpoints the current step for a graceful stop; returns the exception to raise."""
+    log_all()
     train_metrics.flush(last_checkpoint())  # Never save past a non-finite loss.
     save()
     return TrainingInterrupted(
@@ -813,17 +834,17 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, ckpt: checkpoint.Ch
         train_metrics.add(step, step_metrics)
         bar.update(1)
         if step % config.train.log_every_steps == 0:
-          interval = train_metrics.flush(last_checkpoint())
-          bar.set_postfix(loss=f"{interval['loss']:.4f}", acc=f"{interval['pixel_accuracy']:.4f}")
-          writer.scalar("train/loss", interval["loss"], step)
-          writer.scalar("train/pixel_accuracy", interval["pixel_accuracy"], step)
-          writer.scalar("train/learning_rate", float(learning_rate_fn(step - 1)), step)
+          log_points.append(step)
+        if log_points and step - log_points[0] >= PREFETCH_BATCHES:
+          log(log_points.popleft())
         if stop.signum is not None:
           bar.close()
           raise stopped(stop.signum)
         if step % config.train.checkpoint_every_steps == 0:
+          log_all()
           train_metrics.flush(last_checkpoint())  # Never save past a non-finite loss.
           save()
+      log_all()
       bar.close()
       train_metrics.flush(last_checkpoint())  # Also waits for the device: the epoch's time is complete.
       train_time += time.time() - epoch_start

@@ -341,6 +341,26 @@ def test_run_writes_checkpoints_metrics_figures_and_summaries(uninterrupted_run)
   assert (4, "train/loss") in tags and (8, "train/loss") in tags
 
 
+def test_train_means_are_read_after_later_steps_are_dispatched(tmp_path, monkeypatch):
+  """Each log point's train/ means are fetched PREFETCH_BATCHES steps later (so the host never waits for the
+  step it just dispatched), covering the same steps as before; checkpoints and epoch ends fetch everything."""
+  flushes = []
+  flush = train._TrainMetrics.flush
+
+  def recording_flush(self, last_checkpoint, through=None):
+    pending = [s for s, _ in self.pending]
+    flushes.append((through, [s for s in pending if through is None or s <= through], max(pending, default=0)))
+    return flush(self, last_checkpoint, through)
+
+  monkeypatch.setattr(train._TrainMetrics, "flush", recording_flush)
+  train.train_and_evaluate(tiny_config(), tmp_path)  # log_every_steps 4; checkpoints and epochs every 8.
+  lag = train.PREFETCH_BATCHES
+  logged = [(through, fetched, dispatched) for through, fetched, dispatched in flushes if through is not None]
+  assert logged == [(4, [1, 2, 3, 4], 4 + lag), (8, [5, 6, 7, 8], 8), (12, [9, 10, 11, 12], 12 + lag),
+                    (16, [13, 14, 15, 16], 16)]
+  assert all(not fetched for through, fetched, _ in flushes if through is None)  # Nothing left over.
+
+
 def test_the_accelerators_packed_state_path_gives_the_cpu_paths_bits(uninterrupted_run, tmp_path, monkeypatch):
   """On accelerators the loop keeps the state (and the figures' variables) packed into buffers; on the CPU it
   passes the leaves. Forced here on the CPU, the packed path trains, evaluates and checkpoints the same."""
