@@ -305,9 +305,15 @@ def device_batches(batches: Iterable[dict[str, np.ndarray]], ahead: int = PREFET
   """
   mesh = jax.sharding.Mesh(np.array(jax.local_devices()), (AXIS,))
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS))
-  queue: collections.deque[dict[str, jax.Array]] = collections.deque()
-  for batch in batches:
-    queue.append(jax.device_put(batch, sharding))
+  return _run_ahead((jax.device_put(batch, sharding) for batch in batches), ahead)
+
+
+def _run_ahead(items: Iterable[Any], ahead: int) -> Iterator[Any]:
+  """``items`` in order, each yielded once ``ahead`` later ones have been taken from the iterable (at the end,
+  the rest): the work that makes an item (a transfer, a dispatched step) runs ``ahead`` items early."""
+  queue: collections.deque[Any] = collections.deque()
+  for item in items:
+    queue.append(item)
     if len(queue) > ahead:
       yield queue.popleft()
   yield from queue
@@ -330,13 +336,8 @@ def evaluation_sums(p_eval_step: Callable, buffers: tuple[jax.Array, ...], eval_
     totals["loss_sum"] += float(out["loss_sum"])
     totals["num_pixels"] += float(out["num_pixels"])
 
-  in_flight: collections.deque[dict[str, jax.Array]] = collections.deque()
-  for batch in device_batches(eval_input):
-    in_flight.append(p_eval_step(buffers, batch))
-    if len(in_flight) > PREFETCH_BATCHES:
-      add(in_flight.popleft())
-  while in_flight:
-    add(in_flight.popleft())
+  for out in _run_ahead((p_eval_step(buffers, batch) for batch in device_batches(eval_input)), PREFETCH_BATCHES):
+    add(out)
   return totals
 
 
@@ -785,22 +786,22 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, ckpt: checkpoint.Ch
   log_points: collections.deque[int] = collections.deque()
 
   def log(log_step: int) -> None:
+    """Fetches the steps up to ``log_step`` (still pending: only ``flush_all`` fetches more, logging first)."""
     interval = train_metrics.flush(last_checkpoint(), through=log_step)
-    if interval is None:  # Already fetched by an earlier flush (e.g. a checkpoint's).
-      return
     bar.set_postfix(loss=f"{interval['loss']:.4f}", acc=f"{interval['pixel_accuracy']:.4f}")
     writer.scalar("train/loss", interval["loss"], log_step)
     writer.scalar("train/pixel_accuracy", interval["pixel_accuracy"], log_step)
     writer.scalar("train/learning_rate", float(learning_rate_fn(log_step - 1)), log_step)
 
-  def log_all() -> None:
+  def flush_all() -> None:
+    """Logs the due log points, then fetches every pending step (waits for the devices)."""
     while log_points:
       log(log_points.popleft())
+    train_metrics.flush(last_checkpoint())
 
   def stopped(signum: int) -> TrainingInterrupted:
     """Checkpoints the current step for a graceful stop; returns the exception to raise."""
-    log_all()
-    train_metrics.flush(last_checkpoint())  # Never save past a non-finite loss.
+    flush_all()  # Never save past a non-finite loss.
     save()
     return TrainingInterrupted(
         f"Stopped by {signal.Signals(signum).name} after step {step}; checkpoint saved in "
@@ -841,12 +842,10 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, ckpt: checkpoint.Ch
           bar.close()
           raise stopped(stop.signum)
         if step % config.train.checkpoint_every_steps == 0:
-          log_all()
-          train_metrics.flush(last_checkpoint())  # Never save past a non-finite loss.
+          flush_all()  # Never save past a non-finite loss.
           save()
-      log_all()
+      flush_all()  # Waits for the devices: the epoch's time is complete.
       bar.close()
-      train_metrics.flush(last_checkpoint())  # Also waits for the device: the epoch's time is complete.
       train_time += time.time() - epoch_start
       train_examples += (step - epoch_first_step) * config.train.batch_size
       images_per_sec = train_examples / max(train_time, 1e-9)
