@@ -274,10 +274,10 @@ def _read_nested_mobilenet(path: Path, groups: tuple[str, ...], alpha: float) ->
   from petseg_jax import keras_reference  # pylint: disable=g-import-not-at-top  # Imports Keras.
 
   candidates = keras_reference.keras_encoder(alpha, 224)  # As _keras_mobilenet, and its U-Net taps.
-  with tempfile.TemporaryDirectory() as tmp:
+  with tempfile.TemporaryDirectory() as tmp, h5py.File(path, "r") as source:
     for group in groups:
       nested = Path(tmp) / f"{group.replace('/', '_')}.weights.h5"
-      with h5py.File(path, "r") as source, h5py.File(nested, "w") as target:
+      with h5py.File(nested, "w") as target:
         for key in source[group]:
           source.copy(source[group][key], target, key)
       for model in candidates:
