@@ -140,9 +140,14 @@ def unfreeze_step(config: ml_collections.ConfigDict, steps_per_epoch: int) -> in
 
 def create_train_state(rng: jax.Array, config: ml_collections.ConfigDict, model: models.UNet,
                        learning_rate_fn: optax.Schedule, steps_per_epoch: int) -> TrainState:
-  """Initial state: random init, ``model.encoder_weights`` loaded, the freezing optimizer."""
+  """Initial state: random init, ``model.encoder_weights`` loaded, the freezing optimizer.
+
+  With ``model.init_from`` set the encoder weights are not read: ``load_init_from`` replaces every parameter
+  and statistic (so an 'imagenet' left in the config needs no network).
+  """
   # The weight file first: a wrong path or alpha fails before the (slower) initialization compiles.
-  encoder = weights.load_encoder_variables(config.model.encoder_weights or None, config.model.alpha)
+  encoder = (None if config.model.init_from else
+             weights.load_encoder_variables(config.model.encoder_weights or None, config.model.alpha))
   variables = initialized(rng, config.data.image_size, model, encoder)
   try:
     labels = optim.param_labels(variables["params"], config.train.frozen_params)
@@ -169,21 +174,37 @@ def encoder_frozen(config: ml_collections.ConfigDict, params: Any, step: int, st
   return start is None or step < start
 
 
-def load_init_from(state: TrainState, path: str,
-                   loaded: tuple[dict[str, Any], int] | None = None) -> TrainState:
-  """``model.init_from``: params and batch_stats of a previous run's latest checkpoint (not its optimizer).
+def read_init_from(config: ml_collections.ConfigDict) -> tuple[dict[str, Any], str]:
+  """``model.init_from``'s params and batch_stats, and the words that name them in messages.
 
-  ``loaded``: what ``checkpoint.restore_variables(path)`` returned, if read already.
+  A Keras file (``weights.is_keras_file``: ``.keras``, ``.h5``) is the tutorial's whole U-Net, read into the
+  model of ``config.model``; anything else is a previous run's workdir or checkpoint dir, whose latest
+  checkpoint is read (not its optimizer state).
+
+  Raises:
+    weights.WeightsError: a Keras file that does not fit ``config.model``.
+    checkpoint.CheckpointError: no readable checkpoint there.
   """
-  variables, step = loaded or checkpoint.restore_variables(path, "latest")
+  path, model_config = config.model.init_from, config.model
+  if weights.is_keras_file(path):
+    variables = weights.unet_variables_from_keras_file(
+        path, model_config.alpha, model_config.num_classes, tuple(model_config.decoder_filters))
+    return variables, f"model.init_from={path!r} (a Keras U-Net)"
+  variables, step = checkpoint.restore_variables(path, "latest")
+  return variables, f"model.init_from={path!r} (step {step})"
+
+
+def load_init_from(state: TrainState, init_from: tuple[dict[str, Any], str]) -> TrainState:
+  """``state`` with the params and batch_stats of ``read_init_from``'s result (its optimizer state kept)."""
+  variables, source = init_from
   for collection in ("params", "batch_stats"):
     expected = jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), getattr(state, collection))
     found = jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), variables[collection])
     if expected != found:
       raise checkpoint.CheckpointError(
-          f"model.init_from={path!r} (step {step}): its {collection} do not fit this model; check "
-          "model.alpha, model.decoder_filters and model.num_classes against its config.json.")
-  logging.info("Initialized params and batch_stats from %s (step %d).", path, step)
+          f"{source}: its {collection} do not fit this model; check model.alpha, model.decoder_filters and "
+          "model.num_classes against its config.json.")
+  logging.info("Initialized params and batch_stats from %s.", source)
   return state.replace(params=jax.tree.map(jnp.asarray, variables["params"]),
                        batch_stats=jax.tree.map(jnp.asarray, variables["batch_stats"]))
 
@@ -682,7 +703,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   if resuming:
     checkpoint.check_resume_config(workdir, config)
   elif config.model.init_from:
-    init_from = checkpoint.restore_variables(config.model.init_from, "latest")  # Fails fast if missing.
+    init_from = read_init_from(config)  # Fails fast: a missing run, a Keras file of another model.
 
   from petseg_jax import input_pipeline  # pylint: disable=g-import-not-at-top  # TensorFlow: see top.
   input_pipeline.check_train_eval_disjoint(config.data)
@@ -710,13 +731,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   init_rng, dropout_rng = jax.random.split(jax.random.PRNGKey(config.seed))
   learning_rate_fn = create_learning_rate_fn(config.train, total_steps)
   state = create_train_state(init_rng, config, model, learning_rate_fn, steps_per_epoch)
-  if not resuming and config.model.init_from:
-    state = load_init_from(state, config.model.init_from, init_from)
+  if init_from is not None:
+    state = load_init_from(state, init_from)
 
-  try:
-    workdir.mkdir(parents=True, exist_ok=True)
-  except OSError as e:  # A path below a file, no permission, a read-only disk.
-    raise checkpoint.CheckpointError(f"Cannot create the workdir {workdir} ({e}); pass another --workdir.") from e
+  _make_workdir(workdir)
   with checkpoint.lock_workdir(workdir):
     ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep_checkpoints)
     try:
@@ -724,6 +742,54 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                     learning_rate_fn, dropout_rng, start_time)
     finally:
       ckpt.close()
+
+
+def _make_workdir(workdir: Path) -> None:
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+  except OSError as e:  # A path below a file, no permission, a read-only disk.
+    raise checkpoint.CheckpointError(f"Cannot create the workdir {workdir} ({e}); pass another --workdir.") from e
+
+
+def write_initial_run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> TrainState:
+  """Writes the state ``config`` starts training from into a new ``workdir``: a run at step 0.
+
+  The state is ``train_and_evaluate``'s first (``model.encoder_weights`` and ``model.init_from`` loaded),
+  saved as the workdir's step-0 checkpoint beside its ``config.json``. ``scripts/evaluate.py`` and
+  ``scripts/predict.py`` read it like any run, and ``scripts/train.py`` resumes it: how
+  ``scripts/import_keras_unet.py`` turns a Keras U-Net into a run.
+
+  Raises:
+    ConfigError, input_pipeline.DataError, weights.WeightsError: an unusable config (before anything is written).
+    checkpoint.CheckpointError: ``workdir`` holds checkpoints already, or cannot be written.
+  """
+  workdir = Path(workdir)
+  logging.get_absl_logger().addFilter(_QUIET_ORBAX)
+  validate_config(config, jax.local_device_count())  # What training would refuse is not written.
+
+  def refuse_a_run() -> None:
+    if checkpoint.available_steps(workdir):
+      raise checkpoint.CheckpointError(f"{workdir} holds a run's checkpoints already; pass a new --workdir.")
+
+  refuse_a_run()
+  init_from = read_init_from(config) if config.model.init_from else None
+  init_rng, _ = jax.random.split(jax.random.PRNGKey(config.seed))  # As train_and_evaluate's.
+  # The learning-rate schedule and the epoch length shape the optimizer's updates, not its state: training
+  # builds its own when it resumes.
+  state = create_train_state(init_rng, config, create_model(config), create_learning_rate_fn(config.train, 1),
+                             steps_per_epoch=1)
+  if init_from is not None:
+    state = load_init_from(state, init_from)
+  _make_workdir(workdir)
+  with checkpoint.lock_workdir(workdir):
+    refuse_a_run()  # Again, holding the lock: another process may have started a run here meanwhile.
+    ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep_checkpoints)
+    try:
+      checkpoint.write_config(workdir, config)
+      ckpt.save(state)
+    finally:
+      ckpt.close()
+  return state
 
 
 def _train(config: ml_collections.ConfigDict, workdir: Path, ckpt: checkpoint.Checkpointer,

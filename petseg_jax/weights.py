@@ -13,11 +13,13 @@ arrays plus the width ``alpha``); ``scripts/convert_keras_weights.py`` writes th
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import warnings
 from pathlib import Path
+import tempfile
 import zipfile
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 import flax
 import jax
@@ -29,6 +31,7 @@ from petseg_jax.models.mobilenet_v2 import MobileNetV2Encoder, make_divisible
 
 Variables = dict[str, Any]
 LayerArrays = dict[str, dict[str, np.ndarray]]  # Keras layer name → variable name → array.
+T = TypeVar("T")
 
 # The stock ImageNet alpha-0.35 encoder, converted from Keras (Apache-2.0, see assets/WEIGHTS_LICENSE.md).
 BUNDLED_ENCODER_WEIGHTS = str(Path(__file__).parent / "assets" / "mobilenet_v2_0.35_imagenet.npz")
@@ -221,9 +224,7 @@ def _read_source(source: Any, alpha: float, alpha_setting: str = _CONFIG_ALPHA) 
   if name.endswith(".weights.h5"):
     if probe.open_error is not None:
       raise _unreadable_hdf5(path, probe.open_error)
-    found = probe.conv1_alphas
-    hint = (f" Its first convolution looks like alpha={' or '.join(map(str, found))}." if found
-            and alpha not in found else "")
+    hint = _alpha_hint(probe.conv1_alphas, alpha)
     if probe.nested_models:
       layers = _read_nested_mobilenet(path, probe.nested_models, alpha)
       if layers is None:
@@ -233,17 +234,11 @@ def _read_source(source: Any, alpha: float, alpha_setting: str = _CONFIG_ALPHA) 
             f"Check {alpha_setting} against the file; or save that model with model.save('model.keras') and "
             "give the '.keras' file, which records each layer's name.")
       return layers
-    # A file that does not fit makes Keras warn once per layer it cannot fill before it raises: the error
-    # below says it all. The warnings of a load that succeeds are passed on.
-    with warnings.catch_warnings(record=True) as caught:
-      warnings.simplefilter("always")
-      try:
-        model = _keras_mobilenet(alpha, str(path))
-      except ValueError as e:
-        raise WeightsError(f"{path}: does not load into a Keras MobileNetV2 with alpha={alpha} "
-                           f"({_first_line(e)}).{hint} Check {alpha_setting} against the file.") from None
-    for warning in caught:
-      warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    try:
+      model = _keras_loading(lambda: _keras_mobilenet(alpha, str(path)))
+    except ValueError as e:
+      raise WeightsError(f"{path}: does not load into a Keras MobileNetV2 with alpha={alpha} "
+                         f"({_first_line(e)}).{hint} Check {alpha_setting} against the file.") from None
     return read_keras_model(model)
   if zipfile.is_zipfile(path):
     with zipfile.ZipFile(path) as archive:
@@ -267,8 +262,6 @@ def _read_nested_mobilenet(path: Path, groups: tuple[str, ...], alpha: float) ->
   its own and loaded into a Keras MobileNetV2 of ``alpha``, or into the sub-model of its U-Net taps (which
   the tutorial nests: the MobileNetV2 cut at ``block_16_project``); the first that loads is read.
   """
-  import tempfile
-
   import h5py
 
   from petseg_jax import keras_reference  # pylint: disable=g-import-not-at-top  # Imports Keras.
@@ -282,13 +275,34 @@ def _read_nested_mobilenet(path: Path, groups: tuple[str, ...], alpha: float) ->
           source.copy(source[group][key], target, key)
       for model in candidates:
         try:
-          with warnings.catch_warnings():  # Keras warns once per layer it cannot fill, then raises.
-            warnings.simplefilter("ignore")
-            model.load_weights(nested)
+          _keras_loading(functools.partial(model.load_weights, nested))
         except ValueError:  # Another architecture (a pix2pix block), or another alpha.
           continue
         return read_keras_model(model)  # A complete load: every variable of this model is the file's.
   return None
+
+
+def _keras_loading(load: Callable[[], T]) -> T:
+  """``load()`` (Keras reading a weight file), passing Keras' warnings on only if it succeeds.
+
+  A file that does not fit makes Keras warn once per layer it cannot fill before it raises: the error says it
+  all, and the caller turns it into a message of its own.
+  """
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    result = load()
+  # Once each, as Python's default filter shows them (recording saw every repeat, e.g. one per variable).
+  for key in dict.fromkeys((w.category, str(w.message), w.filename, w.lineno) for w in caught):
+    category, message, filename, lineno = key
+    warnings.warn_explicit(message, category, filename, lineno)
+  return result
+
+
+def _alpha_hint(found: Sequence[float], alpha: float) -> str:
+  """A sentence naming the alphas a file's first convolution fits (``found``), when ``alpha`` is not one."""
+  if not found or alpha in found:
+    return ""
+  return f" Its first convolution looks like alpha={' or '.join(map(str, found))}."
 
 
 def _first_line(error: Exception) -> str:
@@ -463,6 +477,55 @@ def unet_variables_from_keras(keras_model: Any, alpha: float | None = None) -> V
   decoder["params"]["last"] = {"kernel": np.asarray(kernel).transpose(0, 1, 3, 2), "bias": np.asarray(bias)}
   return {collection: {"encoder": encoder[collection], "decoder": decoder[collection]}
           for collection in ("params", "batch_stats")}
+
+
+def is_keras_file(path: str | os.PathLike) -> bool:
+  """Whether ``path`` names a Keras model or weight file (``.keras``, ``.h5``, ``.hdf5``), not a directory."""
+  return str(path).lower().endswith((".keras", ".h5", ".hdf5")) and not Path(path).is_dir()
+
+
+def unet_variables_from_keras_file(path: str | os.PathLike, alpha: float, num_classes: int = 3,
+                                   decoder_filters: Sequence[int] = (512, 256, 128, 64)) -> Variables:
+  """``UNet`` variables from a Keras file of the tutorial's whole U-Net (trained in Keras, say).
+
+  Keras reads the file into the tutorial model built with these settings (``keras_reference.keras_unet``):
+  the architecture comes from the settings, never from the file, so every file Keras loads weights from
+  works — Keras 3's ``model.save("x.keras")``, ``model.save("x.h5")`` and ``model.save_weights("x.weights.h5")``,
+  and tf.keras 2's ``.keras``, ``.h5`` and ``save_weights("x.h5")`` (Keras 3 cannot rebuild tf.keras 2's
+  MobileNetV2 from its saved config).
+
+  Raises:
+    WeightsError: the file is missing or does not load into that model; the message names the file, the
+      settings, and the alpha the file's first convolution fits, where it tells.
+  """
+  path = Path(path)
+  if not path.is_file():
+    raise WeightsError(f"Keras U-Net file {path} {'is a directory' if path.is_dir() else 'does not exist'}.")
+  from petseg_jax import keras_reference  # pylint: disable=g-import-not-at-top  # Imports Keras.
+
+  settings = f"alpha={alpha}, decoder_filters={tuple(decoder_filters)}, num_classes={num_classes}"
+  model = keras_reference.keras_unet(alpha, 128, num_classes, decoder_filters=tuple(decoder_filters))
+  try:
+    probe = _probe_hdf5(path)
+  except WeightsError:  # Its layers read only as a MobileNetV2's do not; Keras reads the U-Net below.
+    probe = _Hdf5Probe()
+  legacy_alpha = None if probe.legacy_layers is None else _infer_alpha(probe.legacy_layers)
+  hint = _alpha_hint(probe.conv1_alphas if legacy_alpha is None else (legacy_alpha,), alpha)
+  with tempfile.TemporaryDirectory() as tmp:
+    source = path
+    if probe.legacy_layers is not None and path.name.endswith(".weights.h5"):
+      # Keras reads a '.weights.h5' name as its own layout only: a legacy file saved under that name is
+      # given to it under a '.h5' one.
+      source = Path(tmp) / (path.name[:-len(".weights.h5")] + ".h5")
+      source.symlink_to(path.resolve())
+    try:
+      _keras_loading(lambda: model.load_weights(str(source)))
+    except Exception as e:  # Keras raises ValueError, TypeError, KeyError, OSError... for files that do not fit.
+      raise WeightsError(
+          f"{path}: does not load into the tutorial U-Net with {settings} ({_first_line(e)}).{hint} Check "
+          "config.model.alpha, config.model.decoder_filters and config.model.num_classes against the model "
+          "that saved it.") from None
+  return unet_variables_from_keras(model, alpha)
 
 
 def save_encoder_variables(path: str | os.PathLike, variables: Variables, alpha: float) -> None:

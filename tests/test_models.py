@@ -486,6 +486,79 @@ def test_convert_script_names_its_alpha_flag_when_the_file_differs(tmp_path):
   assert "Set --alpha to one of those" in imagenet.stderr and "encoder_weights" not in imagenet.stderr
 
 
+# ----------------------------------------------------------------------------- a whole Keras U-Net's file
+
+
+@pytest.fixture(scope="module")
+def keras_unet_files(tmp_path_factory):
+  """The tutorial U-Net (alpha 0.35, random weights) saved each way Keras saves it, its input and its logits."""
+  pytest.importorskip("keras")
+  h5py = pytest.importorskip("h5py")
+  from tests.keras_reference import keras_unet, randomize_keras_weights  # pylint: disable=g-import-not-at-top
+
+  model = keras_unet(0.35, 96)
+  randomize_keras_weights(model, seed=11)
+  directory = tmp_path_factory.mktemp("keras_unet")
+  model.save(directory / "unet.keras")
+  model.save(directory / "unet.h5")  # Keras 3 writes a whole model in the legacy HDF5 format.
+  model.save_weights(directory / "unet.weights.h5")
+  # tf.keras 2's save_weights("unet.h5"): the legacy file's 'model_weights' group, as the file's root (the
+  # layout of a file tf_keras 2.21 wrote; such files load the same, checked by hand).
+  with h5py.File(directory / "unet.h5", "r") as whole, h5py.File(directory / "legacy.h5", "w") as legacy:
+    group = whole["model_weights"]
+    legacy.attrs.update(group.attrs)
+    for key in group:
+      whole.copy(group[key], legacy, key)
+  (directory / "legacy_named.weights.h5").write_bytes((directory / "legacy.h5").read_bytes())
+  x = _random((2, 96, 96, 3), seed=12)
+  return directory, x, np.asarray(model(x, training=False))
+
+
+@pytest.mark.parametrize("name", ["unet.keras", "unet.h5", "unet.weights.h5", "legacy.h5", "legacy_named.weights.h5"])
+def test_a_whole_keras_unet_file_gives_the_same_function(keras_unet_files, name):
+  directory, x, expected = keras_unet_files
+  assert weights.is_keras_file(directory / name)
+  variables = weights.unet_variables_from_keras_file(directory / name, 0.35)
+  logits = jax.jit(UNet(alpha=0.35).apply)(variables, x)
+  assert relative_error(logits, expected) < 1e-4
+
+
+def test_a_keras_unet_file_of_another_model_names_the_settings(keras_unet_files):
+  directory, _, _ = keras_unet_files
+  with pytest.raises(weights.WeightsError) as info:
+    weights.unet_variables_from_keras_file(directory / "legacy.h5", 1.0)
+  message = str(info.value)
+  assert "legacy.h5: does not load into the tutorial U-Net with alpha=1.0" in message, message
+  assert "looks like alpha=0.35" in message and "config.model.alpha" in message, message
+  with pytest.raises(weights.WeightsError, match=r"unet.keras: .*decoder_filters=\(256, 128, 64, 32\)"):
+    weights.unet_variables_from_keras_file(directory / "unet.keras", 0.35, decoder_filters=(256, 128, 64, 32))
+  with pytest.raises(weights.WeightsError, match="nothing.keras does not exist"):
+    weights.unet_variables_from_keras_file(directory / "nothing.keras", 0.35)
+  assert not weights.is_keras_file(directory)  # A run's workdir, whatever its name.
+
+
+def test_import_script_writes_a_run_that_gives_the_keras_logits(keras_unet_files, tmp_path):
+  from petseg_jax import inference  # pylint: disable=g-import-not-at-top
+  from tests import trained_run  # pylint: disable=g-import-not-at-top
+  directory, x, expected = keras_unet_files
+  workdir = tmp_path / "imported"
+  command = ("import_keras_unet.py", "--source", directory / "unet.keras", "--workdir", workdir,
+             "--config.model.alpha=0.35")
+  unsaid, imported = trained_run.run_scripts(command, command + ("--config.data.input_range=[0,1]",))
+  # How the inputs were scaled is not in the file, and a wrong guess gives a wrong model: it must be said.
+  assert unsaid.returncode != 0 and "--config.data.input_range='[0,1]'" in unsaid.stderr, unsaid.stderr
+  assert imported.returncode == 0, imported.stderr
+  assert f"Evaluate it: python scripts/evaluate.py --workdir {workdir}" in imported.stdout
+  config = inference.load_config(workdir)
+  assert config.data.input_range == "[0,1]" and config.model.encoder_weights == ""
+  assert config.model.init_from == str((directory / "unet.keras").resolve())
+  model, variables, step = inference.restore_model(config, workdir, "latest")
+  assert step == 0
+  assert relative_error(jax.jit(model.apply)(variables, x), expected) < 1e-4
+  (again,) = trained_run.run_scripts(command + ("--config.data.input_range=[0,1]",))
+  assert again.returncode == 1 and "holds a run's checkpoints already" in again.stderr, again.stderr
+
+
 def test_bundled_weights_equal_the_keras_file():
   if not WEIGHTS_035.exists():
     pytest.skip("shared weights not found")

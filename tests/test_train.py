@@ -220,6 +220,7 @@ sys.path.insert(0, sys.argv[1])
 import jax
 import numpy as np
 from petseg_jax import train
+from petseg_jax import weights
 from tests.test_train import _state, _three_steps_and_an_eval, tiny_config
 
 assert jax.local_device_count() == 2, jax.local_devices()
@@ -491,15 +492,28 @@ def test_resume_refuses_an_incompatible_config(uninterrupted_run):
 
 def test_init_from_a_previous_run(uninterrupted_run, initial_state):
   workdir, final = uninterrupted_run
-  loaded = train.load_init_from(initial_state, str(workdir / checkpoint.LATEST_DIR))
+  config = tiny_config()
+  config.model.init_from = str(workdir / checkpoint.LATEST_DIR)
+  loaded = train.load_init_from(initial_state, train.read_init_from(config))
   assert loaded.step == 0
   assert _trees_equal(loaded.params, final.params)
   assert _trees_equal(loaded.batch_stats, final.batch_stats)
   # A model whose last layer has another shape (e.g. other num_classes) is refused.
   params = jax.tree.map(lambda x: x, initial_state.params)
   params["decoder"]["last"] = jax.tree.map(lambda x: x[..., :2], params["decoder"]["last"])
-  with pytest.raises(checkpoint.CheckpointError, match="do not fit this model"):
-    train.load_init_from(initial_state.replace(params=params), str(workdir))
+  config.model.init_from = str(workdir)
+  with pytest.raises(checkpoint.CheckpointError, match=r"init_from=.*\(step 16\): its params do not fit"):
+    train.load_init_from(initial_state.replace(params=params), train.read_init_from(config))
+
+
+def test_init_from_does_not_read_the_encoder_weights_it_replaces(monkeypatch):
+  """E.g. the tutorial config's 'imagenet' beside model.init_from=unet.keras: no download is tried."""
+  config = tiny_config()
+  config.model.init_from = "runs/earlier"
+  config.model.encoder_weights = "imagenet"
+  monkeypatch.setattr(weights, "load_encoder_variables", lambda *args: pytest.fail("read the encoder weights"))
+  train.create_train_state(jax.random.PRNGKey(0), config, train.create_model(config),
+                           train.create_learning_rate_fn(config.train, 100), STEPS_PER_EPOCH)
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):

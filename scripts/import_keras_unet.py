@@ -1,0 +1,78 @@
+"""Imports the tutorial's whole U-Net, saved by Keras, as a petseg_jax run at step 0.
+
+  python scripts/import_keras_unet.py --source unet.keras --workdir runs/keras_unet \
+      --config.data.input_range='[0,1]' [--config configs/default.py] [--config.model.alpha=0.35 ...]
+
+Keras reads ``--source`` into the tutorial model built from the config's ``model.alpha``,
+``model.decoder_filters`` and ``model.num_classes`` (default: the tutorial's, alpha 1.0): Keras 3's
+``model.save("unet.keras")``, ``model.save("unet.h5")`` or ``model.save_weights("unet.weights.h5")``, or
+tf.keras 2's ``.keras``, ``.h5`` or ``save_weights("unet.h5")``. The workdir then holds ``config.json`` and a
+step-0 checkpoint of the training state (``model.init_from`` records the file), so that
+
+  python scripts/evaluate.py --workdir runs/keras_unet [--config.data.source=folder --config.data.data_dir=…]
+  python scripts/predict.py --workdir runs/keras_unet --output runs/keras_unet/predictions IMAGE...
+
+measure and use the Keras model with petseg_jax's exact metrics. To train on from it, start a run with
+``--config.model.init_from=unet.keras`` instead. A Keras file does not record how its inputs were scaled,
+so ``--config.data.input_range`` must be given: ``'[0,1]'`` for the tutorial's ``normalize`` (image / 255),
+``'[-1,1]'`` for ``keras.applications.mobilenet_v2.preprocess_input``.
+"""
+
+import sys
+from pathlib import Path
+
+# Config files import their base as `from configs import default`: make the repo root importable.
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from absl import app  # pylint: disable=g-import-not-at-top
+from absl import flags
+from ml_collections import config_flags
+import tensorflow as tf
+
+from petseg_jax import checkpoint  # pylint: disable=g-import-not-at-top
+from petseg_jax import inference
+from petseg_jax import input_pipeline
+from petseg_jax import train
+from petseg_jax import weights
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("source", None, "The Keras U-Net: a .keras, .h5 or .weights.h5 file.")
+flags.DEFINE_string("workdir", None, "The new run's directory (must hold no checkpoints yet).")
+config_flags.DEFINE_config_file(
+    "config", str(REPO_ROOT / "configs" / "default.py"),
+    "The run's configuration: its model settings must describe the Keras model; override fields with "
+    "--config.section.key=value.", lock_config=True)
+flags.mark_flags_as_required(["source", "workdir"])
+
+INPUT_RANGE_FLAG = "--config.data.input_range"
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if not any(arg.startswith(INPUT_RANGE_FLAG) for arg in sys.argv):
+    raise app.UsageError(
+        f"Say how the Keras model's inputs were scaled: {INPUT_RANGE_FLAG}='[0,1]' (the tutorial's "
+        "normalize, image / 255) or '[-1,1]' (mobilenet_v2.preprocess_input). A Keras file does not record it, "
+        "and the wrong one gives a wrong model, not an error.")
+  if not weights.is_keras_file(FLAGS.source):
+    raise app.UsageError(f"--source={FLAGS.source!r} is not a Keras file (.keras, .h5, .weights.h5).")
+  tf.config.set_visible_devices([], "GPU")  # Keras reads a file; the accelerators are JAX's.
+  config = FLAGS.config
+  config.model.init_from = str(Path(FLAGS.source).resolve())
+  config.model.encoder_weights = ""  # The whole model, encoder included, comes from the file.
+  try:
+    train.write_initial_run(config, FLAGS.workdir)
+  except (train.ConfigError, weights.WeightsError, checkpoint.CheckpointError, input_pipeline.DataError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+  model = config.model
+  print(f"wrote {FLAGS.workdir}: step 0 of the Keras U-Net {FLAGS.source} (alpha={model.alpha}, "
+        f"decoder_filters={tuple(model.decoder_filters)}, num_classes={model.num_classes}, inputs in "
+        f"{config.data.input_range}). Evaluate it: python scripts/evaluate.py --workdir {FLAGS.workdir}")
+
+
+if __name__ == "__main__":
+  # parse_flags: a --config.x=y naming a field the config lacks gets a message instead of a traceback.
+  app.run(main, flags_parser=inference.parse_flags)
