@@ -211,10 +211,7 @@ def _read_source(source: Any, alpha: float, alpha_setting: str = _CONFIG_ALPHA) 
   name = path.name
   if name.endswith(".keras"):
     if not zipfile.is_zipfile(path):
-      raise WeightsError(
-          f"{path}: not a Keras 3 '.keras' archive (those are zip files); it is damaged, truncated or of "
-          "another format. Re-save it with model.save('x.keras'), or give the weights in another format "
-          "(.h5, .weights.h5, .npz).")
+      raise _not_a_keras_archive(path, "(.h5, .weights.h5, .npz)")
     import keras
 
     try:
@@ -314,6 +311,12 @@ def _first_line(error: Exception) -> str:
   if text.endswith(":") and len(lines) > 1:  # "Example error message for object <Conv2D ...>:", then why.
     text += " " + lines[1].split(" Target variable:")[0]
   return text[:500]
+
+
+def _not_a_keras_archive(path: Path, other_formats: str) -> WeightsError:
+  return WeightsError(f"{path}: not a Keras 3 '.keras' archive (those are zip files); it is damaged, truncated or "
+                      f"of another format. Re-save it with model.save('x.keras'), or give the weights in another "
+                      f"format {other_formats}.")
 
 
 def _unreadable_hdf5(path: Path, error: Exception) -> WeightsError:
@@ -503,12 +506,23 @@ def unet_variables_from_keras_file(path: str | os.PathLike, alpha: float, num_cl
     raise WeightsError(f"Keras U-Net file {path} {'is a directory' if path.is_dir() else 'does not exist'}.")
   from petseg_jax import keras_reference  # pylint: disable=g-import-not-at-top  # Imports Keras.
 
+  # The problems Keras would report from deep inside (a damaged file, an encoder's file) are named first.
+  if path.name.endswith(".keras"):
+    if not zipfile.is_zipfile(path):
+      raise _not_a_keras_archive(path, "(.h5, .weights.h5)")
+    probe = _Hdf5Probe()
+  else:
+    try:
+      probe = _probe_hdf5(path)
+    except WeightsError:  # Its layers read only as a MobileNetV2's do not; Keras reads the U-Net below.
+      probe = _Hdf5Probe()
+    if probe.open_error is not None:
+      raise _unreadable_hdf5(path, probe.open_error)
+    if probe.legacy_layers is not None and not any("transpose" in layer for layer in probe.legacy_layers):
+      raise WeightsError(f"{path}: holds no Conv2DTranspose layer, so no U-Net decoder: a MobileNetV2's weights? "
+                         "Give those to model.encoder_weights.")
   settings = f"alpha={alpha}, decoder_filters={tuple(decoder_filters)}, num_classes={num_classes}"
   model = keras_reference.keras_unet(alpha, 128, num_classes, decoder_filters=tuple(decoder_filters))
-  try:
-    probe = _probe_hdf5(path)
-  except WeightsError:  # Its layers read only as a MobileNetV2's do not; Keras reads the U-Net below.
-    probe = _Hdf5Probe()
   legacy_alpha = None if probe.legacy_layers is None else _infer_alpha(probe.legacy_layers)
   hint = _alpha_hint(probe.conv1_alphas if legacy_alpha is None else (legacy_alpha,), alpha)
   with tempfile.TemporaryDirectory() as tmp:

@@ -535,6 +535,14 @@ def test_a_keras_unet_file_of_another_model_names_the_settings(keras_unet_files)
   with pytest.raises(weights.WeightsError, match="nothing.keras does not exist"):
     weights.unet_variables_from_keras_file(directory / "nothing.keras", 0.35)
   assert not weights.is_keras_file(directory)  # A run's workdir, whatever its name.
+  # What Keras would report from deep inside is named first: a damaged file, an encoder's file.
+  cut = directory / "cut.keras"
+  cut.write_bytes((directory / "unet.keras").read_bytes()[:50_000])
+  with pytest.raises(weights.WeightsError, match=r"cut.keras: not a Keras 3 '.keras' archive .* damaged, truncated"):
+    weights.unet_variables_from_keras_file(cut, 0.35)
+  if WEIGHTS_035.exists():
+    with pytest.raises(weights.WeightsError, match=r"no U-Net decoder: a MobileNetV2's weights\? .*encoder_weights"):
+      weights.unet_variables_from_keras_file(WEIGHTS_035, 0.35)
 
 
 def test_import_script_writes_a_run_that_gives_the_keras_logits(keras_unet_files, tmp_path):
