@@ -299,10 +299,13 @@ def test_an_image_in_both_split_lists_is_refused(tmp_path, pets_sample_dir):
   assert "trainval.txt line 2" in message and "test.txt line 2" in message, message
 
 
-def test_prepared_folder_is_keyed_by_path_and_content(tmp_path, pets_sample_dir, monkeypatch):
+def test_prepared_folder_is_keyed_by_path_and_content(tmp_path, pets_sample_dir, monkeypatch, caplog):
   a = make_folder(tmp_path / "a" / "pets", pets_sample_dir, train=TRAIN_PAIRS[:2], test=TEST_PAIRS[:1])
   b = make_folder(tmp_path / "b" / "pets", pets_sample_dir, train=TRAIN_PAIRS[:2], test=TEST_PAIRS[:1])
   builder_a = folder_builder.prepare_folder_builder(str(a))
+  with caplog.at_level(logging.WARNING):  # The other setting's copy of the same contents is not stale.
+    skipping = folder_builder.prepare_folder_builder(str(a), skip_bad_examples=True)
+  assert skipping.data_dir != builder_a.data_dir and "earlier prepared" not in caplog.text
   builder_b = folder_builder.prepare_folder_builder(str(b))
   assert builder_a.data_dir != builder_b.data_dir  # Same folder name, different paths: no collision.
 
@@ -317,7 +320,16 @@ def test_prepared_folder_is_keyed_by_path_and_content(tmp_path, pets_sample_dir,
   t[:4, :4] = 3
   Image.fromarray(t).save(trimap)
   os.utime(trimap, ns=(1, 10**18))  # A changed file (size or mtime) gets a new prepared copy.
-  assert folder_builder.prepare_folder_builder(str(a)).data_dir != builder_a.data_dir
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    assert folder_builder.prepare_folder_builder(str(a)).data_dir != builder_a.data_dir
+  # The copies of the earlier contents are named (both settings'), not deleted: a run may still read them.
+  (report,) = [r.getMessage() for r in caplog.records if "earlier prepared copies" in r.getMessage()]
+  stale = sorted(Path(d).parent.name for d in (builder_a.data_dir, skipping.data_dir))
+  assert f"2 earlier prepared copies of {a}" in report and report.endswith(
+      f"{', '.join(stale)}. Runs on the folder as it is now do not use them; delete them once no run started "
+      "before the change still reads them."), report
+  assert Path(builder_b.data_dir).parent.name not in report and Path(builder_a.data_dir).is_dir()
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -8,7 +8,8 @@
 The folder is only read. The prepared tfds data goes to the tfds data dir (`TFDS_DATA_DIR`, default
 `~/tensorflow_datasets`) as `pets_folder/<folder name>_<fingerprint>/1.0.0`: the fingerprint covers the
 folder's absolute path, the split lists and the size and mtime of every listed file, so different folders
-or changed contents get their own copy, and an unchanged folder is never rebuilt.
+or changed contents get their own copy, and an unchanged folder is never rebuilt. Copies of a folder's earlier
+contents are named in a warning when the new one is built, never deleted (a run may still be reading them).
 
 Everything is validated by a fast pre-scan (file headers, trimaps) before the build starts, and problems are
 reported all at once. The build itself decodes every image fully (truncation shows only there). tfds writes
@@ -20,9 +21,11 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import hashlib
+import json
 import logging as std_logging
 import os
 import re
+from pathlib import Path
 from typing import Iterator
 
 from absl import logging
@@ -428,7 +431,7 @@ def prepare_folder_builder(data_dir: str, *, skip_bad_examples: bool = False,
   root = tfds_data_dir or default_tfds_data_dir()
 
   def make_builder(entries=None) -> PetsFolder:
-    config = tfds.core.BuilderConfig(name=name, description=f"Folder {layout.root}")
+    config = tfds.core.BuilderConfig(name=name, description=_description(layout))
     return PetsFolder(layout=layout, entries=entries, skip_bad_examples=skip_bad_examples, config=config,
                       data_dir=root)
 
@@ -447,5 +450,34 @@ def prepare_folder_builder(data_dir: str, *, skip_bad_examples: bool = False,
     if make_builder().is_prepared():
       return make_builder()
     raise
+  # The copy with the other skip_bad_examples setting is current too; any other copy of this folder is of
+  # contents it no longer has.
+  current = {name, config_name(layout, fingerprint(layout, splits, not skip_bad_examples))}
+  earlier = [copy for copy in prepared_copies(root, layout) if copy.name not in current]
+  if earlier:
+    size_mb = sum(f.stat().st_size for copy in earlier for f in copy.rglob("*") if f.is_file()) / 2**20
+    logging.warning(
+        "%d earlier prepared copies of %s (%.0f MB: of earlier contents, or of an earlier petseg_jax) remain in "
+        "%s: %s. "
+        "Runs on the folder as it is now do not use them; delete them once no run started before the change "
+        "still reads them.", len(earlier), layout.root, size_mb, earlier[0].parent,
+        ", ".join(copy.name for copy in earlier))
   return builder
+
+
+def _description(layout: Layout) -> str:
+  return f"Folder {layout.root}"  # Recorded in each copy's dataset_info.json: how prepared_copies finds them.
+
+
+def prepared_copies(tfds_data_dir: str | os.PathLike, layout: Layout) -> list[Path]:
+  """The prepared copies of ``layout``'s folder in ``tfds_data_dir`` (``pets_folder/<config>``), any contents."""
+  copies = []
+  for info in sorted(Path(tfds_data_dir).glob(f"{PetsFolder.name}/*/{PetsFolder.VERSION}/dataset_info.json")):
+    try:
+      description = json.loads(info.read_text()).get("configDescription")
+    except (OSError, ValueError):  # Being written or removed by another process: not a copy to report.
+      continue
+    if description == _description(layout):
+      copies.append(info.parent.parent)
+  return copies
 
