@@ -1,6 +1,7 @@
 """Atomic file writes: whoever reads the file (or a crash interrupts the write) sees the old file or the new.
 
-Used for config.json, metrics.jsonl rewrites, a sweep's JSON status files and converted weights. Imports
+Used for config.json, metrics.jsonl rewrites, a sweep's JSON status files, converted weights and exported
+Keras models. Imports
 neither JAX nor TensorFlow: the sweep driver (``ablation``) uses it too.
 """
 
@@ -14,12 +15,32 @@ from typing import BinaryIO, Iterator
 
 
 @contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+  """Yields a temporary file name beside ``path`` that replaces ``path`` when the block ends without an exception.
+
+  For writers that take a file name (Keras' ``model.save`` picks the format by the name's ending, so the
+  temporary name ends as ``path`` does). The same file system, so the rename is atomic; the file is fsynced
+  first. If the block raises, the temporary file is removed and ``path`` is left as it was.
+  """
+  path = Path(path)
+  # A name of its own per write: two processes writing the same file never write into each other's temporary.
+  temporary = path.with_name(f".{secrets.token_hex(4)}.tmp.{path.name}")
+  try:
+    yield temporary
+    with open(temporary, "rb") as f:
+      os.fsync(f.fileno())  # The data is on disk before the rename makes it the file.
+    os.replace(temporary, path)
+  except BaseException:
+    temporary.unlink(missing_ok=True)
+    raise
+
+
+@contextlib.contextmanager
 def atomic_output(path: str | os.PathLike) -> Iterator[BinaryIO]:
   """Yields a binary file whose content replaces ``path`` when the block ends without an exception.
 
-  The file is a temporary one beside ``path`` (the same file system, so the rename is atomic); it is
-  flushed and fsynced, then renamed over ``path``. If the block raises, it is removed and ``path`` is left
-  as it was.
+  The file is a temporary one beside ``path`` (``atomic_path``): whoever reads ``path`` meanwhile, or after a
+  crash, sees the old file or the new one. If the block raises, ``path`` is left as it was.
 
   Args:
     path: the file to write; its directory must exist.
@@ -27,19 +48,10 @@ def atomic_output(path: str | os.PathLike) -> Iterator[BinaryIO]:
   Yields:
     The temporary file, open for writing in binary mode.
   """
-  path = Path(path)
-  # A name of its own per write: two processes writing the same file never write into each other's
-  # temporary. Mode "x" creates it with the usual permissions (tempfile.mkstemp would make it 0600).
-  temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-  try:
+  with atomic_path(path) as temporary:
+    # Mode "x" creates it with the usual permissions (tempfile.mkstemp would make it 0600).
     with open(temporary, "xb") as f:
       yield f
-      f.flush()
-      os.fsync(f.fileno())  # The data is on disk before the rename makes it the file.
-    os.replace(temporary, path)
-  except BaseException:
-    temporary.unlink(missing_ok=True)
-    raise
 
 
 def write_atomically(path: str | os.PathLike, data: str | bytes) -> None:

@@ -1,10 +1,11 @@
-"""Using a trained workdir: its config and checkpoint, evaluation of a split, prediction on image files.
+"""Using a trained workdir: its config and checkpoint, evaluation of a split, prediction on image files, export.
 
-The library side of ``scripts/evaluate.py`` and ``scripts/predict.py``. Evaluation runs the training loop's
-own ``train.eval_step``/``train.evaluate`` on ``input_pipeline.EvalInput`` (every image exactly once), so
-its numbers are those the run logged for the same checkpoint and data. Prediction preprocesses images with
-``input_pipeline.preprocess_images`` (the evaluation preprocessing) and predicts batches padded to one
-fixed shape, whatever the images' sizes (``train.Predictor``).
+The library side of ``scripts/evaluate.py``, ``scripts/predict.py`` and ``scripts/export_keras_unet.py``.
+Evaluation runs the training loop's own ``train.eval_step``/``train.evaluate`` on ``input_pipeline.EvalInput``
+(every image exactly once), so its numbers are those the run logged for the same checkpoint and data.
+Prediction preprocesses images with ``input_pipeline.preprocess_images`` (the evaluation preprocessing) and
+predicts batches padded to one fixed shape, whatever the images' sizes (``train.Predictor``). Export writes the
+run's model as the tutorial's Keras U-Net, checked against it first.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import optax
 from PIL import Image
 
 from petseg_jax import checkpoint
+from petseg_jax import files as files_lib
 from petseg_jax import input_pipeline
 from petseg_jax import metrics as metrics_lib
 from petseg_jax import models
@@ -174,6 +176,60 @@ def restore_model(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
           f"{collection} differ. Do not override config.model.* fields (alpha, decoder_filters, "
           "num_classes) of a trained run.")
   return model, variables, step
+
+
+# --- export ----------------------------------------------------------------------------------------------
+
+# Largest |Keras logits - ours| / max|ours| an exported float32 model may show on random inputs.
+EXPORT_TOLERANCE = 1e-4
+
+
+def export_keras_unet(config: ml_collections.ConfigDict, variables: dict[str, Any], path: str | os.PathLike
+                      ) -> float:
+  """Writes the run's model as the tutorial's Keras U-Net, after checking that Keras computes its function.
+
+  The Keras model (``keras_reference.keras_unet`` of ``config.model``'s alpha, decoder_filters and num_classes,
+  float32) gets ``variables`` (``weights.unet_variables_to_keras``); its logits on two random images of
+  ``config.data``'s size and input range are compared with the float32 ``UNet``'s, and only then is it saved,
+  atomically, in the format ``path``'s ending picks (``.keras``, ``.h5``, ``.weights.h5``). Its inputs are
+  scaled as ``config.data.input_range`` says; a bfloat16-trained run is exported in float32 (its weights are).
+
+  Returns:
+    The largest difference between the two models' logits, relative to the largest logit.
+
+  Raises:
+    WorkdirError: ``path`` has no Keras ending, the models differ, or the file cannot be written.
+    weights.WeightsError: the variables do not fit the Keras model of ``config.model``.
+  """
+  from petseg_jax import keras_reference  # pylint: disable=g-import-not-at-top  # Imports Keras.
+  from petseg_jax import weights  # pylint: disable=g-import-not-at-top
+
+  path = Path(path)
+  if not path.name.endswith((".keras", ".h5")):
+    raise WorkdirError(f"{path}: name the Keras file '.keras' (Keras 3's format), '.h5' (legacy whole model) or "
+                       "'.weights.h5' (weights only).")
+  m, size = config.model, config.data.image_size
+  keras_model = keras_reference.keras_unet(m.alpha, size, m.num_classes, decoder_filters=tuple(m.decoder_filters))
+  weights.unet_variables_to_keras(variables, keras_model)
+  low = 0.0 if config.data.input_range == "[0,1]" else -1.0
+  images = np.random.default_rng(0).uniform(low, 1.0, (2, size, size, 3)).astype(np.float32)
+  float32_model = models.create_model(ml_collections.ConfigDict({**m.to_dict(), "dtype": "float32"}))
+  ours = np.asarray(jax.jit(float32_model.apply)(variables, images), np.float64)
+  theirs = np.asarray(keras_model(images, training=False), np.float64)
+  difference = float(np.max(np.abs(theirs - ours)) / max(float(np.max(np.abs(ours))), 1e-12))
+  if not difference <= EXPORT_TOLERANCE:
+    raise WorkdirError(f"The Keras model does not compute this model's function (logits differ by "
+                       f"{difference:.2g} of their scale); {path} was not written.")
+  try:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with files_lib.atomic_path(path) as temporary:
+      if path.name.endswith(".weights.h5"):
+        keras_model.save_weights(temporary)
+      else:
+        keras_model.save(temporary)
+  except OSError as e:
+    raise WorkdirError(f"Cannot write {path} ({e}).") from e
+  return difference
 
 
 # --- evaluation ------------------------------------------------------------------------------------------

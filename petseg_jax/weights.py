@@ -451,13 +451,29 @@ def unet_variables_from_keras(keras_model: Any, alpha: float | None = None) -> V
   (Conv2DTranspose → BatchNormalization [→ Dropout] → ReLU), and a last Conv2DTranspose with bias.
   The decoder layers are found in the model's (topological) layer order.
   """
-  import keras
-
   layers = read_keras_model(keras_model)
   alpha = alpha if alpha is not None else _infer_alpha(layers)
   if alpha is None:
     raise WeightsError("Cannot infer the encoder alpha from the Keras model; pass alpha=.")
   encoder = _convert_layers(layers, encoder_template(alpha), f"Keras model '{keras_model.name}'", alpha)
+  blocks, last = _tutorial_decoder(keras_model)
+  decoder: Variables = {"params": {}, "batch_stats": {}}
+  for i, (conv, bn) in enumerate(blocks):
+    gamma, beta, mean, var = (np.asarray(w) for w in bn.get_weights())
+    decoder["params"][f"up_{i}"] = {
+        "conv_transpose": {"kernel": np.asarray(conv.get_weights()[0]).transpose(0, 1, 3, 2)},
+        "bn": {"scale": gamma, "bias": beta}}
+    decoder["batch_stats"][f"up_{i}"] = {"bn": {"mean": mean, "var": var}}
+  kernel, bias = last.get_weights()
+  decoder["params"]["last"] = {"kernel": np.asarray(kernel).transpose(0, 1, 3, 2), "bias": np.asarray(bias)}
+  return {collection: {"encoder": encoder[collection], "decoder": decoder[collection]}
+          for collection in ("params", "batch_stats")}
+
+
+def _tutorial_decoder(keras_model: Any) -> tuple[list[tuple[Any, Any]], Any]:
+  """The (Conv2DTranspose, BatchNormalization) of each pix2pix upsample block of a Keras model built as in the
+  tutorial, in the model's (topological) layer order, and its last Conv2DTranspose."""
+  import keras
 
   upsample_blocks = [l for l in keras_model.layers
                      if isinstance(l, keras.Sequential)
@@ -467,19 +483,71 @@ def unet_variables_from_keras(keras_model: Any, alpha: float | None = None) -> V
     raise WeightsError(
         f"Keras model '{keras_model.name}' is not built like the tutorial: expected upsample Sequentials "
         f"and one top-level Conv2DTranspose, found {len(upsample_blocks)} and {len(last)}.")
-  decoder: Variables = {"params": {}, "batch_stats": {}}
-  for i, block in enumerate(upsample_blocks):
-    conv = next(s for s in block.layers if isinstance(s, keras.layers.Conv2DTranspose))
-    bn = next(s for s in block.layers if isinstance(s, keras.layers.BatchNormalization))
-    gamma, beta, mean, var = (np.asarray(w) for w in bn.get_weights())
-    decoder["params"][f"up_{i}"] = {
-        "conv_transpose": {"kernel": np.asarray(conv.get_weights()[0]).transpose(0, 1, 3, 2)},
-        "bn": {"scale": gamma, "bias": beta}}
-    decoder["batch_stats"][f"up_{i}"] = {"bn": {"mean": mean, "var": var}}
-  kernel, bias = last[0].get_weights()
-  decoder["params"]["last"] = {"kernel": np.asarray(kernel).transpose(0, 1, 3, 2), "bias": np.asarray(bias)}
-  return {collection: {"encoder": encoder[collection], "decoder": decoder[collection]}
-          for collection in ("params", "batch_stats")}
+  blocks = [(next(s for s in block.layers if isinstance(s, keras.layers.Conv2DTranspose)),
+             next(s for s in block.layers if isinstance(s, keras.layers.BatchNormalization)))
+            for block in upsample_blocks]
+  return blocks, last[0]
+
+
+def unet_variables_to_keras(variables: Variables, keras_model: Any) -> None:
+  """Sets a Keras model built as in the tutorial (``keras_reference.keras_unet``) to ``UNet`` variables.
+
+  The inverse of ``unet_variables_from_keras``: each encoder layer by its Keras name, the decoder's blocks in
+  order, kernels transposed back to Keras' layouts.
+
+  Raises:
+    WeightsError: the Keras model's layers or shapes are not the variables' (another alpha, decoder_filters
+      or num_classes), naming the layer.
+  """
+  host = jax.device_get(variables)
+  blocks, last = _tutorial_decoder(keras_model)
+  decoder = {collection: host[collection]["decoder"] for collection in ("params", "batch_stats")}
+  encoder = {collection: host[collection]["encoder"] for collection in ("params", "batch_stats")}
+  num_blocks = sum(1 for name in decoder["params"] if name.startswith("up_"))
+  if len(blocks) != num_blocks:
+    raise WeightsError(f"Keras model '{keras_model.name}' has {len(blocks)} upsample blocks; the variables "
+                       f"have {num_blocks} (decoder_filters).")
+  decoder_layers = {id(layer) for pair in blocks for layer in pair} | {id(last)}
+  encoder_layers: dict[str, Any] = {}
+
+  def visit(layer: Any) -> None:
+    children = getattr(layer, "layers", None)
+    if children:  # The down_stack sub-model, or an upsample Sequential.
+      for child in children:
+        visit(child)
+    elif layer.weights and id(layer) not in decoder_layers:
+      encoder_layers[layer.name] = layer
+
+  visit(keras_model)
+  names = set(encoder["params"]) | set(encoder["batch_stats"])
+  if set(encoder_layers) != names:
+    differing = sorted(set(encoder_layers) ^ names)
+    raise WeightsError(f"Keras model '{keras_model.name}' and the variables differ in encoder layers "
+                       f"{differing[:5]}{' ...' if len(differing) > 5 else ''}: another architecture.")
+  for name, layer in encoder_layers.items():
+    _set_keras_layer(layer, {collection: encoder[collection].get(name, {}) for collection in encoder},
+                     transpose_kernel=name.endswith("depthwise"))
+  for i, (conv, bn) in enumerate(blocks):
+    _set_keras_layer(conv, {"params": decoder["params"][f"up_{i}"]["conv_transpose"]}, transpose_kernel=True)
+    _set_keras_layer(bn, {collection: decoder[collection][f"up_{i}"]["bn"] for collection in decoder})
+  _set_keras_layer(last, {"params": decoder["params"]["last"]}, transpose_kernel=True)
+
+
+def _set_keras_layer(layer: Any, arrays: Mapping[str, Mapping[str, Any]], transpose_kernel: bool = False) -> None:
+  """``layer.set_weights`` from Flax ``{collection: {variable: array}}``, in the layer's variable order."""
+  values = []
+  for weight in layer.weights:
+    keras_var = _var_name(weight.path if hasattr(weight, "path") else weight.name)
+    collection, flax_var = _KERAS_TO_FLAX[keras_var]
+    if flax_var not in arrays.get(collection, {}):
+      raise WeightsError(f"Keras layer '{layer.name}': the variables have no {collection} '{flax_var}' for it.")
+    value = np.asarray(arrays[collection][flax_var], np.float32)
+    # Depthwise (3, 3, 1, C) → (3, 3, C, 1); transposed convolution (3, 3, in, out) → (3, 3, out, in).
+    values.append(value.transpose(0, 1, 3, 2) if transpose_kernel and flax_var == "kernel" else value)
+  try:
+    layer.set_weights(values)
+  except ValueError as e:  # Another shape: another alpha, decoder width or number of classes.
+    raise WeightsError(f"Keras layer '{layer.name}': {_first_line(e)}") from None
 
 
 def is_keras_file(path: str | os.PathLike) -> bool:

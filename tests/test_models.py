@@ -545,14 +545,22 @@ def test_a_keras_unet_file_of_another_model_names_the_settings(keras_unet_files)
       weights.unet_variables_from_keras_file(WEIGHTS_035, 0.35)
 
 
-def test_import_script_writes_a_run_that_gives_the_keras_logits(keras_unet_files, tmp_path):
+@pytest.fixture(scope="module")
+def imported_run(keras_unet_files, tmp_path_factory):
+  """scripts/import_keras_unet.py run on unet.keras, without and with the input range: (workdir, results)."""
+  from tests import trained_run  # pylint: disable=g-import-not-at-top
+  directory, _, _ = keras_unet_files
+  workdir = tmp_path_factory.mktemp("imported") / "run"
+  command = ("import_keras_unet.py", "--source", directory / "unet.keras", "--workdir", workdir,
+             "--config.model.alpha=0.35")
+  return workdir, command, trained_run.run_scripts(command, command + ("--config.data.input_range=[0,1]",))
+
+
+def test_import_script_writes_a_run_that_gives_the_keras_logits(keras_unet_files, imported_run):
   from petseg_jax import inference  # pylint: disable=g-import-not-at-top
   from tests import trained_run  # pylint: disable=g-import-not-at-top
   directory, x, expected = keras_unet_files
-  workdir = tmp_path / "imported"
-  command = ("import_keras_unet.py", "--source", directory / "unet.keras", "--workdir", workdir,
-             "--config.model.alpha=0.35")
-  unsaid, imported = trained_run.run_scripts(command, command + ("--config.data.input_range=[0,1]",))
+  workdir, command, (unsaid, imported) = imported_run
   # How the inputs were scaled is not in the file, and a wrong guess gives a wrong model: it must be said.
   assert unsaid.returncode != 0 and "--config.data.input_range='[0,1]'" in unsaid.stderr, unsaid.stderr
   assert imported.returncode == 0, imported.stderr
@@ -565,6 +573,40 @@ def test_import_script_writes_a_run_that_gives_the_keras_logits(keras_unet_files
   assert relative_error(jax.jit(model.apply)(variables, x), expected) < 1e-4
   (again,) = trained_run.run_scripts(command + ("--config.data.input_range=[0,1]",))
   assert again.returncode == 1 and "holds a run's checkpoints already" in again.stderr, again.stderr
+
+
+def test_export_script_writes_the_run_as_a_keras_model_of_the_same_function(imported_run, tmp_path):
+  keras = pytest.importorskip("keras")
+  from petseg_jax import inference  # pylint: disable=g-import-not-at-top
+  from tests import trained_run  # pylint: disable=g-import-not-at-top
+  from tests.keras_reference import keras_unet  # pylint: disable=g-import-not-at-top
+  workdir, _, _ = imported_run
+  outputs = [tmp_path / "out" / "unet.keras", tmp_path / "unet.weights.h5", tmp_path / "unet.npz"]
+  results = trained_run.run_scripts(
+      *[("export_keras_unet.py", "--workdir", workdir, "--output", output) for output in outputs])
+  for result in results[:2]:
+    assert result.returncode == 0 and "its logits equal the run's within" in result.stdout, result.stderr
+  assert results[2].returncode == 1 and "name the Keras file '.keras'" in results[2].stderr, results[2].stderr
+  assert sorted(p.name for p in tmp_path.rglob("*")) == ["out", "unet.keras", "unet.weights.h5"]  # No temporaries.
+  config = inference.load_config(workdir)
+  model, variables, _ = inference.restore_model(config, workdir, "latest")
+  x = np.random.default_rng(13).uniform(0, 1, (2, 128, 128, 3)).astype(np.float32)  # Its [0,1] inputs.
+  ours = jax.jit(model.apply)(variables, x)
+  whole = keras.models.load_model(outputs[0], compile=False)
+  assert relative_error(whole(x, training=False), ours) < 1e-4
+  weights_only = keras_unet(0.35, 128)
+  weights_only.load_weights(outputs[1])
+  assert relative_error(weights_only(x, training=False), ours) < 1e-4
+
+
+def test_variables_of_another_model_do_not_go_into_a_keras_unet():
+  pytest.importorskip("keras")
+  from tests.keras_reference import keras_unet  # pylint: disable=g-import-not-at-top
+  variables = _random_variables(UNet(alpha=0.35), (1, 64, 64, 3))
+  with pytest.raises(weights.WeightsError, match=r"Keras layer 'block_1_project': .*\(1, 1, 48, 8\)"):
+    weights.unet_variables_to_keras(variables, keras_unet(0.5, 64))
+  with pytest.raises(weights.WeightsError, match=r"has 3 upsample blocks; the variables have 4"):
+    weights.unet_variables_to_keras(variables, keras_unet(0.35, 64, decoder_filters=(256, 128, 64)))
 
 
 def test_bundled_weights_equal_the_keras_file():
