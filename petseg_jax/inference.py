@@ -214,8 +214,10 @@ def export_keras_unet(config: ml_collections.ConfigDict, variables: dict[str, An
   low = 0.0 if config.data.input_range == "[0,1]" else -1.0
   images = np.random.default_rng(0).uniform(low, 1.0, (2, size, size, 3)).astype(np.float32)
   float32_model = models.create_model(ml_collections.ConfigDict({**m.to_dict(), "dtype": "float32"}))
-  ours = np.asarray(jax.jit(float32_model.apply)(variables, images), np.float64)
-  theirs = np.asarray(keras_model(images, training=False), np.float64)
+  # Full float32 products on GPUs too (their default is TF32), for Keras' JAX backend as well.
+  with jax.default_matmul_precision("highest"):
+    ours = np.asarray(jax.jit(float32_model.apply)(variables, images), np.float64)
+    theirs = np.asarray(keras_model(images, training=False), np.float64)
   difference = float(np.max(np.abs(theirs - ours)) / max(float(np.max(np.abs(ours))), 1e-12))
   if not difference <= EXPORT_TOLERANCE:
     raise WorkdirError(f"The Keras model does not compute this model's function (logits differ by "
