@@ -59,11 +59,15 @@ class CheckpointError(ValueError):
   """A checkpoint or workdir that cannot be used; the message says which and what to do."""
 
 
+def _checkpointed(state: Any) -> dict[str, Any]:
+  """The checkpointed part of a TrainState."""
+  return {"step": state.step, "params": state.params, "batch_stats": state.batch_stats,
+          "opt_state": state.opt_state}
+
+
 def _state_dict(state: Any) -> dict[str, Any]:
   """The checkpointed part of a TrainState, as host NumPy copies (never views of donated buffers)."""
-  tree = {"step": state.step, "params": state.params, "batch_stats": state.batch_stats,
-          "opt_state": state.opt_state}
-  return jax.tree.map(lambda x: np.array(x, copy=True), jax.device_get(tree))
+  return jax.tree.map(lambda x: np.array(x, copy=True), jax.device_get(_checkpointed(state)))
 
 
 def _check_finite(tree: dict[str, Any], step: int) -> None:
@@ -234,7 +238,9 @@ def _read_raw(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
 
 
 def _restore_into(manager: ocp.CheckpointManager, step: int, target_state: Any) -> Any:
-  target = _state_dict(target_state)
+  # Only the target's structure, shapes and dtypes count: it may be abstract (``train.abstract_train_state``).
+  target = jax.tree.map(lambda x: np.zeros(np.shape(x), getattr(x, "dtype", None) or np.asarray(x).dtype),
+                        _checkpointed(target_state))  # (A new state's step is a Python int.)
   _quiet_failed_reads()
   try:
     tree = manager.restore(step, args=ocp.args.StandardRestore(target))
@@ -307,8 +313,9 @@ def _locate(workdir: str | os.PathLike, which: str | int) -> tuple[ocp.Checkpoin
 def restore(workdir: str | os.PathLike, which: str | int = "latest", target_state: Any = None) -> Any:
   """Restores checkpoint ``which`` ("latest" | "best" | step) of a workdir into ``target_state``.
 
-  ``target_state`` is a TrainState built for the run's config (``train.create_train_state``); the result
-  is that state with step, params, batch_stats and opt_state from the checkpoint.
+  ``target_state`` is a TrainState built for the run's config (``train.create_train_state``, or its shapes:
+  ``train.abstract_train_state``); the result is that state with step, params, batch_stats and opt_state from
+  the checkpoint.
   """
   manager, step = _locate(workdir, which)
   with manager:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import functools
 import hashlib
 import json
 import os
@@ -25,7 +24,6 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 from absl import app
 from absl import flags
 import jax
-import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_flags
 import numpy as np
@@ -166,9 +164,7 @@ def restore_model(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
   except checkpoint.CheckpointError as e:
     raise WorkdirError(str(e)) from e
   model = train.create_model(config)
-  size = config.data.image_size
-  expected = jax.eval_shape(functools.partial(model.init, train=False), jax.random.PRNGKey(0),
-                            jnp.zeros((1, size, size, 3), jnp.float32))
+  expected = train.variable_shapes(model, config.data.image_size)
   for collection in ("params", "batch_stats"):
     if _shapes(expected[collection]) != _shapes(variables[collection]):
       raise WorkdirError(

@@ -138,17 +138,25 @@ def unfreeze_step(config: ml_collections.ConfigDict, steps_per_epoch: int) -> in
   return config.train.unfreeze_after_epochs * steps_per_epoch
 
 
+def variable_shapes(model: models.UNet, image_size: int) -> dict[str, Any]:
+  """``{"params", "batch_stats"}`` of ``model`` as ``jax.ShapeDtypeStruct``s (nothing is computed)."""
+  return jax.eval_shape(functools.partial(model.init, train=False), jax.random.PRNGKey(0),
+                        jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32))
+
+
 def create_train_state(rng: jax.Array, config: ml_collections.ConfigDict, model: models.UNet,
-                       learning_rate_fn: optax.Schedule, steps_per_epoch: int) -> TrainState:
-  """Initial state: random init, ``model.encoder_weights`` loaded, the freezing optimizer.
+                       learning_rate_fn: optax.Schedule, steps_per_epoch: int,
+                       variables: dict[str, Any] | None = None) -> TrainState:
+  """Initial state: ``variables``, or a random init with ``model.encoder_weights`` loaded; the freezing optimizer.
 
   With ``model.init_from`` set the encoder weights are not read: ``load_init_from`` replaces every parameter
   and statistic (so an 'imagenet' left in the config needs no network).
   """
-  # The weight file first: a wrong path or alpha fails before the (slower) initialization compiles.
-  encoder = (None if config.model.init_from else
-             weights.load_encoder_variables(config.model.encoder_weights or None, config.model.alpha))
-  variables = initialized(rng, config.data.image_size, model, encoder)
+  if variables is None:
+    # The weight file first: a wrong path or alpha fails before the (slower) initialization compiles.
+    encoder = (None if config.model.init_from else
+               weights.load_encoder_variables(config.model.encoder_weights or None, config.model.alpha))
+    variables = initialized(rng, config.data.image_size, model, encoder)
   try:
     labels = optim.param_labels(variables["params"], config.train.frozen_params)
   except ValueError as e:
@@ -158,6 +166,15 @@ def create_train_state(rng: jax.Array, config: ml_collections.ConfigDict, model:
                               unfreeze_step=unfreeze_step(config, steps_per_epoch))
   return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
                            batch_stats=variables["batch_stats"])
+
+
+def abstract_train_state(config: ml_collections.ConfigDict, model: models.UNet,
+                         learning_rate_fn: optax.Schedule, steps_per_epoch: int) -> TrainState:
+  """``create_train_state``'s state as ``jax.ShapeDtypeStruct``s: what a resumed run restores its checkpoint
+  into. Nothing is computed or read (no initializer compiled, no encoder weights needed)."""
+  return jax.eval_shape(
+      lambda variables: create_train_state(None, config, model, learning_rate_fn, steps_per_epoch, variables),
+      variable_shapes(model, config.data.image_size))
 
 
 def encoder_frozen(config: ml_collections.ConfigDict, params: Any, step: int, steps_per_epoch: int) -> bool:
@@ -730,7 +747,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   model = create_model(config)
   init_rng, dropout_rng = jax.random.split(jax.random.PRNGKey(config.seed))
   learning_rate_fn = create_learning_rate_fn(config.train, total_steps)
-  state = create_train_state(init_rng, config, model, learning_rate_fn, steps_per_epoch)
+  if resuming:  # Restored from the checkpoint: only its shapes are needed.
+    state = abstract_train_state(config, model, learning_rate_fn, steps_per_epoch)
+  else:
+    state = create_train_state(init_rng, config, model, learning_rate_fn, steps_per_epoch)
   if init_from is not None:
     state = load_init_from(state, init_from)
 
@@ -809,6 +829,9 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, ckpt: checkpoint.Ch
                       "config_before_step_%d.json.", resume_step,
                       "; ".join(f"{key}: {saved!r} -> {now!r}" for key, (saved, now) in changes.items()),
                       resume_step)
+  elif isinstance(state.step, jax.ShapeDtypeStruct):  # Only its shapes: made to restore a checkpoint into.
+    raise checkpoint.CheckpointError(f"The checkpoints in {workdir} were removed while this run started to "
+                                     "resume them; run the command again.")
   checkpoint.write_config(workdir, config, keep_previous_at=resume_step if changes else None)
   # Records after the starting step belong to a crashed attempt; they are redone. So is its best checkpoint
   # (else its mIoU stays the bar, and `--checkpoint best` may restore a model of another config).

@@ -419,7 +419,12 @@ def test_resume_after_sigterm_is_bit_identical(uninterrupted_run, tmp_path, monk
   assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # Handlers restored.
   monkeypatch.undo()
 
+  # The checkpoint holds every value: a resume neither reads the encoder weights (a file since removed, or
+  # 'imagenet' offline) nor compiles the initializer.
+  monkeypatch.setattr(weights, "load_encoder_variables", lambda *args: pytest.fail("read the encoder weights"))
+  monkeypatch.setattr(train, "initialized", lambda *args: pytest.fail("initialized a state to overwrite"))
   resumed = train.train_and_evaluate(tiny_config(), workdir)
+  monkeypatch.undo()
   _, final = uninterrupted_run
   assert resumed.step == final.step
   assert _trees_equal(resumed.params, final.params)
