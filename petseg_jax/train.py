@@ -149,13 +149,13 @@ def create_train_state(rng: jax.Array, config: ml_collections.ConfigDict, model:
                        variables: dict[str, Any] | None = None) -> TrainState:
   """Initial state: ``variables``, or a random init with ``model.encoder_weights`` loaded; the freezing optimizer.
 
-  With ``model.init_from`` set the encoder weights are not read: ``load_init_from`` replaces every parameter
-  and statistic (so an 'imagenet' left in the config needs no network).
+  ``variables``: ``{"params", "batch_stats"}`` to start from (``checked_init_from``'s, for ``model.init_from``:
+  then no encoder weights are read, so an 'imagenet' left in the config needs no network, and no initializer
+  is compiled); ``rng`` is not used then.
   """
   if variables is None:
     # The weight file first: a wrong path or alpha fails before the (slower) initialization compiles.
-    encoder = (None if config.model.init_from else
-               weights.load_encoder_variables(config.model.encoder_weights or None, config.model.alpha))
+    encoder = weights.load_encoder_variables(config.model.encoder_weights or None, config.model.alpha)
     variables = initialized(rng, config.data.image_size, model, encoder)
   try:
     labels = optim.param_labels(variables["params"], config.train.frozen_params)
@@ -211,19 +211,25 @@ def read_init_from(config: ml_collections.ConfigDict) -> tuple[dict[str, Any], s
   return variables, f"model.init_from={path!r} (step {step})"
 
 
-def load_init_from(state: TrainState, init_from: tuple[dict[str, Any], str]) -> TrainState:
-  """``state`` with the params and batch_stats of ``read_init_from``'s result (its optimizer state kept)."""
+def checked_init_from(model: models.UNet, image_size: int, init_from: tuple[dict[str, Any], str]
+                      ) -> dict[str, Any]:
+  """``read_init_from``'s params and batch_stats, checked against ``model``'s shapes and put on the device: what
+  ``create_train_state`` starts from.
+
+  Raises:
+    checkpoint.CheckpointError: they are another model's, naming where they came from.
+  """
   variables, source = init_from
+  expected = variable_shapes(model, image_size)
   for collection in ("params", "batch_stats"):
-    expected = jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), getattr(state, collection))
-    found = jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), variables[collection])
-    if expected != found:
+    shapes = [jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), tree[collection])
+              for tree in (expected, variables)]
+    if shapes[0] != shapes[1]:
       raise checkpoint.CheckpointError(
           f"{source}: its {collection} do not fit this model; check model.alpha, model.decoder_filters and "
           "model.num_classes against its config.json.")
   logging.info("Initialized params and batch_stats from %s.", source)
-  return state.replace(params=jax.tree.map(jnp.asarray, variables["params"]),
-                       batch_stats=jax.tree.map(jnp.asarray, variables["batch_stats"]))
+  return {collection: jax.tree.map(jnp.asarray, variables[collection]) for collection in ("params", "batch_stats")}
 
 
 def _loss(config: ml_collections.ConfigDict, logits: jax.Array, labels: jax.Array,
@@ -750,9 +756,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   if resuming:  # Restored from the checkpoint: only its shapes are needed.
     state = abstract_train_state(config, model, learning_rate_fn, steps_per_epoch)
   else:
-    state = create_train_state(init_rng, config, model, learning_rate_fn, steps_per_epoch)
-  if init_from is not None:
-    state = load_init_from(state, init_from)
+    start = None if init_from is None else checked_init_from(model, config.data.image_size, init_from)
+    state = create_train_state(init_rng, config, model, learning_rate_fn, steps_per_epoch, start)
 
   _make_workdir(workdir)
   with checkpoint.lock_workdir(workdir):
@@ -792,14 +797,13 @@ def write_initial_run(config: ml_collections.ConfigDict, workdir: str | os.PathL
       raise checkpoint.CheckpointError(f"{workdir} holds a run's checkpoints already; pass a new --workdir.")
 
   refuse_a_run()
-  init_from = read_init_from(config) if config.model.init_from else None
+  model = create_model(config)
+  start = (checked_init_from(model, config.data.image_size, read_init_from(config)) if config.model.init_from
+           else None)
   init_rng, _ = jax.random.split(jax.random.PRNGKey(config.seed))  # As train_and_evaluate's.
   # The learning-rate schedule and the epoch length shape the optimizer's updates, not its state: training
   # builds its own when it resumes.
-  state = create_train_state(init_rng, config, create_model(config), create_learning_rate_fn(config.train, 1),
-                             steps_per_epoch=1)
-  if init_from is not None:
-    state = load_init_from(state, init_from)
+  state = create_train_state(init_rng, config, model, create_learning_rate_fn(config.train, 1), 1, start)
   _make_workdir(workdir)
   with checkpoint.lock_workdir(workdir):
     refuse_a_run()  # Again, holding the lock: another process may have started a run here meanwhile.

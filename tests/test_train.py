@@ -495,30 +495,39 @@ def test_resume_refuses_an_incompatible_config(uninterrupted_run):
     train.train_and_evaluate(config, workdir)
 
 
-def test_init_from_a_previous_run(uninterrupted_run, initial_state):
+def test_init_from_a_previous_run(uninterrupted_run):
   workdir, final = uninterrupted_run
   config = tiny_config()
   config.model.init_from = str(workdir / checkpoint.LATEST_DIR)
-  loaded = train.load_init_from(initial_state, train.read_init_from(config))
-  assert loaded.step == 0
-  assert _trees_equal(loaded.params, final.params)
-  assert _trees_equal(loaded.batch_stats, final.batch_stats)
-  # A model whose last layer has another shape (e.g. other num_classes) is refused.
-  params = jax.tree.map(lambda x: x, initial_state.params)
-  params["decoder"]["last"] = jax.tree.map(lambda x: x[..., :2], params["decoder"]["last"])
+  model = train.create_model(config)
+  loaded = train.checked_init_from(model, config.data.image_size, train.read_init_from(config))
+  assert _trees_equal(loaded["params"], final.params)
+  assert _trees_equal(loaded["batch_stats"], final.batch_stats)
+  # A model whose last layer has another shape (other num_classes) is refused.
   config.model.init_from = str(workdir)
+  config.model.num_classes = 2
   with pytest.raises(checkpoint.CheckpointError, match=r"init_from=.*\(step 16\): its params do not fit"):
-    train.load_init_from(initial_state.replace(params=params), train.read_init_from(config))
+    train.checked_init_from(train.create_model(config), config.data.image_size, train.read_init_from(config))
 
 
-def test_init_from_does_not_read_the_encoder_weights_it_replaces(monkeypatch):
-  """E.g. the tutorial config's 'imagenet' beside model.init_from=unet.keras: no download is tried."""
+def test_a_run_from_init_from_reads_no_encoder_weights_and_compiles_no_initializer(uninterrupted_run, tmp_path,
+                                                                                   monkeypatch):
+  """E.g. the tutorial config's 'imagenet' beside model.init_from=unet.keras: no download is tried, and no
+  random state is made to be overwritten. Here through write_initial_run (what scripts/import_keras_unet.py
+  runs), whose step-0 checkpoint then holds the earlier run's parameters and a fresh optimizer."""
+  workdir, final = uninterrupted_run
   config = tiny_config()
-  config.model.init_from = "runs/earlier"
+  config.model.init_from = str(workdir)
   config.model.encoder_weights = "imagenet"
   monkeypatch.setattr(weights, "load_encoder_variables", lambda *args: pytest.fail("read the encoder weights"))
-  train.create_train_state(jax.random.PRNGKey(0), config, train.create_model(config),
-                           train.create_learning_rate_fn(config.train, 100), STEPS_PER_EPOCH)
+  monkeypatch.setattr(train, "initialized", lambda *args: pytest.fail("initialized a state to overwrite"))
+  train.write_initial_run(config, tmp_path / "from_earlier")
+  variables, step = checkpoint.restore_variables(tmp_path / "from_earlier")
+  assert step == 0
+  assert _trees_equal(variables["params"], final.params)
+  assert _trees_equal(variables["batch_stats"], final.batch_stats)
+  with pytest.raises(checkpoint.CheckpointError, match="holds a run's checkpoints already"):
+    train.write_initial_run(config, tmp_path / "from_earlier")
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
