@@ -779,8 +779,8 @@ def _make_workdir(workdir: Path) -> None:
 def write_initial_run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> TrainState:
   """Writes the state ``config`` starts training from into a new ``workdir``: a run at step 0.
 
-  The state is ``train_and_evaluate``'s first (``model.encoder_weights`` and ``model.init_from`` loaded),
-  saved as the workdir's step-0 checkpoint beside its ``config.json``. ``scripts/evaluate.py`` and
+  The state is ``train_and_evaluate``'s first (``model.init_from``'s variables, or a random init with
+  ``model.encoder_weights``), saved as the workdir's step-0 checkpoint beside its ``config.json``. ``scripts/evaluate.py`` and
   ``scripts/predict.py`` read it like any run, and ``scripts/train.py`` resumes it: how
   ``scripts/import_keras_unet.py`` turns a Keras U-Net into a run.
 
