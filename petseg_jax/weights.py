@@ -1,4 +1,4 @@
-"""Keras ⇄ Flax weight import for the MobileNetV2 encoder and the tutorial U-Net.
+"""Keras ⇄ Flax weights: the MobileNetV2 encoder and the tutorial U-Net in, the U-Net out.
 
 Keras layer names are kept as Flax module names, so conversion is a rename of each layer's variables:
 ``kernel``/``depthwise_kernel`` → ``kernel``, ``gamma`` → ``scale``, ``beta`` → ``bias``,
