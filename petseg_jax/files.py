@@ -1,8 +1,7 @@
 """Atomic file writes: whoever reads the file (or a crash interrupts the write) sees the old file or the new.
 
 Used for config.json, metrics.jsonl rewrites, a sweep's JSON status files, converted weights and exported
-Keras models. Imports
-neither JAX nor TensorFlow: the sweep driver (``ablation``) uses it too.
+Keras models. Imports neither JAX nor TensorFlow: the sweep driver (``ablation``) uses it too.
 """
 
 from __future__ import annotations

@@ -148,10 +148,6 @@ def parse_flags(argv: list[str]) -> list[str]:
     return app.parse_flags_with_usage(argv)
 
 
-def _shapes(tree: Any) -> Any:
-  return jax.tree.map(lambda x: (tuple(x.shape), str(np.dtype(x.dtype))), tree)
-
-
 def restore_model(config: ml_collections.ConfigDict, workdir: str | os.PathLike, which: str | int
                   ) -> tuple[models.UNet, dict[str, Any], int]:
   """``(model, {"params", "batch_stats"}, step)`` of checkpoint ``which`` ("latest" | "best" | step).
@@ -164,13 +160,11 @@ def restore_model(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
   except checkpoint.CheckpointError as e:
     raise WorkdirError(str(e)) from e
   model = train.create_model(config)
-  expected = train.variable_shapes(model, config.data.image_size)
-  for collection in ("params", "batch_stats"):
-    if _shapes(expected[collection]) != _shapes(variables[collection]):
-      raise WorkdirError(
-          f"The checkpoint of step {step} in {workdir} does not fit the model of the config: its "
-          f"{collection} differ. Do not override config.model.* fields (alpha, decoder_filters, "
-          "num_classes) of a trained run.")
+  for collection in train.mismatched_collections(model, config.data.image_size, variables)[:1]:
+    raise WorkdirError(
+        f"The checkpoint of step {step} in {workdir} does not fit the model of the config: its "
+        f"{collection} differ. Do not override config.model.* fields (alpha, decoder_filters, "
+        "num_classes) of a trained run.")
   return model, variables, step
 
 

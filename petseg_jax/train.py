@@ -144,6 +144,14 @@ def variable_shapes(model: models.UNet, image_size: int) -> dict[str, Any]:
                         jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32))
 
 
+def mismatched_collections(model: models.UNet, image_size: int, variables: dict[str, Any]) -> list[str]:
+  """The collections of ``variables`` ("params", "batch_stats") whose tree, shapes or dtypes are not ``model``'s."""
+  expected = variable_shapes(model, image_size)
+  signature = lambda tree: jax.tree.map(lambda x: (tuple(x.shape), str(np.dtype(x.dtype))), tree)
+  return [collection for collection in ("params", "batch_stats")
+          if signature(expected[collection]) != signature(variables[collection])]
+
+
 def create_train_state(rng: jax.Array, config: ml_collections.ConfigDict, model: models.UNet,
                        learning_rate_fn: optax.Schedule, steps_per_epoch: int,
                        variables: dict[str, Any] | None = None) -> TrainState:
@@ -220,14 +228,10 @@ def checked_init_from(model: models.UNet, image_size: int, init_from: tuple[dict
     checkpoint.CheckpointError: they are another model's, naming where they came from.
   """
   variables, source = init_from
-  expected = variable_shapes(model, image_size)
-  for collection in ("params", "batch_stats"):
-    shapes = [jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), tree[collection])
-              for tree in (expected, variables)]
-    if shapes[0] != shapes[1]:
-      raise checkpoint.CheckpointError(
-          f"{source}: its {collection} do not fit this model; check model.alpha, model.decoder_filters and "
-          "model.num_classes against its config.json.")
+  for collection in mismatched_collections(model, image_size, variables)[:1]:
+    raise checkpoint.CheckpointError(
+        f"{source}: its {collection} do not fit this model; check model.alpha, model.decoder_filters and "
+        "model.num_classes against its config.json.")
   logging.info("Initialized params and batch_stats from %s.", source)
   return {collection: jax.tree.map(jnp.asarray, variables[collection]) for collection in ("params", "batch_stats")}
 
@@ -780,9 +784,9 @@ def write_initial_run(config: ml_collections.ConfigDict, workdir: str | os.PathL
   """Writes the state ``config`` starts training from into a new ``workdir``: a run at step 0.
 
   The state is ``train_and_evaluate``'s first (``model.init_from``'s variables, or a random init with
-  ``model.encoder_weights``), saved as the workdir's step-0 checkpoint beside its ``config.json``. ``scripts/evaluate.py`` and
-  ``scripts/predict.py`` read it like any run, and ``scripts/train.py`` resumes it: how
-  ``scripts/import_keras_unet.py`` turns a Keras U-Net into a run.
+  ``model.encoder_weights``), saved as the workdir's step-0 checkpoint beside its ``config.json``.
+  ``scripts/evaluate.py`` and ``scripts/predict.py`` read it like any run, and ``scripts/train.py`` resumes
+  it: how ``scripts/import_keras_unet.py`` turns a Keras U-Net into a run.
 
   Raises:
     ConfigError, input_pipeline.DataError, weights.WeightsError: an unusable config (before anything is written).

@@ -458,9 +458,8 @@ def prepare_folder_builder(data_dir: str, *, skip_bad_examples: bool = False,
     size_mb = sum(f.stat().st_size for copy in earlier for f in copy.rglob("*") if f.is_file()) / 2**20
     logging.warning(
         "%d earlier prepared copies of %s (%.0f MB: of earlier contents, or of an earlier petseg_jax) remain in "
-        "%s: %s. "
-        "Runs on the folder as it is now do not use them; delete them once no run started before the change "
-        "still reads them.", len(earlier), layout.root, size_mb, earlier[0].parent,
+        "%s: %s. Runs on the folder as it is now do not use them; delete them once no run started before the "
+        "change still reads them.", len(earlier), layout.root, size_mb, earlier[0].parent,
         ", ".join(copy.name for copy in earlier))
   return builder
 
