@@ -418,16 +418,27 @@ def _class_maps(model: models.UNet, layout: packed.Layout, packed_variables: tup
 
 
 class Predictor:
-  """``model.apply(variables, images, train=False)`` compiled for one device, the variables packed on
-  accelerators.
+  """``model.apply(variables, images, train=False)`` compiled for one device, BatchNorm folded into the
+  convolutions and the variables packed on accelerators.
 
-  The variables go to the device once, on accelerators packed into one buffer per dtype (``packed``): a
-  call then passes two arrays instead of ~270, whose per-buffer host work is a large part of a small
-  batch's call on a GPU. Compiled once per model, variable layout and image shape (shared by Predictors of
-  equal layouts, e.g. one per evaluation).
+  The BatchNorms are folded once, here (``models.fold_batch_norm``): each call then runs one operation per
+  BatchNorm instead of four, the same function up to rounding (on an H200 a batch-64 call ran 142 GPU kernels
+  instead of 190, ~10% faster; BENCHMARKS.md). The variables go to the device once, on accelerators packed
+  into one buffer per dtype (``packed``): a call then passes one or two arrays instead of ~270, whose
+  per-buffer host work is a large part of a small batch's call on a GPU. Compiled once per model, variable
+  layout and image shape (shared by Predictors of equal layouts, e.g. one per evaluation).
+
+  Args:
+    model: the U-Net (unfolded).
+    variables: its ``{"params", "batch_stats"}``.
+    concatenate: pack into one buffer per dtype (None: on accelerators only; see ``packed.pack``).
+    fold_batch_norm: fold the BatchNorms (False: run ``model`` on ``variables`` as they are).
   """
 
-  def __init__(self, model: models.UNet, variables: dict[str, Any], concatenate: bool | None = None):
+  def __init__(self, model: models.UNet, variables: dict[str, Any], concatenate: bool | None = None,
+               fold_batch_norm: bool = True):
+    if fold_batch_norm:
+      model, variables = model.clone(batch_norm_folded=True), models.fold_batch_norm(variables)
     self.model = model
     self.packed_variables, self.layout = packed.pack(variables, concatenate)
 

@@ -12,8 +12,9 @@ own by ``--mode input``). Every rate is the median over ``--steps`` timed steps 
   ``train.replicate_state`` gives it, packed on accelerators, as the loop uses it) with the encoder frozen
   and, unless ``--skip-finetune``, fine-tuning the whole network; time to the first finished step
   (initialization and compilation included); FLOPs per image from XLA's cost analysis.
-* ``infer``: the jitted ``model.apply(train=False)`` as ``train.Predictor`` runs it (on accelerators the
-  variables packed into one buffer per dtype; ``--variables packed|tree`` chooses).
+* ``infer``: the jitted ``model.apply(train=False)`` as ``train.Predictor`` runs it (BatchNorm folded into the
+  convolutions, ``--batch-norm separate`` not; on accelerators the variables packed into one buffer per
+  dtype, ``--variables packed|tree`` chooses).
 * ``input``: ``input_pipeline.TrainInput`` on real JPEGs (``--data-dir``, default the shared Oxford-IIIT
   Pet sample beside the repo, else the bundled one): the first epoch (decode + resize + cache) and later,
   cached epochs. The folder is prepared into a temporary tfds data dir, so the first epoch is a cold one.
@@ -459,11 +460,12 @@ def bench_infer(config: ml_collections.ConfigDict, args: argparse.Namespace) -> 
   model = models.create_model(config.model)
   images = jnp.asarray(synthetic_batch(batch_size, size, config.model.num_classes)["image"])
   concatenate = {"auto": None, "packed": True, "tree": False}[args.variables]
-  predictor = train.Predictor(model, random_variables(model, size), concatenate)
+  predictor = train.Predictor(model, random_variables(model, size), concatenate,
+                              fold_batch_norm=args.batch_norm == "folded")
   variables = predictor.packed_variables
   # A new function object each call (so that layers.unchunked traces afresh).
-  compile_apply = lambda: jax.jit(functools.partial(train.packed_logits, model, predictor.layout)).lower(
-      variables, images).compile()
+  compile_apply = lambda: jax.jit(functools.partial(train.packed_logits, predictor.model, predictor.layout)
+                                  ).lower(variables, images).compile()
   apply = compile_apply()
   step = lambda: jax.block_until_ready(apply(variables, images))
   step()
@@ -472,7 +474,7 @@ def bench_infer(config: ml_collections.ConfigDict, args: argparse.Namespace) -> 
   hlo_text = record_program(stats, apply, "infer", args)
   flops = xla_flops(apply, hlo_text, compile_apply)
   stats.update(compile_s=first_step_s, flops_per_image=flops / batch_size if flops else None,
-               variables="packed" if predictor.layout.concatenated else "tree")
+               variables="packed" if predictor.layout.concatenated else "tree", batch_norm=args.batch_norm)
   if args.profile:
     log(f"top {args.profile} XLA ops of one inference call:")
     stats["profile"] = profile_ops(step, hlo_text, args.profile, trace_subdir(args, "infer"))
@@ -692,6 +694,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   parser.add_argument("--variables", choices=("auto", "packed", "tree"), default="auto",
                       help="infer: the variables packed into one buffer per dtype, or as their tree of ~270 "
                            "arrays (auto: as train.Predictor does, packed on accelerators)")
+  parser.add_argument("--batch-norm", choices=("folded", "separate"), default="folded",
+                      help="infer: BatchNorm folded into the convolutions, as train.Predictor does, or run "
+                           "as four operations of its own")
   parser.add_argument("--data-dir", default="", help="input: official-layout folder (default: shared "
                       "sample beside the repo, else the bundled one)")
   parser.add_argument("--profile", type=int, default=0, metavar="N",

@@ -625,3 +625,65 @@ def test_merge_encoder_variables_replaces_only_the_encoder():
   merged = weights.merge_encoder_variables(variables, encoder)
   assert all(np.all(np.asarray(x) == 0.5) for x in jax.tree.leaves(merged["params"]["encoder"]))
   jax.tree.map(np.testing.assert_array_equal, merged["params"]["decoder"], variables["params"]["decoder"])
+
+
+# ----------------------------------------------------------------------------- BatchNorm folded for inference
+
+
+def _variables_with_real_statistics(model, size, seed=0):
+  """The model's initial kernels (activations stay of order 1, so rounding differences do not grow from layer
+  to layer as with uniform ones) and BatchNorms of other than identity statistics: scales and variances in
+  [0.5, 1.5], means and biases in [-0.5, 0.5]."""
+  variables = jax.jit(model.init)(jax.random.key(seed), jnp.zeros((1, size, size, 3)))
+  rng = np.random.default_rng(seed)
+
+  def batch_norm(path, x):
+    name = path[-1].key
+    if path[-2].key == "last" or name == "kernel":
+      return x
+    low = 0.5 if name in ("var", "scale") else -0.5
+    return rng.uniform(low, low + 1, x.shape).astype(np.float32)
+  return jax.tree_util.tree_map_with_path(batch_norm, variables)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_folded_batch_norm_is_the_same_function(dtype):
+  """UNet(batch_norm_folded=True) on fold_batch_norm's variables gives the unfolded model's logits: to
+  float32 rounding, and in bfloat16 no further from the float32 model than the unfolded bfloat16 model is."""
+  from petseg_jax.models import fold_batch_norm
+
+  size = 64
+  model = UNet(alpha=0.35, decoder_filters=(64, 32, 32, 16))
+  variables = _variables_with_real_statistics(model, size)
+  x = _random((2, size, size, 3), seed=3)
+  apply = jax.jit(lambda m, v, x: m.apply(v, x), static_argnums=0)
+  reference = apply(model, variables, x)
+  folded_variables = fold_batch_norm(variables)
+  assert set(folded_variables) == {"params"}
+  assert set(folded_variables["params"]["encoder"]["block_1_expand_BN"]) == {"bias"}
+  assert set(folded_variables["params"]["decoder"]["up_0"]["bn"]) == {"bias"}
+  if dtype == "float32":
+    assert relative_error(apply(model.clone(batch_norm_folded=True), folded_variables, x), reference) < 1e-5
+  else:
+    low = model.clone(dtype=jnp.bfloat16)
+    unfolded_error = relative_error(apply(low, variables, x), reference)
+    folded_error = relative_error(apply(low.clone(batch_norm_folded=True), folded_variables, x), reference)
+    assert 0 < folded_error < 1.5 * unfolded_error, (folded_error, unfolded_error)
+
+
+def test_folding_refuses_what_it_cannot_fold():
+  from petseg_jax.models import fold_batch_norm
+
+  model = UNet(alpha=0.35, decoder_filters=(32, 16, 16, 16))
+  variables = _variables_with_real_statistics(model, 32)
+  with pytest.raises(ValueError, match="'params' and 'batch_stats'.*got collections \\['params'\\]"):
+    fold_batch_norm({"params": variables["params"]})
+  params = dict(variables["params"]["encoder"])
+  del params["block_2_project"]
+  broken = {"params": {**variables["params"], "encoder": params}, "batch_stats": variables["batch_stats"]}
+  with pytest.raises(ValueError, match="BatchNorm encoder/block_2_project_BN .*needs the kernel "
+                                       "encoder/block_2_project/kernel.*found none"):
+    fold_batch_norm(broken)
+  with pytest.raises(ValueError, match="batch_norm_folded=True is for inference only"):
+    model.clone(batch_norm_folded=True).apply(fold_batch_norm(variables), jnp.zeros((1, 32, 32, 3)), train=True,
+                                              rngs={"dropout": jax.random.key(0)}, mutable=["batch_stats"])

@@ -178,15 +178,20 @@ def test_evaluation_sums_every_batch_fetching_each_after_later_steps_are_dispatc
 
 
 def test_predictor_is_model_apply_and_compiles_once_per_layout(initial_state):
-  """Packed variables change nothing computed; Predictors of other values reuse the compiled program."""
+  """Packed variables change nothing computed, folded BatchNorms only the rounding; Predictors of other values
+  reuse the compiled program."""
   config = tiny_config()
   model = train.create_model(config)
   variables = {"params": initial_state.params, "batch_stats": initial_state.batch_stats}
   images = _random_batch(config)["image"][0]
   expected = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, images)
-  predictor = train.Predictor(model, variables, concatenate=True)  # As on accelerators.
-  np.testing.assert_array_equal(np.asarray(predictor.logits(images)), np.asarray(expected))
-  np.testing.assert_array_equal(predictor(images), np.argmax(np.asarray(expected), -1))
+  unfolded = train.Predictor(model, variables, concatenate=True, fold_batch_norm=False)  # As on accelerators.
+  np.testing.assert_array_equal(np.asarray(unfolded.logits(images)), np.asarray(expected))
+  predictor = train.Predictor(model, variables, concatenate=True)
+  assert predictor.model.batch_norm_folded and "batch_stats" not in predictor.layout.treedef.node_data()[1]
+  logits = np.asarray(predictor.logits(images))
+  np.testing.assert_allclose(logits, np.asarray(expected), rtol=0, atol=1e-5 * np.abs(expected).max())
+  np.testing.assert_array_equal(predictor(images), np.argmax(logits, -1))
   compilations = train._class_maps._cache_size()  # pylint: disable=protected-access
   other = jax.tree.map(lambda x: x * 0.5, variables)
   train.Predictor(model, other, concatenate=True)(images)

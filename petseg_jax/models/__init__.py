@@ -8,7 +8,8 @@ import numbers
 import jax.numpy as jnp
 import ml_collections
 
-from petseg_jax.models.layers import IMPLS, ConvTranspose3x3s2, DepthwiseConv3x3
+from petseg_jax.models.folding import fold_batch_norm
+from petseg_jax.models.layers import IMPLS, ConvTranspose3x3s2, DepthwiseConv3x3, FoldedBatchNorm
 from petseg_jax.models.mobilenet_v2 import TAP_NAMES, MobileNetV2Encoder, make_divisible
 from petseg_jax.models.unet import Decoder, UNet, UpsampleBlock
 
@@ -65,6 +66,6 @@ def create_model(model_config: ml_collections.ConfigDict, bn_axis_name: str | No
 
 
 __all__ = [
-    "ConvTranspose3x3s2", "Decoder", "DepthwiseConv3x3", "MobileNetV2Encoder", "TAP_NAMES", "UNet",
-    "UpsampleBlock", "check_model_config", "create_model", "make_divisible",
+    "ConvTranspose3x3s2", "Decoder", "DepthwiseConv3x3", "FoldedBatchNorm", "MobileNetV2Encoder", "TAP_NAMES",
+    "UNet", "UpsampleBlock", "check_model_config", "create_model", "fold_batch_norm", "make_divisible",
 ]

@@ -580,3 +580,24 @@ class ConvTranspose3x3s2(nn.Module):
     if promoted_bias is not None:
       y = y + promoted_bias
     return y
+
+
+# --- BatchNorm folded into the convolution before it (inference) -----------------------------------------
+
+
+class FoldedBatchNorm(nn.Module):
+  """An inference-mode BatchNorm whose scale is folded into the preceding convolution's kernel: ``x + bias``.
+
+  ``petseg_jax.models.fold_batch_norm`` makes its variables from a BatchNorm's: with ``k = scale /
+  sqrt(var + eps)`` per channel, the kernel becomes ``kernel * k`` and ``bias = beta - mean * k``. Same
+  module name as the BatchNorm it replaces, so only the leaves change. Computed in ``dtype`` (float32 for
+  bfloat16 activations, as the BatchNorm it replaces).
+  """
+
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    bias = self.param("bias", nn.initializers.zeros, (x.shape[-1],), self.param_dtype)
+    return x.astype(self.dtype) + bias.astype(self.dtype)

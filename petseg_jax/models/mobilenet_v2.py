@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from petseg_jax.models.layers import Conv, DepthwiseConv3x3
+from petseg_jax.models.layers import Conv, DepthwiseConv3x3, FoldedBatchNorm
 
 Array = jax.Array
 
@@ -70,6 +70,8 @@ class MobileNetV2Encoder(nn.Module):
     dtype: computation dtype (e.g. ``jnp.bfloat16``); parameters stay float32.
     impl: convolution formulation, "fast", "reference" or "explicit" (see ``petseg_jax.models.layers``).
     bn_axis_name: pmap axis over which training-mode BatchNorm statistics are averaged.
+    batch_norm_folded: inference only: each BatchNorm is a ``FoldedBatchNorm`` (variables from
+      ``petseg_jax.models.fold_batch_norm``).
 
   Input: images (N, H, W, 3) scaled to [-1, 1], H and W divisible by 32.
   Output: dict ``{tap_name: activation}`` for the names in ``TAP_NAMES``.
@@ -79,6 +81,7 @@ class MobileNetV2Encoder(nn.Module):
   dtype: Any = None
   impl: str = "fast"
   bn_axis_name: str | None = None
+  batch_norm_folded: bool = False
 
   def _bn(self, name: str, x: Array, train: bool, relu6: bool = False) -> Array:
     """BatchNorm (and ReLU6) in float32, rounded once to ``x``'s dtype.
@@ -86,10 +89,12 @@ class MobileNetV2Encoder(nn.Module):
     With bfloat16 activations this is more accurate than rounding after every operation, and faster on CPU,
     where each bfloat16 operation is a float32 one plus a rounding step.
     """
-    y = nn.BatchNorm(
-        use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
-        dtype=jnp.promote_types(x.dtype, jnp.float32), axis_name=self.bn_axis_name if train else None,
-        name=name)(x)
+    dtype = jnp.promote_types(x.dtype, jnp.float32)
+    if self.batch_norm_folded:
+      y = FoldedBatchNorm(dtype, name=name)(x)
+    else:
+      y = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=dtype,
+                       axis_name=self.bn_axis_name if train else None, name=name)(x)
     return (jnp.clip(y, 0, 6) if relu6 else y).astype(x.dtype)
 
   def _conv1x1(self, features: int, name: str) -> Conv:

@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from petseg_jax.models.layers import ConvTranspose3x3s2
+from petseg_jax.models.layers import ConvTranspose3x3s2, FoldedBatchNorm
 from petseg_jax.models.mobilenet_v2 import TAP_NAMES, MobileNetV2Encoder
 
 Array = jax.Array
@@ -28,6 +28,7 @@ class UpsampleBlock(nn.Module):
   impl: str = "fast"
   bn_axis_name: str | None = None
   bn_momentum: float = DECODER_BN_MOMENTUM
+  batch_norm_folded: bool = False  # Inference only: a FoldedBatchNorm instead of the BatchNorm.
 
   @nn.compact
   def __call__(self, x: Array | Sequence[Array], train: bool = False) -> Array:
@@ -36,9 +37,12 @@ class UpsampleBlock(nn.Module):
                            kernel_init=nn.initializers.normal(0.02), name="conv_transpose")(x)
     # BatchNorm, dropout and ReLU in float32, rounded once to the convolution's dtype (see
     # MobileNetV2Encoder._bn).
-    y = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
-                     epsilon=DECODER_BN_EPSILON, dtype=jnp.promote_types(x.dtype, jnp.float32),
-                     axis_name=self.bn_axis_name if train else None, name="bn")(x)
+    dtype = jnp.promote_types(x.dtype, jnp.float32)
+    if self.batch_norm_folded:
+      y = FoldedBatchNorm(dtype, name="bn")(x)
+    else:
+      y = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum, epsilon=DECODER_BN_EPSILON,
+                       dtype=dtype, axis_name=self.bn_axis_name if train else None, name="bn")(x)
     if self.dropout > 0:
       y = nn.Dropout(self.dropout, deterministic=not train)(y)
     return nn.relu(y).astype(x.dtype)
@@ -54,6 +58,7 @@ class Decoder(nn.Module):
   impl: str = "fast"
   bn_axis_name: str | None = None
   bn_momentum: float = DECODER_BN_MOMENTUM
+  batch_norm_folded: bool = False
 
   @nn.compact
   def __call__(self, taps: dict[str, Array], train: bool = False) -> Array:
@@ -66,7 +71,7 @@ class Decoder(nn.Module):
     x = skips[-1]
     for i, (features, skip) in enumerate(zip(self.filters, reversed(skips[:-1]))):
       y = UpsampleBlock(features, self.dropout, self.dtype, self.impl, self.bn_axis_name,
-                        self.bn_momentum, name=f"up_{i}")(x, train)
+                        self.bn_momentum, self.batch_norm_folded, name=f"up_{i}")(x, train)
       x = (y, skip.astype(y.dtype))
     # Keras Conv2DTranspose defaults for the last layer: glorot-uniform kernel, zero bias.
     return ConvTranspose3x3s2(self.num_classes, use_bias=True, impl=self.impl, dtype=self.dtype,
@@ -82,6 +87,10 @@ class UNet(nn.Module):
   Call with ``train=True`` for training-mode BatchNorm and dropout. ``frozen_encoder=True`` runs the encoder
   as Keras does for ``trainable=False`` (BatchNorm on running statistics) and stops gradients at its
   outputs, so no encoder backward pass is computed.
+
+  ``batch_norm_folded=True`` is the same function for inference with each BatchNorm folded into the
+  convolution before it (variables from ``petseg_jax.models.fold_batch_norm``): fewer operations per call
+  (on an H200, 142 GPU kernels instead of 190 and ~10% less time for a batch-64 inference call).
   """
 
   num_classes: int = 3
@@ -92,13 +101,18 @@ class UNet(nn.Module):
   impl: str = "fast"
   bn_axis_name: str | None = None
   decoder_bn_momentum: float = DECODER_BN_MOMENTUM
+  batch_norm_folded: bool = False
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False, frozen_encoder: bool = False) -> Array:
-    taps = MobileNetV2Encoder(self.alpha, self.dtype, self.impl, self.bn_axis_name, name="encoder")(
-        x, train=train and not frozen_encoder)
+    if train and self.batch_norm_folded:
+      raise ValueError("A UNet with batch_norm_folded=True is for inference only (its BatchNorms have no "
+                       "statistics to train); call it with train=False, or train the unfolded model.")
+    taps = MobileNetV2Encoder(self.alpha, self.dtype, self.impl, self.bn_axis_name, self.batch_norm_folded,
+                              name="encoder")(x, train=train and not frozen_encoder)
     if frozen_encoder:
       taps = jax.tree.map(jax.lax.stop_gradient, taps)
     logits = Decoder(self.num_classes, tuple(self.decoder_filters), self.dropout, self.dtype, self.impl,
-                     self.bn_axis_name, self.decoder_bn_momentum, name="decoder")(taps, train=train)
+                     self.bn_axis_name, self.decoder_bn_momentum, self.batch_norm_folded,
+                     name="decoder")(taps, train=train)
     return logits.astype(jnp.float32)
