@@ -121,12 +121,17 @@ def test_infer_against_keras_json_only_with_profile(tmp_path):
 
 
 def test_infer_with_the_variables_packed_or_as_a_tree_computes_the_same():
-  """--variables packed|tree: the same convolutions, fewer or more arguments."""
+  """--variables packed|tree: the same convolutions, fewer or more arguments; --batch-norm separate: the
+  BatchNorms' own operations back."""
   packed, _ = run_benchmark("--mode", "infer", "--json", "--variables", "packed", *TINY)
   tree, _ = run_benchmark("--mode", "infer", "--json", "--variables", "tree", *TINY)
   assert (packed["variables"], tree["variables"]) == ("packed", "tree") and tree["images_per_sec"] > 0
   assert tree["hlo_fingerprint"] != packed["hlo_fingerprint"]
   assert tree["flops_per_image"] == pytest.approx(packed["flops_per_image"], rel=1e-3)
+  separate, _ = run_benchmark("--mode", "infer", "--json", "--variables", "tree", "--batch-norm", "separate", *TINY)
+  assert (tree["batch_norm"], separate["batch_norm"]) == ("folded", "separate")
+  assert separate["hlo_fingerprint"] != tree["hlo_fingerprint"]
+  assert separate["flops_per_image"] > tree["flops_per_image"]  # Three operations fewer per BatchNorm folded.
 
 
 def test_input_on_the_bundled_sample():
