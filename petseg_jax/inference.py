@@ -2,7 +2,8 @@
 
 The library side of ``scripts/evaluate.py``, ``scripts/predict.py`` and ``scripts/export_keras_unet.py``.
 Evaluation runs the training loop's own ``train.eval_step``/``train.evaluate`` on ``input_pipeline.EvalInput``
-(every image exactly once), so its numbers are those the run logged for the same checkpoint and data.
+(every image exactly once), BatchNorm folded as there and in ``train.Predictor``, so its numbers are those
+the run logged for the same checkpoint and data.
 Prediction preprocesses images with ``input_pipeline.preprocess_images`` (the evaluation preprocessing) and
 predicts batches padded to one fixed shape, whatever the images' sizes (``train.Predictor``). Export writes the
 run's model as the tutorial's Keras U-Net, checked against it first.
@@ -27,7 +28,6 @@ import jax
 import ml_collections
 from ml_collections import config_flags
 import numpy as np
-import optax
 from PIL import Image
 
 from petseg_jax import checkpoint
@@ -283,10 +283,9 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, model: models.UNet, v
   """
   eval_input = input_pipeline.EvalInput(config.data, split, config.train.batch_size,
                                         num_devices=jax.local_device_count())
-  state = train.TrainState.create(apply_fn=model.apply, params=variables["params"], tx=optax.identity(),
-                                  batch_stats=variables["batch_stats"])
-  buffers, layout = train.replicate_state(state)
-  p_eval_step = train.pmapped_eval_step(config, layout)
+  # BatchNorm folded, as the training loop's evaluation and Predictor run the model.
+  buffers, layout = train.replicate_state(models.fold_batch_norm(variables))
+  p_eval_step = train.pmapped_eval_step(config, model.clone(batch_norm_folded=True), layout)
   sums = train.evaluation_sums(p_eval_step, buffers, eval_input)
   return train.eval_metrics(sums), sums["confusion"], eval_input.num_examples
 

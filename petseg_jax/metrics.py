@@ -8,7 +8,7 @@ Typical evaluation loop::
 
   total = np.zeros((num_classes, num_classes), np.int64)  # Host-side, 64-bit: no overflow.
   for batch in eval_input:
-    total += np.asarray(eval_step(state, batch))  # eval_step returns confusion_matrix(...) (int32).
+    total += np.asarray(step(variables, batch))  # step returns confusion_matrix(...) (int32).
   metrics = compute_metrics(total)
 
 ``confusion_matrix`` counts in int32 on the device: a single call is exact for up to 2**31 - 1 pixels

@@ -263,11 +263,12 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], dropout_rng: jax.
   return new_state, {"loss": lax.pmean(loss, AXIS), "confusion": lax.psum(confusion, AXIS)}
 
 
-def eval_step(state: TrainState, batch: dict[str, jax.Array], *, config: ml_collections.ConfigDict
-              ) -> dict[str, jax.Array]:
-  """Summed loss and confusion matrix of a device's shard (padding examples have weight 0)."""
-  logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats}, batch["image"],
-                          train=False)
+def eval_step(variables: dict[str, Any], batch: dict[str, jax.Array], *, model: models.UNet,
+              config: ml_collections.ConfigDict) -> dict[str, jax.Array]:
+  """Summed loss and confusion matrix of a device's shard (padding examples have weight 0), of ``model`` in
+  inference mode on ``variables``: evaluation passes them with BatchNorm folded, the function ``Predictor``
+  computes (``pmapped_inference_variables``)."""
+  logits = model.apply(variables, batch["image"], train=False)
   weight = batch["weight"]
   # The loss is a mean over valid pixels; weight it by their number so that the split loss is exact.
   num_pixels = jnp.sum(weight) * np.prod(batch["mask"].shape[1:])
@@ -300,16 +301,36 @@ def pmapped_train_step(config: ml_collections.ConfigDict, frozen_encoder: bool, 
                                     frozen_encoder=frozen_encoder), axis_name=AXIS, donate_argnums=(0,))
 
 
-def pmapped_eval_step(config: ml_collections.ConfigDict, layout: packed.Layout) -> Callable:
-  """``eval_step`` pmapped over the local devices, on a state packed with ``layout``."""
-  return jax.pmap(lambda buffers, batch: eval_step(packed.unpack(buffers, layout), batch, config=config),
+def pmapped_inference_variables(state_layout: packed.Layout) -> tuple[Callable, packed.Layout]:
+  """A pmapped function from the replicated train state packed with ``state_layout`` (``replicate_state``) to
+  the variables evaluation runs on, on every device: BatchNorm folded into the convolutions
+  (``models.fold_batch_norm``; the model is ``model.clone(batch_norm_folded=True)``), packed as the state is;
+  and their layout. An evaluation folds once, then runs every batch on the folded variables.
+  """
+  def folded_variables(buffers: tuple[jax.Array, ...]) -> dict[str, Any]:
+    state = packed.unpack(buffers, state_layout)
+    return models.fold_batch_norm({"params": state.params, "batch_stats": state.batch_stats})
+
+  layout = packed.layout_of(jax.eval_shape(folded_variables, packed.abstract_buffers(state_layout)),
+                            state_layout.concatenated)
+  return jax.pmap(lambda buffers: packed.pack(folded_variables(buffers), layout.concatenated)[0],
+                  axis_name=AXIS), layout
+
+
+def pmapped_eval_step(config: ml_collections.ConfigDict, model: models.UNet, layout: packed.Layout
+                      ) -> Callable:
+  """``eval_step`` of ``model`` pmapped over the local devices, on variables packed with ``layout``
+  (``pmapped_inference_variables``, or ``replicate_state`` of a ``{"params", "batch_stats"}`` tree)."""
+  return jax.pmap(lambda buffers, batch: eval_step(packed.unpack(buffers, layout), batch, model=model,
+                                                   config=config),
                   axis_name=AXIS)
 
 
-def replicate_state(state: TrainState, concatenate: bool | None = None
+def replicate_state(state: TrainState | dict[str, Any], concatenate: bool | None = None
                     ) -> tuple[tuple[jax.Array, ...], packed.Layout]:
-  """``state`` packed (``packed.pack``: one buffer per dtype, by default on accelerators only) and copied to
-  every local device, as the pmapped steps take it; and its layout."""
+  """``state`` (a TrainState, or variables for ``pmapped_eval_step``) packed (``packed.pack``: one buffer per
+  dtype, by default on accelerators only) and copied to every local device, as the pmapped steps take it;
+  and its layout."""
   buffers, layout = packed.pack(jax.device_get(state), concatenate)
   return replicate(buffers), layout
 
@@ -369,8 +390,9 @@ def _run_ahead(items: Iterable[Any], ahead: int) -> Iterator[Any]:
 
 def evaluation_sums(p_eval_step: Callable, buffers: tuple[jax.Array, ...], eval_input: Any
                     ) -> dict[str, Any]:
-  """The summed ``eval_step`` outputs over the whole eval split (``pmapped_eval_step`` on ``buffers``, a state
-  from ``replicate_state``): "confusion" (int64 on the host: no overflow), "loss_sum" and "num_pixels".
+  """The summed ``eval_step`` outputs over the whole eval split (``pmapped_eval_step`` on ``buffers``, the
+  replicated packed variables of ``pmapped_inference_variables`` or ``replicate_state``): "confusion" (int64
+  on the host: no overflow), "loss_sum" and "num_pixels".
 
   Each batch's sums are fetched ``PREFETCH_BATCHES`` batches after its step is dispatched, so the host never
   waits for the step it just started (fetched at once, every batch's small output cost the devices an idle
@@ -675,13 +697,14 @@ class _Evaluator:
     self.config, self.workdir, self.model, self.eval_input = config, workdir, model, eval_input
     self.ckpt, self.writer, self.learning_rate_fn = ckpt, writer, learning_rate_fn
     self.steps_per_epoch, self.start_time, self.layout = steps_per_epoch, start_time, layout
-    self.p_eval_step = pmapped_eval_step(config, layout)
+    self.inference_variables, variables_layout = pmapped_inference_variables(layout)
+    self.p_eval_step = pmapped_eval_step(config, model.clone(batch_norm_folded=True), variables_layout)
     self.best_miou = ckpt.best_metric()
 
   def __call__(self, buffers: tuple[jax.Array, ...], step: int, train_result: dict[str, Any] | None,
                images_per_sec: float) -> None:
     """Evaluates the replicated state packed in ``buffers`` (``replicate_state``) at ``step``."""
-    eval_result = evaluate(self.p_eval_step, buffers, self.eval_input)
+    eval_result = evaluate(self.p_eval_step, self.inference_variables(buffers), self.eval_input)
     # train_steps: how many steps the train_* means cover (fewer than the interval after a resume within it).
     record = {"step": step, "epoch": round(step / self.steps_per_epoch, 3),
               **_flat_record("train", train_result),

@@ -37,6 +37,17 @@ def test_layouts_of_equal_structures_are_equal_and_hashable():
   assert other != a
 
 
+@pytest.mark.parametrize("concatenate", [True, False])
+def test_the_layout_and_buffer_shapes_follow_from_shapes_alone(concatenate):
+  """layout_of reads only shapes and dtypes (jax.eval_shape's output will do); abstract_buffers describes pack's
+  buffers, so a function of packed buffers can be traced before any exist."""
+  tree = _tree()
+  buffers, layout = packed.pack(tree, concatenate)
+  assert packed.layout_of(jax.eval_shape(lambda: tree), concatenate) == layout
+  assert [(b.shape, b.dtype) for b in packed.abstract_buffers(layout)] == [
+      (np.shape(b), jnp.asarray(b).dtype) for b in buffers]
+
+
 def test_buffers_that_do_not_fit_the_layout_are_refused():
   buffers, layout = packed.pack(_tree(), concatenate=True)
   with pytest.raises(ValueError, match="do not match their layout"):

@@ -152,8 +152,9 @@ def test_device_batches_yields_every_batch_in_order_put_ahead():
 def test_evaluation_sums_every_batch_fetching_each_after_later_steps_are_dispatched(initial_state,
                                                                                     monkeypatch):
   config = tiny_config()
-  buffers, layout = train.replicate_state(initial_state)
-  p_eval_step = train.pmapped_eval_step(config, layout)
+  inference_variables, layout = train.pmapped_inference_variables(train.replicate_state(initial_state)[1])
+  buffers = inference_variables(train.replicate_state(initial_state)[0])
+  p_eval_step = train.pmapped_eval_step(config, train.create_model(config).clone(batch_norm_folded=True), layout)
   batches = [_random_batch(config, seed=i) for i in range(5)]
   for batch in batches:
     batch["weight"] = np.ones((1, config.train.batch_size), np.float32)
@@ -205,7 +206,10 @@ def _three_steps_and_an_eval(state, num_devices):
   config = tiny_config()
   # The state packed as on accelerators (the CPU's default passes its leaves, as the loop tests do).
   (replicated, layout), rng = train.replicate_state(state, True), train.replicate(jax.random.PRNGKey(1))
-  step, evaluate = train.pmapped_train_step(config, True, layout), train.pmapped_eval_step(config, layout)
+  inference_variables, variables_layout = train.pmapped_inference_variables(layout)
+  step = train.pmapped_train_step(config, True, layout)
+  evaluate = train.pmapped_eval_step(config, train.create_model(config).clone(batch_norm_folded=True),
+                                     variables_layout)
   losses, confusions = [], []
   for batch in train.device_batches(_random_batch(config, num_devices, seed=i) for i in range(3)):
     replicated, m = step(replicated, batch, rng)
@@ -213,7 +217,7 @@ def _three_steps_and_an_eval(state, num_devices):
     confusions.append(np.asarray(m["confusion"][0]).tolist())
   batch = _random_batch(config, num_devices, seed=7)
   batch["weight"] = np.array([1.0] * 5 + [0.0] * 3, np.float32).reshape(num_devices, -1)  # 3 padding.
-  ev = jax.tree.map(lambda x: np.asarray(x[0]).tolist(), evaluate(replicated, batch))
+  ev = jax.tree.map(lambda x: np.asarray(x[0]).tolist(), evaluate(inference_variables(replicated), batch))
   final = train.host_state(replicated, layout)
   leaves = [np.asarray(x).ravel() for x in jax.tree.leaves((final.params, final.batch_stats))]
   return {"losses": losses, "confusions": confusions, "eval": ev, "variables": np.concatenate(leaves).tolist()}
