@@ -585,6 +585,20 @@ class ConvTranspose3x3s2(nn.Module):
 # --- BatchNorm folded into the convolution before it (inference) -----------------------------------------
 
 
+def batch_norm(x: Array, name: str, *, folded: bool, train: bool, momentum: float, epsilon: float,
+               axis_name: str | None) -> Array:
+  """A BatchNorm named ``name`` (call from a module's compact method), in float32 or ``x``'s dtype if wider.
+
+  ``folded``: the inference-only ``FoldedBatchNorm`` in its place; else ``nn.BatchNorm`` on running statistics
+  unless ``train``, averaging batch statistics over ``axis_name`` when training.
+  """
+  dtype = jnp.promote_types(x.dtype, jnp.float32)
+  if folded:
+    return FoldedBatchNorm(dtype, name=name)(x)
+  return nn.BatchNorm(use_running_average=not train, momentum=momentum, epsilon=epsilon, dtype=dtype,
+                      axis_name=axis_name if train else None, name=name)(x)
+
+
 class FoldedBatchNorm(nn.Module):
   """An inference-mode BatchNorm whose scale is folded into the preceding convolution's kernel: ``x + bias``.
 

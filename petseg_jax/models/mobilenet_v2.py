@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from petseg_jax.models.layers import Conv, DepthwiseConv3x3, FoldedBatchNorm
+from petseg_jax.models.layers import Conv, DepthwiseConv3x3, batch_norm
 
 Array = jax.Array
 
@@ -89,12 +89,8 @@ class MobileNetV2Encoder(nn.Module):
     With bfloat16 activations this is more accurate than rounding after every operation, and faster on CPU,
     where each bfloat16 operation is a float32 one plus a rounding step.
     """
-    dtype = jnp.promote_types(x.dtype, jnp.float32)
-    if self.batch_norm_folded:
-      y = FoldedBatchNorm(dtype, name=name)(x)
-    else:
-      y = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=dtype,
-                       axis_name=self.bn_axis_name if train else None, name=name)(x)
+    y = batch_norm(x, name, folded=self.batch_norm_folded, train=train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
+                   axis_name=self.bn_axis_name)
     return (jnp.clip(y, 0, 6) if relu6 else y).astype(x.dtype)
 
   def _conv1x1(self, features: int, name: str) -> Conv:

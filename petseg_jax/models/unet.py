@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from petseg_jax.models.layers import ConvTranspose3x3s2, FoldedBatchNorm
+from petseg_jax.models.layers import ConvTranspose3x3s2, batch_norm
 from petseg_jax.models.mobilenet_v2 import TAP_NAMES, MobileNetV2Encoder
 
 Array = jax.Array
@@ -37,12 +37,8 @@ class UpsampleBlock(nn.Module):
                            kernel_init=nn.initializers.normal(0.02), name="conv_transpose")(x)
     # BatchNorm, dropout and ReLU in float32, rounded once to the convolution's dtype (see
     # MobileNetV2Encoder._bn).
-    dtype = jnp.promote_types(x.dtype, jnp.float32)
-    if self.batch_norm_folded:
-      y = FoldedBatchNorm(dtype, name="bn")(x)
-    else:
-      y = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum, epsilon=DECODER_BN_EPSILON,
-                       dtype=dtype, axis_name=self.bn_axis_name if train else None, name="bn")(x)
+    y = batch_norm(x, "bn", folded=self.batch_norm_folded, train=train, momentum=self.bn_momentum,
+                   epsilon=DECODER_BN_EPSILON, axis_name=self.bn_axis_name)
     if self.dropout > 0:
       y = nn.Dropout(self.dropout, deterministic=not train)(y)
     return nn.relu(y).astype(x.dtype)
