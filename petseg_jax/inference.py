@@ -160,10 +160,11 @@ def restore_model(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
   except checkpoint.CheckpointError as e:
     raise WorkdirError(str(e)) from e
   model = train.create_model(config)
-  for collection in train.mismatched_collections(model, config.data.image_size, variables)[:1]:
+  mismatched = train.mismatched_collections(model, config.data.image_size, variables)
+  if mismatched:
     raise WorkdirError(
         f"The checkpoint of step {step} in {workdir} does not fit the model of the config: its "
-        f"{collection} differ. Do not override config.model.* fields (alpha, decoder_filters, "
+        f"{mismatched[0]} differ. Do not override config.model.* fields (alpha, decoder_filters, "
         "num_classes) of a trained run.")
   return model, variables, step
 

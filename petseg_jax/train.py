@@ -228,9 +228,10 @@ def checked_init_from(model: models.UNet, image_size: int, init_from: tuple[dict
     checkpoint.CheckpointError: they are another model's, naming where they came from.
   """
   variables, source = init_from
-  for collection in mismatched_collections(model, image_size, variables)[:1]:
+  mismatched = mismatched_collections(model, image_size, variables)
+  if mismatched:
     raise checkpoint.CheckpointError(
-        f"{source}: its {collection} do not fit this model; check model.alpha, model.decoder_filters and "
+        f"{source}: its {mismatched[0]} do not fit this model; check model.alpha, model.decoder_filters and "
         "model.num_classes against its config.json.")
   logging.info("Initialized params and batch_stats from %s.", source)
   return {collection: jax.tree.map(jnp.asarray, variables[collection]) for collection in ("params", "batch_stats")}

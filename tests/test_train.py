@@ -152,8 +152,9 @@ def test_device_batches_yields_every_batch_in_order_put_ahead():
 def test_evaluation_sums_every_batch_fetching_each_after_later_steps_are_dispatched(initial_state,
                                                                                     monkeypatch):
   config = tiny_config()
-  inference_variables, layout = train.pmapped_inference_variables(train.replicate_state(initial_state)[1])
-  buffers = inference_variables(train.replicate_state(initial_state)[0])
+  state_buffers, state_layout = train.replicate_state(initial_state)
+  inference_variables, layout = train.pmapped_inference_variables(state_layout)
+  buffers = inference_variables(state_buffers)
   p_eval_step = train.pmapped_eval_step(config, train.create_model(config).clone(batch_norm_folded=True), layout)
   batches = [_random_batch(config, seed=i) for i in range(5)]
   for batch in batches:
