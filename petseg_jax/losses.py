@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import jax
+from jax import lax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -108,6 +109,27 @@ def softmax_focal_loss(logits: jax.Array, labels: jax.Array, gamma: float = 2.0)
   return -modulator * log_pt
 
 
+def soft_dice_sums(logits: jax.Array, labels: jax.Array, weights: Any = None
+                   ) -> tuple[jax.Array, jax.Array]:
+  """Per-class ``(sum(w p_c y_c), sum(w p_c) + sum(w y_c))`` over every pixel, in float32 (``soft_dice_loss``).
+
+  Sums, so that those of several batches or devices add up to the sums of all of them at once.
+  """
+  logits = jnp.asarray(logits, jnp.float32)
+  labels = jnp.asarray(labels)
+  _check_shapes(logits, labels)
+  valid = _pixel_weights(weights, labels)[..., None]
+  probs = jax.nn.softmax(logits) * valid
+  onehot = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32) * valid
+  axes = tuple(range(labels.ndim))
+  return jnp.sum(probs * onehot, axis=axes), jnp.sum(probs, axis=axes) + jnp.sum(onehot, axis=axes)
+
+
+def dice_loss_from_sums(intersection: jax.Array, total: jax.Array, smooth: float = DICE_SMOOTH) -> jax.Array:
+  """``1 - mean_c (2 * intersection_c + smooth) / (total_c + smooth)`` of ``soft_dice_sums``' sums."""
+  return 1.0 - jnp.mean((2.0 * jnp.asarray(intersection) + smooth) / (jnp.asarray(total) + smooth))
+
+
 def soft_dice_loss(logits: jax.Array, labels: jax.Array, weights: Any = None,
                    smooth: float = DICE_SMOOTH) -> jax.Array:
   """``1 - mean_c soft Dice_c`` over the whole batch, from softmax probabilities, in float32.
@@ -125,18 +147,47 @@ def soft_dice_loss(logits: jax.Array, labels: jax.Array, weights: Any = None,
   Returns:
     float32 scalar in ``[0, 1]``; ~0 for a confident perfect prediction.
   """
+  return dice_loss_from_sums(*soft_dice_sums(logits, labels, weights), smooth)
+
+
+def loss_sums(logits: jax.Array, labels: jax.Array, *, loss: str = "cross_entropy",
+              class_weights: Sequence[float] | None = (), weights: Any = None, focal_gamma: float = 2.0
+              ) -> dict[str, jax.Array]:
+  """``segmentation_loss`` as sums that add up over batches and devices; ``loss_from_sums`` turns them into it.
+
+  The sums of every batch of a split give the split's loss as if it were one batch, whatever the batch size,
+  padding or number of devices: "loss_sum" (``sum(valid * class_weight[label] * pixel_loss)``) and
+  "num_pixels" (``sum(valid)``), and for "cross_entropy+dice" the Dice term's per-class
+  "dice_intersection" and "dice_total" (``soft_dice_sums``). Arguments as ``segmentation_loss``'s.
+  """
+  if loss not in LOSSES:
+    raise ValueError(f"Unknown loss {loss!r} (config train.loss); choose one of {LOSSES}.")
   logits = jnp.asarray(logits, jnp.float32)
   labels = jnp.asarray(labels)
   _check_shapes(logits, labels)
-  num_classes = logits.shape[-1]
-  valid = _pixel_weights(weights, labels)[..., None]
-  probs = jax.nn.softmax(logits) * valid
-  onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32) * valid
-  axes = tuple(range(labels.ndim))
-  intersection = jnp.sum(probs * onehot, axis=axes)
-  total = jnp.sum(probs, axis=axes) + jnp.sum(onehot, axis=axes)
-  dice = (2.0 * intersection + smooth) / (total + smooth)
-  return 1.0 - jnp.mean(dice)
+  cw = class_weight_array(class_weights, logits.shape[-1])
+  valid = _pixel_weights(weights, labels)
+
+  if loss == "focal":
+    pixel_loss = softmax_focal_loss(logits, labels, gamma=focal_gamma)
+  else:
+    # optax's dense form on one-hot labels: the same value as the integer-label form, whose gradient is a
+    # scatter-add that XLA:CPU constant-folds slowly at compile time (seconds) and runs slowly per step;
+    # with a handful of classes the one-hot product is cheaper.
+    pixel_loss = optax.softmax_cross_entropy(logits, jax.nn.one_hot(labels, logits.shape[-1]))
+  pixel_weight = valid if cw is None else valid * jnp.asarray(cw)[labels]
+  sums = {"loss_sum": jnp.sum(pixel_weight * pixel_loss), "num_pixels": jnp.sum(valid)}
+  if loss == "cross_entropy+dice":
+    sums["dice_intersection"], sums["dice_total"] = soft_dice_sums(logits, labels, weights)
+  return sums
+
+
+def loss_from_sums(sums: dict[str, Any], smooth: float = DICE_SMOOTH) -> jax.Array:
+  """The float32 loss of ``loss_sums``' sums (of one batch, or added up over many)."""
+  value = _safe_divide(jnp.asarray(sums["loss_sum"], jnp.float32), jnp.asarray(sums["num_pixels"], jnp.float32))
+  if "dice_intersection" in sums:
+    value = value + dice_loss_from_sums(sums["dice_intersection"], sums["dice_total"], smooth)
+  return value
 
 
 def segmentation_loss(
@@ -147,6 +198,7 @@ def segmentation_loss(
     class_weights: Sequence[float] | None = (),
     weights: Any = None,
     focal_gamma: float = 2.0,
+    axis_name: str | None = None,
 ) -> jax.Array:
   """Scalar float32 training/eval loss.
 
@@ -168,6 +220,10 @@ def segmentation_loss(
     weights: optional per-example ``(B,)`` or per-pixel ``(B, H, W)`` validity weights; 0 excludes a
       padding example/pixel from the loss and from the pixel count.
     focal_gamma: focusing parameter of "focal".
+    axis_name: under ``pmap``, the axis whose devices hold the batch's equal shards: the Dice term's sums are
+      ``psum``-ed, so that it is the global batch's Dice (the mean of the shards' Dice values is not), and
+      so is the ``pmean`` of the devices' gradients; the per-pixel term stays each shard's mean (with equal
+      shards, the ``pmean`` of the devices' gradients is the global mean's).
 
   Returns:
     float32 scalar: ``sum(valid * class_weight[label] * pixel_loss) / sum(valid)`` (see the module
@@ -177,23 +233,9 @@ def segmentation_loss(
   Raises:
     ValueError: for an unknown ``loss``, bad ``class_weights`` or mismatched shapes.
   """
-  if loss not in LOSSES:
-    raise ValueError(f"Unknown loss {loss!r} (config train.loss); choose one of {LOSSES}.")
-  logits = jnp.asarray(logits, jnp.float32)
-  labels = jnp.asarray(labels)
-  _check_shapes(logits, labels)
-  cw = class_weight_array(class_weights, logits.shape[-1])
-  valid = _pixel_weights(weights, labels)
-
-  if loss == "focal":
-    pixel_loss = softmax_focal_loss(logits, labels, gamma=focal_gamma)
-  else:
-    # optax's dense form on one-hot labels: the same value as the integer-label form, whose gradient is a
-    # scatter-add that XLA:CPU constant-folds slowly at compile time (seconds) and runs slowly per step;
-    # with a handful of classes the one-hot product is cheaper.
-    pixel_loss = optax.softmax_cross_entropy(logits, jax.nn.one_hot(labels, logits.shape[-1]))
-  pixel_weight = valid if cw is None else valid * jnp.asarray(cw)[labels]
-  value = _safe_divide(jnp.sum(pixel_weight * pixel_loss), jnp.sum(valid))
-  if loss == "cross_entropy+dice":
-    value = value + soft_dice_loss(logits, labels, weights)
-  return value
+  sums = loss_sums(logits, labels, loss=loss, class_weights=class_weights, weights=weights,
+                   focal_gamma=focal_gamma)
+  if axis_name is not None and "dice_intersection" in sums:
+    sums["dice_intersection"], sums["dice_total"] = lax.psum(
+        (sums["dice_intersection"], sums["dice_total"]), axis_name)
+  return loss_from_sums(sums)

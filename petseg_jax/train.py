@@ -237,10 +237,8 @@ def checked_init_from(model: models.UNet, image_size: int, init_from: tuple[dict
   return {collection: jax.tree.map(jnp.asarray, variables[collection]) for collection in ("params", "batch_stats")}
 
 
-def _loss(config: ml_collections.ConfigDict, logits: jax.Array, labels: jax.Array,
-          weights: jax.Array | None = None) -> jax.Array:
-  return losses.segmentation_loss(logits, labels, loss=config.train.loss,
-                                  class_weights=tuple(config.train.class_weights), weights=weights)
+def _loss_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  return {"loss": config.train.loss, "class_weights": tuple(config.train.class_weights)}
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], dropout_rng: jax.Array, *,
@@ -254,10 +252,12 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], dropout_rng: jax.
     logits, updates = state.apply_fn(
         {"params": params, "batch_stats": state.batch_stats}, batch["image"], train=True,
         frozen_encoder=frozen_encoder, mutable=["batch_stats"], rngs={"dropout": rng})
-    return _loss(config, logits, batch["mask"]), (logits, updates["batch_stats"])
+    # The Dice term's sums over the global batch (psum); the per-pixel term is this shard's mean.
+    loss = losses.segmentation_loss(logits, batch["mask"], **_loss_settings(config), axis_name=AXIS)
+    return loss, (logits, updates["batch_stats"])
 
   (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  # Equal shards: the mean of the per-device mean gradients is the gradient of the global-batch mean.
+  # Equal shards: the mean of the per-device gradients is the gradient of the global batch's loss.
   grads = lax.pmean(grads, AXIS)
   new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
   confusion = metrics_lib.confusion_matrix(logits, batch["mask"], num_classes=config.model.num_classes)
@@ -266,17 +266,16 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], dropout_rng: jax.
 
 def eval_step(variables: dict[str, Any], batch: dict[str, jax.Array], *, model: models.UNet,
               config: ml_collections.ConfigDict) -> dict[str, jax.Array]:
-  """Summed loss and confusion matrix of a device's shard (padding examples have weight 0), of ``model`` in
-  inference mode on ``variables``: evaluation passes them with BatchNorm folded, the function ``Predictor``
-  computes (``pmapped_inference_variables``)."""
+  """The loss's sums (``losses.loss_sums``; padding examples have weight 0) and the confusion matrix of the
+  devices' shards, summed over the devices, of ``model`` in inference mode on ``variables``: evaluation passes
+  them with BatchNorm folded, the function ``Predictor`` computes (``pmapped_inference_variables``)."""
   logits = model.apply(variables, batch["image"], train=False)
   weight = batch["weight"]
-  # The loss is a mean over valid pixels; weight it by their number so that the split loss is exact.
-  num_pixels = jnp.sum(weight) * np.prod(batch["mask"].shape[1:])
-  loss_sum = _loss(config, logits, batch["mask"], weight) * num_pixels
-  confusion = metrics_lib.confusion_matrix(logits, batch["mask"], weight,
-                                           num_classes=config.model.num_classes)
-  return lax.psum({"loss_sum": loss_sum, "num_pixels": num_pixels, "confusion": confusion}, AXIS)
+  # Sums, not the batch's loss: added up over the split they give its exact loss, whatever the batching.
+  sums = losses.loss_sums(logits, batch["mask"], **_loss_settings(config), weights=weight)
+  sums["confusion"] = metrics_lib.confusion_matrix(logits, batch["mask"], weight,
+                                                   num_classes=config.model.num_classes)
+  return lax.psum(sums, AXIS)
 
 
 def _packed_train_step(buffers: tuple[jax.Array, ...], batch: dict[str, jax.Array], dropout_rng: jax.Array, *,
@@ -393,19 +392,17 @@ def evaluation_sums(p_eval_step: Callable, buffers: tuple[jax.Array, ...], eval_
                     ) -> dict[str, Any]:
   """The summed ``eval_step`` outputs over the whole eval split (``pmapped_eval_step`` on ``buffers``, the
   replicated packed variables of ``pmapped_inference_variables`` or ``replicate_state``): "confusion" (int64
-  on the host: no overflow), "loss_sum" and "num_pixels".
+  on the host: no overflow) and the loss's sums (``losses.loss_sums``: "loss_sum", "num_pixels", ..., float64).
 
   Each batch's sums are fetched ``PREFETCH_BATCHES`` batches after its step is dispatched, so the host never
   waits for the step it just started (fetched at once, every batch's small output cost the devices an idle
   gap between steps), and at most that many steps are queued ahead of the host.
   """
-  totals: dict[str, Any] = {"confusion": 0, "loss_sum": 0.0, "num_pixels": 0.0}
+  totals: dict[str, Any] = {}
 
   def add(out: dict[str, jax.Array]) -> None:
-    out = first_replica(out)
-    totals["confusion"] = totals["confusion"] + np.asarray(out["confusion"], np.int64)
-    totals["loss_sum"] += float(out["loss_sum"])
-    totals["num_pixels"] += float(out["num_pixels"])
+    for key, value in first_replica(out).items():
+      totals[key] = totals.get(key, 0) + np.asarray(value, np.int64 if key == "confusion" else np.float64)
 
   for out in _run_ahead((p_eval_step(buffers, batch) for batch in device_batches(eval_input)), PREFETCH_BATCHES):
     add(out)
@@ -413,9 +410,10 @@ def evaluation_sums(p_eval_step: Callable, buffers: tuple[jax.Array, ...], eval_
 
 
 def eval_metrics(sums: dict[str, Any]) -> dict[str, Any]:
-  """``metrics.compute_metrics`` of ``evaluation_sums``' confusion matrix, and the mean "loss" per pixel."""
+  """``metrics.compute_metrics`` of ``evaluation_sums``' confusion matrix, and the split's "loss" from its
+  sums (``losses.loss_from_sums``: as if the split were one batch)."""
   result = metrics_lib.compute_metrics(sums["confusion"])
-  result["loss"] = sums["loss_sum"] / sums["num_pixels"]
+  result["loss"] = float(losses.loss_from_sums(sums))
   return result
 
 

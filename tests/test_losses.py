@@ -1,5 +1,11 @@
 """Tests for petseg_jax.losses."""
 
+import json
+import os
+from pathlib import Path
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -204,3 +210,68 @@ def test_bad_arguments_raise_clear_errors():
     losses.segmentation_loss(logits, labels, weights=np.ones(3))
   with pytest.raises(ValueError, match="gamma"):
     losses.segmentation_loss(logits, labels, loss="focal", focal_gamma=-1.0)
+
+
+@pytest.mark.parametrize("name", losses.LOSSES)
+def test_summed_loss_sums_give_the_loss_of_everything_at_once(name):
+  """Evaluation adds ``loss_sums`` over batches (padded ones included): the split's loss whatever the
+  batching, where a mean of batch losses depends on it (the Dice term is not a per-pixel mean)."""
+  logits, labels = _data(15, shape=(6, 5, 4))
+  settings = {"loss": name, "class_weights": (2.0, 1.0, 1.0)}
+  whole = losses.segmentation_loss(logits, labels, **settings)
+  for batch in (1, 2, 4):  # 4: the second batch holds 2 examples and 2 padding.
+    sums = []
+    for start in range(0, 6, batch):
+      part_logits, part_labels = logits[start:start + batch], labels[start:start + batch]
+      valid = np.ones(batch, np.float32)
+      valid[len(part_labels):] = 0.0
+      padding = batch - len(part_labels)
+      part_logits = np.concatenate([part_logits, np.zeros((padding,) + logits.shape[1:], np.float32)])
+      part_labels = np.concatenate([part_labels, np.zeros((padding,) + labels.shape[1:], np.int32)])
+      sums.append(losses.loss_sums(part_logits, part_labels, **settings, weights=valid))
+    total = jax.tree.map(lambda *xs: sum(np.asarray(x, np.float64) for x in xs), *sums)
+    np.testing.assert_allclose(losses.loss_from_sums(total), whole, rtol=2e-6, err_msg=f"batch {batch}")
+  assert ("dice_intersection" in sums[0]) == (name == "cross_entropy+dice")
+
+
+_PMAP_LOSS_SCRIPT = r"""
+import json, sys
+import jax, jax.numpy as jnp, numpy as np
+from petseg_jax import losses
+
+assert jax.local_device_count() == 2
+rng = np.random.default_rng(0)
+features = rng.normal(size=(8, 5, 4, 6)).astype(np.float32)  # A linear "model": logits = features @ kernel.
+labels = rng.integers(0, 3, (8, 5, 4)).astype(np.int32)
+kernel = rng.normal(size=(6, 3)).astype(np.float32)
+out = {}
+for name in losses.LOSSES:
+  loss = lambda k, x, y, axis_name=None: losses.segmentation_loss(x @ k, y, loss=name, axis_name=axis_name)
+  value, grad = jax.value_and_grad(loss)(kernel, features, labels)  # The global batch on one device.
+  def step(k, x, y, axis_name):
+    v, g = jax.value_and_grad(loss)(k, x, y, axis_name)
+    return jax.lax.pmean(v, "i"), jax.lax.pmean(g, "i")  # As train_step averages them.
+  shard = lambda a: a.reshape((2, 4) + a.shape[1:])
+  for axis_name in ("i", None):
+    v2, g2 = jax.pmap(step, axis_name="i", static_broadcasted_argnums=3)(
+        jnp.stack([kernel] * 2), shard(features), shard(labels), axis_name)
+    out[f"{name} {axis_name}"] = [float(abs(v2[0] - value) / abs(value)),
+                                  float(np.abs(g2[0] - grad).max() / np.abs(grad).max())]
+print("RESULT" + json.dumps(out))
+"""
+
+
+def test_two_devices_compute_the_global_batch_loss_and_gradient():
+  """Under pmap with ``axis_name``, the devices' mean loss and gradient are the global batch's; for the
+  Dice term they are not without it (the mean of the shards' Dice values is another function)."""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  proc = subprocess.run([sys.executable, "-c", _PMAP_LOSS_SCRIPT], capture_output=True, text=True, env=env,
+                        cwd=Path(__file__).resolve().parents[1], timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("RESULT"))[len("RESULT"):])
+  for name in losses.LOSSES:
+    value_error, grad_error = result[f"{name} i"]
+    assert value_error < 1e-6 and grad_error < 1e-5, (name, result)
+  # Without the axis, only the Dice term differs (cross-entropy and focal are per-pixel means).
+  assert max(result["cross_entropy None"] + result["focal None"]) < 1e-5, result
+  assert min(result["cross_entropy+dice None"]) > 1e-4, result

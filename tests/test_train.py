@@ -176,7 +176,8 @@ def test_evaluation_sums_every_batch_fetching_each_after_later_steps_are_dispatc
   assert sums["num_pixels"] == sum(float(e["num_pixels"]) for e in expected)
   np.testing.assert_allclose(sums["loss_sum"], sum(float(e["loss_sum"]) for e in expected), rtol=1e-6)
   metrics = train.eval_metrics(sums)
-  assert metrics["loss"] == sums["loss_sum"] / sums["num_pixels"] and 0 <= metrics["miou"] <= 1
+  np.testing.assert_allclose(metrics["loss"], sums["loss_sum"] / sums["num_pixels"], rtol=1e-6)
+  assert 0 <= metrics["miou"] <= 1
 
 
 def test_predictor_is_model_apply_and_compiles_once_per_layout(initial_state):
