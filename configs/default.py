@@ -44,8 +44,9 @@ def get_config() -> ml_collections.ConfigDict:
   # plain lax everywhere; "explicit": the formulations everywhere. The same function each way (tests).
   model.conv_impl = "fast"
   model.dtype = "float32"  # Compute dtype: "float32" or "bfloat16" (params and loss stay float32).
-  # Load parameters and BatchNorm statistics only (not the optimizer) from: a previous run's workdir or
-  # checkpoint dir, or a Keras file (.keras, .h5, .weights.h5) of the tutorial U-Net these model settings describe.
+  # Load parameters and BatchNorm statistics only (not the optimizer) from: a previous run's workdir or its
+  # checkpoints/ (the latest checkpoint), its checkpoints_best/ (the best), one step's directory, or a Keras file
+  # (.keras, .h5, .weights.h5) of the tutorial U-Net these model settings describe.
   model.init_from = ""
 
   config.train = train = ml_collections.ConfigDict()

@@ -46,12 +46,16 @@ TRASH_DIR = "trash"
 BEST_METRIC = "eval_miou"
 
 # Config keys that must agree between a run and the checkpoints it resumes: they fix the parameter and
-# optimizer-state shapes or the batch layout of the data order. The seed fixes the initialization, the data
-# order and the dropout masks: resumed with another, a run would be neither seed's (and config.json, rewritten
-# on resume, would claim the new one).
+# optimizer-state shapes, or the data order and its batch layout (a resume mid-epoch goes on with the rest of
+# the epoch's order: with another example list or shuffle, some images would come twice and others never).
+# The seed fixes the initialization, the data order and the dropout masks: resumed with another, a run would
+# be neither seed's (and config.json, rewritten on resume, would claim the new one). data.data_dir and
+# data.manual_dir may change (the same data moved); so may augmentation, the schedule and the loss (the log
+# and config_before_step_<S>.json say so).
 RESUME_KEYS = (
     "seed", "model.num_classes", "model.alpha", "model.decoder_filters", "model.freeze_encoder",
-    "data.image_size", "train.batch_size", "train.frozen_params", "train.unfreeze_after_epochs",
+    "data.image_size", "data.source", "data.tfds_name", "data.train_split", "data.shuffle_buffer",
+    "data.num_synthetic_train", "train.batch_size", "train.frozen_params", "train.unfreeze_after_epochs",
 )
 
 
@@ -280,11 +284,15 @@ def best_step(workdir: str | os.PathLike) -> int | None:
 def _locate(workdir: str | os.PathLike, which: str | int) -> tuple[ocp.CheckpointManager, int]:
   """The (read-only) manager and step of ``which`` ("latest" | "best" | a step) in a workdir; close the manager.
 
-  ``workdir`` may also be a workdir's checkpoints/ directory, or one step's directory (which then wins).
+  ``workdir`` may also be a workdir's checkpoints/ directory, its checkpoints_best/ directory (whose one
+  checkpoint, the best, is then also its "latest": ``model.init_from=<run>/checkpoints_best`` means the best),
+  or one step's directory (which then wins).
   """
   path = Path(workdir)
   if path.name.isdigit() and path.parent.name in (LATEST_DIR, BEST_DIR):
     path, which = path.parent, int(path.name)
+  elif path.name == BEST_DIR and which == "latest":
+    which = "best"
   root = _checkpoint_root(path)
   if not root.is_dir():
     raise CheckpointError(f"{root} does not exist; expected the --workdir of a training run.")

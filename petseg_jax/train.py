@@ -204,7 +204,7 @@ def read_init_from(config: ml_collections.ConfigDict) -> tuple[dict[str, Any], s
 
   A Keras file (``weights.is_keras_file``: ``.keras``, ``.h5``) is the tutorial's whole U-Net, read into the
   model of ``config.model``; anything else is a previous run's workdir or checkpoint dir, whose latest
-  checkpoint is read (not its optimizer state).
+  checkpoint is read (``checkpoints_best/``: the best; a step's directory: that step), not its optimizer state.
 
   Raises:
     weights.WeightsError: a Keras file that does not fit ``config.model``.
@@ -701,8 +701,9 @@ class _Evaluator:
     self.best_miou = ckpt.best_metric()
 
   def __call__(self, buffers: tuple[jax.Array, ...], step: int, train_result: dict[str, Any] | None,
-               images_per_sec: float) -> None:
-    """Evaluates the replicated state packed in ``buffers`` (``replicate_state``) at ``step``."""
+               images_per_sec: float | None) -> None:
+    """Evaluates the replicated state packed in ``buffers`` (``replicate_state``) at ``step``; ``images_per_sec``
+    is the training rate since the last evaluation (None when none trained: a redone evaluation at resume)."""
     eval_result = evaluate(self.p_eval_step, self.inference_variables(buffers), self.eval_input)
     # train_steps: how many steps the train_* means cover (fewer than the interval after a resume within it).
     record = {"step": step, "epoch": round(step / self.steps_per_epoch, 3),
@@ -713,9 +714,9 @@ class _Evaluator:
               "elapsed_sec": time.time() - self.start_time, "wall_time": time.time()}
     train_line = ("train loss %.4f acc %.4f mIoU %.4f | " % (
         train_result["loss"], train_result["pixel_accuracy"], train_result["miou"]) if train_result else "")
-    logging.info("epoch %g (step %d): %seval loss %.4f acc %.4f mIoU %.4f Dice %.4f | %.1f img/s",
-                 record["epoch"], step, train_line, eval_result["loss"], eval_result["pixel_accuracy"],
-                 eval_result["miou"], eval_result["dice"], images_per_sec)
+    logging.info("epoch %g (step %d): %seval loss %.4f acc %.4f mIoU %.4f Dice %.4f%s", record["epoch"], step,
+                 train_line, eval_result["loss"], eval_result["pixel_accuracy"], eval_result["miou"],
+                 eval_result["dice"], "" if images_per_sec is None else f" | {images_per_sec:.1f} img/s")
     for key, value in record.items():
       if key not in ("step", "wall_time", "train_steps") and value is not None:
         # "eval_miou" → "eval/miou": TensorBoard groups the train and eval curves. The train_* means since the
@@ -944,7 +945,7 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, ckpt: checkpoint.Ch
   train_time, train_examples = 0.0, 0
   with _graceful_stop() as stop:
     if resume_step is not None and is_eval_step(step) and step not in [r["step"] for r in records]:
-      evaluator(buffers, step, None, 0.0)  # The attempt before stopped between checkpoint and record.
+      evaluator(buffers, step, None, None)  # The attempt before stopped between checkpoint and record.
     for epoch in range(first_epoch, num_epochs):
       if stop.signum is not None:  # Arrived during the evaluation: stop before the next step.
         raise stopped(stop.signum)

@@ -82,6 +82,11 @@ def test_keeps_last_k_and_best(tmp_path):
   variables, step = checkpoint.restore_variables(tmp_path / checkpoint.LATEST_DIR / "3")
   assert step == 3 and set(variables) == {"params", "batch_stats"}
   _assert_trees_equal(variables["params"], _stepped(template, 3).params)
+  # A checkpoints dir given as the place (model.init_from): its latest; checkpoints_best/'s is the best.
+  assert checkpoint.restore_variables(tmp_path / checkpoint.LATEST_DIR, "latest")[1] == 4
+  variables, step = checkpoint.restore_variables(tmp_path / checkpoint.BEST_DIR, "latest")
+  assert step == 2
+  _assert_trees_equal(variables["params"], _stepped(template, 2).params)
 
 
 def test_best_checkpoint_after_the_starting_step_is_discarded(tmp_path):
@@ -231,7 +236,8 @@ def test_workdir_lock(tmp_path):
 def test_resume_config_check(tmp_path):
   config = ml_collections.ConfigDict({
       "seed": 0,
-      "data": {"image_size": 64, "source": "synthetic"},
+      "data": {"image_size": 64, "source": "synthetic", "train_split": "train", "shuffle_buffer": 100,
+               "num_synthetic_train": 32, "data_dir": ""},
       "model": {"num_classes": 3, "alpha": 0.35, "decoder_filters": (64, 32, 32, 16),
                 "freeze_encoder": True},
       "train": {"batch_size": 8, "frozen_params": ("encoder/.*",), "unfreeze_after_epochs": -1,
@@ -251,4 +257,13 @@ def test_resume_config_check(tmp_path):
   config.seed = 1  # Another seed's data order and dropout from here on: neither seed's run.
   with pytest.raises(checkpoint.CheckpointError, match=r"seed: saved 0, now 1"):
     checkpoint.check_resume_config(tmp_path, config)
+  config.seed = 0
+  for key, value in (("source", "folder"), ("train_split", "train[:50%]"), ("shuffle_buffer", 10),
+                     ("num_synthetic_train", 64)):  # Another data order: images twice, others never.
+    changed = ml_collections.ConfigDict(config.to_dict())
+    changed.data[key] = value
+    with pytest.raises(checkpoint.CheckpointError, match=rf"data\.{key}: saved"):
+      checkpoint.check_resume_config(tmp_path, changed)
+  config.data.data_dir = "/moved/elsewhere"  # The same data moved: resumes (the log says what changed).
+  assert set(checkpoint.check_resume_config(tmp_path, config)) == {"data.data_dir", "train.learning_rate"}
   assert checkpoint.read_config(tmp_path).model.alpha == 0.35

@@ -169,6 +169,8 @@ def test_killed_stopped_and_resumed_run_equals_an_uninterrupted_run(tmp_path, ch
   assert checkpoint.available_steps(workdir) == [3, 4, 6]
   assert_checkpoints_sound(workdir)
   assert [r["step"] for r in metrics_lines(workdir)] == [4]
+  # Step 4's evaluation was redone at the restart, with no training since: no rate (not a rate of 0).
+  assert metrics_lines(workdir)[0]["images_per_sec"] is None
 
   # Alongside the next stage, a copy of this workdir is resumed with a learning rate that makes the loss
   # overflow at once (nothing else changed; the learning rate may change on resume).
