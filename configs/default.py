@@ -59,11 +59,11 @@ def get_config() -> ml_collections.ConfigDict:
   train.weight_decay = 0.0  # > 0 uses AdamW.
   train.loss = "cross_entropy"  # "cross_entropy" | "cross_entropy+dice" | "focal".
   train.class_weights = ()  # e.g. (2.0, 2.0, 1.0): the tutorial's sample-weight variant.
-  # Parameters whose path matches one of these regexes are frozen (big_vision style). Applied when
-  # model.freeze_encoder is True.
+  # Parameters whose path matches one of these regexes (each must match one) form the encoder group (big_vision
+  # style): frozen while model.freeze_encoder is True, else trained at encoder_lr_multiplier times the rate.
   train.frozen_params = ("encoder/.*",)
   train.unfreeze_after_epochs = -1  # >= 0: fine-tune the encoder from this epoch on.
-  train.encoder_lr_multiplier = 1.0  # Encoder learning-rate multiplier once unfrozen.
+  train.encoder_lr_multiplier = 1.0  # The group's learning-rate multiplier when trained (unfrozen or never frozen).
   train.eval_every_epochs = 1
   train.log_every_steps = 10
   train.checkpoint_every_steps = 500

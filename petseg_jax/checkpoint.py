@@ -11,8 +11,8 @@ Layout of a workdir::
 A checkpoint holds the host copy of ``{"step", "params", "batch_stats", "opt_state"}``. Orbax writes each
 one into a temporary directory and renames it when complete, and lists only completed steps, so a
 checkpoint interrupted while being written is never restored (its temporary directory is removed when the
-next manager opens the directory). Old checkpoints leave the same way: renamed into ``trash/`` first, then
-deleted, so a listed step is always complete.
+next training process opens the workdir, in ``Checkpointer``; readers leave it). Old checkpoints leave the
+same way: renamed into ``trash/`` first, then deleted, so a listed step is always complete.
 """
 
 from __future__ import annotations

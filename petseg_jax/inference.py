@@ -1,7 +1,7 @@
 """Using a trained workdir: its config and checkpoint, evaluation of a split, prediction on image files, export.
 
 The library side of ``scripts/evaluate.py``, ``scripts/predict.py`` and ``scripts/export_keras_unet.py``.
-Evaluation runs the training loop's own ``train.eval_step``/``train.evaluate`` on ``input_pipeline.EvalInput``
+Evaluation runs the training loop's own ``train.eval_step``/``train.evaluation_sums`` on ``input_pipeline.EvalInput``
 (every image exactly once), BatchNorm folded as there and in ``train.Predictor``, so its numbers are those
 the run logged for the same checkpoint and data.
 Prediction preprocesses images with ``input_pipeline.preprocess_images`` (the evaluation preprocessing) and

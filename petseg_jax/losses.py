@@ -26,6 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from petseg_jax import metrics
+
 LOSSES = ("cross_entropy", "cross_entropy+dice", "focal")
 
 # Additive smoothing of the soft Dice ratio: keeps it defined (= 1) for a class absent from both the truth
@@ -40,19 +42,6 @@ def _check_shapes(logits: jax.Array, labels: jax.Array) -> None:
         f"shape {labels.shape + ('num_classes',)}.")
   if not jnp.issubdtype(labels.dtype, jnp.integer):
     raise ValueError(f"labels must be integer class ids, got dtype {labels.dtype}.")
-
-
-def _pixel_weights(weights: Any, labels: jax.Array) -> jax.Array:
-  """float32 per-pixel validity weights from per-example ``(B,)`` or per-pixel weights (or None)."""
-  if weights is None:
-    return jnp.ones(labels.shape, jnp.float32)
-  weights = jnp.asarray(weights, jnp.float32)
-  if weights.shape != labels.shape[:weights.ndim]:
-    raise ValueError(
-        f"weights of shape {weights.shape} must be per example {labels.shape[:1]} or a prefix of the "
-        f"labels' shape {labels.shape}.")
-  weights = weights.reshape(weights.shape + (1,) * (labels.ndim - weights.ndim))
-  return jnp.broadcast_to(weights, labels.shape)
 
 
 def class_weight_array(class_weights: Sequence[float] | None, num_classes: int) -> np.ndarray | None:
@@ -118,7 +107,7 @@ def soft_dice_sums(logits: jax.Array, labels: jax.Array, weights: Any = None
   logits = jnp.asarray(logits, jnp.float32)
   labels = jnp.asarray(labels)
   _check_shapes(logits, labels)
-  valid = _pixel_weights(weights, labels)[..., None]
+  valid = metrics.pixel_weights(weights, labels)[..., None]
   probs = jax.nn.softmax(logits) * valid
   onehot = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32) * valid
   axes = tuple(range(labels.ndim))
@@ -166,7 +155,7 @@ def loss_sums(logits: jax.Array, labels: jax.Array, *, loss: str = "cross_entrop
   labels = jnp.asarray(labels)
   _check_shapes(logits, labels)
   cw = class_weight_array(class_weights, logits.shape[-1])
-  valid = _pixel_weights(weights, labels)
+  valid = metrics.pixel_weights(weights, labels)
 
   if loss == "focal":
     pixel_loss = softmax_focal_loss(logits, labels, gamma=focal_gamma)

@@ -35,6 +35,24 @@ CLASS_NAMES = ("pet", "background", "border")
 _MAX_PIXELS_PER_CALL = 2**31 - 1
 
 
+def pixel_weights(weights: Any, labels: jax.Array) -> jax.Array:
+  """float32 per-pixel weights (the shape of ``labels``) from per-example ``(B,)`` or per-pixel weights, or
+  None (all 1).
+
+  Raises:
+    ValueError: ``weights``' shape is not a prefix of ``labels``' shape.
+  """
+  if weights is None:
+    return jnp.ones(labels.shape, jnp.float32)
+  weights = jnp.asarray(weights, jnp.float32)
+  if weights.shape != labels.shape[:weights.ndim]:
+    raise ValueError(
+        f"weights of shape {weights.shape} must be per example {labels.shape[:1]} or a prefix of the "
+        f"labels' shape {labels.shape}.")
+  weights = weights.reshape(weights.shape + (1,) * (labels.ndim - weights.ndim))
+  return jnp.broadcast_to(weights, labels.shape)
+
+
 def confusion_matrix(
     predictions_or_logits: Any,
     labels: Any,
@@ -89,15 +107,7 @@ def confusion_matrix(
         f"confusion_matrix: {labels.size} pixels in one call would overflow int32 counts; call it on "
         "smaller batches and sum the results on the host in np.int64.")
 
-  valid = jnp.ones(labels.shape, dtype=bool)
-  if weights is not None:
-    weights = jnp.asarray(weights)
-    if weights.shape != labels.shape[:weights.ndim]:
-      raise ValueError(
-          f"confusion_matrix: weights of shape {weights.shape} must be per example {labels.shape[:1]} or "
-          f"a prefix of the labels' shape {labels.shape}.")
-    weights = weights.reshape(weights.shape + (1,) * (labels.ndim - weights.ndim))
-    valid = jnp.broadcast_to(weights > 0, labels.shape)
+  valid = jnp.ones(labels.shape, dtype=bool) if weights is None else pixel_weights(weights, labels) > 0
 
   classes = jnp.arange(num_classes)
   true_onehot = ((labels[..., None] == classes) & valid[..., None]).reshape(-1, num_classes)

@@ -10,13 +10,9 @@ Keras (the tutorial's model, alpha 1.0 at 128x128: 6,504,227 total, 4,660,323 tr
 from __future__ import annotations
 
 import dataclasses
-import functools
 import re
-from typing import Any
 
 import flax
-import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -37,20 +33,11 @@ class ModuleCount:
     return self.trainable + self.frozen + self.batch_stats
 
 
-def variable_shapes(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """``{"params", "batch_stats"}`` of ``config.model`` as ShapeDtypeStructs (no weights, no compute)."""
-  model = models.create_model(config.model)
-  size = config.data.image_size
-  shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.PRNGKey(0),
-                          jnp.zeros((1, size, size, 3), jnp.float32))
-  return flax.core.unfreeze(shapes)
-
-
 def module_name(path: tuple[str, ...]) -> str:
   """The module a variable belongs to: Keras' MobileNetV2 blocks for the encoder, up_i/last for the decoder.
 
   ("encoder", "block_3_expand_BN", "mean") → "encoder/block_3"; Conv1/bn_Conv1 → "encoder/stem";
-  expanded_conv_* → "encoder/expanded_conv" (block 0); Conv_1/Conv_1_bn → "encoder/head".
+  expanded_conv_* → "encoder/expanded_conv" (block 0).
   """
   top, layer = path[0], path[1]
   if top == "encoder":
@@ -59,16 +46,14 @@ def module_name(path: tuple[str, ...]) -> str:
       return f"encoder/{match.group(1)}"
     if layer in ("Conv1", "bn_Conv1"):
       return "encoder/stem"
-    if layer in ("Conv_1", "Conv_1_bn"):
-      return "encoder/head"
   return f"{top}/{layer}"
 
 
 def _order(name: str) -> tuple[int, int, str]:
-  """Network order: encoder stem, expanded_conv, block_1.., head; then the decoder up_0.., last."""
+  """Network order: encoder stem, expanded_conv, block_1..; then the decoder up_0.., last."""
   top, _, layer = name.partition("/")
   number = re.search(r"\d+", layer)
-  rank = {"stem": 0, "expanded_conv": 1, "head": 3, "last": 3}.get(layer, 2)
+  rank = {"stem": 0, "expanded_conv": 1, "last": 3}.get(layer, 2)
   return (0 if top == "encoder" else 1, rank, f"{int(number.group()):04d}" if number else layer)
 
 
@@ -78,7 +63,8 @@ def count_parameters(config: ml_collections.ConfigDict) -> list[ModuleCount]:
   Raises:
     ValueError: a ``config.train.frozen_params`` pattern is invalid or matches nothing (from optim).
   """
-  shapes = variable_shapes(config)
+  model = models.create_model(config.model)
+  shapes = flax.core.unfreeze(models.variable_shapes(model, config.data.image_size))
   params = shapes["params"]
   if config.model.freeze_encoder:
     labels = flax.traverse_util.flatten_dict(optim.param_labels(params, config.train.frozen_params))

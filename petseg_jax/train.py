@@ -138,15 +138,9 @@ def unfreeze_step(config: ml_collections.ConfigDict, steps_per_epoch: int) -> in
   return config.train.unfreeze_after_epochs * steps_per_epoch
 
 
-def variable_shapes(model: models.UNet, image_size: int) -> dict[str, Any]:
-  """``{"params", "batch_stats"}`` of ``model`` as ``jax.ShapeDtypeStruct``s (nothing is computed)."""
-  return jax.eval_shape(functools.partial(model.init, train=False), jax.random.PRNGKey(0),
-                        jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32))
-
-
 def mismatched_collections(model: models.UNet, image_size: int, variables: dict[str, Any]) -> list[str]:
   """The collections of ``variables`` ("params", "batch_stats") whose tree, shapes or dtypes are not ``model``'s."""
-  expected = variable_shapes(model, image_size)
+  expected = models.variable_shapes(model, image_size)
   signature = lambda tree: jax.tree.map(lambda x: (tuple(x.shape), str(np.dtype(x.dtype))), tree)
   return [collection for collection in ("params", "batch_stats")
           if signature(expected[collection]) != signature(variables[collection])]
@@ -182,7 +176,7 @@ def abstract_train_state(config: ml_collections.ConfigDict, model: models.UNet,
   into. Nothing is computed or read (no initializer compiled, no encoder weights needed)."""
   return jax.eval_shape(
       lambda variables: create_train_state(None, config, model, learning_rate_fn, steps_per_epoch, variables),
-      variable_shapes(model, config.data.image_size))
+      models.variable_shapes(model, config.data.image_size))
 
 
 def encoder_frozen(config: ml_collections.ConfigDict, params: Any, step: int, steps_per_epoch: int) -> bool:
@@ -234,7 +228,8 @@ def checked_init_from(model: models.UNet, image_size: int, init_from: tuple[dict
         f"{source}: its {mismatched[0]} do not fit this model; check model.alpha, model.decoder_filters and "
         "model.num_classes against its config.json.")
   logging.info("Initialized params and batch_stats from %s.", source)
-  return {collection: jax.tree.map(jnp.asarray, variables[collection]) for collection in ("params", "batch_stats")}
+  # device_put, not jnp.asarray, which compiles a small program per distinct leaf shape (weights.py's merge too).
+  return {collection: jax.tree.map(jax.device_put, variables[collection]) for collection in ("params", "batch_stats")}
 
 
 def _loss_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -772,10 +767,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                                           num_devices=num_devices)
   eval_input = input_pipeline.EvalInput(config.data, config.data.eval_split, config.train.batch_size,
                                         num_devices=num_devices)
-  steps_per_epoch = train_input.steps_per_epoch
-  if steps_per_epoch < 1:
-    raise ConfigError(f"config.train.batch_size={config.train.batch_size} is larger than the "
-                      f"{train_input.num_examples} examples of the train split; lower it.")
+  steps_per_epoch = train_input.steps_per_epoch  # >= 1: TrainInput refuses a batch larger than the split.
   total_steps = (config.train.num_train_steps if config.train.num_train_steps > 0
                  else config.train.num_epochs * steps_per_epoch)
   num_epochs = math.ceil(total_steps / steps_per_epoch)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
+from typing import Any
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 
@@ -65,7 +68,14 @@ def create_model(model_config: ml_collections.ConfigDict, bn_axis_name: str | No
       decoder_bn_momentum=model_config.decoder_bn_momentum)
 
 
+def variable_shapes(model: UNet, image_size: int) -> dict[str, Any]:
+  """``{"params", "batch_stats"}`` of ``model`` as ``jax.ShapeDtypeStruct``s (nothing is computed)."""
+  return jax.eval_shape(functools.partial(model.init, train=False), jax.random.PRNGKey(0),
+                        jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32))
+
+
 __all__ = [
     "ConvTranspose3x3s2", "Decoder", "DepthwiseConv3x3", "FoldedBatchNorm", "MobileNetV2Encoder", "TAP_NAMES",
     "UNet", "UpsampleBlock", "check_model_config", "create_model", "fold_batch_norm", "make_divisible",
+    "variable_shapes",
 ]
