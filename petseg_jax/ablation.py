@@ -705,6 +705,7 @@ def _pm(row: Mapping[str, Any], key: str, digits: int = 4) -> str:
 
 
 def write_csv(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
+  """``rows`` as CSV at ``path`` (columns: every key in first-seen order; None and NaN as empty cells)."""
   columns = list(dict.fromkeys(k for row in rows for k in row))
   with open(path, "w", newline="") as f:
     writer = csv.DictWriter(f, fieldnames=columns)
@@ -725,6 +726,7 @@ def _param_text(row: Mapping[str, Any]) -> str:
 
 
 def write_markdown(plan: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
+  """The sweep's report at ``path``: its plan, then one table row per variant (mean ± std over seeds)."""
   keys = [k[:-5] for k in rows[0] if k.startswith("eval_") and k.endswith("_mean")] if rows else []
   titles = {"eval_miou": "mIoU", "eval_pixel_accuracy": "pixel acc."}
   headers = (["variant", "overrides", "seeds"] + [titles.get(k, k.replace("eval_iou_", "IoU "))

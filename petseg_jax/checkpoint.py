@@ -126,6 +126,7 @@ class Checkpointer:
     self.best = _manager(self.workdir / BEST_DIR, best=True)
 
   def latest_step(self) -> int | None:
+    """The newest completed periodic/final checkpoint's step, or None."""
     return self.latest.latest_step()
 
   def best_metric(self) -> float | None:
@@ -170,9 +171,11 @@ class Checkpointer:
     return best
 
   def restore_latest(self, target_state: Any) -> Any:
+    """``target_state`` (a TrainState, or its abstract shapes) with the latest checkpoint's values."""
     return _restore_into(self.latest, self.latest.latest_step(), target_state)
 
   def close(self) -> None:
+    """Waits for pending writes and closes both managers."""
     self.latest.close()
     self.best.close()
 

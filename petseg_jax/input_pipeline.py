@@ -24,6 +24,7 @@ import codecs
 import re
 from typing import Iterator, Sequence
 
+import ml_collections
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -65,7 +66,7 @@ load_image = decode.load_image
 # Config and sources.
 
 
-def check_data_config(data_config) -> None:
+def check_data_config(data_config: ml_collections.ConfigDict) -> None:
   """Raises DataError naming the config field if `config.data` has an invalid value."""
   if data_config.source not in SOURCES:
     raise DataError(f"config.data.source={data_config.source!r} is not one of {SOURCES}.")
@@ -79,7 +80,7 @@ def check_data_config(data_config) -> None:
     raise DataError(f"config.data.mask_resize={data_config.mask_resize!r} is not one of {MASK_RESIZES}.")
 
 
-def get_dataset_builder(data_config) -> tfds.core.DatasetBuilder:
+def get_dataset_builder(data_config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
   """Returns the prepared tfds builder of source "tfds" or "folder" (preparing it on first use).
 
   Raises:
@@ -95,7 +96,7 @@ def get_dataset_builder(data_config) -> tfds.core.DatasetBuilder:
   raise DataError("config.data.source='synthetic' has no tfds builder; use raw_dataset() or split_size().")
 
 
-def _synthetic_num(data_config, split: str) -> int:
+def _synthetic_num(data_config: ml_collections.ConfigDict, split: str) -> int:
   if split not in synthetic.SPLIT_SEEDS:
     raise DataError(f"Split {split!r} does not exist for source 'synthetic'; use one of "
                     f"{tuple(synthetic.SPLIT_SEEDS)}.")
@@ -107,7 +108,7 @@ def _synthetic_num(data_config, split: str) -> int:
   return int(num)
 
 
-def split_size(data_config, split: str) -> int:
+def split_size(data_config: ml_collections.ConfigDict, split: str) -> int:
   """Number of examples of `split` (tfds split syntax like "train[:80%]" works for tfds/folder sources)."""
   check_data_config(data_config)
   if data_config.source == "synthetic":
@@ -124,7 +125,7 @@ def _split_info(builder: tfds.core.DatasetBuilder, split: str) -> tfds.core.Spli
                     f"{sorted(builder.info.splits.keys())} ({e}).") from e
 
 
-def shared_examples(data_config, split_a: str, split_b: str) -> int:
+def shared_examples(data_config: ml_collections.ConfigDict, split_a: str, split_b: str) -> int:
   """How many examples the two splits (tfds split syntax: "train[:80%]", "train[:50%]+test") have in common."""
   check_data_config(data_config)
   if data_config.source == "synthetic":  # Each split is drawn from its own seed: equal names or nothing.
@@ -136,7 +137,7 @@ def shared_examples(data_config, split_a: str, split_b: str) -> int:
              for file_a, start_a, end_a in ranges[0] for file_b, start_b, end_b in ranges[1] if file_a == file_b)
 
 
-def check_train_eval_disjoint(data_config) -> None:
+def check_train_eval_disjoint(data_config: ml_collections.ConfigDict) -> None:
   """Raises DataError if ``train_split`` and ``eval_split`` share examples.
 
   Training evaluates (and picks its best checkpoint) on ``eval_split``: images it trained on would inflate
@@ -155,7 +156,7 @@ def _render_synthetic(seed, index, size):
   return synthetic.render_example(int(seed), int(index), int(size))
 
 
-def raw_dataset(data_config, split: str) -> tf.data.Dataset:
+def raw_dataset(data_config: ml_collections.ConfigDict, split: str) -> tf.data.Dataset:
   """The undecorated examples of a split, in a fixed order.
 
   Yields {"image": uint8 (H, W, 3), "segmentation_mask": uint8 (H, W, 1) trimap 1/2/3, "file_name": string};
@@ -261,7 +262,7 @@ def _resize_trimap_to_labels(trimap: tf.Tensor, size: int, mask_resize: str) -> 
   return trimap[..., 0] - 1
 
 
-def _decode_resize_fn(data_config):
+def _decode_resize_fn(data_config: ml_collections.ConfigDict):
   size, mask_resize = data_config.image_size, data_config.mask_resize
 
   def fn(index, example):
@@ -284,7 +285,7 @@ def _finalize_fn(input_range: str):
   return fn
 
 
-def preprocess_images(images: Sequence[np.ndarray], data_config) -> np.ndarray:
+def preprocess_images(images: Sequence[np.ndarray], data_config: ml_collections.ConfigDict) -> np.ndarray:
   """uint8 RGB images of any size -> float32 (N, S, S, 3), exactly the evaluation preprocessing."""
   check_data_config(data_config)
   out = []
@@ -299,7 +300,7 @@ def preprocess_images(images: Sequence[np.ndarray], data_config) -> np.ndarray:
   return _scale_images(tf.stack(out), data_config.input_range).numpy()
 
 
-def _base_dataset(data_config, split: str) -> tf.data.Dataset:
+def _base_dataset(data_config: ml_collections.ConfigDict, split: str) -> tf.data.Dataset:
   """{"id": int64, "image": uint8 (S, S, 3), "mask": uint8 (S, S)} in split order, cached if config.data.cache.
 
   Built once per TrainInput/EvalInput: each epoch is derived from this object, so its in-memory cache (filled
@@ -358,7 +359,7 @@ def seed_table(key: np.ndarray, num_examples: int) -> np.ndarray:
   return np.random.default_rng([*key, 1]).integers(0, 2**62, (num_examples, 3, 2), dtype=np.int64)
 
 
-def _example_augment_fn(data_config, seeds: np.ndarray):
+def _example_augment_fn(data_config: ml_collections.ConfigDict, seeds: np.ndarray):
   """Per-example crop / colour jitter with stateless random ops seeded from a per-epoch table (by id)."""
   size = data_config.image_size
   crop, jitter = data_config.random_resized_crop, data_config.color_jitter
@@ -410,7 +411,8 @@ class TrainInput:
     steps_per_epoch: full batches per epoch (the remainder is dropped).
   """
 
-  def __init__(self, data_config, batch_size: int, *, seed: int, num_devices: int | None = None):
+  def __init__(self, data_config: ml_collections.ConfigDict, batch_size: int, *, seed: int,
+               num_devices: int | None = None):
     check_data_config(data_config)
     _check_batch(batch_size, num_devices)
     self._config = data_config
@@ -470,7 +472,8 @@ class EvalInput:
     num_batches: batches per pass (ceil(num_examples / batch_size)).
   """
 
-  def __init__(self, data_config, split: str, batch_size: int, *, num_devices: int | None = None):
+  def __init__(self, data_config: ml_collections.ConfigDict, split: str, batch_size: int, *,
+               num_devices: int | None = None):
     check_data_config(data_config)
     _check_batch(batch_size, num_devices)
     self._config = data_config

@@ -84,6 +84,7 @@ def keras_adam(learning_rate: optax.ScalarOrSchedule, weight_decay: float = 0.0
 
 
 class FrozenUntilState(NamedTuple):
+  """``frozen_until``'s state: the steps taken so far, and the inner optimizer's (initial until unfrozen)."""
   count: jax.Array
   inner_state: optax.OptState
 

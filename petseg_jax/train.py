@@ -60,6 +60,7 @@ FIGURES_DIR = "figures"
 
 
 class TrainState(train_state.TrainState):
+  """flax's TrainState (step, params, optimizer) with the model's BatchNorm statistics beside the params."""
   batch_stats: Any
 
 
@@ -578,9 +579,11 @@ class SummaryWriter:
     tf.raw_ops.ImportEvent(writer=resource, event=event.SerializeToString())
 
   def flush(self) -> None:
+    """Writes the buffered events to the file."""
     self._writer.flush()
 
   def close(self) -> None:
+    """Flushes and closes the event file."""
     self._writer.close()
 
 
@@ -664,6 +667,7 @@ class _TrainMetrics:
 
 
 def diverged(what: str, learning_rate: float, last_checkpoint: str) -> FloatingPointError:
+  """The error a diverged run stops with: ``what`` went non-finite, what to change, what is left to resume."""
   return FloatingPointError(
       f"Training diverged: {what}. Lower config.train.learning_rate (now {learning_rate:g}) or add warmup "
       f"(train.warmup_steps). Nothing was saved after the divergence; last good checkpoint: "
