@@ -35,7 +35,6 @@ import ctypes
 import ctypes.util
 import dataclasses
 import datetime
-import importlib.util
 import itertools
 import json
 import math
@@ -52,6 +51,7 @@ from typing import Any, Callable, Mapping, Sequence
 import ml_collections
 import numpy as np
 
+from petseg_jax import config_files
 from petseg_jax import files
 from petseg_jax.metrics_log import METRICS_FILE, read_metrics
 
@@ -67,7 +67,7 @@ SWEEP_KEYS = ("seeds", "overrides", "variants", "grid")
 DONE, FAILED, RUNNING, INTERRUPTED, SKIPPED = "done", "failed", "running", "interrupted", "skipped"
 
 
-class SweepError(ValueError):
+class SweepError(config_files.ConfigFileError):
   """A sweep file, an override or a sweep directory that cannot be used; the message says what to fix."""
 
 
@@ -94,55 +94,9 @@ class RunResult:
 # Loading config and sweep files.
 
 
-def _split_arg(spec: str) -> tuple[Path, str | None]:
-  """'path.py:arg' → (path.py, 'arg'); 'path.py' → (path.py, None)."""
-  path, sep, arg = str(spec).partition(".py:")
-  if sep:
-    return Path(path + ".py"), arg
-  return Path(spec), None
-
-
-def _call_python_file(spec: str, function: str, what: str) -> Any:
-  """Imports ``path.py`` (repo root importable, as for ``configs/``) and returns ``function([arg])``."""
-  path, arg = _split_arg(spec)
-  if not path.is_file():
-    raise SweepError(f"{what} file {path} not found.")
-  if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))  # Config and sweep files import `configs.default`, `sweeps._common`.
-  module_name = f"_petseg_{what.replace(' ', '_')}_{abs(hash(str(path.resolve())))}"
-  module_spec = importlib.util.spec_from_file_location(module_name, path)
-  module = importlib.util.module_from_spec(module_spec)
-  try:
-    module_spec.loader.exec_module(module)
-  except Exception as e:
-    raise SweepError(f"{what} file {path} failed to import: {type(e).__name__}: {e}") from e
-  fn = getattr(module, function, None)
-  if not callable(fn):
-    raise SweepError(f"{what} file {path} defines no {function}() function.")
-  try:
-    return fn(arg) if arg is not None else fn()
-  except TypeError as e:
-    if arg is not None:
-      raise SweepError(f"{path}: {function}({arg!r}) failed ({e}); does {function} take an argument?") from e
-    raise
-  except SweepError:
-    raise
-  except Exception as e:
-    raise SweepError(f"{path}: {function}() raised {type(e).__name__}: {e}") from e
-
-
-def absolute_spec(spec: str | os.PathLike) -> str:
-  """'configs/x.py:arg' with the path made absolute (run directories must not depend on the cwd)."""
-  path, arg = _split_arg(str(spec))
-  return str(path.resolve()) + (f":{arg}" if arg is not None else "")
-
-
 def load_config(spec: str | os.PathLike) -> ml_collections.ConfigDict:
-  """The ConfigDict of a config file (``configs/x.py`` or ``configs/x.py:arg``)."""
-  config = _call_python_file(str(spec), "get_config", "config")
-  if not isinstance(config, ml_collections.ConfigDict):
-    raise SweepError(f"{spec}: get_config() returned {type(config).__name__}, not a ConfigDict.")
-  return config
+  """The ConfigDict of a config file (``configs/x.py`` or ``configs/x.py:arg``); SweepError if unusable."""
+  return config_files.load_config(spec, SweepError)
 
 
 def _check_overrides(overrides: Any, where: str) -> dict[str, Any]:
@@ -194,7 +148,7 @@ def validate_sweep(sweep: Any, source: str = "sweep") -> dict[str, Any]:
 
 def load_sweep(spec: str | os.PathLike) -> dict[str, Any]:
   """The validated ``get_sweep()`` of a sweep file (``sweeps/x.py`` or ``sweeps/x.py:arg``)."""
-  return validate_sweep(_call_python_file(str(spec), "get_sweep", "sweep"), str(spec))
+  return validate_sweep(config_files.call_python_file(str(spec), "get_sweep", "sweep", SweepError), str(spec))
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -557,7 +511,7 @@ def run_sweep(base_config: str, sweep_spec: str, sweep_dir: str | os.PathLike, *
               in_process: bool = False, log: Callable[[str], None] = print) -> list[RunResult]:
   """Plans, trains (skipping finished runs) and reports a sweep; returns what happened to each run."""
   sweep_dir = Path(sweep_dir)
-  base_config, sweep_spec = absolute_spec(base_config), absolute_spec(sweep_spec)
+  base_config, sweep_spec = config_files.absolute_spec(base_config), config_files.absolute_spec(sweep_spec)
   sweep = load_sweep(sweep_spec)
   planned = plan_runs(base_config, sweep, extra_overrides)  # The plan (and report) cover every run;
   if only:  # --only restricts what is trained now.

@@ -31,6 +31,7 @@ import numpy as np
 from PIL import Image
 
 from petseg_jax import checkpoint
+from petseg_jax import config_files
 from petseg_jax import files as files_lib
 from petseg_jax import input_pipeline
 from petseg_jax import metrics as metrics_lib
@@ -109,6 +110,24 @@ def config_override_errors(argv: Sequence[str]) -> Iterator[None]:
           f"{' '.join(names)}. {hint + ' ' if hint else ''}Pass --helpfull to list the --config.* fields.",
           file=sys.stderr)
     sys.exit(1)
+
+
+def define_config_file_flag(argv: Sequence[str], default: str | os.PathLike, help_text: str) -> None:
+  """``config_flags.DEFINE_config_file("config", default, lock_config=True)`` whose bad input is one message
+  and exit code 1: a ``--config`` that is not a config file that loads (``config_files.load_config``: missing,
+  a directory, a syntax error, no ``get_config()``), or a ``--config.x=y`` naming a field it lacks."""
+  spec = str(default)
+  for i, arg in enumerate(argv[1:], 1):
+    name, equals, value = arg.partition("=")
+    if name in ("--config", "-config"):
+      spec = value if equals else (argv[i + 1] if i + 1 < len(argv) else spec)
+  try:
+    config_files.load_config(spec)
+  except config_files.ConfigFileError as e:
+    print(f"FATAL Flags parsing error: --config={spec}: {e}", file=sys.stderr)
+    sys.exit(1)
+  with config_override_errors(argv):  # The default file is read, and overrides applied, right here.
+    config_flags.DEFINE_config_file("config", str(default), help_text, lock_config=True)
 
 
 def define_run_config_flag(argv: Sequence[str], fallback: ml_collections.ConfigDict

@@ -38,7 +38,6 @@ import ast
 import contextlib
 import functools
 import hashlib
-import importlib.util
 import itertools
 import json
 import os
@@ -68,6 +67,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from petseg_jax import config_files
 from petseg_jax.models import layers
 from petseg_jax.models.layers import IMPLS
 
@@ -88,13 +88,10 @@ def log(message: str) -> None:
 
 def load_config(path: str | os.PathLike) -> ml_collections.ConfigDict:
   """``get_config()`` of a config file (as ``ml_collections.config_flags`` would load it)."""
-  path = Path(path)
-  if not path.is_file():
-    raise SystemExit(f"--config {path}: no such file (e.g. configs/default.py).")
-  spec = importlib.util.spec_from_file_location(f"_benchmark_config_{path.stem}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  try:
+    return config_files.load_config(path)
+  except config_files.ConfigFileError as e:
+    raise SystemExit(f"--config {path}: {e}") from e
 
 
 def apply_override(config: ml_collections.ConfigDict, assignment: str) -> None:

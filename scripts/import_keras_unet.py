@@ -27,7 +27,6 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
-from ml_collections import config_flags
 import tensorflow as tf
 
 from petseg_jax import checkpoint  # pylint: disable=g-import-not-at-top
@@ -39,10 +38,10 @@ from petseg_jax import weights
 FLAGS = flags.FLAGS
 flags.DEFINE_string("source", None, "The Keras U-Net: a .keras, .h5 or .weights.h5 file.")
 flags.DEFINE_string("workdir", None, "The new run's directory (must hold no checkpoints yet).")
-config_flags.DEFINE_config_file(
-    "config", str(REPO_ROOT / "configs" / "default.py"),
+inference.define_config_file_flag(
+    sys.argv, REPO_ROOT / "configs" / "default.py",
     "The run's configuration: its model settings must describe the Keras model; override fields with "
-    "--config.section.key=value.", lock_config=True)
+    "--config.section.key=value.")
 flags.mark_flags_as_required(["source", "workdir"])
 
 INPUT_RANGE_FLAG = "--config.data.input_range"

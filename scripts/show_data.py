@@ -16,17 +16,16 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
-from ml_collections import config_flags
 import numpy as np
 
+from petseg_jax import inference
 from petseg_jax import input_pipeline
 from petseg_jax import plots
 
 FLAGS = flags.FLAGS
 
-config_flags.DEFINE_config_file("config", str(REPO_ROOT / "configs" / "quickstart.py"),
-                                "Configuration file; override fields with --config.section.key=value.",
-                                lock_config=True)
+inference.define_config_file_flag(sys.argv, REPO_ROOT / "configs" / "quickstart.py",
+                                  "Configuration file; override fields with --config.section.key=value.")
 flags.DEFINE_integer("num", 4, "Number of examples to draw.")
 flags.DEFINE_string("output", None, "Folder for the PNGs.")
 flags.DEFINE_string("split", None, "Split to show (default: config.data.train_split).")

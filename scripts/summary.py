@@ -14,17 +14,14 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
-from ml_collections import config_flags
 
 from petseg_jax import inference
 from petseg_jax import summary
 
 FLAGS = flags.FLAGS
 
-with inference.config_override_errors(sys.argv):
-  config_flags.DEFINE_config_file("config", str(REPO_ROOT / "configs" / "default.py"),
-                                  "Configuration file; override fields with --config.section.key=value.",
-                                  lock_config=True)
+inference.define_config_file_flag(sys.argv, REPO_ROOT / "configs" / "default.py",
+                                  "Configuration file; override fields with --config.section.key=value.")
 
 
 def main(argv):

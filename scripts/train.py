@@ -21,7 +21,6 @@ from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 from absl import logging
 import jax
-from ml_collections import config_flags
 import tensorflow as tf
 
 from petseg_jax import checkpoint
@@ -38,10 +37,9 @@ USER_ERRORS = (train.ConfigError, FloatingPointError, checkpoint.CheckpointError
 FLAGS = flags.FLAGS
 
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, figures and TensorBoard logs.")
-config_flags.DEFINE_config_file(
-    "config", str(REPO_ROOT / "configs" / "quickstart.py"),
-    "Training configuration file; override fields with --config.section.key=value.",
-    lock_config=True)
+inference.define_config_file_flag(
+    sys.argv, REPO_ROOT / "configs" / "quickstart.py",
+    "Training configuration file; override fields with --config.section.key=value.")
 flags.mark_flags_as_required(["workdir"])
 
 

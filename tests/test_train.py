@@ -594,11 +594,20 @@ def test_cli_reports_an_unusable_workdir_and_a_corrupt_metrics_file_without_a_tr
     assert f"error: {message}" in proc.stderr, proc.stderr[-3000:]
 
 
-def test_cli_config_typo_names_the_key(tmp_path):
-  proc = _run_cli("--config", REPO_ROOT / "configs" / "synthetic.py", "--workdir", tmp_path / "w",
-                  "--config.train.batchsize=3")
-  assert proc.returncode != 0
-  assert "batchsize" in proc.stderr
+@pytest.mark.parametrize("args, message", [
+    (("--config.train.batchsize=3",), "unknown config field 'batchsize' in --config.train.batchsize"),
+    (("--config", "configs/synthetic.py", "--config.train.batchsize=3"), "unknown config field 'batchsize'"),
+    (("--config", "configs/nonexistent.py"), "config file configs/nonexistent.py not found"),
+    (("--config=configs",), "config file configs is a directory"),
+    (("--config", "{tmp}/not_a_config.py"), "defines no get_config() function"),
+])
+def test_cli_config_errors_name_the_key_or_file(tmp_path, args, message):
+  """A typo'd key (in the default config, read as the flag is defined, or in a --config file) and a
+  --config that is no config file: one line naming it, no traceback, no workdir."""
+  (tmp_path / "not_a_config.py").write_text("SETTINGS = {}\n")
+  proc = _run_cli(*(arg.format(tmp=tmp_path) for arg in args), "--workdir", tmp_path / "w")
+  assert proc.returncode == 1 and message in proc.stderr, proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr
   assert not (tmp_path / "w").exists()
 
 
