@@ -257,6 +257,16 @@ def _restore_into(manager: ocp.CheckpointManager, step: int, target_state: Any) 
         f"Checkpoint {manager.directory / str(step)} does not fit the model/optimizer of this config "
         f"(was it written with a different model.alpha, decoder_filters, freezing or weight_decay?): "
         f"{e}") from e
+  # Orbax gives the saved arrays' shapes whatever the target's: another model's checkpoint must not slip in.
+  shapes = lambda t: {jax.tree_util.keystr(path): np.shape(x) for path, x in jax.tree_util.tree_leaves_with_path(t)}
+  expected, restored = shapes(target), shapes(tree)
+  mismatched = sorted(key for key in expected.keys() | restored.keys() if expected.get(key) != restored.get(key))
+  if mismatched:
+    raise CheckpointError(
+        f"Checkpoint {manager.directory / str(step)} does not fit the model/optimizer of this config: "
+        + "; ".join(f"{key} is {restored.get(key)} there, {expected.get(key)} here" for key in mismatched[:2])
+        + (f" (and {len(mismatched) - 2} more)" if len(mismatched) > 2 else "")
+        + ". Was it written with a different model.alpha, decoder_filters or num_classes?")
   return target_state.replace(step=int(tree["step"]), params=tree["params"],
                               batch_stats=tree["batch_stats"], opt_state=tree["opt_state"])
 
@@ -388,8 +398,14 @@ def check_resume_config(workdir: str | os.PathLike,
                         config: ml_collections.ConfigDict) -> dict[str, tuple[Any, Any]]:
   """Raises CheckpointError if ``workdir/config.json`` differs from ``config`` in a RESUME_KEYS key.
 
-  Returns the other differences (``config_changes``): a resume may change them.
+  Returns the other differences (``config_changes``): a resume may change them. A workdir with checkpoints
+  but no config.json (deleted) is refused too: nothing would say which settings trained them.
   """
+  if not (Path(workdir) / CONFIG_FILE).exists():
+    raise CheckpointError(
+        f"Cannot resume in {workdir}: it holds checkpoints but no {CONFIG_FILE}, so nothing says which "
+        f"configuration trained them. Put the run's {CONFIG_FILE} back, or start a new run in another --workdir "
+        f"(with model.init_from={workdir} to start from its parameters).")
   changes = config_changes(workdir, config)
   differing = [f"{key}: saved {changes[key][0]!r}, now {changes[key][1]!r}" for key in RESUME_KEYS
                if key in changes]

@@ -159,6 +159,14 @@ def test_restore_errors_are_clear(tmp_path):
   # A state of another optimizer layout (fine-tuning instead of frozen) cannot take this checkpoint.
   with pytest.raises(checkpoint.CheckpointError, match="does not fit"):
     checkpoint.restore(tmp_path, "latest", _tiny_state(freeze=False))
+  # Nor a state of the same structure with other shapes (e.g. other decoder_filters): Orbax alone would
+  # restore the saved shapes into it.
+  wider = _tiny_state().replace(params={**template.params, "decoder": {"last": {
+      "kernel": jnp.ones((3, 4)), "bias": jnp.zeros((4,))}}})
+  wider = wider.replace(opt_state=wider.tx.init(wider.params))
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=r"does not fit.*\['decoder'\]\['last'\]\['bias'\] is \(2,\) there, \(4,\) here"):
+    checkpoint.restore(tmp_path, "latest", wider)
 
 
 def _truncate_array_data(step_dir):
@@ -267,3 +275,6 @@ def test_resume_config_check(tmp_path):
   config.data.data_dir = "/moved/elsewhere"  # The same data moved: resumes (the log says what changed).
   assert set(checkpoint.check_resume_config(tmp_path, config)) == {"data.data_dir", "train.learning_rate"}
   assert checkpoint.read_config(tmp_path).model.alpha == 0.35
+  (tmp_path / checkpoint.CONFIG_FILE).unlink()  # Checkpoints whose config.json is gone: nothing to check.
+  with pytest.raises(checkpoint.CheckpointError, match="holds checkpoints but no config.json"):
+    checkpoint.check_resume_config(tmp_path, config)
