@@ -413,6 +413,12 @@ def _train_subprocess(workdir: Path, sweep_dir: Path, log_path: Path, attempt: i
       raise
 
 
+def different_configuration(workdir: Path) -> str:
+  """Why a run directory trained for another configuration is not this plan's run."""
+  return (f"{workdir} holds a run of a different configuration (the sweep or base config changed); delete that "
+          "directory or use a new --workdir.")
+
+
 def execute_run(run: Run, config: ml_collections.ConfigDict, base_config: str, sweep_dir: Path, *,
                 in_process: bool = False) -> RunResult:
   """Trains one planned run (``config`` = its resolved config) unless it is done; records its status."""
@@ -420,8 +426,7 @@ def execute_run(run: Run, config: ml_collections.ConfigDict, base_config: str, s
   expected = config_to_dict(config)
   spec = _read_json(workdir / RUN_SPEC_FILE)
   if spec is not None and spec.get("config") != expected:
-    return RunResult(run, FAILED, f"{workdir} holds a run of a different configuration (the sweep or base "
-                     "config changed); delete that directory or use a new --workdir.")
+    return RunResult(run, FAILED, different_configuration(workdir))
   status = read_status(workdir)
   if status.get("status") == RUNNING and status.get("pid") != os.getpid():
     return RunResult(run, FAILED, f"{workdir} is being trained by another sweep process "
@@ -521,8 +526,9 @@ def run_sweep(base_config: str, sweep_spec: str, sweep_dir: str | os.PathLike, *
       "base_config": str(base_config), "sweep": str(sweep_spec), "seeds": sweep["seeds"],
       "overrides": {**sweep["overrides"], **(extra_overrides or {})},
       "runs": [{"variant": run.variant, "seed": run.seed, "dir": run.dirname,
-                "variant_overrides": run.variant_overrides, "error": error}
-               for run, _, error in planned]})
+                "variant_overrides": run.variant_overrides, "error": error,
+                "config": config_to_dict(config) if config is not None else None}
+               for run, config, error in planned]})
   to_train = [item for item in planned if not only or item[0].variant in only]
   results = []
   for index, (run, config, error) in enumerate(to_train):
@@ -598,8 +604,11 @@ def collect_runs(sweep_dir: str | os.PathLike) -> tuple[dict[str, Any], list[dic
   for entry in plan["runs"]:
     workdir = sweep_dir / entry["dir"]
     status = read_status(workdir) if not entry["error"] else {"status": FAILED, "error": entry["error"]}
-    records = read_metrics(workdir) if status.get("status") == DONE else []
     spec = _read_json(workdir / RUN_SPEC_FILE) if status.get("status") == DONE else None
+    if spec is not None and entry.get("config") is not None and spec.get("config") != entry["config"]:
+      # Trained before the sweep or base config changed: its results are not this plan's run.
+      status, spec = {"status": FAILED, "error": different_configuration(workdir)}, None
+    records = read_metrics(workdir) if status.get("status") == DONE else []
     runs.append({**entry, "workdir": workdir, "status": status.get("status", "not run"),
                  "error": status.get("error", ""), "wall_time_sec": status.get("wall_time_sec"),
                  "records": records, "final": records[-1] if records else None,

@@ -60,9 +60,13 @@ def main(argv):
       extra = dict(ablation.parse_override(text) for text in FLAGS.set)
       if FLAGS["dry-run"].value:
         sweep = ablation.load_sweep(FLAGS.sweep)
-        for run, _, error in ablation.plan_runs(FLAGS.config, sweep, extra, FLAGS.only):
+        planned = ablation.plan_runs(FLAGS.config, sweep, extra, FLAGS.only)
+        for run, _, error in planned:
           print(f"{run.dirname}: {ablation.format_overrides(run.overrides)}"
                 + (f"\n  ERROR: {error}" if error else ""))
+        failing = sum(1 for _, _, error in planned if error)
+        if failing:  # A dry run checks the plan: say so in the exit code too.
+          sys.exit(f"{failing} of {len(planned)} planned runs cannot start (ERROR above).")
         return
       results = ablation.run_sweep(FLAGS.config, FLAGS.sweep, FLAGS.workdir, extra_overrides=extra,
                                    only=FLAGS.only, in_process=FLAGS["in-process"].value)

@@ -227,6 +227,10 @@ def test_changed_variant_is_not_mixed_with_old_runs(tiny_sweep, tmp_path):
   results = ablation.run_sweep(SYNTHETIC, sweep, workdir, in_process=True, log=lambda _: None)
   assert results[0].status == "failed"
   assert "different configuration" in results[0].error
+  # The report does not show the old run's results under the new settings either.
+  _, runs = ablation.collect_runs(workdir)
+  assert runs[0]["status"] == "failed" and "different configuration" in runs[0]["error"]
+  assert runs[0]["final"] is None
 
 
 def test_cli_subprocess_failure_and_report_only(tiny_sweep, tmp_path):
@@ -252,3 +256,16 @@ def test_cli_subprocess_failure_and_report_only(tiny_sweep, tmp_path):
   rows = list(csv.DictReader(open(tiny_sweep["workdir"] / "summary.csv")))
   assert [row["seeds_done"] for row in rows] == ["2", "2", "0", "0"]
   assert not math.isnan(float(rows[0]["eval_miou_mean"]))
+
+
+def test_cli_dry_run_prints_the_plan_and_fails_on_a_run_that_cannot_start(tmp_path):
+  sweep = write_sweep(tmp_path / "dry.py", {"overrides": TINY, "variants": {
+      "ok": {"data.random_flip": False}, "typo": {"train.learnin_rate": 0.1}}})
+  proc = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "ablate.py"), f"--config={SYNTHETIC}",
+                         f"--sweep={sweep}", f"--workdir={tmp_path / 'out'}", "--dry-run"],
+                        capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=300,
+                        check=False)
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  assert "ok/seed_0: " in proc.stdout and "ERROR: variant 'typo'" in proc.stdout
+  assert "1 of 2 planned runs cannot start" in proc.stderr
+  assert not (tmp_path / "out").exists()  # Nothing trained or written.
