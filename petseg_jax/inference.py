@@ -43,6 +43,8 @@ from petseg_jax.data import decode
 EVAL_DIR = "eval"
 # Data fields an evaluation's file name shows already (the data's name, the split), so not in its suffix.
 _NAMED_DATA_FIELDS = ("source", "data_dir", "eval_split")
+# config.model fields an evaluation may override (the checkpoint fits either way) that change its numbers.
+NUMERICS_FIELDS = ("dtype", "conv_impl")
 # Longer override suffixes are cut and completed by a hash, to stay well within file-name limits.
 _MAX_SUFFIX_CHARS = 80
 # Files a folder argument of predict expands to (case-insensitive). Named files are tried whatever their
@@ -253,6 +255,14 @@ def data_overrides(data_config: ml_collections.ConfigDict, saved_data_config: ml
   return {key: now for key, (_, now) in changed.items()}
 
 
+def model_overrides(model_config: ml_collections.ConfigDict, saved_model_config: ml_collections.ConfigDict
+                    ) -> dict[str, Any]:
+  """``{"model.<field>": value}`` of the settings that change an evaluation's numbers without changing the
+  checkpoint's model (``model.dtype``, ``model.conv_impl``) where they differ from the run's saved ones."""
+  return {f"model.{field}": model_config[field] for field in NUMERICS_FIELDS
+          if field in saved_model_config and model_config[field] != saved_model_config[field]}
+
+
 def _name_part(value: Any) -> str:
   """A config value as a file-name part: ``160``, ``bilinear``, ``0-1`` for ``"[0,1]"``, ``none`` for ""."""
   text = "-".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
@@ -270,11 +280,12 @@ def data_tag(data_config: ml_collections.ConfigDict, saved_data_config: ml_colle
   overwrite each other's files, and the name says what differed.
 
   ``overrides``, if given, is ``data_overrides(data_config, saved_data_config)`` computed by the caller
-  (scripts/evaluate.py also records it).
+  (scripts/evaluate.py also records it), possibly with ``model_overrides``' entries, appended the same way
+  (``test_model.dtype-bfloat16``).
   """
   tag = split
   if (data_config.source, data_config.data_dir) != (saved_data_config.source, saved_data_config.data_dir):
-    if data_config.data_dir:
+    if data_config.data_dir and data_config.source != "synthetic":  # Synthetic data reads no folder.
       path = str(Path(data_config.data_dir).expanduser().resolve())
       tag = f"{Path(path).name}-{hashlib.sha1(path.encode()).hexdigest()[:6]}_{split}"
     else:

@@ -5,8 +5,8 @@ The run's saved config (DIR/config.json) is the default of --config; ``--config.
 Oxford-IIIT Pet layout. Every image of the split is evaluated exactly once, with the training loop's eval
 step. Prints a table and, as its last line, one JSON object; then writes the confusion matrix to
 DIR/eval/<split>_<step>_confusion.{json,png}, the tag <split> prefixed by the data's name for other data
-and suffixed by other data settings (e.g. test_image_size-160), see ``inference.data_tag``; the JSON
-records the data settings used. The logic lives in ``petseg_jax/inference.py``.
+and suffixed by other data settings (e.g. test_image_size-160) and another model.dtype or model.conv_impl
+(test_model.dtype-bfloat16), see ``inference.data_tag``; the JSON records the settings used. The logic lives in ``petseg_jax/inference.py``.
 """
 
 import json
@@ -57,8 +57,10 @@ def main(argv):
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
   eval_dir = Path(FLAGS.workdir) / inference.EVAL_DIR
-  overrides = inference.data_overrides(config.data, _SAVED_CONFIG.data)  # Names the files and is recorded.
-  tag = inference.data_tag(config.data, _SAVED_CONFIG.data, split, overrides=overrides)
+  # Name the files and are recorded: another dtype's numbers must not overwrite these.
+  overrides = inference.data_overrides(config.data, _SAVED_CONFIG.data)
+  numerics = inference.model_overrides(config.model, _SAVED_CONFIG.model)
+  tag = inference.data_tag(config.data, _SAVED_CONFIG.data, split, overrides={**overrides, **numerics})
   where = config.data.data_dir or config.data.source
   # The results first, the files after: a workdir that cannot be written loses the files, not the numbers.
   print(f"Checkpoint step {step} ({FLAGS.checkpoint}) of {FLAGS.workdir}; split {split!r} of {where}")
@@ -67,7 +69,7 @@ def main(argv):
   print(json.dumps(inference.summary_record(result, num_images, step)), flush=True)
   data = {"split": split, "source": config.data.source, "data_dir": config.data.data_dir,
           "workdir": str(FLAGS.workdir), "data_config": config.data.to_dict(),
-          "data_overrides": overrides}
+          "data_overrides": overrides, "model_overrides": numerics}
   try:
     inference.save_confusion(confusion, result, eval_dir, tag, step, data)
   except inference.WorkdirError as e:

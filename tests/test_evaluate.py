@@ -141,6 +141,11 @@ def test_data_tag_names_what_differs(tmp_path):
     tags.append(inference.data_tag(other, saved, "val"))
   assert tags[0] != tags[1] and tags[1] == tags[2]
   assert all(tag.startswith("pets-") and tag.endswith("_val") for tag in tags)
+  synthetic = saved.copy_and_resolve_references()
+  folder_run = saved.copy_and_resolve_references()
+  folder_run.source, folder_run.data_dir = "folder", str(tmp_path / "pets")
+  synthetic.source, synthetic.data_dir = "synthetic", folder_run.data_dir  # The run's folder, never read.
+  assert inference.data_tag(synthetic, folder_run, "test") == "synthetic_test"
   many = saved.copy_and_resolve_references()
   many.mask_resize, many.tfds_name, many.manual_dir = "bilinear" * 20, "oxford_iiit_pet:4.*.*", "/x" * 40
   assert len(inference.data_tag(many, saved, "test")) < 100  # Cut, with a hash to keep names distinct.
@@ -154,6 +159,18 @@ def test_data_tag_uses_the_callers_overrides(monkeypatch):
   overrides = inference.data_overrides(other, saved)
   monkeypatch.setattr(inference, "data_overrides", lambda *args: pytest.fail("computed the overrides again"))
   assert inference.data_tag(other, saved, "test", overrides=overrides) == "test_image_size-160"
+
+
+def test_another_dtype_or_formulation_gets_its_own_files():
+  """--config.model.dtype=bfloat16 evaluates the same checkpoint with other numbers: not over float32's."""
+  saved = trained_run.tiny_config()
+  assert inference.model_overrides(saved.model, saved.model) == {}
+  other = saved.copy_and_resolve_references()
+  other.model.dtype, other.model.conv_impl, other.model.dropout = "bfloat16", "reference", 0.5
+  numerics = inference.model_overrides(other.model, saved.model)
+  assert numerics == {"model.dtype": "bfloat16", "model.conv_impl": "reference"}  # Not dropout: no effect.
+  assert (inference.data_tag(other.data, saved.data, "test", overrides=numerics)
+          == "test_model.dtype-bfloat16_model.conv_impl-reference")
 
 
 def test_unwritable_workdir_prints_results_then_one_line_error(cli):
