@@ -68,6 +68,7 @@ import ml_collections
 import numpy as np
 
 from petseg_jax import config_files
+from petseg_jax import models
 from petseg_jax.models import layers
 from petseg_jax.models.layers import IMPLS
 
@@ -113,7 +114,25 @@ def apply_override(config: ml_collections.ConfigDict, assignment: str) -> None:
     value = text
   if isinstance(value, list):
     value = tuple(value)
-  node[leaf] = value
+  try:
+    node[leaf] = value
+  except TypeError as e:  # ml_collections keeps each field's type: "abc" for an int field.
+    raise SystemExit(f"--set {assignment!r}: {e}") from e
+
+
+def check_benchmark_config(config: ml_collections.ConfigDict) -> None:
+  """Exits naming the value if the config cannot build the model or its batches (checked here, not by
+  ``train.validate_config``, which reads the data settings with TensorFlow, absent on accelerator hosts)."""
+  try:
+    models.check_model_config(config.model)
+  except ValueError as e:
+    raise SystemExit(f"--config/--set: {e}") from e
+  batch, size = config.train.batch_size, config.data.image_size
+  if not isinstance(batch, int) or batch < 1:
+    raise SystemExit(f"--batch-size / config.train.batch_size={batch!r} must be a positive integer.")
+  if not isinstance(size, int) or size <= 0 or size % 32:
+    raise SystemExit(f"config.data.image_size={size!r} must be a positive multiple of 32 (the U-Net "
+                     "downsamples by 32).")
 
 
 def benchmark_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
@@ -127,6 +146,7 @@ def benchmark_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
     apply_override(config, assignment)
   if args.impl:
     config.model.conv_impl = args.impl
+  check_benchmark_config(config)
   return config
 
 
@@ -449,7 +469,6 @@ def bench_infer(config: ml_collections.ConfigDict, args: argparse.Namespace) -> 
   The time to the first call counts packing, tracing, compilation and the call, not ``model.init``
   (prediction restores variables instead of initializing them).
   """
-  from petseg_jax import models
   from petseg_jax import train
 
   batch_size, size = config.train.batch_size, config.data.image_size
@@ -564,6 +583,8 @@ def bench_input(config: ml_collections.ConfigDict, args: argparse.Namespace) -> 
   """``TrainInput`` on a real-JPEG folder: preparation, the first (decoding) epoch, then cached epochs."""
   data_dir = Path(args.data_dir) if args.data_dir else (SHARED_SAMPLE if SHARED_SAMPLE.is_dir()
                                                         else BUNDLED_SAMPLE)
+  if not data_dir.is_dir():
+    raise SystemExit(f"--data-dir {data_dir}: no such folder (a folder in the Oxford-IIIT Pet layout).")
   config.data.source = "folder"
   config.data.data_dir = str(data_dir)
   config.data.cache = True

@@ -197,10 +197,21 @@ def test_layers_against_itself_is_a_clear_error():
   assert proc.returncode != 0 and "--mode layers times --impl fast or explicit against reference" in proc.stderr
 
 
-def test_bad_override_is_a_clear_error():
-  proc = subprocess.run([sys.executable, str(SCRIPT), "--set", "model.alhpa=1.0"], capture_output=True,
-                        text=True, timeout=120, cwd=REPO_ROOT)
-  assert proc.returncode != 0 and "config has no key 'model.alhpa'" in proc.stderr
+@pytest.mark.parametrize("args, message", [
+    (("--set", "model.alhpa=1.0"), "config has no key 'model.alhpa'"),
+    (("--batch-size", "0"), "config.train.batch_size=0 must be a positive integer"),
+    (("--set", "model.dtype=float8"), "config.model.dtype='float8'"),
+    (("--set", "data.image_size=abc"), "--set 'data.image_size=abc': Could not override"),
+    (("--set", "data.image_size=100"), "config.data.image_size=100 must be a positive multiple of 32"),
+    (("--config", "configs/nope.py"), "config file configs/nope.py not found"),
+    (("--mode", "input", "--data-dir", "nope"), "--data-dir nope: no such folder"),
+])
+def test_bad_settings_are_clear_errors(args, message):
+  """Before anything is built or timed: one line naming the value, no traceback, no result."""
+  proc = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=120,
+                        cwd=REPO_ROOT)
+  assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr and "images_per_sec" not in proc.stdout
 
 
 def test_input_batch_larger_than_the_data_is_a_clear_error():
