@@ -26,11 +26,11 @@ FLAGS = flags.FLAGS
 
 inference.define_config_file_flag(sys.argv, REPO_ROOT / "configs" / "quickstart.py",
                                   "Configuration file; override fields with --config.section.key=value.")
-flags.DEFINE_integer("num", 4, "Number of examples to draw.")
+flags.DEFINE_integer("num", 4, "Number of examples to draw.", lower_bound=1)
 flags.DEFINE_string("output", None, "Folder for the PNGs.")
 flags.DEFINE_string("split", None, "Split to show (default: config.data.train_split).")
 flags.DEFINE_bool("augment", False, "Show training batches (shuffled and augmented, epoch 0) of the train split.")
-flags.DEFINE_integer("batch_size", 32, "Batch size used to read the split.")
+flags.DEFINE_integer("batch_size", 32, "Batch size used to read the split.", lower_bound=1)
 flags.mark_flags_as_required(["output"])
 
 
@@ -51,6 +51,8 @@ def main(argv):
   data = config.data
   split = FLAGS.split or data.train_split
   output = Path(FLAGS.output)
+  if output.exists() and not output.is_dir():
+    sys.exit(f"--output {output} is a file; give a folder for the PNGs.")
   try:
     if FLAGS.augment:
       if FLAGS.split and FLAGS.split != data.train_split:
@@ -79,6 +81,8 @@ def main(argv):
     counts = class_histogram(eval_input, len(input_pipeline.CLASS_NAMES))
   except input_pipeline.DataError as e:
     sys.exit(f"Data error: {e}")
+  except OSError as e:  # The PNGs could not be written.
+    sys.exit(f"--output {output}: cannot write {e.filename or output}: {e.strerror or e}")
   total = counts.sum()
   print(f"\nClass histogram of split {split!r} ({eval_input.num_examples} examples, {total} pixels at "
         f"{data.image_size}x{data.image_size}, mask_resize={data.mask_resize}):")
