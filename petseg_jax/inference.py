@@ -75,8 +75,8 @@ def load_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
   """
   path = Path(workdir)
   if not path.is_dir():
-    raise WorkdirError(f"--workdir {workdir} does not exist; pass the workdir of a training run "
-                       "(scripts/train.py --workdir).")
+    raise WorkdirError(f"--workdir {workdir} {'is a file' if path.exists() else 'does not exist'}; pass the "
+                       "workdir of a training run (scripts/train.py --workdir).")
   # A step directory is what a user sees in the run's tree; name the two flags that select it instead of
   # failing on its missing config.json. (Not accepted as is: --checkpoint would then be ignored, and the
   # evaluation's files would land inside the checkpoint.)

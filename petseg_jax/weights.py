@@ -643,7 +643,8 @@ def load_converted_encoder(path: str | os.PathLike, alpha: float) -> Variables:
   template = flax.traverse_util.flatten_dict(encoder_template(alpha), sep="/")
   for key, leaf in template.items():
     if key not in flat:
-      raise WeightsError(f"{path}: '{key}' is missing.")
+      raise WeightsError(f"{path}: '{key}' is missing: not an encoder weight file of this model. Write one from "
+                         "a Keras MobileNetV2 file with scripts/convert_keras_weights.py.")
     if flat[key].shape != leaf.shape:
       raise WeightsError(f"{path}: '{key}' has shape {flat[key].shape}, the model expects {leaf.shape}.")
   unexpected = sorted(set(flat) - set(template))

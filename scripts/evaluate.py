@@ -6,7 +6,8 @@ Oxford-IIIT Pet layout. Every image of the split is evaluated exactly once, with
 step. Prints a table and, as its last line, one JSON object; then writes the confusion matrix to
 DIR/eval/<split>_<step>_confusion.{json,png}, the tag <split> prefixed by the data's name for other data
 and suffixed by other data settings (e.g. test_image_size-160) and another model.dtype or model.conv_impl
-(test_model.dtype-bfloat16), see ``inference.data_tag``; the JSON records the settings used. The logic lives in ``petseg_jax/inference.py``.
+(test_model.dtype-bfloat16), see ``inference.data_tag``; the JSON records the settings used. The logic
+lives in ``petseg_jax/inference.py``.
 """
 
 import json

@@ -44,6 +44,8 @@ def main(argv):
     raise app.UsageError("Name at least one image file or folder to predict.")
   if FLAGS.batch_size < 1:
     raise app.UsageError(f"--batch_size={FLAGS.batch_size} must be >= 1.")
+  if Path(FLAGS.output).exists() and not Path(FLAGS.output).is_dir():
+    raise app.UsageError(f"--output {FLAGS.output} is a file; give a folder for the PNGs.")
   tf.config.set_visible_devices([], "GPU")  # TensorFlow decodes images only; the accelerators are JAX's.
   files, problems = inference.expand_inputs(argv[1:])
   for path, reason in problems:
