@@ -272,11 +272,6 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, A
   return config
 
 
-def config_to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """JSON-normal form of a config (tuples → lists), as ``config.json`` holds it."""
-  return json.loads(config.to_json_best_effort())
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Running.
 
@@ -345,7 +340,7 @@ def train_from_spec(workdir: str | os.PathLike) -> None:
   if spec is None:
     raise SweepError(f"{workdir / RUN_SPEC_FILE} not found: is {workdir} a sweep run directory?")
   config = apply_overrides(load_config(spec["base_config"]), spec["overrides"], spec["variant"])
-  if config_to_dict(config) != spec["config"]:
+  if config_files.config_to_dict(config) != spec["config"]:
     raise SweepError(f"{spec['base_config']} changed since the sweep was planned; re-run the sweep.")
   from petseg_jax import train  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
   train.train_and_evaluate(config, workdir)
@@ -423,7 +418,7 @@ def execute_run(run: Run, config: ml_collections.ConfigDict, base_config: str, s
                 in_process: bool = False) -> RunResult:
   """Trains one planned run (``config`` = its resolved config) unless it is done; records its status."""
   workdir = sweep_dir / run.dirname
-  expected = config_to_dict(config)
+  expected = config_files.config_to_dict(config)
   spec = _read_json(workdir / RUN_SPEC_FILE)
   if spec is not None and spec.get("config") != expected:
     return RunResult(run, FAILED, different_configuration(workdir))
@@ -527,7 +522,7 @@ def run_sweep(base_config: str, sweep_spec: str, sweep_dir: str | os.PathLike, *
       "overrides": {**sweep["overrides"], **(extra_overrides or {})},
       "runs": [{"variant": run.variant, "seed": run.seed, "dir": run.dirname,
                 "variant_overrides": run.variant_overrides, "error": error,
-                "config": config_to_dict(config) if config is not None else None}
+                "config": config_files.config_to_dict(config) if config is not None else None}
                for run, config, error in planned]})
   to_train = [item for item in planned if not only or item[0].variant in only]
   results = []

@@ -34,6 +34,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from petseg_jax import config_files
 from petseg_jax import files
 
 LATEST_DIR = "checkpoints"
@@ -368,11 +369,6 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
   return out
 
 
-def _config_to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  # Through JSON so tuples and lists compare equal to what config.json holds.
-  return json.loads(config.to_json_best_effort())
-
-
 def config_changes(workdir: str | os.PathLike, config: ml_collections.ConfigDict) -> dict[str, tuple[Any, Any]]:
   """``{key: (saved, now)}`` for each config field where ``config`` differs from ``workdir/config.json``.
 
@@ -385,7 +381,7 @@ def config_changes(workdir: str | os.PathLike, config: ml_collections.ConfigDict
     saved = _flatten(json.loads(path.read_text()))
   except json.JSONDecodeError as e:
     raise CheckpointError(f"{path} is not valid JSON ({e}); restore it or use a new --workdir.") from e
-  return differences(saved, _flatten(_config_to_dict(config)))
+  return differences(saved, _flatten(config_files.config_to_dict(config)))
 
 
 def differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
@@ -430,7 +426,7 @@ def write_config(workdir: str | os.PathLike, config: ml_collections.ConfigDict,
   # resumed here too, and what it trained beyond was discarded).
   if keep_previous_at is not None and not kept.exists():
     files.write_atomically(kept, path.read_text())
-  files.write_atomically(path, json.dumps(_config_to_dict(config), indent=2, sort_keys=True) + "\n")
+  files.write_atomically(path, json.dumps(config_files.config_to_dict(config), indent=2, sort_keys=True) + "\n")
   return path
 
 

@@ -9,6 +9,7 @@ Imports neither JAX nor TensorFlow.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from pathlib import Path
 import sys
@@ -71,6 +72,11 @@ def call_python_file(spec: str | os.PathLike, function: str, what: str,
     raise
   except Exception as e:
     raise error(f"{path}: {function}() raised {type(e).__name__}: {e}") from e
+
+
+def config_to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """``config`` as the JSON a run saves (``config.json``): through JSON, so tuples and lists compare equal."""
+  return json.loads(config.to_json_best_effort())
 
 
 def load_config(spec: str | os.PathLike, error: type[ConfigFileError] = ConfigFileError
