@@ -1,5 +1,6 @@
 """Tests of the input pipeline: the three sources, messy files, preprocessing, batching, determinism, caching."""
 
+import io
 import itertools
 import logging
 import os
@@ -160,6 +161,25 @@ def _plant(problem: str, root: Path) -> tuple[str, str]:
     # The JPEG signature and JFIF segment, then garbage (fixed, so the test is deterministic).
     image.write_bytes(data[:20] + np.random.default_rng(0).bytes(len(data) - 20))
     return image.name, "corrupt"
+  if problem == "corrupt_for_tensorflow":  # PIL decodes it (libjpeg warns); TensorFlow's decoder refuses it.
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    data = image.read_bytes()
+    start = data.index(b"\xff\xda")  # Start of scan: entropy-coded data follows.
+    # A stuffed 0xff 0x00 turned into 0xff 0xef: a marker inside the scan data. The first such spot (from the
+    # middle on) where PIL still decodes the file and TensorFlow does not; fixed, so the test is deterministic.
+    for i in range(data.index(b"\xff\x00", (start + len(data)) // 2), len(data) - 1):
+      if data[i:i + 2] != b"\xff\x00":
+        continue
+      candidate = data[:i + 1] + b"\xef" + data[i + 2:]
+      try:
+        Image.open(io.BytesIO(candidate)).load()
+        tf.io.decode_image(candidate, channels=3).numpy()
+      except OSError:
+        continue  # PIL refuses it too: the "corrupt" case.
+      except tf.errors.InvalidArgumentError:
+        image.write_bytes(candidate)
+        return image.name, "TensorFlow's JPEG decoder"
+    raise AssertionError(f"no corruption of {image} that only TensorFlow refuses")
   if problem == "zero_bytes":
     image.write_bytes(b"")
     return image.name, "empty"
@@ -197,7 +217,7 @@ def _plant(problem: str, root: Path) -> tuple[str, str]:
   raise ValueError(problem)
 
 
-BAD_CASES = ["truncated", "corrupt", "zero_bytes", "text", "missing_trimap", "trimap_size", "trimap_value_0",
+BAD_CASES = ["truncated", "corrupt", "corrupt_for_tensorflow", "zero_bytes", "text", "missing_trimap", "trimap_size", "trimap_value_0",
              "trimap_value_4", "missing_image", "uppercase_jpg", "uppercase_png",
              "huge_header"]
 

@@ -177,8 +177,28 @@ def load_image(path: PathLike) -> np.ndarray:
   data = _read_bytes(path)
   rgb, header = decode_image_and_header(data, os.fspath(path))
   if header.format == "JPEG" and header.mode == "RGB":
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top  (only needed here)
-    return tf.io.decode_image(data, channels=3, expand_animations=False).numpy()
+    return decode_jpeg_as_the_pipeline_does(data, os.fspath(path), rgb.shape)
+  return rgb
+
+
+def decode_jpeg_as_the_pipeline_does(data: bytes, name: str, shape: tuple[int, ...]) -> np.ndarray:
+  """uint8 RGB of a plain RGB JPEG, decoded by TensorFlow's decoder as the input pipeline decodes it.
+
+  PIL's decoder tolerates some corrupt data that TensorFlow's refuses: checked here, where the file is
+  known, not mid-epoch in a tf.data error that names no file.
+
+  Raises:
+    DataError: TensorFlow cannot decode ``data``, or decodes it to another size than ``shape`` (PIL's).
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top  (only needed here)
+  try:
+    rgb = tf.io.decode_image(data, channels=3, expand_animations=False).numpy()
+  except tf.errors.InvalidArgumentError:
+    raise DataError(f"{name}: corrupt JPEG data: TensorFlow's JPEG decoder, which the input pipeline uses, "
+                    "refuses it (PIL reads it with errors); replace the file with a good copy") from None
+  if rgb.shape != tuple(shape):
+    raise DataError(f"{name}: TensorFlow decodes this JPEG to {rgb.shape}, PIL to {tuple(shape)}: corrupt data; "
+                    "replace the file with a good copy")
   return rgb
 
 

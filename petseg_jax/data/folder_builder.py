@@ -331,9 +331,14 @@ def _encode_example(layout: Layout, entry: Entry) -> dict:
   if trimap.shape != rgb.shape[:2]:
     raise DataError(f"{trimap_path}: trimap is {trimap.shape[1]}x{trimap.shape[0]} (WxH) but its image "
                     f"{image_path} is {rgb.shape[1]}x{rgb.shape[0]}")
-  # Plain RGB JPEGs are stored as they are (no re-encoding loss); anything else (GIF, PNG, CMYK, grayscale...)
-  # as a lossless PNG of its RGB conversion, so tf.image.decode_image sees only formats it decodes right.
-  image_bytes = data if (header.format == "JPEG" and header.mode == "RGB") else decode.encode_png(rgb)
+  # Plain RGB JPEGs are stored as they are (no re-encoding loss), once TensorFlow's decoder, which reads them
+  # in the pipeline, accepts them; anything else (GIF, PNG, CMYK, grayscale...) as a lossless PNG of its RGB
+  # conversion, so tf.image.decode_image sees only formats it decodes right.
+  if header.format == "JPEG" and header.mode == "RGB":
+    decode.decode_jpeg_as_the_pipeline_does(data, image_path, rgb.shape)
+    image_bytes = data
+  else:
+    image_bytes = decode.encode_png(rgb)
   return {
       "image": image_bytes,
       "segmentation_mask": decode.encode_png(trimap),
