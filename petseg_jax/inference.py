@@ -205,6 +205,9 @@ def export_keras_unet(config: ml_collections.ConfigDict, variables: dict[str, An
   ``config.data``'s size and input range are compared with the float32 ``UNet``'s, and only then is it saved,
   atomically, in the format ``path``'s ending picks (``.keras``, ``.h5``, ``.weights.h5``). Its inputs are
   scaled as ``config.data.input_range`` says; a bfloat16-trained run is exported in float32 (its weights are).
+  Training-only settings are not carried: the Keras model has no Dropout and Keras' BatchNorm momentum (0.99)
+  whatever ``model.dropout`` and ``model.decoder_bn_momentum`` were (the same function in inference; set them in
+  Keras to fine-tune it as the run trained).
 
   Returns:
     The largest difference between the two models' logits, relative to the largest logit.

@@ -575,10 +575,14 @@ def unet_variables_from_keras_file(path: str | os.PathLike, alpha: float, num_cl
   from petseg_jax import keras_reference  # pylint: disable=g-import-not-at-top  # Imports Keras.
 
   # The problems Keras would report from deep inside (a damaged file, an encoder's file) are named first.
-  if path.name.endswith(".keras"):
+  name = path.name.lower()  # Keras reads lower-case suffixes only: it is given such a name below.
+  if name.endswith(".keras"):
     if not zipfile.is_zipfile(path):
       raise _not_a_keras_archive(path, "(.h5, .weights.h5)")
     probe = _Hdf5Probe()
+  elif zipfile.is_zipfile(path):
+    raise WeightsError(f"{path}: is a zip archive, not an HDF5 file: a Keras 3 model saved as '.keras'? Name it "
+                       "with the '.keras' suffix.")
   else:
     try:
       probe = _probe_hdf5(path)
@@ -594,11 +598,14 @@ def unet_variables_from_keras_file(path: str | os.PathLike, alpha: float, num_cl
   legacy_alpha = None if probe.legacy_layers is None else _infer_alpha(probe.legacy_layers)
   hint = _alpha_hint(probe.conv1_alphas if legacy_alpha is None else (legacy_alpha,), alpha)
   with tempfile.TemporaryDirectory() as tmp:
+    ending = next(end for end in (".weights.h5", ".keras", ".hdf5", ".h5") if name.endswith(end))
+    stem = path.name[:-len(ending)]
+    # Keras reads a '.weights.h5' name as its own layout only (a legacy file saved under that name is given
+    # to it as '.h5'), and lower-case suffixes only: other names are given to it as a symlink.
+    keras_ending = ".h5" if probe.legacy_layers is not None and ending == ".weights.h5" else ending
     source = path
-    if probe.legacy_layers is not None and path.name.endswith(".weights.h5"):
-      # Keras reads a '.weights.h5' name as its own layout only: a legacy file saved under that name is
-      # given to it under a '.h5' one.
-      source = Path(tmp) / (path.name[:-len(".weights.h5")] + ".h5")
+    if stem + keras_ending != path.name:
+      source = Path(tmp) / (stem + keras_ending)
       source.symlink_to(path.resolve())
     try:
       _keras_loading(lambda: model.load_weights(str(source)))

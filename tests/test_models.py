@@ -510,11 +510,14 @@ def keras_unet_files(tmp_path_factory):
     for key in group:
       whole.copy(group[key], legacy, key)
   (directory / "legacy_named.weights.h5").write_bytes((directory / "legacy.h5").read_bytes())
+  for name in ("unet.keras", "unet.weights.h5"):  # Upper-case suffixes: Keras reads lower-case ones only.
+    (directory / name.upper()).write_bytes((directory / name).read_bytes())
   x = _random((2, 96, 96, 3), seed=12)
   return directory, x, np.asarray(model(x, training=False))
 
 
-@pytest.mark.parametrize("name", ["unet.keras", "unet.h5", "unet.weights.h5", "legacy.h5", "legacy_named.weights.h5"])
+@pytest.mark.parametrize("name", ["unet.keras", "unet.h5", "unet.weights.h5", "legacy.h5", "legacy_named.weights.h5",
+                                  "UNET.KERAS", "UNET.WEIGHTS.H5"])
 def test_a_whole_keras_unet_file_gives_the_same_function(keras_unet_files, name):
   directory, x, expected = keras_unet_files
   assert weights.is_keras_file(directory / name)
@@ -540,6 +543,10 @@ def test_a_keras_unet_file_of_another_model_names_the_settings(keras_unet_files)
   cut.write_bytes((directory / "unet.keras").read_bytes()[:50_000])
   with pytest.raises(weights.WeightsError, match=r"cut.keras: not a Keras 3 '.keras' archive .* damaged, truncated"):
     weights.unet_variables_from_keras_file(cut, 0.35)
+  renamed = directory / "archive.h5"
+  renamed.write_bytes((directory / "unet.keras").read_bytes())
+  with pytest.raises(weights.WeightsError, match=r"archive.h5: is a zip archive.*Name it with the '.keras' suffix"):
+    weights.unet_variables_from_keras_file(renamed, 0.35)
   if WEIGHTS_035.exists():
     with pytest.raises(weights.WeightsError, match=r"no U-Net decoder: a MobileNetV2's weights\? .*encoder_weights"):
       weights.unet_variables_from_keras_file(WEIGHTS_035, 0.35)
