@@ -4,6 +4,7 @@ import io
 import itertools
 import logging
 import os
+import re
 from pathlib import Path
 import shutil
 import struct
@@ -300,6 +301,15 @@ def test_split_list_lines_are_checked(tmp_path):
   path.write_text("Abyssinian_1 99 1 1\n")
   with pytest.raises(ip.DataError, match="line 1.*CLASS_ID 99"):
     folder_builder.read_split_list(str(path))
+  # The ids become the records' "label" and "species": they must agree with each other and the name.
+  for text, words in (("Abyssinian_1 26 2 20\n", "CLASS_ID 26 is pug, but 'Abyssinian_1' names Abyssinian"),
+                      ("Abyssinian_1 1 2 1\n", "SPECIES 2 does not fit CLASS_ID 1 (Abyssinian, a cat"),
+                      ("Abyssinian_1 1 1 x\n", "with integers")):
+    path.write_text(text)
+    with pytest.raises(ip.DataError, match=f"line 1.*{re.escape(words)}"):
+      folder_builder.read_split_list(str(path))
+  path.write_text("my_cat_7 1 1 1\n")  # Not an official name: the ids are all there is to go by.
+  assert [(e.label, e.species) for e in folder_builder.read_split_list(str(path))] == [(0, 0)]
   path.write_text("Persian_3\nbeagle_4\n")  # Name-only lines: breed and species from the official naming.
   entries = folder_builder.read_split_list(str(path))
   assert [(folder_builder.BREEDS[e.label], e.species) for e in entries] == [("Persian", 0), ("beagle", 1)]

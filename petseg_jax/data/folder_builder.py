@@ -145,6 +145,11 @@ def _breed_from_name(name: str) -> int | None:
   return lower.get(prefix.lower())
 
 
+def _species(label: int) -> int:
+  """0 (cat) or 1 (dog) of a breed: in the official naming cat breeds are capitalised, dog breeds lower case."""
+  return 0 if BREEDS[label][0].isupper() else 1
+
+
 def read_split_list(path: str) -> list[Entry]:
   """Parses a split list: '<name> CLASS_ID SPECIES BREED_ID' per line ('#' comments and blank lines skipped).
 
@@ -171,7 +176,7 @@ def read_split_list(path: str) -> list[Entry]:
       raise DataError(f"{where}: {name!r} should be a bare image name like 'Abyssinian_1' (no folder, no .jpg).")
     if len(tokens) == 4:
       try:
-        class_id, species_id = int(tokens[1]), int(tokens[2])
+        class_id, species_id, _ = int(tokens[1]), int(tokens[2]), int(tokens[3])
       except ValueError:
         raise DataError(f"{where}: expected '<name> CLASS_ID SPECIES BREED_ID' with integers, got {line!r}."
                         ) from None
@@ -180,13 +185,20 @@ def read_split_list(path: str) -> list[Entry]:
       if species_id not in (1, 2):
         raise DataError(f"{where}: SPECIES {species_id} is not 1 (cat) or 2 (dog).")
       label, species = class_id - 1, species_id - 1
+      # The ids go into the prepared records ("label", "species"): wrong ones would be silently wrong data.
+      named = _breed_from_name(name)
+      if named is not None and named != label:
+        raise DataError(f"{where}: CLASS_ID {class_id} is {BREEDS[label]}, but {name!r} names {BREEDS[named]} "
+                        f"(CLASS_ID {named + 1}).")
+      if species != _species(label):
+        raise DataError(f"{where}: SPECIES {species_id} does not fit CLASS_ID {class_id} ({BREEDS[label]}, a "
+                        f"{'cat' if _species(label) == 0 else 'dog'}: SPECIES {_species(label) + 1}).")
     elif len(tokens) == 1:
       label = _breed_from_name(name)
       if label is None:
         raise DataError(f"{where}: {name!r} has no CLASS_ID/SPECIES and its name does not start with a known "
                         "breed; write '<name> CLASS_ID SPECIES BREED_ID' as in the official lists.")
-      # Official naming: cat breeds are capitalised, dog breeds are lower case.
-      species = 0 if BREEDS[label][0].isupper() else 1
+      species = _species(label)
     else:
       raise DataError(f"{where}: expected '<name> CLASS_ID SPECIES BREED_ID', got {line!r}.")
     if name in seen:
