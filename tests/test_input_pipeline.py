@@ -218,9 +218,8 @@ def _plant(problem: str, root: Path) -> tuple[str, str]:
   raise ValueError(problem)
 
 
-BAD_CASES = ["truncated", "corrupt", "corrupt_for_tensorflow", "zero_bytes", "text", "missing_trimap", "trimap_size", "trimap_value_0",
-             "trimap_value_4", "missing_image", "uppercase_jpg", "uppercase_png",
-             "huge_header"]
+BAD_CASES = ["truncated", "corrupt", "corrupt_for_tensorflow", "zero_bytes", "text", "missing_trimap", "trimap_size",
+             "trimap_value_0", "trimap_value_4", "missing_image", "uppercase_jpg", "uppercase_png", "huge_header"]
 
 
 @pytest.mark.parametrize("problem", BAD_CASES)
