@@ -195,6 +195,7 @@ def test_layers_against_itself_is_a_clear_error():
   proc = subprocess.run([sys.executable, str(SCRIPT), "--mode", "layers", "--impl", "reference"],
                         capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
   assert proc.returncode != 0 and "--mode layers times --impl fast or explicit against reference" in proc.stderr
+  assert "Traceback" not in proc.stderr
 
 
 @pytest.mark.parametrize("args, message", [
@@ -220,6 +221,7 @@ def test_input_batch_larger_than_the_data_is_a_clear_error():
   assert proc.returncode != 0
   message = proc.stderr.strip().splitlines()[-1]
   assert str(BUNDLED_SAMPLE) in message and "pass a smaller --batch-size" in message, proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr
 
 
 SUITE = REPO_ROOT / "scripts" / "benchmark_suite.py"

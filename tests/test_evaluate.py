@@ -6,6 +6,7 @@ import json
 import re
 import shutil
 
+import jax
 import numpy as np
 import pytest
 
@@ -81,8 +82,31 @@ def test_latest_equals_training_validation_and_writes_confusion(workdir, cli):
   assert np.trace(confusion) / confusion.sum() == pytest.approx(summary["pixel_accuracy"])
 
 
+def test_best_is_the_best_checkpoint_when_it_is_not_the_latest(workdir, tmp_path):
+  """--checkpoint best (what evaluate.py and predict.py pass to restore_model): here the tiny run's best is
+  rewritten to step 2, so that "best" and "latest" differ."""
+  run = tmp_path / "run"
+  shutil.copytree(workdir, run)
+  config = inference.load_config(run)
+  first, last = trained_run.STEPS
+  template = train.abstract_train_state(config, train.create_model(config),
+                                        train.create_learning_rate_fn(config.train, last), first)
+  ckpt = checkpoint.Checkpointer(run, keep=config.train.keep_checkpoints)
+  assert ckpt.discard_best_after(first) == last  # The run's own best was its last step.
+  ckpt.save_best(checkpoint.restore(run, first, template), 0.99)
+  ckpt.close()
+  _, variables, step = inference.restore_model(config, run, "best")
+  assert step == first == checkpoint.best_step(run) and checkpoint.available_steps(run)[-1] == last
+  expected, _ = checkpoint.restore_variables(run, first)
+  for got, want in zip(jax.tree.leaves(variables), jax.tree.leaves(expected)):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  _, latest_variables, _ = inference.restore_model(config, run, "latest")
+  assert any(not np.array_equal(np.asarray(a), np.asarray(b))
+             for a, b in zip(jax.tree.leaves(latest_variables), jax.tree.leaves(expected)))
+
+
 def test_step_selects_checkpoint(workdir):
-  """An earlier step, through the library the script calls ("best" is exercised by test_predict.py)."""
+  """An earlier step, through the library the script calls."""
   first = trained_run.STEPS[0]
   record = next(r for r in train.read_metrics(workdir) if r["step"] == first)
   config = inference.load_config(workdir)

@@ -41,10 +41,16 @@ def test_transparent_huge_pages_mode(tmp_path):
   assert host.transparent_huge_pages_mode(tmp_path / "missing") is None
 
 
-def test_default_tunables_ask_for_huge_pages_only_where_the_kernel_needs_asking():
-  expected = ([host.HUGE_PAGES] if host.transparent_huge_pages_mode() == "madvise"
-              and (host.glibc_version() or (0, 0)) >= host.MIN_GLIBC else [])
-  assert host.default_tunables() == expected
+@pytest.mark.parametrize("mode, glibc, expected", [
+    ("madvise", (2, 35), True), ("madvise", (2, 34), False), ("madvise", None, False),
+    ("always", (2, 35), False), ("never", (2, 35), False), (None, (2, 35), False),
+])
+def test_default_tunables_ask_for_huge_pages_only_where_the_kernel_needs_asking(monkeypatch, mode, glibc, expected):
+  """Huge pages are asked for only where the kernel gives them on request (madvise) and glibc can ask."""
+  assert host.MIN_GLIBC == (2, 35)  # The cases' versions sit on either side of it.
+  monkeypatch.setattr(host, "transparent_huge_pages_mode", lambda: mode)
+  monkeypatch.setattr(host, "glibc_version", lambda: glibc)
+  assert host.default_tunables() == ([host.HUGE_PAGES] if expected else [])
 
 
 def run_restarting(environment_tunables: str | None) -> list[str]:

@@ -502,13 +502,26 @@ def test_mask_resize_nearest_keeps_values_bilinear_invents_them():
   assert set(np.unique(bilinear)) == {0, 1, 2}  # "Background" invented along the edge: the old mistake.
 
 
-def test_nearest_masks_on_real_data_have_no_new_values(quirks_folder):
+def _nearest(array: np.ndarray, size: int) -> np.ndarray:
+  """Nearest-neighbour resize to (size, size), sampling each output pixel's centre (half-pixel centres)."""
+  h, w = array.shape[:2]
+  rows = np.minimum(np.floor((np.arange(size) + 0.5) * h / size).astype(int), h - 1)
+  cols = np.minimum(np.floor((np.arange(size) + 0.5) * w / size).astype(int), w - 1)
+  return array[rows][:, cols]
+
+
+def test_masks_on_real_data_are_the_trimaps_nearest_resized_minus_one(quirks_folder):
+  """Every eval mask is its trimap file resized nearest-neighbour, labels = trimap - 1 (no value a resize
+  could invent), in the prepared split's order (raw_dataset's, which names the files)."""
   config = data_config(source="folder", data_dir=str(quirks_folder), image_size=32)
-  raw = list(tfds.as_numpy(ip.raw_dataset(config, "train")))
-  batches = list(ip.EvalInput(config, "train", 16))
-  masks = batches[0]["mask"][batches[0]["weight"] > 0]
-  for ex, mask in zip(raw, masks):
-    assert set(np.unique(mask)) <= set(np.unique(ex["segmentation_mask"]) - 1)
+  names = [ex["file_name"].decode() for ex in tfds.as_numpy(ip.raw_dataset(config, "train"))]
+  batch = next(iter(ip.EvalInput(config, "train", 16)))
+  masks = batch["mask"][batch["weight"] > 0]
+  listed = folder_builder.read_split_list(str(quirks_folder / "annotations" / "trainval.txt"))
+  assert sorted(names) == sorted(f"{e.name}.jpg" for e in listed) and len(masks) == len(names)
+  for name, mask in zip(names, masks):
+    trimap = decode.load_trimap(quirks_folder / "annotations" / "trimaps" / name.replace(".jpg", ".png"))
+    np.testing.assert_array_equal(mask, _nearest(trimap, 32).astype(np.int32) - 1, err_msg=name)
 
 
 def test_input_ranges():
@@ -584,9 +597,17 @@ def test_random_resized_crop_and_color_jitter():
   assert_batches_equal(batches, list(ip.TrainInput(config, 8, seed=0).epoch(0)))
 
   config = synthetic_config(random_flip=False, color_jitter=True, input_range="[0,1]")
+  images, masks = _unaugmented(config)
   batches = list(ip.TrainInput(config, 8, seed=0).epoch(0))
+  jittered = 0
   for batch in batches:
     assert batch["image"].dtype == np.float32 and 0 <= batch["image"].min() and batch["image"].max() <= 1
+    for image, mask in zip(batch["image"], batch["mask"]):
+      (index,) = [i for i in range(len(masks)) if np.array_equal(mask, masks[i])]  # Masks are not jittered.
+      jittered += not np.allclose(image, images[index], atol=1e-6)
+      # Brightness moves the mean by at most its delta (contrast keeps the mean; clipping pulls it in).
+      assert abs(image.mean() - images[index].mean()) <= ip.BRIGHTNESS_MAX_DELTA + 1e-6
+  assert jittered >= 0.9 * sum(len(batch["image"]) for batch in batches)
   assert_batches_equal(batches, list(ip.TrainInput(config, 8, seed=0).epoch(0)))
 
 

@@ -570,6 +570,7 @@ def test_import_script_writes_a_run_that_gives_the_keras_logits(keras_unet_files
   workdir, command, (unsaid, imported) = imported_run
   # How the inputs were scaled is not in the file, and a wrong guess gives a wrong model: it must be said.
   assert unsaid.returncode != 0 and "--config.data.input_range='[0,1]'" in unsaid.stderr, unsaid.stderr
+  assert "Traceback" not in unsaid.stderr
   assert imported.returncode == 0, imported.stderr
   assert f"Evaluate it: python scripts/evaluate.py --workdir {workdir}" in imported.stdout
   config = inference.load_config(workdir)
@@ -580,6 +581,7 @@ def test_import_script_writes_a_run_that_gives_the_keras_logits(keras_unet_files
   assert relative_error(jax.jit(model.apply)(variables, x), expected) < 1e-4
   (again,) = trained_run.run_scripts(command + ("--config.data.input_range=[0,1]",))
   assert again.returncode == 1 and "holds a run's checkpoints already" in again.stderr, again.stderr
+  assert "Traceback" not in again.stderr
 
 
 def test_export_script_writes_the_run_as_a_keras_model_of_the_same_function(imported_run, tmp_path):
@@ -594,6 +596,7 @@ def test_export_script_writes_the_run_as_a_keras_model_of_the_same_function(impo
   for result in results[:2]:
     assert result.returncode == 0 and "its logits equal the run's within" in result.stdout, result.stderr
   assert results[2].returncode == 1 and "name the Keras file '.keras'" in results[2].stderr, results[2].stderr
+  assert "Traceback" not in results[2].stderr
   assert sorted(p.name for p in tmp_path.rglob("*")) == ["out", "unet.keras", "unet.weights.h5"]  # No temporaries.
   config = inference.load_config(workdir)
   model, variables, _ = inference.restore_model(config, workdir, "latest")

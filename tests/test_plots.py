@@ -24,14 +24,17 @@ def _batch(n=2, size=32, seed=0):
 def test_prediction_triplets_size_and_colours(tmp_path):
   images, masks = _batch()
   masks[0] = 0  # Row 0's true mask is all "pet": its panel centre must be the pet colour.
-  logits = np.eye(3, dtype=np.float32)[masks] * 4.0  # Predicted = true.
+  logits = np.eye(3, dtype=np.float32)[masks] * 4.0
+  logits[0] = np.eye(3, dtype=np.float32)[2] * 4.0  # Row 0 predicted all "border": the third panel shows it.
   path = plots.save_prediction_triplets(images, masks[..., None], logits, tmp_path / "sub" / "triplets.png")
   pixels = _read_png(path)
   # 3 panels x 2 rows of 3 inches at 100 dpi, plus 0.4 inch for the legend.
   assert pixels.shape == (2 * 300 + 40, 3 * 300, 3)
   assert pixels.std() > 10  # Not blank.
-  centre = pixels[165:175, 445:455].reshape(-1, 3)  # Row 0, column 1 (true mask).
-  np.testing.assert_array_equal(centre, np.broadcast_to(plots.PALETTE[0], centre.shape))
+  true_centre = pixels[165:175, 445:455].reshape(-1, 3)  # Row 0, column 1 (true mask).
+  np.testing.assert_array_equal(true_centre, np.broadcast_to(plots.PALETTE[0], true_centre.shape))
+  predicted_centre = pixels[165:175, 745:755].reshape(-1, 3)  # Row 0, column 2 (the logits' argmax).
+  np.testing.assert_array_equal(predicted_centre, np.broadcast_to(plots.PALETTE[2], predicted_centre.shape))
 
 
 def test_prediction_triplets_optional_panels_and_errors(tmp_path):
