@@ -50,7 +50,20 @@ def test_prediction_triplets_optional_panels_and_errors(tmp_path):
     plots.save_prediction_triplets(images, masks + 1, masks, tmp_path / "x.png")
 
 
-def test_training_curves(tmp_path):
+def _recorded(monkeypatch, method: str) -> list[str]:
+  """The first arguments of every ``matplotlib.axes.Axes.<method>`` call from now on (the call still runs)."""
+  from matplotlib.axes import Axes  # pylint: disable=g-import-not-at-top
+  calls, original = [], getattr(Axes, method)
+
+  def record(self, *args, **kwargs):
+    calls.append(args[2] if method == "text" else args[0])
+    return original(self, *args, **kwargs)
+
+  monkeypatch.setattr(Axes, method, record)
+  return calls
+
+
+def test_training_curves(tmp_path, monkeypatch):
   history = [
       {"epoch": 1, "step": 10, "train_loss": 0.9, "eval_loss": 0.8, "eval_miou": 0.4,
        "eval_pixel_accuracy": 0.7},
@@ -62,20 +75,28 @@ def test_training_curves(tmp_path):
   assert pixels.shape == (450, 1200, 3)
   assert pixels.std() > 10
   # Without "epoch" in every row the x axis is the step.
+  labels = _recorded(monkeypatch, "set_xlabel")
   pixels = _read_png(plots.save_training_curves([{"step": 5, "train_loss": 1.0}], tmp_path / "steps.png"))
   assert pixels.shape == (450, 1200, 3)
+  assert labels and set(labels) == {"Step"}, labels
   with pytest.raises(ValueError, match="empty"):
     plots.save_training_curves([], tmp_path / "x.png")
   with pytest.raises(ValueError, match="no row has any"):
     plots.save_training_curves([{"epoch": 1, "lr": 0.1}], tmp_path / "x.png")
 
 
-def test_confusion_matrix_figure(tmp_path):
+def test_confusion_matrix_figure(tmp_path, monkeypatch):
   cm = np.array([[50, 3, 1], [2, 80, 5], [0, 0, 0]])  # Last row empty: shown as 0, not NaN.
   for normalize in (True, False):
+    texts = _recorded(monkeypatch, "text")
     pixels = _read_png(plots.save_confusion_matrix(cm, tmp_path / f"cm_{normalize}.png", normalize=normalize))
     assert pixels.shape == (500, 550, 3)
     assert pixels.std() > 10
+    # Cells row by row: fractions of the row (with the count) or the counts.
+    expected = ([f"{f:.3f}\n({c})" for f, c in zip([50 / 54, 3 / 54, 1 / 54, 2 / 87, 80 / 87, 5 / 87, 0, 0, 0],
+                                                    cm.ravel())] if normalize else [str(c) for c in cm.ravel()])
+    assert texts == expected, texts
+    monkeypatch.undo()
   with pytest.raises(ValueError, match="does not match"):
     plots.save_confusion_matrix(np.ones((2, 2)), tmp_path / "x.png")
 
