@@ -243,8 +243,7 @@ def _read_source(source: Any, alpha: float, alpha_setting: str = _CONFIG_ALPHA) 
     if converted:
       raise WeightsError(f"{path}: is already a converted encoder (.npz), not a Keras weight file: it needs "
                          "no conversion; give it to model.encoder_weights as it is.")
-    raise WeightsError(f"{path}: is a zip archive, not an HDF5 weight file: a Keras 3 model saved as "
-                       "'.keras'? Name it with the '.keras' suffix.")
+    raise _keras_archive_named_otherwise(path)
   if probe.open_error is not None:
     raise _unreadable_hdf5(path, probe.open_error)
   raise _not_legacy_h5(path)
@@ -311,6 +310,11 @@ def _first_line(error: Exception) -> str:
   if text.endswith(":") and len(lines) > 1:  # "Example error message for object <Conv2D ...>:", then why.
     text += " " + lines[1].split(" Target variable:")[0]
   return text[:500]
+
+
+def _keras_archive_named_otherwise(path: Path) -> WeightsError:
+  return WeightsError(f"{path}: is a zip archive, not an HDF5 weight file: a Keras 3 model saved as '.keras'? "
+                      "Name it with the '.keras' suffix.")
 
 
 def _not_a_keras_archive(path: Path, other_formats: str) -> WeightsError:
@@ -581,8 +585,7 @@ def unet_variables_from_keras_file(path: str | os.PathLike, alpha: float, num_cl
       raise _not_a_keras_archive(path, "(.h5, .weights.h5)")
     probe = _Hdf5Probe()
   elif zipfile.is_zipfile(path):
-    raise WeightsError(f"{path}: is a zip archive, not an HDF5 file: a Keras 3 model saved as '.keras'? Name it "
-                       "with the '.keras' suffix.")
+    raise _keras_archive_named_otherwise(path)
   else:
     try:
       probe = _probe_hdf5(path)
