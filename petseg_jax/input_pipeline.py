@@ -34,6 +34,7 @@ from petseg_jax.data import folder_builder
 from petseg_jax.data import synthetic
 from petseg_jax.data import tfds_source
 from petseg_jax.data.errors import DataError
+from petseg_jax.data.settings import INPUT_RANGES, MASK_RESIZES, SOURCES, check_data_config  # Part of this API.
 from petseg_jax.metrics import CLASS_NAMES  # ("pet", "background", "border"): label = trimap - 1.
 
 try:
@@ -49,9 +50,6 @@ __all__ = [
 ]
 
 BUNDLED_SAMPLE_DIR = folder_builder.BUNDLED_SAMPLE_DIR
-SOURCES = ("tfds", "folder", "synthetic")
-INPUT_RANGES = ("[-1,1]", "[0,1]")
-MASK_RESIZES = ("nearest", "bilinear")
 
 # Optional training augmentations (config.data.random_resized_crop / color_jitter).
 CROP_AREA_RANGE = (0.5, 1.0)  # Fraction of the image area kept by random_resized_crop.
@@ -64,20 +62,6 @@ load_image = decode.load_image
 
 # ---------------------------------------------------------------------------------------------------------
 # Config and sources.
-
-
-def check_data_config(data_config: ml_collections.ConfigDict) -> None:
-  """Raises DataError naming the config field if `config.data` has an invalid value."""
-  if data_config.source not in SOURCES:
-    raise DataError(f"config.data.source={data_config.source!r} is not one of {SOURCES}.")
-  size = data_config.image_size
-  if not isinstance(size, int) or size <= 0 or size % 32:
-    raise DataError(f"config.data.image_size={size!r} must be a positive multiple of 32 (the U-Net downsamples "
-                    "by 32).")
-  if data_config.input_range not in INPUT_RANGES:
-    raise DataError(f"config.data.input_range={data_config.input_range!r} is not one of {INPUT_RANGES}.")
-  if data_config.mask_resize not in MASK_RESIZES:
-    raise DataError(f"config.data.mask_resize={data_config.mask_resize!r} is not one of {MASK_RESIZES}.")
 
 
 def get_dataset_builder(data_config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:

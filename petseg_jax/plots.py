@@ -18,12 +18,12 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 import numpy as np
 
+from petseg_jax.data.settings import INPUT_RANGES
 from petseg_jax.metrics import CLASS_NAMES
 
 # One RGB colour per class: pet = orange, background = blue, border = yellow.
 PALETTE = np.array([[255, 127, 14], [31, 119, 180], [255, 221, 0]], np.uint8)
 
-INPUT_RANGES = ("[-1,1]", "[0,1]")
 
 PathLike = str | os.PathLike
 

@@ -44,6 +44,7 @@ import optax
 import tqdm
 
 from petseg_jax import checkpoint
+from petseg_jax.data import settings as data_settings
 from petseg_jax import losses
 from petseg_jax import metrics as metrics_lib
 from petseg_jax import metrics_log
@@ -484,8 +485,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
 
   Run before anything is written, so that a typo costs seconds and leaves no workdir behind.
   """
-  from petseg_jax import input_pipeline  # pylint: disable=g-import-not-at-top  # TensorFlow: see top.
-  input_pipeline.check_data_config(config.data)
+  data_settings.check_data_config(config.data)
   model, tc = config.model, config.train
   if model.num_classes != len(metrics_lib.CLASS_NAMES):
     raise ConfigError(f"config.model.num_classes={model.num_classes!r}: the data has "
@@ -747,7 +747,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
   Raises:
     ConfigError, input_pipeline.DataError, weights.WeightsError: an unusable config or data (raised before
-      the workdir is created or changed).
+      the workdir is created or changed; except a trimap value outside 1-3 in a prepared tfds download,
+      which is found only when its batch is read, during training).
     checkpoint.CheckpointError: the workdir is locked by another process or holds an incompatible run.
     TrainingInterrupted: after SIGINT/SIGTERM, once a checkpoint of the current step is written.
     FloatingPointError: the loss became NaN/inf; nothing after the divergence is saved.

@@ -34,7 +34,6 @@ Human-readable lines go to stdout (stderr with ``--json``); the last stdout line
 from __future__ import annotations
 
 import argparse
-import ast
 import contextlib
 import functools
 import hashlib
@@ -67,7 +66,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from petseg_jax import ablation
 from petseg_jax import config_files
+from petseg_jax.data import settings as data_settings
 from petseg_jax import models
 from petseg_jax.models import layers
 from petseg_jax.models.layers import IMPLS
@@ -95,44 +96,30 @@ def load_config(path: str | os.PathLike) -> ml_collections.ConfigDict:
     raise SystemExit(f"--config {path}: {e}") from e
 
 
-def apply_override(config: ml_collections.ConfigDict, assignment: str) -> None:
-  """``--set a.b=value``: the value is parsed as a Python literal when it is one, else kept a string."""
-  key, sep, text = assignment.partition("=")
-  if not sep:
-    raise SystemExit(f"--set {assignment!r}: expected KEY=VALUE, e.g. --set model.dtype=bfloat16.")
-  *parents, leaf = key.strip().split(".")
-  node = config
-  for part in parents:
-    if part not in node:
-      raise SystemExit(f"--set {assignment!r}: config has no section {part!r} (keys: {sorted(node.keys())}).")
-    node = node[part]
-  if leaf not in node:
-    raise SystemExit(f"--set {assignment!r}: config has no key {key!r} (keys here: {sorted(node.keys())}).")
+def apply_override(config: ml_collections.ConfigDict, assignment: str) -> ml_collections.ConfigDict:
+  """``config`` with ``--set a.b=value`` applied as the ablation runner applies overrides (the value a Python
+  literal when it is one, else a string; unknown keys and ill-typed values exit naming them)."""
   try:
-    value = ast.literal_eval(text)
-  except (ValueError, SyntaxError):
-    value = text
-  if isinstance(value, list):
-    value = tuple(value)
+    key, value = ablation.parse_override(assignment)
+  except ablation.SweepError as e:
+    raise SystemExit(f"--set: {e} E.g. --set model.dtype=bfloat16.") from e
   try:
-    node[leaf] = value
-  except TypeError as e:  # ml_collections keeps each field's type: "abc" for an int field.
-    raise SystemExit(f"--set {assignment!r}: {e}") from e
+    return ablation.apply_overrides(config, {key: value}, where=f"--set {assignment!r}")
+  except ablation.SweepError as e:
+    raise SystemExit(str(e)) from e
 
 
 def check_benchmark_config(config: ml_collections.ConfigDict) -> None:
-  """Exits naming the value if the config cannot build the model or its batches (checked here, not by
-  ``train.validate_config``, which reads the data settings with TensorFlow, absent on accelerator hosts)."""
+  """Exits naming the value if the config cannot build the model or its batches (the model and data checks
+  of ``train.validate_config``, without its training settings, which the benchmark does not all use)."""
   try:
     models.check_model_config(config.model)
-  except ValueError as e:
+    data_settings.check_data_config(config.data)
+  except ValueError as e:  # DataError is one.
     raise SystemExit(f"--config/--set: {e}") from e
-  batch, size = config.train.batch_size, config.data.image_size
+  batch = config.train.batch_size
   if not isinstance(batch, int) or batch < 1:
     raise SystemExit(f"--batch-size / config.train.batch_size={batch!r} must be a positive integer.")
-  if not isinstance(size, int) or size <= 0 or size % 32:
-    raise SystemExit(f"config.data.image_size={size!r} must be a positive multiple of 32 (the U-Net "
-                     "downsamples by 32).")
 
 
 def benchmark_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
@@ -143,7 +130,7 @@ def benchmark_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
   if args.batch_size is not None:
     config.train.batch_size = args.batch_size
   for assignment in args.set:
-    apply_override(config, assignment)
+    config = apply_override(config, assignment)
   if args.impl:
     config.model.conv_impl = args.impl
   check_benchmark_config(config)

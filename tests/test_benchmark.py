@@ -199,10 +199,12 @@ def test_layers_against_itself_is_a_clear_error():
 
 
 @pytest.mark.parametrize("args, message", [
-    (("--set", "model.alhpa=1.0"), "config has no key 'model.alhpa'"),
+    (("--set", "model.alhpa=1.0"), "override 'model.alhpa': model has no field 'alhpa'"),
     (("--batch-size", "0"), "config.train.batch_size=0 must be a positive integer"),
     (("--set", "model.dtype=float8"), "config.model.dtype='float8'"),
-    (("--set", "data.image_size=abc"), "--set 'data.image_size=abc': Could not override"),
+    (("--set", "data.image_size=abc"), "override data.image_size='abc': the config's field holds int"),
+    (("--set", "oops"), "--set: Override 'oops' must look like section.key=value"),
+    (("--set", "data.image_size=None"), "override data.image_size=None: the config's field holds int 128"),
     (("--set", "data.image_size=100"), "config.data.image_size=100 must be a positive multiple of 32"),
     (("--config", "configs/nope.py"), "config file configs/nope.py not found"),
     (("--mode", "input", "--data-dir", "nope"), "--data-dir nope: no such folder"),
@@ -248,7 +250,7 @@ def test_suite_records_rows_resumes_and_records_failures(tmp_path):
   assert proc.returncode == 1  # infer_bf16 failed on the typo; infer_fp32 was not run again.
   records = [json.loads(line) for line in output.read_text().splitlines()]
   assert [r["name"] for r in records] == ["infer_fp32", "infer_bf16"]
-  assert "config has no key 'model.alhpa'" in records[1]["error"] and records[1]["returncode"] != 0
+  assert "model has no field 'alhpa'" in records[1]["error"] and records[1]["returncode"] != 0
   assert "skipped (--resume)" in proc.stdout and "FAILED" in proc.stdout
 
 
