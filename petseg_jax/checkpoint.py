@@ -58,6 +58,9 @@ RESUME_KEYS = (
     "data.image_size", "data.source", "data.tfds_name", "data.train_split", "data.shuffle_buffer",
     "data.num_synthetic_train", "train.batch_size", "train.frozen_params", "train.unfreeze_after_epochs",
 )
+# Config keys whose value may change on resume but not cross zero: weight decay switched on or off changes the
+# optimizer state's structure (``optax.adamw``'s state has a decay entry that ``optax.adam``'s lacks).
+RESUME_SIGN_KEYS = ("train.weight_decay",)
 
 
 class CheckpointError(ValueError):
@@ -392,7 +395,8 @@ def differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> dict[st
 
 def check_resume_config(workdir: str | os.PathLike,
                         config: ml_collections.ConfigDict) -> dict[str, tuple[Any, Any]]:
-  """Raises CheckpointError if ``workdir/config.json`` differs from ``config`` in a RESUME_KEYS key.
+  """Raises CheckpointError if ``workdir/config.json`` differs from ``config`` in a RESUME_KEYS key, or a
+  RESUME_SIGN_KEYS key crosses zero.
 
   Returns the other differences (``config_changes``): a resume may change them. A workdir with checkpoints
   but no config.json (deleted) is refused too: nothing would say which settings trained them.
@@ -405,6 +409,9 @@ def check_resume_config(workdir: str | os.PathLike,
   changes = config_changes(workdir, config)
   differing = [f"{key}: saved {changes[key][0]!r}, now {changes[key][1]!r}" for key in RESUME_KEYS
                if key in changes]
+  differing += [f"{key}: saved {changes[key][0]!r}, now {changes[key][1]!r} (switched "
+                f"{'off' if changes[key][0] > 0 else 'on'}: another optimizer state)"
+                for key in RESUME_SIGN_KEYS if key in changes and (changes[key][0] > 0) != (changes[key][1] > 0)]
   if differing:
     raise CheckpointError(
         f"Cannot resume in {workdir}: its checkpoints were trained with a different configuration ("

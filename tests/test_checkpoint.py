@@ -249,7 +249,7 @@ def test_resume_config_check(tmp_path):
       "model": {"num_classes": 3, "alpha": 0.35, "decoder_filters": (64, 32, 32, 16),
                 "freeze_encoder": True},
       "train": {"batch_size": 8, "frozen_params": ("encoder/.*",), "unfreeze_after_epochs": -1,
-                "learning_rate": 1e-3},
+                "learning_rate": 1e-3, "weight_decay": 0.0},
   })
   checkpoint.write_config(tmp_path, config)
   saved = json.loads((tmp_path / checkpoint.CONFIG_FILE).read_text())
@@ -272,9 +272,21 @@ def test_resume_config_check(tmp_path):
     changed.data[key] = value
     with pytest.raises(checkpoint.CheckpointError, match=rf"data\.{key}: saved"):
       checkpoint.check_resume_config(tmp_path, changed)
+  config.train.weight_decay = 1e-4  # Adam -> AdamW: the optimizer state has another structure.
+  with pytest.raises(checkpoint.CheckpointError, match=r"train\.weight_decay: saved 0\.0, now 0\.0001 \(switched on"):
+    checkpoint.check_resume_config(tmp_path, config)
+  config.train.weight_decay = 0.0
   config.data.data_dir = "/moved/elsewhere"  # The same data moved: resumes (the log says what changed).
   assert set(checkpoint.check_resume_config(tmp_path, config)) == {"data.data_dir", "train.learning_rate"}
   assert checkpoint.read_config(tmp_path).model.alpha == 0.35
+  decayed = ml_collections.ConfigDict(config.to_dict())
+  decayed.train.weight_decay = 1e-4
+  checkpoint.write_config(tmp_path, decayed)
+  decayed.train.weight_decay = 3e-4  # Another positive decay: the same AdamW state, resumes.
+  assert "train.weight_decay" in checkpoint.check_resume_config(tmp_path, decayed)
+  decayed.train.weight_decay = 0.0
+  with pytest.raises(checkpoint.CheckpointError, match=r"train\.weight_decay: .*switched off"):
+    checkpoint.check_resume_config(tmp_path, decayed)
   (tmp_path / checkpoint.CONFIG_FILE).unlink()  # Checkpoints whose config.json is gone: nothing to check.
   with pytest.raises(checkpoint.CheckpointError, match="holds checkpoints but no config.json"):
     checkpoint.check_resume_config(tmp_path, config)
