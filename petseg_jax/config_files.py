@@ -64,14 +64,12 @@ def call_python_file(spec: str | os.PathLike, function: str, what: str,
     raise error(f"{what} file {path} defines no {function}() function.")
   try:
     return fn(arg) if arg is not None else fn()
-  except TypeError as e:
-    if arg is not None:
-      raise error(f"{path}: {function}({arg!r}) failed ({e}); does {function} take an argument?") from e
-    raise
   except ConfigFileError:
     raise
-  except Exception as e:
-    raise error(f"{path}: {function}() raised {type(e).__name__}: {e}") from e
+  except Exception as e:  # A TypeError with an argument given most likely means the function takes none.
+    hint = f"; does {function} take an argument?" if isinstance(e, TypeError) and arg is not None else ""
+    call = f"{function}({arg!r})" if arg is not None else f"{function}()"
+    raise error(f"{path}: {call} raised {type(e).__name__}: {e}{hint}") from e
 
 
 def config_to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:

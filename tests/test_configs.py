@@ -55,3 +55,20 @@ def test_best_keeps_the_tutorial_model_and_data_within_3x_its_compute():
   for where, num_images in TRAIN_IMAGES.items():
     ratio = _training_macs(best, num_images) / _training_macs(tutorial, num_images)
     assert ratio <= 3.0, (where, ratio)
+
+
+@pytest.mark.parametrize("body, spec_suffix, message", [
+    ("def get_config():\n  return len(3)\n", "", r"get_config\(\) raised TypeError: object of type 'int'"),
+    ("def get_config():\n  return {}['x']\n", "", r"get_config\(\) raised KeyError"),
+    ("def get_config():\n  return {}\n", ":small", r"get_config\('small'\) raised TypeError.*take an argument"),
+])
+def test_a_config_function_that_raises_is_one_config_error(tmp_path, body, spec_suffix, message):
+  """Whatever get_config() raises (a TypeError too) becomes the caller's one error type: the scripts print
+  it as one line, and the ablation runner reports it as a SweepError."""
+  from petseg_jax import ablation, config_files  # pylint: disable=g-import-not-at-top
+  path = tmp_path / "broken_config.py"
+  path.write_text(body)
+  with pytest.raises(config_files.ConfigFileError, match=message):
+    config_files.load_config(f"{path}{spec_suffix}")
+  with pytest.raises(ablation.SweepError, match=message):
+    ablation.load_config(f"{path}{spec_suffix}")
