@@ -79,6 +79,11 @@ def test_apply_overrides_checks_keys_and_types():
     ablation.apply_overrides(base, {"train.num_epochs": "ten"})
   with pytest.raises(ablation.SweepError, match="names a whole section"):
     ablation.apply_overrides(base, {"model": 1})
+  # ConfigDict stores None in any field and a bool in an int one (a bool is an int): refused here.
+  for key, value in (("data.image_size", None), ("model.encoder_weights", None), ("train.num_epochs", True)):
+    with pytest.raises(ablation.SweepError, match=rf"override {key}={value}: the config's field holds"):
+      ablation.apply_overrides(base, {key: value})
+  assert ablation.apply_overrides(base, {"model.freeze_encoder": False}).model.freeze_encoder is False
 
 
 def test_unusable_model_values_fail_their_variant_at_planning():
