@@ -726,3 +726,25 @@ def test_unfrozen_group_starts_adam_afresh_at_the_multiplied_rate():
   decayed, _ = optim.keras_adam(0.1, 0.1).update(
       {"w": jnp.zeros(1)}, optim.keras_adam(0.1, 0.1).init({"w": jnp.ones(1)}), {"w": jnp.ones(1)})
   np.testing.assert_allclose(decayed["w"], -0.01, rtol=1e-5)  # -lr * weight_decay * param.
+
+
+def test_the_model_state_and_config_check_need_no_tensorflow():
+  """Accelerator hosts may have JAX and no TensorFlow: the train module, the config check (data settings
+  included) and the benchmark's model paths import without it (TensorFlow is imported where data is read)."""
+  code = """
+import sys
+sys.modules["tensorflow"] = sys.modules["tensorflow_datasets"] = None  # Any import of them fails.
+from configs import default
+from petseg_jax import train
+from petseg_jax.data import DataError
+config = default.get_config()
+train.validate_config(config, 1)
+config.data.mask_resize = "cubic"
+try:
+  train.validate_config(config, 1)
+except DataError as e:
+  print("refused:", e)
+"""
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "refused: config.data.mask_resize='cubic' is not one of" in proc.stdout
