@@ -326,8 +326,10 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, model: models.UNet, v
 
 def confusion_paths(directory: str | os.PathLike, tag: str, step: int) -> tuple[Path, Path]:
   """``<directory>/<tag>_<step>_confusion.{json,png}``: where ``save_confusion`` writes."""
-  stem = Path(directory) / f"{tag}_{step}_confusion"
-  return stem.with_suffix(".json"), stem.with_suffix(".png")
+  # Not Path.with_suffix: a tag may hold dots (model.dtype-bfloat16, a folder named pets.v2), and the suffix
+  # would replace everything after the last one.
+  stem = f"{tag}_{step}_confusion"
+  return Path(directory) / f"{stem}.json", Path(directory) / f"{stem}.png"
 
 
 def save_confusion(confusion: np.ndarray, result: dict[str, Any], directory: str | os.PathLike, tag: str,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import re
 import shutil
 
@@ -195,6 +196,12 @@ def test_another_dtype_or_formulation_gets_its_own_files():
   assert numerics == {"model.dtype": "bfloat16", "model.conv_impl": "reference"}  # Not dropout: no effect.
   assert (inference.data_tag(other.data, saved.data, "test", overrides=numerics)
           == "test_model.dtype-bfloat16_model.conv_impl-reference")
+  # The files keep the whole tag, dots and all (Path.with_suffix cut each of these to test_model.json).
+  paths = [inference.confusion_paths("eval", inference.data_tag(other.data, saved.data, "test", overrides=o), 7)
+           for o in ({}, {"model.dtype": "bfloat16"}, {"model.conv_impl": "reference"}, numerics)]
+  assert len(set(paths)) == 4
+  assert paths[1] == (Path("eval/test_model.dtype-bfloat16_7_confusion.json"),
+                      Path("eval/test_model.dtype-bfloat16_7_confusion.png"))
 
 
 def test_unwritable_workdir_prints_results_then_one_line_error(cli):
