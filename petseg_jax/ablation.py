@@ -498,6 +498,9 @@ def plan_runs(base_config: str, sweep: Mapping[str, Any], extra_overrides: Mappi
     where = f"variant {run.variant!r}"
     try:
       config = apply_overrides(base, run.overrides, where)
+      ignored = config_files.ignored_override(config, run.overrides)
+      if ignored:
+        raise SweepError(f"{where}: {ignored}")
       try:
         # A value of the right type that cannot build a model (alpha=0, three decoder_filters) fails here,
         # in --dry-run and before any process starts, rather than in its training process.

@@ -13,7 +13,7 @@ import json
 import os
 from pathlib import Path
 import sys
-from typing import Any
+from typing import Any, Collection
 
 import ml_collections
 
@@ -88,3 +88,18 @@ def load_config(spec: str | os.PathLike, error: type[ConfigFileError] = ConfigFi
   if not isinstance(config, ml_collections.ConfigDict):
     raise error(f"{spec}: get_config() returned {type(config).__name__}, not a ConfigDict.")
   return config
+
+
+def ignored_override(config: ml_collections.ConfigDict, overridden: Collection[str]) -> str | None:
+  """Why overriding the dotted keys ``overridden`` would change nothing in ``config``; None if it would.
+
+  ``train.num_train_steps`` > 0 decides a run's length and ``train.num_epochs`` is then unused (the
+  quickstart sets both): an override of the epochs alone would train as long as before, and its config.json
+  would claim the new epochs.
+  """
+  if ("train.num_epochs" in overridden and "train.num_train_steps" not in overridden
+      and config.train.num_train_steps > 0):
+    return (f"train.num_epochs={config.train.num_epochs} has no effect: the config sets train.num_train_steps="
+            f"{config.train.num_train_steps}, which decides the run's length. Override train.num_train_steps "
+            "instead (-1 to train for num_epochs).")
+  return None

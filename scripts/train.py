@@ -24,6 +24,7 @@ import jax
 import tensorflow as tf
 
 from petseg_jax import checkpoint
+from petseg_jax import config_files
 from petseg_jax import inference
 from petseg_jax import input_pipeline
 from petseg_jax import metrics_log
@@ -50,6 +51,11 @@ def main(argv):
   tf.config.set_visible_devices([], "GPU")
   logging.info("JAX process %d / %d; local devices: %r", jax.process_index(), jax.process_count(),
                jax.local_devices())
+  overridden = {arg[len("--config."):].split("=")[0] for arg in sys.argv[1:] if arg.startswith("--config.")}
+  ignored = config_files.ignored_override(FLAGS.config, overridden)
+  if ignored:
+    print(f"error: --config.{ignored}", file=sys.stderr)
+    sys.exit(1)
   try:
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except train.TrainingInterrupted as e:

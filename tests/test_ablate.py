@@ -95,6 +95,19 @@ def test_unusable_model_values_fail_their_variant_at_planning():
   assert "config.model.decoder_filters=(8, 8, 8) must be 4 positive integers" in errors["three_blocks"]
 
 
+def test_an_override_that_changes_nothing_fails_its_variant_at_planning():
+  """On a base whose length is num_train_steps, a variant of more epochs alone would train the same steps."""
+  quickstart = str(REPO_ROOT / "configs" / "quickstart.py")
+  sweep = ablation.validate_sweep({"variants": {
+      "epochs": {"train.num_epochs": 30}, "steps": {"train.num_epochs": 30, "train.num_train_steps": -1}}})
+  errors = {run.variant: error for run, _, error in ablation.plan_runs(quickstart, sweep)}
+  assert errors["epochs"] == ("variant 'epochs': train.num_epochs=30 has no effect: the config sets "
+                              "train.num_train_steps=440, which decides the run's length. Override "
+                              "train.num_train_steps instead (-1 to train for num_epochs).")
+  assert errors["steps"] == ""
+  assert ablation.plan_runs(SYNTHETIC, sweep)[0][2] == ""  # synthetic.py trains for num_epochs.
+
+
 def test_parse_override():
   assert ablation.parse_override("train.num_epochs=3") == ("train.num_epochs", 3)
   assert ablation.parse_override("data.train_split=train[:80%]") == ("data.train_split", "train[:80%]")

@@ -600,6 +600,9 @@ def test_cli_reports_an_unusable_workdir_and_a_corrupt_metrics_file_without_a_tr
     (("--config", "configs/nonexistent.py"), "config file configs/nonexistent.py not found"),
     (("--config=configs",), "config file configs is a directory"),
     (("--config", "{tmp}/not_a_config.py"), "defines no get_config() function"),
+    # The quickstart's length is num_train_steps=440: more epochs alone would train the same 440 steps.
+    (("--config.train.num_epochs", "30"), "--config.train.num_epochs=30 has no effect: the config sets "
+     "train.num_train_steps=440"),
 ])
 def test_cli_config_errors_name_the_key_or_file(tmp_path, args, message):
   """A typo'd key (in the default config, read as the flag is defined, or in a --config file) and a
