@@ -58,6 +58,8 @@ RESUME_KEYS = (
     "data.image_size", "data.source", "data.tfds_name", "data.train_split", "data.shuffle_buffer",
     "data.num_synthetic_train", "train.batch_size", "train.frozen_params", "train.unfreeze_after_epochs",
 )
+# The RESUME_KEYS that fix the parameters' shapes (model.init_from needs them equal too).
+PARAMETER_SHAPE_KEYS = ("model.num_classes", "model.alpha", "model.decoder_filters")
 # Config keys whose value may change on resume but not cross zero: weight decay switched on or off changes the
 # optimizer state's structure (``optax.adamw``'s state has a decay entry that ``optax.adam``'s lacks).
 RESUME_SIGN_KEYS = ("train.weight_decay",)
@@ -413,10 +415,14 @@ def check_resume_config(workdir: str | os.PathLike,
                 f"{'off' if changes[key][0] > 0 else 'on'}: another optimizer state)"
                 for key in RESUME_SIGN_KEYS if key in changes and (changes[key][0] > 0) != (changes[key][1] > 0)]
   if differing:
+    # model.init_from=<workdir> starts a new run from the parameters only where they fit the new model.
+    reshaped = [key for key in PARAMETER_SHAPE_KEYS if key in changes]
+    way_out = (f"Use a new --workdir (its parameters do not fit the new {', '.join(reshaped)}, so "
+               "model.init_from cannot start from them)." if reshaped else
+               f"Use a new --workdir, or model.init_from={workdir} to start a new run from its parameters.")
     raise CheckpointError(
         f"Cannot resume in {workdir}: its checkpoints were trained with a different configuration ("
-        + "; ".join(differing) + "). Use a new --workdir, or model.init_from=" + str(workdir)
-        + " to start a new run from its parameters.")
+        + "; ".join(differing) + "). " + way_out)
   return changes
 
 

@@ -259,11 +259,12 @@ def test_resume_config_check(tmp_path):
   checkpoint.check_resume_config(tmp_path, config)
   config.model.alpha = 1.0
   config.data.image_size = 128
-  with pytest.raises(checkpoint.CheckpointError, match=r"model\.alpha: saved 0\.35, now 1\.0.*data\.image_size"):
+  with pytest.raises(checkpoint.CheckpointError, match=r"model\.alpha: saved 0\.35, now 1\.0.*data\.image_size"
+                     r".*do not fit the new model\.alpha, so model\.init_from cannot start from them"):
     checkpoint.check_resume_config(tmp_path, config)
   config.model.alpha, config.data.image_size = 0.35, 64
   config.seed = 1  # Another seed's data order and dropout from here on: neither seed's run.
-  with pytest.raises(checkpoint.CheckpointError, match=r"seed: saved 0, now 1"):
+  with pytest.raises(checkpoint.CheckpointError, match=r"seed: saved 0, now 1.*or model\.init_from="):
     checkpoint.check_resume_config(tmp_path, config)
   config.seed = 0
   for key, value in (("source", "folder"), ("train_split", "train[:50%]"), ("shuffle_buffer", 10),
