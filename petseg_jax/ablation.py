@@ -491,7 +491,7 @@ def plan_runs(base_config: str, sweep: Mapping[str, Any], extra_overrides: Mappi
     if missing:
       raise SweepError(f"--only: no variant(s) {missing}; the sweep has {sorted(names)}.")
     runs = [run for run in runs if run.variant in only]
-  from petseg_jax import models  # pylint: disable=g-import-not-at-top  (imports JAX)
+  from petseg_jax import train  # pylint: disable=g-import-not-at-top  (imports JAX)
   base = load_config(base_config)
   planned = []
   for run in runs:
@@ -502,10 +502,12 @@ def plan_runs(base_config: str, sweep: Mapping[str, Any], extra_overrides: Mappi
       if ignored:
         raise SweepError(f"{where}: {ignored}")
       try:
-        # A value of the right type that cannot build a model (alpha=0, three decoder_filters) fails here,
-        # in --dry-run and before any process starts, rather than in its training process.
-        models.check_model_config(config.model)
-      except ValueError as e:
+        # A value of the right type that no run can use (alpha=0, three decoder_filters, an unknown loss, a
+        # negative learning rate) fails here, in --dry-run and before any process starts, rather than in its
+        # training process. One device: counting them would start the accelerator backend in this process,
+        # which on a GPU would hold memory the runs need; each run checks its batch against its devices.
+        train.validate_config(config, num_devices=1)
+      except ValueError as e:  # train.ConfigError, DataError
         raise SweepError(f"{where}: {e}") from e
       planned.append((run, config, ""))
     except SweepError as e:

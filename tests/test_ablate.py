@@ -88,11 +88,15 @@ def test_apply_overrides_checks_keys_and_types():
 
 def test_unusable_model_values_fail_their_variant_at_planning():
   sweep = ablation.validate_sweep({"variants": {"ok": {}, "zero_width": {"model.alpha": 0.0},
-                                                "three_blocks": {"model.decoder_filters": [8, 8, 8]}}})
+                                                "three_blocks": {"model.decoder_filters": [8, 8, 8]},
+                                                "no_such_loss": {"train.loss": "dice2"},
+                                                "bad_range": {"data.input_range": "[0,255]"}}})
   errors = {run.variant: error for run, _, error in ablation.plan_runs(SYNTHETIC, sweep)}
   assert errors["ok"] == ""
   assert errors["zero_width"].startswith("variant 'zero_width': config.model.alpha=0.0 must be a positive")
   assert "config.model.decoder_filters=(8, 8, 8) must be 4 positive integers" in errors["three_blocks"]
+  assert errors["no_such_loss"].startswith("variant 'no_such_loss': config.train.loss='dice2' is not one of")
+  assert errors["bad_range"].startswith("variant 'bad_range': config.data.input_range='[0,255]' is not one of")
 
 
 def test_an_override_that_changes_nothing_fails_its_variant_at_planning():
@@ -253,7 +257,9 @@ def test_changed_variant_is_not_mixed_with_old_runs(tiny_sweep, tmp_path):
 
 def test_cli_subprocess_failure_and_report_only(tiny_sweep, tmp_path):
   """The CLI trains each run in a subprocess: a crashing run is reported, and the exit code says so."""
-  sweep = write_sweep(tmp_path / "crash.py", {"overrides": TINY, "variants": {"crash": {"data.image_size": 33}}})
+  # A folder that is not there: planning checks values, not files, so the run's own process fails.
+  sweep = write_sweep(tmp_path / "crash.py", {"overrides": TINY, "variants": {
+      "crash": {"data.source": "folder", "data.data_dir": "/nonexistent/pets_folder"}}})
   workdir = tmp_path / "out"
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   proc = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "ablate.py"), f"--config={SYNTHETIC}",
@@ -263,8 +269,8 @@ def test_cli_subprocess_failure_and_report_only(tiny_sweep, tmp_path):
   assert "1 of 1 runs failed" in proc.stderr
   status = ablation.read_status(workdir / "crash" / "seed_0")
   assert status["status"] == "failed" and "exit code 1" in status["error"]
-  assert "image_size=33" in status["error"]
-  assert "image_size=33" in (workdir / "summary.md").read_text()
+  assert "/nonexistent/pets_folder" in status["error"]
+  assert "pets_folder" in (workdir / "summary.md").read_text()
   # --report-only rebuilds the report of the trained tiny sweep without training anything.
   (tiny_sweep["workdir"] / "summary.csv").unlink()
   proc = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "ablate.py"), "--report-only",
