@@ -243,8 +243,9 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, A
   """A copy of ``config`` with ``{"section.key": value}`` applied; unknown keys and wrong types raise.
 
   Lists given for tuple fields become tuples and ints for float fields become floats (what a sweep file
-  naturally writes); any other type change is refused, None (which ``ConfigDict`` would store in any
-  field) and a bool for a number (a bool is an int to Python) included.
+  naturally writes); any other type change is refused, None for a number, bool or tuple (``ConfigDict`` would
+  store it; a string field may take None, e.g. ``model.encoder_weights=None``: a random encoder) and a bool
+  for a number (a bool is an int to Python) included.
   """
   config = copy.deepcopy(config)
   prefix = f"{where}: " if where else ""
@@ -265,7 +266,8 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, A
       value = tuple(value)
     elif isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
       value = float(value)
-    if old is not None and (value is None or (isinstance(value, bool) and not isinstance(old, bool))):
+    if (value is None and isinstance(old, (int, float, tuple))) or (
+        isinstance(value, bool) and isinstance(old, (int, float)) and not isinstance(old, bool)):
       raise SweepError(f"{prefix}override {key}={value!r}: the config's field holds "
                        f"{type(old).__name__} {old!r}.")
     try:

@@ -411,9 +411,11 @@ def check_resume_config(workdir: str | os.PathLike,
   changes = config_changes(workdir, config)
   differing = [f"{key}: saved {changes[key][0]!r}, now {changes[key][1]!r}" for key in RESUME_KEYS
                if key in changes]
+  positive = lambda value: isinstance(value, (int, float)) and value > 0  # A hand-edited null or "1e-4": not.
   differing += [f"{key}: saved {changes[key][0]!r}, now {changes[key][1]!r} (switched "
-                f"{'off' if changes[key][0] > 0 else 'on'}: another optimizer state)"
-                for key in RESUME_SIGN_KEYS if key in changes and (changes[key][0] > 0) != (changes[key][1] > 0)]
+                f"{'off' if positive(changes[key][0]) else 'on'}: another optimizer state)"
+                for key in RESUME_SIGN_KEYS
+                if key in changes and positive(changes[key][0]) != positive(changes[key][1])]
   if differing:
     # model.init_from=<workdir> starts a new run from the parameters only where they fit the new model.
     reshaped = [key for key in PARAMETER_SHAPE_KEYS if key in changes]

@@ -1,6 +1,6 @@
 """Runs an ablation sweep and writes its report.
 
-    python scripts/ablate.py --config configs/quickstart.py --sweep sweeps/sample_broad.py --workdir DIR
+    python scripts/ablate.py --config configs/default.py --sweep sweeps/sample_broad.py --workdir DIR
     python scripts/ablate.py --config configs/default.py --sweep sweeps/freeze.py:tfds --workdir DIR
     python scripts/ablate.py --workdir DIR --report-only
 
@@ -29,7 +29,9 @@ from petseg_jax import ablation
 
 FLAGS = flags.FLAGS
 
-flags.DEFINE_string("config", str(REPO_ROOT / "configs" / "quickstart.py"),
+# The tutorial's config, which the bundled sweeps are written against (they set the length in epochs; the
+# quickstart's length is num_train_steps, which would refuse them).
+flags.DEFINE_string("config", str(REPO_ROOT / "configs" / "default.py"),
                     "Base config file (configs/x.py, or configs/x.py:arg) the sweep's overrides apply to.")
 flags.DEFINE_string("sweep", None, "Sweep file (sweeps/x.py, or sweeps/x.py:arg for get_sweep(arg)).")
 flags.DEFINE_string("workdir", None, "Sweep directory: one subdirectory per run, plus the report.")

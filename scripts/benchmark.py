@@ -104,7 +104,7 @@ def apply_override(config: ml_collections.ConfigDict, assignment: str) -> ml_col
   except ablation.SweepError as e:
     raise SystemExit(f"--set: {e} E.g. --set model.dtype=bfloat16.") from e
   try:
-    return ablation.apply_overrides(config, {key: value}, where=f"--set {assignment!r}")
+    return ablation.apply_overrides(config, {key: value}, where="--set")
   except ablation.SweepError as e:
     raise SystemExit(str(e)) from e
 

@@ -21,6 +21,7 @@ from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 from absl import logging
 import jax
+from ml_collections import config_flags
 import tensorflow as tf
 
 from petseg_jax import checkpoint
@@ -51,8 +52,8 @@ def main(argv):
   tf.config.set_visible_devices([], "GPU")
   logging.info("JAX process %d / %d; local devices: %r", jax.process_index(), jax.process_count(),
                jax.local_devices())
-  overridden = {arg[len("--config."):].split("=")[0] for arg in sys.argv[1:] if arg.startswith("--config.")}
-  ignored = config_files.ignored_override(FLAGS.config, overridden)
+  # Whatever the syntax (--config.a.b=v, -config.a.b v, a --flagfile).
+  ignored = config_files.ignored_override(FLAGS.config, config_flags.get_override_values(FLAGS["config"]))
   if ignored:
     print(f"error: --config.{ignored}", file=sys.stderr)
     sys.exit(1)

@@ -79,11 +79,14 @@ def test_apply_overrides_checks_keys_and_types():
     ablation.apply_overrides(base, {"train.num_epochs": "ten"})
   with pytest.raises(ablation.SweepError, match="names a whole section"):
     ablation.apply_overrides(base, {"model": 1})
-  # ConfigDict stores None in any field and a bool in an int one (a bool is an int): refused here.
-  for key, value in (("data.image_size", None), ("model.encoder_weights", None), ("train.num_epochs", True)):
+  # ConfigDict stores None in any field and a bool in an int one (a bool is an int): refused here for numbers,
+  # bools and tuples; a string field may be None (documented: model.encoder_weights=None, a random encoder).
+  for key, value in (("data.image_size", None), ("model.decoder_filters", None), ("model.freeze_encoder", None),
+                     ("train.num_epochs", True), ("train.learning_rate", False)):
     with pytest.raises(ablation.SweepError, match=rf"override {key}={value}: the config's field holds"):
       ablation.apply_overrides(base, {key: value})
   assert ablation.apply_overrides(base, {"model.freeze_encoder": False}).model.freeze_encoder is False
+  assert ablation.apply_overrides(base, {"model.encoder_weights": None}).model.encoder_weights is None
 
 
 def test_unusable_model_values_fail_their_variant_at_planning():

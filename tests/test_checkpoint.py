@@ -288,6 +288,12 @@ def test_resume_config_check(tmp_path):
   decayed.train.weight_decay = 0.0
   with pytest.raises(checkpoint.CheckpointError, match=r"train\.weight_decay: .*switched off"):
     checkpoint.check_resume_config(tmp_path, decayed)
+  saved = json.loads((tmp_path / checkpoint.CONFIG_FILE).read_text())
+  saved["train"]["weight_decay"] = None  # A hand-edited config.json: no decay, not a crash.
+  (tmp_path / checkpoint.CONFIG_FILE).write_text(json.dumps(saved))
+  decayed.train.weight_decay = 1e-4
+  with pytest.raises(checkpoint.CheckpointError, match=r"train\.weight_decay: saved None, now 0\.0001 \(switched on"):
+    checkpoint.check_resume_config(tmp_path, decayed)
   (tmp_path / checkpoint.CONFIG_FILE).unlink()  # Checkpoints whose config.json is gone: nothing to check.
   with pytest.raises(checkpoint.CheckpointError, match="holds checkpoints but no config.json"):
     checkpoint.check_resume_config(tmp_path, config)

@@ -603,6 +603,7 @@ def test_cli_reports_an_unusable_workdir_and_a_corrupt_metrics_file_without_a_tr
     # The quickstart's length is num_train_steps=440: more epochs alone would train the same 440 steps.
     (("--config.train.num_epochs", "30"), "--config.train.num_epochs=30 has no effect: the config sets "
      "train.num_train_steps=440"),
+    (("-config.train.num_epochs=30",), "--config.train.num_epochs=30 has no effect"),  # absl takes one dash too.
 ])
 def test_cli_config_errors_name_the_key_or_file(tmp_path, args, message):
   """A typo'd key (in the default config, read as the flag is defined, or in a --config file) and a
