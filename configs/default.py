@@ -58,7 +58,7 @@ def get_config() -> ml_collections.ConfigDict:
   train.warmup_steps = 0
   train.weight_decay = 0.0  # > 0 uses AdamW.
   train.loss = "cross_entropy"  # "cross_entropy" | "cross_entropy+dice" | "focal".
-  train.class_weights = ()  # e.g. (2.0, 2.0, 1.0): the tutorial's sample-weight variant.
+  train.class_weights = ()  # e.g. (0.4, 0.4, 0.2): the tutorial's sample weights ((2, 2, 1) / 5).
   # Parameters whose path matches one of these regexes (each must match one) form the encoder group (big_vision
   # style): frozen while model.freeze_encoder is True, else trained at encoder_lr_multiplier times the rate.
   train.frozen_params = ("encoder/.*",)

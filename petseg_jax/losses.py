@@ -13,7 +13,9 @@ sample weights ``class_weights[label]``. So here::
 where ``valid`` comes from ``weights`` (1 everywhere when ``weights`` is None, 0 for padding examples):
 with all-valid pixels this is exactly Keras' value with ``sample_weight=class_weights[label]``; padding
 pixels are left out of both sums, so a padded eval batch gives the mean over its real pixels. Class weights
-therefore scale the loss (weights ``(2, 2, 1)`` make it larger), they are not renormalized.
+therefore scale the loss, they are not renormalized: the tutorial's example divides its ``(2, 2, 1)`` by
+their sum before use, so its weights are ``(0.4, 0.4, 0.2)``; ``(2, 2, 1)`` here weighs the classes alike
+with a 5x larger loss (Adam's steps are the same up to its epsilon; reported losses are 5x).
 """
 
 from __future__ import annotations
@@ -204,7 +206,8 @@ def segmentation_loss(
       "cross_entropy+dice": the cross-entropy above + ``soft_dice_loss`` (weight 1 each).
       "focal": ``softmax_focal_loss`` with ``focal_gamma``.
     class_weights: ``()``/None, or C non-negative numbers: each pixel's loss is multiplied by the weight of
-      its true class (the tutorial's sample-weight variant, e.g. ``(2.0, 2.0, 1.0)``). Applies to the
+      its true class, not renormalized (the tutorial's sample-weight variant is ``(0.4, 0.4, 0.2)``, its
+      ``(2, 2, 1)`` divided by their sum; see the module docstring). Applies to the
       cross-entropy and focal terms, not to the Dice term.
     weights: optional per-example ``(B,)`` or per-pixel ``(B, H, W)`` validity weights; 0 excludes a
       padding example/pixel from the loss and from the pixel count.
