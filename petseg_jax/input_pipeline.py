@@ -34,7 +34,7 @@ from petseg_jax.data import folder_builder
 from petseg_jax.data import synthetic
 from petseg_jax.data import tfds_source
 from petseg_jax.data.errors import DataError
-from petseg_jax.data.settings import INPUT_RANGES, MASK_RESIZES, SOURCES, check_data_config  # Part of this API.
+from petseg_jax.data.settings import INPUT_RANGES, MASK_RESIZES, SOURCES, check_data_config  # Re-exported.
 from petseg_jax.metrics import CLASS_NAMES  # ("pet", "background", "border"): label = trimap - 1.
 
 try:
@@ -45,8 +45,9 @@ except RuntimeError:
 
 
 __all__ = [
-    "BUNDLED_SAMPLE_DIR", "CLASS_NAMES", "DataError", "EvalInput", "TrainInput", "get_dataset_builder",
-    "load_image", "preprocess_images", "raw_dataset", "split_size",
+    "BUNDLED_SAMPLE_DIR", "CLASS_NAMES", "DataError", "EvalInput", "INPUT_RANGES", "MASK_RESIZES", "SOURCES",
+    "TrainInput", "check_data_config", "get_dataset_builder", "load_image", "preprocess_images", "raw_dataset",
+    "split_size",
 ]
 
 BUNDLED_SAMPLE_DIR = folder_builder.BUNDLED_SAMPLE_DIR
