@@ -27,6 +27,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
+from ml_collections import config_flags
 import tensorflow as tf
 
 from petseg_jax import checkpoint  # pylint: disable=g-import-not-at-top
@@ -50,7 +51,8 @@ INPUT_RANGE_FLAG = "--config.data.input_range"
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if not any(arg.startswith(INPUT_RANGE_FLAG) for arg in sys.argv):
+  # Given in any flag syntax (--config.data.input_range=…, -config…, a --flagfile), as train.py reads them.
+  if "data.input_range" not in config_flags.get_override_values(FLAGS["config"]):
     raise app.UsageError(
         f"Say how the Keras model's inputs were scaled: {INPUT_RANGE_FLAG}='[0,1]' (the tutorial's "
         "normalize, image / 255) or '[-1,1]' (mobilenet_v2.preprocess_input). A Keras file does not record it, "
