@@ -207,8 +207,20 @@ def _check_trimap_fn(builder: tfds.core.DatasetBuilder, split: str):
   return fn
 
 
-def _as_numpy(ds: tf.data.Dataset) -> Iterator[dict[str, np.ndarray]]:
-  """tfds.as_numpy(ds), raising the DataErrors of the graph (see _ERROR_START) as DataError."""
+def _damaged_copy_error(data_config: ml_collections.ConfigDict, split: str, error: tf.errors.OpError) -> DataError:
+  """The DataError for a prepared copy whose files fail to read (truncated, corrupted or missing records)."""
+  where = get_dataset_builder(data_config).data_dir
+  # TensorFlow wraps the reader's words in its op's names: "{{function_node ...}} <words> [Op:...] name: ".
+  reason = re.sub(r"\{\{function_node [^}]*\}\}|\[Op:\w+\]( name:)?", "", error.message).strip()
+  return DataError(
+      f"Reading split {split!r} of config.data.source={data_config.source!r} failed: {reason}\n"
+      f"The prepared copy in {where} is damaged (a file was cut short, changed or deleted after it was "
+      "prepared, e.g. by a full disk): delete that folder and run again to prepare it anew.")
+
+
+def _as_numpy(ds: tf.data.Dataset, data_config: ml_collections.ConfigDict, split: str
+              ) -> Iterator[dict[str, np.ndarray]]:
+  """tfds.as_numpy(ds), raising the DataErrors of the graph (see _ERROR_START) and damaged files as DataError."""
   iterator = iter(tfds.as_numpy(ds))
   while True:
     try:
@@ -218,10 +230,16 @@ def _as_numpy(ds: tf.data.Dataset) -> Iterator[dict[str, np.ndarray]]:
     except tf.errors.InvalidArgumentError as e:
       match = re.search(re.escape(_ERROR_START) + "(.*?)" + re.escape(_ERROR_END), e.message, re.DOTALL)
       if match is None:
-        raise
+        if data_config.source == "synthetic":
+          raise
+        raise _damaged_copy_error(data_config, split, e) from e
       # Assert prints its string C-escaped (quotes, non-ASCII bytes as octal): undo that.
       text = codecs.escape_decode(match.group(1).encode("utf-8"))[0].decode("utf-8", errors="replace")
       raise DataError(text) from e
+    except (tf.errors.DataLossError, tf.errors.NotFoundError) as e:
+      if data_config.source == "synthetic":
+        raise
+      raise _damaged_copy_error(data_config, split, e) from e
     yield batch
 
 
@@ -439,7 +457,7 @@ class TrainInput:
     ds = ds.batch(self.batch_size, drop_remainder=True)
     ds = ds.map(_finalize_fn(config.input_range), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
-    for batch in _as_numpy(ds):
+    for batch in _as_numpy(ds, config, self.split):
       yield _shard(batch, self.num_devices)
 
 
@@ -476,7 +494,7 @@ class EvalInput:
     ds = ds.batch(self.batch_size)
     ds = ds.map(_finalize_fn(self._config.input_range), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
-    for batch in _as_numpy(ds):
+    for batch in _as_numpy(ds, self._config, self.split):
       yield _shard(_pad_batch(batch, self.batch_size), self.num_devices)
 
 

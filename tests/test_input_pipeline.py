@@ -361,6 +361,29 @@ def test_prepared_folder_is_keyed_by_path_and_content(tmp_path, pets_sample_dir,
   assert Path(builder_b.data_dir).parent.name not in report and Path(builder_a.data_dir).is_dir()
 
 
+@pytest.mark.parametrize("damage", ["truncated", "corrupted", "deleted"])
+def test_a_damaged_prepared_copy_is_named_with_what_to_do(damage, tmp_path, pets_sample_dir):
+  folder = make_folder(tmp_path / "pets", pets_sample_dir, train=TRAIN_PAIRS[:3], test=TEST_PAIRS[:1])
+  config = data_config(source="folder", data_dir=str(folder), image_size=32)
+  prepared = Path(ip.get_dataset_builder(config).data_dir)
+  (record,) = prepared.glob("*-train.tfrecord-*")
+  data = record.read_bytes()
+  if damage == "truncated":
+    record.write_bytes(data[:len(data) // 2])
+  elif damage == "corrupted":  # Record checksums catch changed bytes.
+    record.write_bytes(data[:100] + bytes(255 - b for b in data[100:200]) + data[200:])
+  else:
+    record.unlink()
+  with pytest.raises(ip.DataError) as raised:
+    list(ip.TrainInput(config, 2, seed=0).epoch(0))
+  message = str(raised.value)
+  assert message.startswith("Reading split 'train' of config.data.source='folder' failed: "), message
+  assert f"The prepared copy in {prepared} is damaged" in message and "delete that folder" in message
+  assert "function_node" not in message and "[Op:" not in message
+  shutil.rmtree(prepared)  # What the message says to do: the next run prepares it anew.
+  assert len(list(ip.EvalInput(config, "train", 2))) == 2
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The three sources on real and synthetic pixels.
 
