@@ -635,7 +635,8 @@ def load_converted_encoder(path: str | os.PathLike, alpha: float) -> Variables:
   if not path.is_file():
     raise WeightsError(f"Converted encoder weight file {path} does not exist.")
   try:
-    with np.load(path) as data:
+    # The file handle is ours: np.load leaves its own open when the archive is unreadable.
+    with open(path, "rb") as handle, np.load(handle) as data:
       file_alpha = float(data[_ALPHA_ENTRY]) if _ALPHA_ENTRY in data else None
       flat = {k: data[k] for k in data.files if k != _ALPHA_ENTRY}
   except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # Not a zip of .npy arrays, or cut short.
