@@ -46,6 +46,7 @@ import tqdm
 from petseg_jax import checkpoint
 from petseg_jax.data import settings as data_settings
 from petseg_jax import losses
+from petseg_jax.metric_writer import SummaryWriter  # Part of this module's API too.
 from petseg_jax import metrics as metrics_lib
 from petseg_jax import metrics_log
 from petseg_jax.metrics_log import METRICS_FILE, read_metrics  # Part of this module's API too.
@@ -535,56 +536,6 @@ class _QuietOrbaxInfo(std_logging.Filter):
 
 
 _QUIET_ORBAX = _QuietOrbaxInfo()
-
-
-class SummaryWriter:
-  """TensorBoard scalars written with TensorFlow core alone.
-
-  ``tf.summary.scalar`` and ``flax.metrics.tensorboard`` need the ``tensorboard`` package; this writes the
-  same event records (a tensor summary tagged for the "scalars" plugin) through ``tf.summary.write``.
-  """
-
-  def __init__(self, logdir: str | os.PathLike):
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top  # See the module docstring.
-    from tensorflow.core.framework import summary_pb2  # pylint: disable=g-import-not-at-top
-    self._tf = tf
-    self._metadata = summary_pb2.SummaryMetadata(
-        plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"),
-        data_class=summary_pb2.DATA_CLASS_SCALAR)
-    self._writer = tf.summary.create_file_writer(str(logdir))
-
-  def scalar(self, tag: str, value: float, step: int) -> None:
-    tf = self._tf
-    with self._writer.as_default():
-      tf.summary.write(tag, tf.constant(value, tf.float32), step=step, metadata=self._metadata)
-
-  def mark_start(self, step: int) -> None:
-    """Records that this attempt trains on from ``step``: TensorBoard then shows the later steps once.
-
-    An attempt killed after logging beyond its last checkpoint leaves points that the resumed attempt logs
-    again. On a ``SessionLog(START)`` event at step S + 1, TensorBoard's Python event loader (EventAccumulator,
-    ``purge_orphaned_data``; ``--load_fast=false``) discards the points it has read before it with a step
-    >= S + 1. (Whether the Rust data server of ``--load_fast=true`` does the same is not checked here.)
-    """
-    tf = self._tf
-    event = tf.compat.v1.Event(wall_time=time.time(), step=step + 1,
-                               session_log=tf.compat.v1.SessionLog(status=tf.compat.v1.SessionLog.START))
-    # tf.summary has no call for a whole Event. ImportEvent writes one through this writer, into its file in
-    # order with the scalars, as TensorFlow's own (unexported) summary_ops_v2.import_event does.
-    resource = getattr(self._writer, "_resource", None)
-    if resource is None:  # A TensorFlow that changed its writer: no reason to stop a training run.
-      logging.warning("Cannot mark the start of step %d in the TensorBoard events (TensorFlow %s); TensorBoard "
-                      "may show the steps after it twice.", step + 1, tf.__version__)
-      return
-    tf.raw_ops.ImportEvent(writer=resource, event=event.SerializeToString())
-
-  def flush(self) -> None:
-    """Writes the buffered events to the file."""
-    self._writer.flush()
-
-  def close(self) -> None:
-    """Flushes and closes the event file."""
-    self._writer.close()
 
 
 class _StopRequest:

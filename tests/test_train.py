@@ -280,16 +280,16 @@ def _event_files(workdir):
   return sorted(files, key=lambda events: [e.wall_time for e in events])
 
 
-def _scalars_as_tensorboard_shows_them(event_files):
-  """(tag, step, value) as TensorBoard's EventAccumulator keeps them (purge_orphaned_data, the default): a
-  SessionLog START at step s discards the points read before it with a step >= s."""
+def _scalars_as_tensorboard_shows_them(workdir, tag):
+  """(step, value) of curve ``tag`` as TensorBoard's event loader keeps them (purge_orphaned_data, the default:
+  a SessionLog START at step s discards the points read before it with a step >= s)."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  points = []
-  for event in (e for events in event_files for e in events):
-    if event.session_log.status == tf.compat.v1.SessionLog.START:
-      points = [p for p in points if p[1] < event.step]
-    points += [(v.tag, event.step, float(tf.make_ndarray(v.tensor))) for v in event.summary.value]
-  return points
+  # The loader of `tensorboard --load_fast=false` (the multiplexer's); the older event_accumulator purges no
+  # tensor summaries.
+  from tensorboard.backend.event_processing import plugin_event_accumulator  # pylint: disable=g-import-not-at-top
+  accumulator = plugin_event_accumulator.EventAccumulator(str(workdir))
+  accumulator.Reload()
+  return [(event.step, float(tf.make_ndarray(event.tensor_proto))) for event in accumulator.Tensors(tag)]
 
 
 def test_summary_writer_marks_a_restart_for_tensorboard(tmp_path):
@@ -311,8 +311,8 @@ def test_summary_writer_marks_a_restart_for_tensorboard(tmp_path):
   assert starts == [[1], [9]]
   # The START comes first in the resumed attempt's file: after all of the killed attempt's scalars.
   assert second[1].session_log.status == tf.compat.v1.SessionLog.START
-  assert _scalars_as_tensorboard_shows_them([first, second]) == [
-      ("train/loss", 4, 4.0), ("train/loss", 8, 8.0), ("train/loss", 12, -12.0), ("train/loss", 16, -16.0)]
+  assert _scalars_as_tensorboard_shows_them(tmp_path, "train/loss") == [(4, 4.0), (8, 8.0), (12, -12.0),
+                                                                          (16, -16.0)]
 
 
 # --- the training loop ----------------------------------------------------------------------------------
@@ -452,6 +452,8 @@ def test_resume_after_sigterm_is_bit_identical(uninterrupted_run, tmp_path, monk
   event_files = _event_files(workdir)
   assert [[e.step for e in events if e.session_log.status == tf.compat.v1.SessionLog.START]
           for events in event_files] == [[1], [stopped + 1]]
+  steps_shown = [step for step, _ in _scalars_as_tensorboard_shows_them(workdir, "train/loss")]
+  assert steps_shown == sorted(set(steps_shown)) and steps_shown[-1] == 2 * STEPS_PER_EPOCH, steps_shown
 
 
 def test_resume_with_changed_settings_warns_and_keeps_the_earlier_config(uninterrupted_run, tmp_path, caplog):
