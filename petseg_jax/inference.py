@@ -67,7 +67,7 @@ def _lists_to_tuples(value: Any) -> Any:
   return value
 
 
-def load_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
+def load_run_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
   """The configuration saved by the training run in ``workdir`` (tuples restored).
 
   Raises:
@@ -150,7 +150,7 @@ def define_run_config_flag(argv: Sequence[str], fallback: ml_collections.ConfigD
   try:
     workdir_flag(list(argv), known_only=True)
     if workdir_flag.workdir is not None:  # Else absl reports the missing required flag.
-      config = load_config(workdir_flag.workdir)
+      config = load_run_config(workdir_flag.workdir)
   except flags.Error as e:
     error = WorkdirError(str(e))
   except WorkdirError as e:

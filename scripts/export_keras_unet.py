@@ -37,7 +37,7 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   tf.config.set_visible_devices([], "GPU")  # Keras builds and checks the model; the accelerators are JAX's.
   try:
-    config = inference.load_config(FLAGS.workdir)
+    config = inference.load_run_config(FLAGS.workdir)
     _, variables, step = inference.restore_model(config, FLAGS.workdir, FLAGS.checkpoint)
     difference = inference.export_keras_unet(config, variables, FLAGS.output)
   except (inference.WorkdirError, weights.WeightsError) as e:

@@ -88,7 +88,7 @@ def test_best_is_the_best_checkpoint_when_it_is_not_the_latest(workdir, tmp_path
   rewritten to step 2, so that "best" and "latest" differ."""
   run = tmp_path / "run"
   shutil.copytree(workdir, run)
-  config = inference.load_config(run)
+  config = inference.load_run_config(run)
   first, last = trained_run.STEPS
   template = train.abstract_train_state(config, train.create_model(config),
                                         train.create_learning_rate_fn(config.train, last), first)
@@ -110,7 +110,7 @@ def test_step_selects_checkpoint(workdir):
   """An earlier step, through the library the script calls."""
   first = trained_run.STEPS[0]
   record = next(r for r in train.read_metrics(workdir) if r["step"] == first)
-  config = inference.load_config(workdir)
+  config = inference.load_run_config(workdir)
   model, variables, step = inference.restore_model(config, workdir, first)
   result, confusion, num_images = inference.evaluate_checkpoint(config, model, variables, "test")
   assert step == first and confusion.sum() == result["num_pixels"]
@@ -219,18 +219,18 @@ def test_errors_are_clear(workdir, cli, tmp_path):
   _assert_clean_error(cli["bad_step"], "error: No checkpoint for step 3", "available steps: [2, 4]")
   # The other failures take the same path through the script (WorkdirError → "error: ...", exit 1).
   with pytest.raises(inference.WorkdirError, match="does not exist"):
-    inference.load_config(tmp_path / "missing")
+    inference.load_run_config(tmp_path / "missing")
   with pytest.raises(inference.WorkdirError, match="config.json not found"):
-    inference.load_config(tmp_path)
+    inference.load_run_config(tmp_path)
   # A checkpoint's step directory (what one sees in the run's tree): the flags that select it.
   step = trained_run.STEPS[-1]
   with pytest.raises(inference.WorkdirError,
                      match=rf"step {step}.*--workdir {re.escape(str(workdir))} --checkpoint {step}$"):
-    inference.load_config(workdir / checkpoint.LATEST_DIR / str(step))
+    inference.load_run_config(workdir / checkpoint.LATEST_DIR / str(step))
   no_checkpoints = tmp_path / "no_checkpoints"
   no_checkpoints.mkdir()
   shutil.copy(workdir / checkpoint.CONFIG_FILE, no_checkpoints)
-  config = inference.load_config(no_checkpoints)
+  config = inference.load_run_config(no_checkpoints)
   with pytest.raises(inference.WorkdirError, match="No checkpoint in"):
     inference.restore_model(config, no_checkpoints, "latest")
   config.model.decoder_filters = (8, 8, 8, 8)

@@ -573,7 +573,7 @@ def test_import_script_writes_a_run_that_gives_the_keras_logits(keras_unet_files
   assert "Traceback" not in unsaid.stderr
   assert imported.returncode == 0, imported.stderr
   assert f"Evaluate it: python scripts/evaluate.py --workdir {workdir}" in imported.stdout
-  config = inference.load_config(workdir)
+  config = inference.load_run_config(workdir)
   assert config.data.input_range == "[0,1]" and config.model.encoder_weights == ""
   assert config.model.init_from == str((directory / "unet.keras").resolve())
   model, variables, step = inference.restore_model(config, workdir, "latest")
@@ -598,7 +598,7 @@ def test_export_script_writes_the_run_as_a_keras_model_of_the_same_function(impo
   assert results[2].returncode == 1 and "name the Keras file '.keras'" in results[2].stderr, results[2].stderr
   assert "Traceback" not in results[2].stderr
   assert sorted(p.name for p in tmp_path.rglob("*")) == ["out", "unet.keras", "unet.weights.h5"]  # No temporaries.
-  config = inference.load_config(workdir)
+  config = inference.load_run_config(workdir)
   model, variables, _ = inference.restore_model(config, workdir, "latest")
   x = np.random.default_rng(13).uniform(0, 1, (2, 128, 128, 3)).astype(np.float32)  # Its [0,1] inputs.
   ours = jax.jit(model.apply)(variables, x)

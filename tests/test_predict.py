@@ -78,7 +78,7 @@ def test_predict_outputs_and_bad_files(workdir, inputs, tmp_path):
 
 def test_masks_are_the_models_prediction_resized_back(workdir, inputs, tmp_path):
   """The written mask is the model's prediction on the eval-preprocessed image, resized back (nearest)."""
-  config = inference.load_config(workdir)
+  config = inference.load_run_config(workdir)
   model, variables, _ = inference.restore_model(config, workdir, "latest")
   path = inputs["oxford"] / "images" / "cat_1.jpg"
   report = inference.predict_files(config, model, variables, [path], tmp_path, batch_size=2)
