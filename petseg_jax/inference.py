@@ -2,10 +2,10 @@
 
 The library side of ``scripts/evaluate.py``, ``scripts/predict.py`` and ``scripts/export_keras_unet.py``.
 Evaluation runs the training loop's own ``train.eval_step``/``train.evaluation_sums`` on ``input_pipeline.EvalInput``
-(every image exactly once), BatchNorm folded as there and in ``train.Predictor``, so its numbers are those
+(every image exactly once), BatchNorm folded as there and in ``prediction.Predictor``, so its numbers are those
 the run logged for the same checkpoint and data.
 Prediction preprocesses images with ``input_pipeline.preprocess_images`` (the evaluation preprocessing) and
-predicts batches padded to one fixed shape, whatever the images' sizes (``train.Predictor``). Export writes the
+predicts batches padded to one fixed shape, whatever the images' sizes (``prediction.Predictor``). Export writes the
 run's model as the tutorial's Keras U-Net, checked against it first.
 """
 
@@ -37,6 +37,7 @@ from petseg_jax import input_pipeline
 from petseg_jax import metrics as metrics_lib
 from petseg_jax import models
 from petseg_jax import plots
+from petseg_jax import prediction
 from petseg_jax import train
 from petseg_jax.data import decode
 
@@ -470,7 +471,7 @@ def predict_files(config: ml_collections.ConfigDict, model: models.UNet, variabl
     if on_failure:
       on_failure(str(path), reason)
 
-  predictor = train.Predictor(model, variables)
+  predictor = prediction.Predictor(model, variables)
   for start in range(0, len(files), batch_size):
     chunk = []
     for path in files[start:start + batch_size]:

@@ -46,7 +46,7 @@ import tqdm
 from petseg_jax import checkpoint
 from petseg_jax.data import settings as data_settings
 from petseg_jax import losses
-from petseg_jax.metric_writer import SummaryWriter  # Part of this module's API too.
+from petseg_jax import metric_writer
 from petseg_jax import metrics as metrics_lib
 from petseg_jax import metrics_log
 from petseg_jax.metrics_log import METRICS_FILE, read_metrics  # Part of this module's API too.
@@ -54,6 +54,7 @@ from petseg_jax import models
 from petseg_jax import optim
 from petseg_jax import packed
 from petseg_jax import plots
+from petseg_jax import prediction
 from petseg_jax import weights
 
 AXIS = "batch"  # pmap axis name; also the UNet's BatchNorm axis.
@@ -266,7 +267,7 @@ def eval_step(variables: dict[str, Any], batch: dict[str, jax.Array], *, model: 
               config: ml_collections.ConfigDict) -> dict[str, jax.Array]:
   """The loss's sums (``losses.loss_sums``; padding examples have weight 0) and the confusion matrix of the
   devices' shards, summed over the devices, of ``model`` in inference mode on ``variables``: evaluation passes
-  them with BatchNorm folded, the function ``Predictor`` computes (``pmapped_inference_variables``)."""
+  them with BatchNorm folded, the function ``prediction.Predictor`` computes (``pmapped_inference_variables``)."""
   logits = model.apply(variables, batch["image"], train=False)
   weight = batch["weight"]
   # Sums, not the batch's loss: added up over the split they give its exact loss, whatever the batching.
@@ -418,65 +419,6 @@ def eval_metrics(sums: dict[str, Any]) -> dict[str, Any]:
 def evaluate(p_eval_step: Callable, buffers: tuple[jax.Array, ...], eval_input: Any) -> dict[str, Any]:
   """Loss and ``metrics.compute_metrics`` over the whole eval split (``eval_metrics`` of ``evaluation_sums``)."""
   return eval_metrics(evaluation_sums(p_eval_step, buffers, eval_input))
-
-
-def packed_logits(model: models.UNet, layout: packed.Layout, packed_variables: tuple[jax.Array, ...],
-                  images: jax.Array) -> jax.Array:
-  """``model.apply(variables, images, train=False)`` on variables packed by ``packed.pack`` (the function
-  ``Predictor`` compiles)."""
-  return model.apply(packed.unpack(packed_variables, layout), images, train=False)
-
-
-_logits = jax.jit(packed_logits, static_argnums=(0, 1))
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _class_maps(model: models.UNet, layout: packed.Layout, packed_variables: tuple[jax.Array, ...],
-                images: jax.Array) -> jax.Array:
-  return jnp.argmax(packed_logits(model, layout, packed_variables, images), axis=-1)
-
-
-class Predictor:
-  """``model.apply(variables, images, train=False)`` compiled for one device, BatchNorm folded into the
-  convolutions and the variables packed on accelerators.
-
-  The BatchNorms are folded once, here (``models.fold_batch_norm``): each call then runs one operation per
-  BatchNorm instead of four, the same function up to rounding (on an H200 a batch-64 call ran 142 GPU kernels
-  instead of 190, ~10% faster; BENCHMARKS.md). The variables go to the device once, on accelerators packed
-  into one buffer per dtype (``packed``): a call then passes one or two arrays instead of ~270, whose
-  per-buffer host work is a large part of a small batch's call on a GPU. Compiled once per model, variable
-  layout and image shape (shared by Predictors of equal layouts, e.g. one per evaluation).
-
-  Args:
-    model: the U-Net (unfolded).
-    variables: its ``{"params", "batch_stats"}``.
-    concatenate: pack into one buffer per dtype (None: on accelerators only; see ``packed.pack``).
-    fold_batch_norm: fold the BatchNorms (False: run ``model`` on ``variables`` as they are).
-  """
-
-  def __init__(self, model: models.UNet, variables: dict[str, Any], concatenate: bool | None = None,
-               fold_batch_norm: bool = True):
-    if fold_batch_norm:
-      model, variables = model.clone(batch_norm_folded=True), models.fold_batch_norm(variables)
-    self.model = model
-    self.packed_variables, self.layout = packed.pack(variables, concatenate)
-
-  def logits(self, images: jax.Array | np.ndarray) -> jax.Array:
-    """Per-pixel class logits (N, H, W, C) of preprocessed images, on the device."""
-    return _logits(self.model, self.layout, self.packed_variables, images)
-
-  def __call__(self, images: jax.Array | np.ndarray) -> np.ndarray:
-    """Class maps (N, H, W) of preprocessed images, as host NumPy."""
-    return np.asarray(_class_maps(self.model, self.layout, self.packed_variables, images))
-
-
-def predict(model: models.UNet, variables: dict[str, Any], images: np.ndarray) -> np.ndarray:
-  """Class maps (N, H, W) of preprocessed images, on one device: ``Predictor(model, variables)(images)``.
-
-  Puts (and on accelerators packs) the variables at each call; to predict many batches, make one
-  ``Predictor`` and call it.
-  """
-  return Predictor(model, variables)(images)
 
 
 # --- configuration checks --------------------------------------------------------------------------------
@@ -641,7 +583,7 @@ class _Evaluator:
   """
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: Path, model: models.UNet, eval_input: Any,
-               ckpt: checkpoint.Checkpointer, writer: SummaryWriter, learning_rate_fn: optax.Schedule,
+               ckpt: checkpoint.Checkpointer, writer: metric_writer.SummaryWriter, learning_rate_fn: optax.Schedule,
                steps_per_epoch: int, start_time: float, layout: packed.Layout):
     self.config, self.workdir, self.model, self.eval_input = config, workdir, model, eval_input
     self.ckpt, self.writer, self.learning_rate_fn = ckpt, writer, learning_rate_fn
@@ -689,7 +631,7 @@ class _Evaluator:
     images = batch["image"].reshape((-1,) + batch["image"].shape[-3:])[:count]
     masks = batch["mask"].reshape((-1,) + batch["mask"].shape[-2:])[:count]
     variables = {"params": host.params, "batch_stats": host.batch_stats}
-    plots.save_prediction_triplets(images, masks, predict(self.model, variables, images), path,
+    plots.save_prediction_triplets(images, masks, prediction.predict(self.model, variables, images), path,
                                    input_range=self.config.data.input_range)
 
 
@@ -846,7 +788,7 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, ckpt: checkpoint.Ch
   del state
   dropout_rngs = replicate(dropout_rng)
   p_train_steps = {}  # frozen_encoder → pmapped step, compiled once per phase.
-  writer = SummaryWriter(workdir)
+  writer = metric_writer.SummaryWriter(workdir)
   # Also at step 0: an attempt killed before its first checkpoint logged steps that are trained again.
   writer.mark_start(step)
   evaluator = _Evaluator(config, workdir, model, eval_input, ckpt, writer, learning_rate_fn, steps_per_epoch,

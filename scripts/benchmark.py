@@ -12,7 +12,7 @@ own by ``--mode input``). Every rate is the median over ``--steps`` timed steps 
   ``train.replicate_state`` gives it, packed on accelerators, as the loop uses it) with the encoder frozen
   and, unless ``--skip-finetune``, fine-tuning the whole network; time to the first finished step
   (initialization and compilation included); FLOPs per image from XLA's cost analysis.
-* ``infer``: the jitted ``model.apply(train=False)`` as ``train.Predictor`` runs it (BatchNorm folded into the
+* ``infer``: the jitted ``model.apply(train=False)`` as ``prediction.Predictor`` runs it (BatchNorm folded into the
   convolutions, ``--batch-norm separate`` not; on accelerators the variables packed into one buffer per
   dtype, ``--variables packed|tree`` chooses).
 * ``input``: ``input_pipeline.TrainInput`` on real JPEGs (``--data-dir``, default the shared Oxford-IIIT
@@ -450,24 +450,24 @@ def bench_train(config: ml_collections.ConfigDict, args: argparse.Namespace) -> 
 
 
 def bench_infer(config: ml_collections.ConfigDict, args: argparse.Namespace) -> dict[str, Any]:
-  """``model.apply(train=False)`` on one device as ``train.Predictor`` runs it (the variables packed on
+  """``model.apply(train=False)`` on one device as ``prediction.Predictor`` runs it (the variables packed on
   accelerators; ``--variables`` chooses), on variables as a checkpoint would give them.
 
   The time to the first call counts packing, tracing, compilation and the call, not ``model.init``
   (prediction restores variables instead of initializing them).
   """
-  from petseg_jax import train
+  from petseg_jax import prediction
 
   batch_size, size = config.train.batch_size, config.data.image_size
   start = time.perf_counter()
   model = models.create_model(config.model)
   images = jnp.asarray(synthetic_batch(batch_size, size, config.model.num_classes)["image"])
   concatenate = {"auto": None, "packed": True, "tree": False}[args.variables]
-  predictor = train.Predictor(model, random_variables(model, size), concatenate,
-                              fold_batch_norm=args.batch_norm == "folded")
+  predictor = prediction.Predictor(model, random_variables(model, size), concatenate,
+                                   fold_batch_norm=args.batch_norm == "folded")
   variables = predictor.packed_variables
   # A new function object each call (so that layers.unchunked traces afresh).
-  compile_apply = lambda: jax.jit(functools.partial(train.packed_logits, predictor.model, predictor.layout)
+  compile_apply = lambda: jax.jit(functools.partial(prediction.packed_logits, predictor.model, predictor.layout)
                                   ).lower(variables, images).compile()
   apply = compile_apply()
   step = lambda: jax.block_until_ready(apply(variables, images))
@@ -698,9 +698,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   parser.add_argument("--skip-finetune", action="store_true", help="train: time the frozen encoder only")
   parser.add_argument("--variables", choices=("auto", "packed", "tree"), default="auto",
                       help="infer: the variables packed into one buffer per dtype, or as their tree of ~270 "
-                           "arrays (auto: as train.Predictor does, packed on accelerators)")
+                           "arrays (auto: as prediction.Predictor does, packed on accelerators)")
   parser.add_argument("--batch-norm", choices=("folded", "separate"), default="folded",
-                      help="infer: BatchNorm folded into the convolutions, as train.Predictor does, or run "
+                      help="infer: BatchNorm folded into the convolutions, as prediction.Predictor does, or run "
                            "as four operations of its own")
   parser.add_argument("--data-dir", default="", help="input: official-layout folder (default: shared "
                       "sample beside the repo, else the bundled one)")

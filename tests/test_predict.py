@@ -10,7 +10,7 @@ import pytest
 
 from petseg_jax import inference
 from petseg_jax import input_pipeline
-from petseg_jax import train
+from petseg_jax import prediction
 from tests import trained_run
 
 
@@ -84,7 +84,7 @@ def test_masks_are_the_models_prediction_resized_back(workdir, inputs, tmp_path)
   report = inference.predict_files(config, model, variables, [path], tmp_path, batch_size=2)
   assert not report.failures and len(report.outputs[str(path)]) == 3
   image = input_pipeline.load_image(path)
-  expected = train.predict(model, variables, input_pipeline.preprocess_images([image], config.data))[0]
+  expected = prediction.predict(model, variables, input_pipeline.preprocess_images([image], config.data))[0]
   expected = inference.resize_mask(expected, *image.shape[:2])
   np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "cat_1_mask.png")), expected)
 

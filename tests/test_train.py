@@ -24,9 +24,11 @@ import pytest
 from configs import synthetic
 from petseg_jax import checkpoint
 from petseg_jax import input_pipeline
+from petseg_jax import metric_writer
 from petseg_jax import models
 from petseg_jax import optim
 from petseg_jax import packed
+from petseg_jax import prediction
 from petseg_jax import train
 from petseg_jax import weights
 
@@ -188,17 +190,17 @@ def test_predictor_is_model_apply_and_compiles_once_per_layout(initial_state):
   variables = {"params": initial_state.params, "batch_stats": initial_state.batch_stats}
   images = _random_batch(config)["image"][0]
   expected = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, images)
-  unfolded = train.Predictor(model, variables, concatenate=True, fold_batch_norm=False)  # As on accelerators.
+  unfolded = prediction.Predictor(model, variables, concatenate=True, fold_batch_norm=False)  # As on accelerators.
   np.testing.assert_array_equal(np.asarray(unfolded.logits(images)), np.asarray(expected))
-  predictor = train.Predictor(model, variables, concatenate=True)
+  predictor = prediction.Predictor(model, variables, concatenate=True)
   assert predictor.model.batch_norm_folded and "batch_stats" not in predictor.layout.treedef.node_data()[1]
   logits = np.asarray(predictor.logits(images))
   np.testing.assert_allclose(logits, np.asarray(expected), rtol=0, atol=1e-5 * np.abs(expected).max())
   np.testing.assert_array_equal(predictor(images), np.argmax(logits, -1))
-  compilations = train._class_maps._cache_size()  # pylint: disable=protected-access
+  compilations = prediction._class_maps._cache_size()  # pylint: disable=protected-access
   other = jax.tree.map(lambda x: x * 0.5, variables)
-  train.Predictor(model, other, concatenate=True)(images)
-  assert train._class_maps._cache_size() == compilations  # pylint: disable=protected-access
+  prediction.Predictor(model, other, concatenate=True)(images)
+  assert prediction._class_maps._cache_size() == compilations  # pylint: disable=protected-access
 
 
 # --- pmap: N devices == 1 device ------------------------------------------------------------------------
@@ -295,12 +297,12 @@ def _scalars_as_tensorboard_shows_them(workdir, tag):
 def test_summary_writer_marks_a_restart_for_tensorboard(tmp_path):
   """An attempt logged steps 4, 8 and 12 but checkpointed only step 8; the next one resumes at step 8."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  killed = train.SummaryWriter(tmp_path)
+  killed = metric_writer.SummaryWriter(tmp_path)
   killed.mark_start(0)
   for step in (4, 8, 12):
     killed.scalar("train/loss", float(step), step)
   killed.close()
-  resumed = train.SummaryWriter(tmp_path)
+  resumed = metric_writer.SummaryWriter(tmp_path)
   resumed.mark_start(8)
   for step in (12, 16):
     resumed.scalar("train/loss", -float(step), step)

@@ -4,7 +4,7 @@ In inference mode a BatchNorm is a per-channel affine map, ``(y - mean) * k + be
 sqrt(var + eps)``, of a convolution's output ``y = conv(x, kernel)``; so ``conv(x, kernel * k) + (beta - mean
 * k)`` is the same function with one operation left per BatchNorm instead of four. ``fold_batch_norm`` turns a
 U-Net's variables into those of ``UNet(batch_norm_folded=True)``, whose BatchNorms are ``FoldedBatchNorm``s
-(``x + bias``). ``train.Predictor`` and evaluation (``train.pmapped_inference_variables``) do this once per
+(``x + bias``). ``prediction.Predictor`` and evaluation (``train.pmapped_inference_variables``) do this once per
 set of variables.
 """
 
