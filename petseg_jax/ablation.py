@@ -223,13 +223,21 @@ def expand_variants(sweep: Mapping[str, Any]) -> list[tuple[str, dict[str, Any]]
   return expanded
 
 
-def expand_runs(sweep: Mapping[str, Any]) -> list[Run]:
-  """Every (variant, seed) run, variant-major."""
+def expand_runs(sweep: Mapping[str, Any], extra_overrides: Mapping[str, Any] | None = None) -> list[Run]:
+  """Every (variant, seed) run, variant-major.
+
+  A run's overrides are the sweep's common ones, then its variant's, then ``extra_overrides`` (``--set``:
+  every run gets them, the variants' own values included; a variant's overrides then show the value it runs).
+  """
+  extra = dict(extra_overrides or {})
+  if "seed" in extra:
+    raise SweepError("--set seed: each run's seed comes from the sweep's 'seeds' list; override that instead "
+                     "(e.g. a copy of the sweep file), or run train.py with --config.seed.")
   runs = []
   for name, variant_overrides in expand_variants(sweep):
     for seed in sweep["seeds"]:
-      overrides = {**sweep["overrides"], **variant_overrides, "seed": seed}
-      runs.append(Run(variant=name, seed=seed, variant_overrides=dict(variant_overrides),
+      overrides = {**sweep["overrides"], **variant_overrides, **extra, "seed": seed}
+      runs.append(Run(variant=name, seed=seed, variant_overrides={key: overrides[key] for key in variant_overrides},
                       overrides=overrides, dirname=f"{slug(name)}/seed_{seed}"))
   return runs
 
@@ -484,9 +492,7 @@ def plan_runs(base_config: str, sweep: Mapping[str, Any], extra_overrides: Mappi
               only: Sequence[str] | None = None
               ) -> list[tuple[Run, ml_collections.ConfigDict | None, str]]:
   """(run, resolved config or None, planning error) for every run; a bad override fails its run only."""
-  sweep = dict(sweep)
-  sweep["overrides"] = {**sweep["overrides"], **(extra_overrides or {})}
-  runs = expand_runs(sweep)
+  runs = expand_runs(sweep, extra_overrides)
   if only:
     names = {run.variant for run in runs}
     missing = sorted(set(only) - names)
@@ -511,10 +517,47 @@ def plan_runs(base_config: str, sweep: Mapping[str, Any], extra_overrides: Mappi
         train.validate_config(config, num_devices=1)
       except ValueError as e:  # train.ConfigError, DataError
         raise SweepError(f"{where}: {e}") from e
+      never_unfrozen = _never_unfrozen(config)
+      if never_unfrozen:
+        raise SweepError(f"{where}: {never_unfrozen}")
       planned.append((run, config, ""))
     except SweepError as e:
       planned.append((run, None, str(e)))
+  _check_variants_differ(planned, extra_overrides or {})
   return planned
+
+
+def _never_unfrozen(config: ml_collections.ConfigDict) -> str:
+  """Why a run that asks to unfreeze its encoder would train it frozen throughout, or "".
+
+  Only runs measured in epochs are checked here (a length in steps needs the split's size, i.e. the data;
+  training warns about those).
+  """
+  tc = config.train
+  if config.model.freeze_encoder and 0 <= tc.num_epochs <= tc.unfreeze_after_epochs and tc.num_train_steps <= 0:
+    return (f"train.unfreeze_after_epochs={tc.unfreeze_after_epochs} unfreezes the encoder after the run's "
+            f"train.num_epochs={tc.num_epochs}: it would stay frozen throughout, a frozen run under another name. "
+            "Lower unfreeze_after_epochs or train longer.")
+  return ""
+
+
+def _check_variants_differ(planned: Sequence[tuple[Run, ml_collections.ConfigDict | None, str]],
+                           extra_overrides: Mapping[str, Any]) -> None:
+  """Raises SweepError if two variants resolve to the same configuration (for the same seed)."""
+  first_of: dict[str, Run] = {}
+  for run, config, _ in planned:
+    if config is None:
+      continue
+    key = json.dumps(config_files.config_to_dict(config), sort_keys=True, default=repr)
+    other = first_of.setdefault(key, run)
+    if other is run:
+      continue
+    told_apart = sorted(set(extra_overrides) & (set(other.variant_overrides) | set(run.variant_overrides)))
+    raise SweepError(
+        f"Variants {other.variant!r} and {run.variant!r} resolve to the same configuration: their runs would "
+        "be one experiment under two names. "
+        + (f"--set {', '.join(told_apart)} overrides what tells them apart; drop it or pick variants with "
+           "--only." if told_apart else "Make them differ, or drop one."))
 
 
 def run_sweep(base_config: str, sweep_spec: str, sweep_dir: str | os.PathLike, *,

@@ -35,8 +35,9 @@ flags.DEFINE_string("config", str(REPO_ROOT / "configs" / "default.py"),
                     "Base config file (configs/x.py, or configs/x.py:arg) the sweep's overrides apply to.")
 flags.DEFINE_string("sweep", None, "Sweep file (sweeps/x.py, or sweeps/x.py:arg for get_sweep(arg)).")
 flags.DEFINE_string("workdir", None, "Sweep directory: one subdirectory per run, plus the report.")
-flags.DEFINE_multi_string("set", [], "Extra override common to all runs, e.g. --set train.num_epochs=3 "
-                          "(value parsed as a Python literal, else taken as a string). Repeatable.")
+flags.DEFINE_multi_string("set", [], "Override for every run, the variants' own values included, e.g. --set "
+                          "train.num_epochs=3 (value parsed as a Python literal, else taken as a string). "
+                          "Repeatable.")
 flags.DEFINE_list("only", [], "Run only these variants (comma-separated names).")
 flags.DEFINE_bool("report-only", False, "Only rebuild the report from the runs already in --workdir.")
 flags.DEFINE_bool("dry-run", False, "Print the planned runs and their overrides; train nothing.")

@@ -112,7 +112,39 @@ def test_an_override_that_changes_nothing_fails_its_variant_at_planning():
                               "train.num_train_steps=440, which decides the run's length. Override "
                               "train.num_train_steps instead (-1 to train for num_epochs).")
   assert errors["steps"] == ""
-  assert ablation.plan_runs(SYNTHETIC, sweep)[0][2] == ""  # synthetic.py trains for num_epochs.
+  epochs_only = ablation.validate_sweep({"variants": {"epochs": {"train.num_epochs": 30}}})
+  assert ablation.plan_runs(SYNTHETIC, epochs_only)[0][2] == ""  # synthetic.py trains for num_epochs.
+
+
+def test_set_overrides_every_run_and_refuses_to_merge_variants_or_replace_seeds():
+  """--set reaches every run, a variant's own value included (the docs' smoke run: --set train.num_epochs=2)."""
+  sweep = ablation.validate_sweep({"seeds": [0, 1], "overrides": {"train.num_epochs": 4}, "variants": {
+      "short": {"train.learning_rate": 0.01}, "long": {"train.num_epochs": 30, "train.learning_rate": 0.001}}})
+  planned = ablation.plan_runs(SYNTHETIC, sweep, {"train.num_epochs": 1})
+  assert [(run.variant, config.train.num_epochs, error) for run, config, error in planned] == [
+      ("short", 1, ""), ("short", 1, ""), ("long", 1, ""), ("long", 1, "")]
+  assert planned[2][0].variant_overrides == {"train.num_epochs": 1, "train.learning_rate": 0.001}  # As it runs.
+  with pytest.raises(ablation.SweepError, match=r"Variants 'short' and 'long' resolve to the same configuration.*"
+                                                r"--set train.learning_rate, train.num_epochs overrides what tells"):
+    ablation.plan_runs(SYNTHETIC, sweep, {"train.learning_rate": 0.1, "train.num_epochs": 1})
+  twins = ablation.validate_sweep({"variants": {"a": {"train.learning_rate": 0.01}, "b": {},
+                                                "c": {"train.learning_rate": 0.01}}})
+  with pytest.raises(ablation.SweepError, match=r"Variants 'a' and 'c' resolve to the same .*Make them differ"):
+    ablation.plan_runs(SYNTHETIC, twins)
+  with pytest.raises(ablation.SweepError, match=r"--set seed: .*'seeds'"):
+    ablation.plan_runs(SYNTHETIC, sweep, {"seed": 5})
+
+
+def test_a_variant_that_would_never_unfreeze_fails_at_planning():
+  sweep = ablation.validate_sweep({"variants": {"frozen": {}, "unfreeze_after_4": {
+      "train.unfreeze_after_epochs": 4}}})
+  errors = {run.variant: error for run, _, error in ablation.plan_runs(SYNTHETIC, sweep, {"train.num_epochs": 2})}
+  assert errors["frozen"] == ""
+  assert errors["unfreeze_after_4"] == (
+      "variant 'unfreeze_after_4': train.unfreeze_after_epochs=4 unfreezes the encoder after the run's "
+      "train.num_epochs=2: it would stay frozen throughout, a frozen run under another name. Lower "
+      "unfreeze_after_epochs or train longer.")
+  assert [error for _, _, error in ablation.plan_runs(SYNTHETIC, sweep, {"train.num_epochs": 5})] == ["", ""]
 
 
 def test_parse_override():
