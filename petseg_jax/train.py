@@ -509,28 +509,32 @@ def _graceful_stop() -> Iterator[_StopRequest]:
 
 
 class _TrainMetrics:
-  """Per-step train metrics kept on the device until a log point, then summed on the host."""
+  """Per-step train metrics kept on the device until a log point, then summed on the host.
+
+  Two sums: the steps since the last log point (``take_interval``: TensorBoard's train/*) and the steps since
+  the last evaluation (``summary``: metrics.jsonl's train_*). Fetching early (a checkpoint, an epoch's end)
+  adds to both; it starts neither anew.
+  """
 
   def __init__(self, learning_rate_fn: optax.Schedule):
     self.learning_rate_fn = learning_rate_fn
     self.pending: list[tuple[int, dict[str, jax.Array]]] = []
     self.loss_sum, self.num_steps, self.confusion = 0.0, 0, 0
+    self.interval_loss_sum, self.interval_steps, self.interval_confusion = 0.0, 0, 0
 
   def add(self, step: int, step_metrics: dict[str, jax.Array]) -> None:
     self.pending.append((step, step_metrics))
 
-  def flush(self, last_checkpoint: str, through: int | None = None) -> dict[str, float] | None:
-    """Fetches the pending steps (the loop's only host sync), those up to step ``through`` if given, and
-    checks their loss.
-
-    Returns the means over the fetched steps, or None if there were none.
+  def flush(self, last_checkpoint: str, through: int | None = None) -> None:
+    """Fetches the pending steps (the loop's only host sync), those up to step ``through`` if given, checks
+    their loss and adds them to both sums.
 
     Raises:
       FloatingPointError: a step's loss is NaN/inf.
     """
     count = len(self.pending) if through is None else sum(s <= through for s, _ in self.pending)
     if not count:
-      return None
+      return
     steps = [s for s, _ in self.pending[:count]]
     fetched = [first_replica(m) for _, m in self.pending[:count]]
     self.pending = self.pending[count:]
@@ -543,8 +547,19 @@ class _TrainMetrics:
     self.loss_sum += float(step_losses.sum())
     self.num_steps += len(steps)
     self.confusion = self.confusion + confusion
-    return {"loss": float(step_losses.mean()),
-            "pixel_accuracy": float(np.trace(confusion) / confusion.sum())}
+    self.interval_loss_sum += float(step_losses.sum())
+    self.interval_steps += len(steps)
+    self.interval_confusion = self.interval_confusion + confusion
+
+  def take_interval(self) -> dict[str, float] | None:
+    """Loss and pixel accuracy over the steps fetched since the last call (None if none), then starts anew."""
+    if not self.interval_steps:
+      return None
+    confusion = self.interval_confusion
+    result = {"loss": self.interval_loss_sum / self.interval_steps,
+              "pixel_accuracy": float(np.trace(confusion) / confusion.sum())}
+    self.interval_loss_sum, self.interval_steps, self.interval_confusion = 0.0, 0, 0
+    return result
 
   def summary(self) -> dict[str, Any] | None:
     """Means since the last ``reset()`` (call after ``flush``); None if no step ran since."""
@@ -807,8 +822,10 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, ckpt: checkpoint.Ch
   log_points: collections.deque[int] = collections.deque()
 
   def log(log_step: int) -> None:
-    """Fetches the steps up to ``log_step`` (still pending: only ``flush_all`` fetches more, logging first)."""
-    interval = train_metrics.flush(last_checkpoint(), through=log_step)
+    """train/* means over the steps after the previous log point up to ``log_step`` (those still pending are
+    fetched now; a checkpoint or an epoch's end may have fetched the first ones)."""
+    train_metrics.flush(last_checkpoint(), through=log_step)
+    interval = train_metrics.take_interval()
     bar.set_postfix(loss=f"{interval['loss']:.4f}", acc=f"{interval['pixel_accuracy']:.4f}")
     writer.scalar("train/loss", interval["loss"], log_step)
     writer.scalar("train/pixel_accuracy", interval["pixel_accuracy"], log_step)

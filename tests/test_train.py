@@ -375,6 +375,30 @@ def test_train_means_are_read_after_later_steps_are_dispatched(tmp_path, monkeyp
   assert all(not fetched for through, fetched, _ in flushes if through is None)  # Nothing left over.
 
 
+def test_train_log_means_cover_the_steps_since_the_last_log_point():
+  """log_every_steps 5, a checkpoint at step 7 (which fetches every pending step): the log point at step 10
+  still covers steps 6-10, and the evaluation's means every step since the last reset."""
+  metrics = train._TrainMetrics(lambda step: 1e-3)
+  losses = {step: float(step) for step in range(1, 13)}
+
+  def add(step):  # One replica; the confusion counts step pixels right out of 2 * step.
+    metrics.add(step, {"loss": np.array([losses[step]], np.float32),
+                       "confusion": np.array([[[step, 0, 0], [0, 0, 0], [step, 0, 0]]])})
+
+  for step in range(1, 8):
+    add(step)
+  metrics.flush("none", through=5)
+  assert metrics.take_interval() == {"loss": 3.0, "pixel_accuracy": 0.5}
+  metrics.flush("none")  # The checkpoint at step 7.
+  for step in range(8, 13):
+    add(step)
+  metrics.flush("none", through=10)
+  assert metrics.take_interval() == {"loss": 8.0, "pixel_accuracy": 0.5}  # Steps 6-10.
+  assert metrics.take_interval() is None
+  metrics.flush("none")
+  assert metrics.summary()["loss"] == 6.5 and metrics.summary()["num_steps"] == 12
+
+
 def test_the_accelerators_packed_state_path_gives_the_cpu_paths_bits(uninterrupted_run, tmp_path, monkeypatch):
   """On accelerators the loop keeps the state (and the figures' variables) packed into buffers; on the CPU it
   passes the leaves. Forced here on the CPU, the packed path trains, evaluates and checkpoints the same."""
