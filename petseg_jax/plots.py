@@ -174,7 +174,8 @@ def save_prediction_triplets(
   return _save(fig, path)
 
 
-def save_training_curves(history: Sequence[Mapping[str, Any]], path: PathLike, dpi: int = 100) -> Path:
+def save_training_curves(history: Sequence[Mapping[str, Any]], path: PathLike, dpi: int = 100,
+                         eval_split: str | None = None) -> Path:
   """Training vs validation loss (the tutorial's plot) and validation mIoU / pixel accuracy per epoch.
 
   Args:
@@ -184,6 +185,8 @@ def save_training_curves(history: Sequence[Mapping[str, Any]], path: PathLike, d
       otherwise "step". "eval_dice" is plotted too when present.
     path: output PNG path; the image is 1200 x 450 pixels at the default dpi.
     dpi: resolution.
+    eval_split: the split the eval_* values come from, named in the labels instead of "Validation" (the
+      tutorial evaluates on its test split, and so do the configs that reproduce it).
 
   Returns:
     The PNG's path.
@@ -201,11 +204,13 @@ def save_training_curves(history: Sequence[Mapping[str, Any]], path: PathLike, d
     rows = [row for row in history if row.get(key) is not None]
     return [float(row[x_key]) for row in rows], [float(row[key]) for row in rows]
 
-  loss_series = {"Training Loss": (series("train_loss"), "r-"), "Validation Loss": (series("eval_loss"), "bo-")}
+  evaluation = "Validation" if eval_split is None else f"Eval ({eval_split})"
+  loss_series = {"Training Loss": (series("train_loss"), "r-"),
+                 f"{evaluation} Loss": (series("eval_loss"), "bo-")}
   metric_series = {
-      "Validation mIoU": (series("eval_miou"), "o-"),
-      "Validation pixel accuracy": (series("eval_pixel_accuracy"), "s-"),
-      "Validation Dice": (series("eval_dice"), "^-"),
+      f"{evaluation} mIoU": (series("eval_miou"), "o-"),
+      f"{evaluation} pixel accuracy": (series("eval_pixel_accuracy"), "s-"),
+      f"{evaluation} Dice": (series("eval_dice"), "^-"),
   }
   all_series = list(loss_series.values()) + list(metric_series.values())
   if not any(xs for (xs, _ys), _style in all_series):
@@ -216,8 +221,8 @@ def save_training_curves(history: Sequence[Mapping[str, Any]], path: PathLike, d
   fig = _new_figure(12.0, 4.5, dpi)
   loss_ax, metric_ax = fig.subplots(1, 2)
   for ax, panel, title, ylabel in (
-      (loss_ax, loss_series, "Training and Validation Loss", "Loss"),
-      (metric_ax, metric_series, "Validation metrics", "Score")):
+      (loss_ax, loss_series, f"Training and {evaluation} Loss", "Loss"),
+      (metric_ax, metric_series, f"{evaluation} metrics", "Score")):
     for label, ((xs, ys), style) in panel.items():
       if xs:
         ax.plot(xs, ys, style, label=label)

@@ -901,6 +901,7 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, ckpt: checkpoint.Ch
   writer.close()
   history = read_metrics(workdir)
   if history:
-    plots.save_training_curves(history, workdir / FIGURES_DIR / "training_curves.png")
+    plots.save_training_curves(history, workdir / FIGURES_DIR / "training_curves.png",
+                               eval_split=config.data.eval_split)
   logging.info("Done: step %d in %.1f s; workdir %s", step, time.time() - start_time, workdir)
   return host_state(buffers, layout)

@@ -79,6 +79,12 @@ def test_training_curves(tmp_path, monkeypatch):
   pixels = _read_png(plots.save_training_curves([{"step": 5, "train_loss": 1.0}], tmp_path / "steps.png"))
   assert pixels.shape == (450, 1200, 3)
   assert labels and set(labels) == {"Step"}, labels
+  # Named by the split it evaluated on (the tutorial's configs evaluate on "test"), else "Validation".
+  titles = _recorded(monkeypatch, "set_title")
+  plots.save_training_curves(history, tmp_path / "test.png", eval_split="test")
+  plots.save_training_curves(history, tmp_path / "validation.png")
+  assert titles == ["Training and Eval (test) Loss", "Eval (test) metrics", "Training and Validation Loss",
+                    "Validation metrics"], titles
   with pytest.raises(ValueError, match="empty"):
     plots.save_training_curves([], tmp_path / "x.png")
   with pytest.raises(ValueError, match="no row has any"):
