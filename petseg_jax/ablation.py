@@ -333,7 +333,7 @@ def read_status(workdir: str | os.PathLike) -> dict[str, Any]:
 
   A "running" status whose sweep process is gone (killed without a chance to record the end) reads as
   "done" if training had completed (its wall time then from the last metrics record), else as
-  "interrupted".
+  "interrupted", the killed attempt's time (from its start to the last write to its ``train.log``) added.
   """
   status = _read_json(Path(workdir) / STATUS_FILE) or {}
   if status.get("status") == RUNNING and not _pid_alive(status.get("pid")):
@@ -344,6 +344,9 @@ def read_status(workdir: str | os.PathLike) -> dict[str, Any]:
           "elapsed_sec", 0.0)
     else:
       status["status"] = INTERRUPTED
+      log_path, started = Path(workdir) / LOG_FILE, status.get("started")
+      if isinstance(started, (int, float)) and log_path.is_file():
+        status["wall_time_sec"] = status.get("wall_time_sec", 0.0) + max(0.0, log_path.stat().st_mtime - started)
   return status
 
 
@@ -383,6 +386,7 @@ def _subprocess_env(sweep_dir: Path) -> dict[str, str]:
 
 
 PR_SET_PDEATHSIG = 1  # From <sys/prctl.h>.
+ORPHAN_WAIT_SEC = 300  # How long a new attempt waits for a killed sweep's training child to stop.
 
 
 def _stop_with_parent() -> None:
@@ -396,8 +400,11 @@ def _stop_with_parent() -> None:
   libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def _train_subprocess(workdir: Path, sweep_dir: Path, log_path: Path, attempt: int) -> int:
+def _train_subprocess(workdir: Path, sweep_dir: Path, log_path: Path, attempt: int,
+                      on_start: Callable[[int], None]) -> int:
   """Trains ``workdir``'s run in a fresh Python process, output appended to ``log_path``; its exit code.
+
+  ``on_start`` gets the child's pid as soon as it runs.
 
   On KeyboardInterrupt (Ctrl-C reaches the child too) the child gets time to write its checkpoint; if it
   is still running after 60 s it is sent SIGTERM (training stops gracefully on that as well), then killed.
@@ -409,6 +416,7 @@ def _train_subprocess(workdir: Path, sweep_dir: Path, log_path: Path, attempt: i
                                stdout=f, stderr=subprocess.STDOUT, env=_subprocess_env(sweep_dir),
                                preexec_fn=_stop_with_parent if sys.platform.startswith("linux") else None)
     try:
+      on_start(process.pid)
       return process.wait()
     except KeyboardInterrupt:
       for action, timeout in ((None, 60), (process.terminate, 120), (process.kill, None)):
@@ -443,15 +451,25 @@ def execute_run(run: Run, config: ml_collections.ConfigDict, base_config: str, s
   if status.get("status") == DONE:
     _write_json(workdir / STATUS_FILE, status)  # Records a recovered status (see read_status).
     return RunResult(run, SKIPPED, wall_time_sec=status.get("wall_time_sec", 0.0))
+  # A sweep process killed outright leaves its training child stopping (SIGTERM from the kernel: it writes a
+  # checkpoint, holding the workdir's lock meanwhile); this attempt waits for it rather than fail on the lock.
+  orphan = status.get("child_pid")
+  deadline = time.time() + ORPHAN_WAIT_SEC
+  while _pid_alive(orphan) and time.time() < deadline:
+    time.sleep(0.5)
+  if _pid_alive(orphan):
+    return RunResult(run, FAILED, f"The training process (pid {orphan}) of an earlier sweep still runs in "
+                     f"{workdir} after {ORPHAN_WAIT_SEC} s; wait for it to finish or stop it, then run again.")
   _write_json(workdir / RUN_SPEC_FILE, {
       "variant": run.variant, "seed": run.seed, "variant_overrides": run.variant_overrides,
       "overrides": run.overrides, "base_config": base_config, "config": expected})
   attempts = status.get("attempts", 0) + 1
   previous_time = status.get("wall_time_sec", 0.0)
-  _write_json(workdir / STATUS_FILE, {"status": RUNNING, "attempts": attempts,
-                                      "wall_time_sec": previous_time, "pid": os.getpid()})
-  log_path = workdir / LOG_FILE
   start = time.time()
+  running = {"status": RUNNING, "attempts": attempts, "wall_time_sec": previous_time, "pid": os.getpid(),
+             "started": start}
+  _write_json(workdir / STATUS_FILE, running)
+  log_path = workdir / LOG_FILE
   error, state = "", DONE
   try:
     if in_process:
@@ -465,7 +483,8 @@ def execute_run(run: Run, config: ml_collections.ConfigDict, base_config: str, s
           f.write(traceback.format_exc())
         error, state = f"{type(e).__name__}: {e}"[:1000], FAILED
     else:
-      returncode = _train_subprocess(workdir, sweep_dir, log_path, attempts)
+      returncode = _train_subprocess(workdir, sweep_dir, log_path, attempts,
+                                     lambda pid: _write_json(workdir / STATUS_FILE, {**running, "child_pid": pid}))
       if returncode in (128 + signal.SIGINT, 128 + signal.SIGTERM):
         state, error = INTERRUPTED, "interrupted; run the sweep again to resume"
       elif returncode != 0:
@@ -628,7 +647,7 @@ def run_throughput(records: Sequence[Mapping[str, Any]]) -> float | None:
 
 
 def metric_keys(records: Sequence[Mapping[str, Any]]) -> list[str]:
-  """The final validation metrics reported: mIoU, per-class IoU, pixel accuracy (in that order)."""
+  """The final evaluation metrics reported: mIoU, per-class IoU, pixel accuracy (in that order)."""
   # Per-class IoUs in the order train.py writes them (the class order).
   keys = ["eval_miou"] + [k for r in records for k in r if k.startswith("eval_iou_")]
   return list(dict.fromkeys(keys)) + ["eval_pixel_accuracy"]
@@ -737,6 +756,12 @@ def _param_text(row: Mapping[str, Any]) -> str:
           f"{row['params_batch_stats'] / 1e3:.1f}k")
 
 
+def eval_split_name(plan: Mapping[str, Any]) -> str:
+  """The split the plan's runs evaluate on (their metrics' name in the report), e.g. "train[80%:]"."""
+  splits = sorted({entry["config"]["data"]["eval_split"] for entry in plan["runs"] if entry.get("config")})
+  return " / ".join(splits) or "eval split"
+
+
 def write_markdown(plan: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
   """The sweep's report at ``path``: its plan, then one table row per variant (mean ± std over seeds)."""
   keys = [k[:-5] for k in rows[0] if k.startswith("eval_") and k.endswith("_mean")] if rows else []
@@ -750,8 +775,8 @@ def write_markdown(plan: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], p
       f"- common overrides: `{format_overrides(plan['overrides'])}`",
       f"- seeds: {plan['seeds']}",
       f"- report written {datetime.datetime.now().isoformat(timespec='seconds')}",
-      "- metrics: the final validation evaluation of each run, mean ± sample std over seeds; train img/s: "
-      "mean over evaluation intervals after the first (which includes compilation)", "",
+      f"- metrics: the final evaluation of each run on {eval_split_name(plan)}, mean ± sample std over seeds; "
+      "train img/s: mean over evaluation intervals after the first (which includes compilation)", "",
       "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
   for row in rows:
     cells = ([row["variant"], f"`{row['overrides']}`", f"{row['seeds_done']}/{row['seeds_planned']}"]
@@ -768,8 +793,8 @@ def write_markdown(plan: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], p
 
 
 def save_summary_figure(runs: Sequence[Mapping[str, Any]], rows: Sequence[Mapping[str, Any]],
-                        path: Path, dpi: int = 100) -> Path | None:
-  """Bar chart of final mIoU (mean ± std over seeds) and the validation-mIoU curves of every variant."""
+                        path: Path, dpi: int = 100, eval_split: str = "validation") -> Path | None:
+  """Bar chart of final mIoU (mean ± std over seeds) and the mIoU curves of every variant, on ``eval_split``."""
   from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
   rows = [row for row in rows if row["seeds_done"]]
@@ -785,12 +810,12 @@ def save_summary_figure(runs: Sequence[Mapping[str, Any]], rows: Sequence[Mappin
   positions = np.arange(len(rows))[::-1]  # First variant on top.
   colors = [f"C{i % 10}" for i in range(len(rows))]
   bar_ax.barh(positions, means, xerr=stds, color=colors, alpha=0.85, capsize=3)
-  for y, mean in zip(positions, means):
-    bar_ax.text(mean, y, f" {mean:.3f}", va="center", fontsize=8)
+  for y, mean, std in zip(positions, means, stds):
+    bar_ax.text(mean + std, y, f"  {mean:.3f}", va="center", fontsize=8)  # Right of the error bar's cap.
   bar_ax.set_yticks(positions, names, fontsize=8)
   # Bars start at 0 (a cut axis would exaggerate small differences); the labels give the values.
   bar_ax.set_xlim(0.0, min(1.0, float(np.nanmax(means + stds)) + 0.12))
-  bar_ax.set_xlabel("final validation mIoU (mean ± std over seeds)")
+  bar_ax.set_xlabel(f"final mIoU on {eval_split} (mean ± std over seeds)")
   bar_ax.grid(True, axis="x", alpha=0.3)
   for color, row in zip(colors, rows):
     curves = [run["records"] for run in runs if run["variant"] == row["variant"] and run["final"]]
@@ -805,8 +830,8 @@ def save_summary_figure(runs: Sequence[Mapping[str, Any]], rows: Sequence[Mappin
       std = np.array([np.std(by_epoch[e], ddof=1) if len(by_epoch[e]) > 1 else 0.0 for e in epochs])
       curve_ax.fill_between(epochs, mean - std, mean + std, color=color, alpha=0.15)
   curve_ax.set_xlabel("epoch")
-  curve_ax.set_ylabel("validation mIoU")
-  curve_ax.set_title("validation mIoU during training (mean ± std over seeds)")
+  curve_ax.set_ylabel(f"mIoU on {eval_split}")
+  curve_ax.set_title("mIoU during training (mean ± std over seeds)")
   curve_ax.grid(True, alpha=0.3)
   curve_ax.legend(fontsize=7, loc="lower right")
   path.parent.mkdir(parents=True, exist_ok=True)
@@ -822,7 +847,7 @@ def write_report(sweep_dir: str | os.PathLike) -> dict[str, Path]:
   rows = summarize(runs)
   paths = {"csv": write_csv(rows, sweep_dir / "summary.csv"),
            "md": write_markdown(plan, rows, sweep_dir / "summary.md")}
-  figure = save_summary_figure(runs, rows, sweep_dir / "summary.png")
+  figure = save_summary_figure(runs, rows, sweep_dir / "summary.png", eval_split=eval_split_name(plan))
   if figure is not None:
     paths["png"] = figure
   return paths

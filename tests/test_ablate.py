@@ -184,6 +184,45 @@ def test_metrics_of_a_run_killed_while_appending_a_record(tmp_path):
   assert ablation.training_complete(tmp_path)
 
 
+def test_a_killed_attempts_time_counts_in_the_runs_wall_time(tmp_path):
+  """A sweep process SIGKILLed during an attempt leaves "running" with its start: the attempt's time is its
+  start to the last write to train.log (the training's output), added to the earlier attempts' time."""
+  gone = subprocess.Popen([sys.executable, "-c", "pass"])
+  gone.wait()
+  started = time.time() - 100.0
+  (tmp_path / ablation.STATUS_FILE).write_text(json.dumps(
+      {"status": "running", "attempts": 2, "wall_time_sec": 30.0, "pid": gone.pid, "started": started}))
+  (tmp_path / ablation.LOG_FILE).write_text("step 12\n")
+  os.utime(tmp_path / ablation.LOG_FILE, (started + 40.0, started + 40.0))
+  status = ablation.read_status(tmp_path)
+  assert status["status"] == "interrupted" and status["wall_time_sec"] == pytest.approx(70.0)
+
+
+def test_a_new_attempt_waits_for_a_killed_sweeps_training_child(tmp_path, monkeypatch):
+  """The killed sweep's child (recorded as child_pid) still stops, holding the workdir's lock: the next
+  attempt waits for it, and says so if it outlives the wait, instead of failing on the lock."""
+  (run, config, _), = ablation.plan_runs(SYNTHETIC, ablation.validate_sweep({"variants": {"a": TINY}}))
+  workdir = tmp_path / run.dirname
+  workdir.mkdir(parents=True)
+  gone = subprocess.Popen([sys.executable, "-c", "pass"])
+  gone.wait()
+  orphan = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+  (workdir / ablation.STATUS_FILE).write_text(json.dumps(
+      {"status": "running", "attempts": 1, "wall_time_sec": 0.0, "pid": gone.pid, "started": time.time(),
+       "child_pid": orphan.pid}))
+  monkeypatch.setattr(ablation, "ORPHAN_WAIT_SEC", 2)
+  start = time.monotonic()
+  try:
+    result = ablation.execute_run(run, config, SYNTHETIC, tmp_path, in_process=True)
+  finally:
+    orphan.kill()
+    orphan.wait()
+  assert time.monotonic() - start >= 2
+  assert result.status == ablation.FAILED and result.error == (
+      f"The training process (pid {orphan.pid}) of an earlier sweep still runs in {workdir} after 2 s; wait for "
+      "it to finish or stop it, then run again.")
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl(PR_SET_PDEATHSIG) is Linux's")
 def test_training_child_is_stopped_when_the_sweep_process_is_killed():
   """A SIGKILLed sweep process must not leave its training child running (it holds the workdir's lock)."""
