@@ -2,8 +2,9 @@
 
 The baseline is the tutorial's recipe with the alpha-0.35 ImageNet encoder (frozen, [-1, 1] inputs,
 nearest masks, cross-entropy, flips, Adam 1e-3); every other variant changes one thing. 5 epochs of the
-285 training pets at batch 8 (35 steps per epoch, 175 in all; the remainder is dropped), validated on the 71 held-out trainval pets. Variants are ordered
-by how much they matter for choosing a recipe, so a sweep cut short still answers the main questions.
+285 training pets at batch 8 (35 full batches per epoch, 175 steps), validated on the 71 held-out trainval
+pets. Variants are ordered by how much they matter for choosing a recipe, so a sweep cut short still answers
+the main questions.
 
     python scripts/ablate.py --config configs/default.py --sweep sweeps/sample_broad.py --workdir runs/broad
 """
