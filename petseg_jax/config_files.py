@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 from pathlib import Path
 import sys
@@ -103,3 +104,31 @@ def ignored_override(config: ml_collections.ConfigDict, overridden: Collection[s
             f"{config.train.num_train_steps}, which decides the run's length. Override train.num_train_steps "
             "instead (-1 to train for num_epochs).")
   return None
+
+
+def value_problem(name: str, value: Any, kind: str, minimum: float | None = None, maximum: float | None = None,
+                  above: bool = False, below: bool = False) -> str:
+  """"" if ``value`` fits, else a sentence naming ``config.<name>``, its value and what it must be.
+
+  Args:
+    name: the field's dotted path below config, e.g. "train.learning_rate".
+    kind: "int" (an int, not a bool), "number" (a finite int or float, not a bool) or "bool".
+    minimum, maximum: bounds, inclusive unless ``above`` / ``below`` make them exclusive.
+  """
+  if kind == "bool":
+    return "" if isinstance(value, bool) else f"config.{name}={value!r} must be True or False."
+  is_int = isinstance(value, int) and not isinstance(value, bool)
+  is_number = is_int or (isinstance(value, float) and math.isfinite(value))
+  fits = (is_int if kind == "int" else is_number) and not (
+      (minimum is not None and (value <= minimum if above else value < minimum))
+      or (maximum is not None and (value >= maximum if below else value > maximum)))
+  if fits:
+    return ""
+  def text(bound: float) -> str:
+    return str(bound) if isinstance(bound, int) else f"{bound:g}"
+
+  bounds = [f"{'>' if above else '>='} {text(minimum)}" if minimum is not None else "",
+            f"{'<' if below else '<='} {text(maximum)}" if maximum is not None else ""]
+  what = "an integer" if kind == "int" else "a finite number"
+  return f"config.{name}={value!r} must be {what}" + "".join(
+      f"{' ' if i == 0 else ' and '}{b}" for i, b in enumerate(b for b in bounds if b)) + "."

@@ -52,13 +52,18 @@ def class_weight_array(class_weights: Sequence[float] | None, num_classes: int) 
   Raises:
     ValueError: not ``num_classes`` finite non-negative numbers (the message names config train.class_weights).
   """
-  if class_weights is None or len(class_weights) == 0:
+  if class_weights is None or (not isinstance(class_weights, str) and len(class_weights) == 0):
     return None
-  cw = np.asarray(class_weights, np.float32)
-  if cw.shape != (num_classes,) or not np.all(np.isfinite(cw)) or np.any(cw < 0):
+  try:
+    # A string (e.g. "(nan,1,1)", which --config cannot parse as a tuple) is not a number per class either.
+    cw = np.asarray(class_weights, np.float32) if not isinstance(class_weights, str) else None
+  except (TypeError, ValueError):
+    cw = None
+  if cw is None or cw.shape != (num_classes,) or not np.all(np.isfinite(cw)) or np.any(cw < 0) or not cw.any():
+    shown = tuple(class_weights) if isinstance(class_weights, (list, tuple)) else class_weights
     raise ValueError(
-        f"class_weights={tuple(class_weights)} must be {num_classes} finite non-negative numbers, one per "
-        "class (config train.class_weights), or () for none.")
+        f"class_weights={shown!r} must be {num_classes} finite non-negative numbers, one per class and not all "
+        "zero (all zero would train nothing) (config train.class_weights), or () for none.")
   return cw
 
 

@@ -44,6 +44,7 @@ import optax
 import tqdm
 
 from petseg_jax import checkpoint
+from petseg_jax import config_files
 from petseg_jax.data import settings as data_settings
 from petseg_jax import losses
 from petseg_jax import metric_writer
@@ -441,6 +442,19 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
               "keep_checkpoints"):
     if not isinstance(tc[key], int) or tc[key] < 1:
       raise ConfigError(f"config.train.{key}={tc[key]!r} must be a positive integer.")
+  # Values of the wrong type (None from a config file) or not finite fail here, not deep in a library; a NaN
+  # rate would otherwise surface as "the loss is nan", blaming the learning rate.
+  problem = (config_files.value_problem("seed", config.seed, "int", -2**63, 2**63, below=True)
+             or config_files.value_problem("train.learning_rate", tc.learning_rate, "number", 0, above=True)
+             or config_files.value_problem("train.encoder_lr_multiplier", tc.encoder_lr_multiplier, "number", 0)
+             or config_files.value_problem("train.weight_decay", tc.weight_decay, "number", 0)
+             or config_files.value_problem("train.warmup_steps", tc.warmup_steps, "int", 0)
+             or config_files.value_problem("train.num_epochs", tc.num_epochs, "int")
+             or config_files.value_problem("train.num_train_steps", tc.num_train_steps, "int")
+             or config_files.value_problem("train.unfreeze_after_epochs", tc.unfreeze_after_epochs, "int")
+             or config_files.value_problem("train.num_figure_examples", tc.num_figure_examples, "int", 0))
+  if problem:
+    raise ConfigError(problem)
   if tc.batch_size % num_devices:
     raise ConfigError(f"config.train.batch_size={tc.batch_size} must be divisible by the number of devices "
                       f"({num_devices}): the global batch is split evenly over them.")
@@ -451,11 +465,9 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
     raise ConfigError(f"config.train.loss={tc.loss!r} is not one of {losses.LOSSES}.")
   try:
     # The loss checks them too, but only when the first step is traced: after the workdir is made.
-    losses.class_weight_array(tuple(tc.class_weights), model.num_classes)
+    losses.class_weight_array(tc.class_weights, model.num_classes)
   except ValueError as e:
     raise ConfigError(f"config.train.{e}") from e
-  if not tc.weight_decay >= 0:  # A negative decay would silently grow the weights (NaN: never decay).
-    raise ConfigError(f"config.train.weight_decay={tc.weight_decay!r} must be >= 0 (0: Adam, > 0: AdamW).")
   try:
     optim.compile_patterns(tc.frozen_params)
   except ValueError as e:
@@ -463,9 +475,6 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
   if model.freeze_encoder and not tc.frozen_params:  # Else the "frozen" encoder silently trains in full.
     raise ConfigError("config.model.freeze_encoder=True but config.train.frozen_params=() freezes nothing; "
                       "set frozen_params (e.g. ('encoder/.*',)), or model.freeze_encoder=False to train all.")
-  if not tc.learning_rate > 0 or tc.encoder_lr_multiplier < 0:
-    raise ConfigError(f"config.train.learning_rate={tc.learning_rate!r} must be > 0 and "
-                      f"encoder_lr_multiplier={tc.encoder_lr_multiplier!r} >= 0.")
 
 
 # --- the loop's bookkeeping ------------------------------------------------------------------------------

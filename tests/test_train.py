@@ -715,7 +715,16 @@ def test_initializer_with_given_encoder_skips_its_random_init_and_keeps_the_deco
     ("class_weights", (-1.0, 1.0, 1.0), r"config\.train\.class_weights=\(-1\.0, 1\.0, 1\.0\) must be 3 finite "
      "non-negative"),
     ("class_weights", (float("nan"), 1.0, 1.0), r"config\.train\.class_weights=\(nan"),
-    ("weight_decay", -1e-4, r"config\.train\.weight_decay=-0\.0001 must be >= 0"),
+    ("class_weights", (0.0, 0.0, 0.0), r"not all zero \(all zero would train nothing\)"),
+    ("class_weights", ("(nan,1.0,1.0)",), r"config\.train\.class_weights=\('\(nan,1\.0,1\.0\)',\) must be 3 finite"),
+    ("weight_decay", -1e-4, r"config\.train\.weight_decay=-0\.0001 must be a finite number >= 0\."),
+    ("weight_decay", float("inf"), r"config\.train\.weight_decay=inf must be a finite number >= 0\."),
+    ("learning_rate", None, r"config\.train\.learning_rate=None must be a finite number > 0\."),
+    ("learning_rate", float("inf"), r"config\.train\.learning_rate=inf must be a finite number > 0\."),
+    ("encoder_lr_multiplier", float("nan"), r"config\.train\.encoder_lr_multiplier=nan must be a finite number"),
+    ("warmup_steps", -1, r"config\.train\.warmup_steps=-1 must be an integer >= 0\."),
+    ("num_train_steps", None, r"config\.train\.num_train_steps=None must be an integer\."),
+    ("num_figure_examples", None, r"config\.train\.num_figure_examples=None must be an integer >= 0\."),
     # With model.freeze_encoder=True (the tiny config's): the encoder would train, BatchNorm and all.
     ("frozen_params", (), r"freeze_encoder=True but config\.train\.frozen_params=\(\) freezes nothing"),
 ])
@@ -724,6 +733,23 @@ def test_bad_loss_and_optimizer_values_are_config_errors(key, value, message):
   weights would raise only when the first step is traced; the others would not raise at all)."""
   with pytest.raises(train.ConfigError, match=message):
     train.validate_config(tiny_config(**{key: value}), num_devices=1)
+
+
+@pytest.mark.parametrize("section, key, value, message", [
+    (None, "seed", 2**64, r"config\.seed=18446744073709551616 must be an integer >= -9223372036854775808 and < "),
+    ("model", "decoder_bn_momentum", 1.0, r"config\.model\.decoder_bn_momentum=1\.0 must be a finite number >= 0 "
+     r"and < 1\."),
+    ("model", "dropout", None, r"config\.model\.dropout=None must be a finite number >= 0 and < 1\."),
+    ("model", "freeze_encoder", None, r"config\.model\.freeze_encoder=None must be True or False\."),
+    ("data", "shuffle_buffer", None, r"config\.data\.shuffle_buffer=None must be an integer >= 0\."),
+    ("data", "cache", None, r"config\.data\.cache=None must be True or False\."),
+])
+def test_values_of_the_wrong_type_or_out_of_range_are_named(section, key, value, message):
+  """What a config file can set (None, a string) or a flag can give, named before any work starts."""
+  config = tiny_config()
+  (config if section is None else config[section])[key] = value
+  with pytest.raises(ValueError, match=message):  # ConfigError, DataError for config.data.
+    train.validate_config(config, num_devices=1)
 
 
 def test_learning_rate_schedules():

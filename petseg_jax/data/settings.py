@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from petseg_jax import config_files
 from petseg_jax.data.errors import DataError
 
 SOURCES = ("tfds", "folder", "synthetic")
@@ -30,3 +31,8 @@ def check_data_config(data_config: ml_collections.ConfigDict) -> None:
     raise DataError(f"config.data.input_range={data_config.input_range!r} is not one of {INPUT_RANGES}.")
   if data_config.mask_resize not in MASK_RESIZES:
     raise DataError(f"config.data.mask_resize={data_config.mask_resize!r} is not one of {MASK_RESIZES}.")
+  problem = config_files.value_problem("data.shuffle_buffer", data_config.shuffle_buffer, "int", 0)
+  for key in ("random_flip", "random_resized_crop", "color_jitter", "cache", "skip_bad_examples"):
+    problem = problem or config_files.value_problem(f"data.{key}", data_config[key], "bool")
+  if problem:
+    raise DataError(problem)

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from petseg_jax import config_files
 from petseg_jax.models.folding import fold_batch_norm
 from petseg_jax.models.layers import IMPLS, ConvTranspose3x3s2, DepthwiseConv3x3, FoldedBatchNorm
 from petseg_jax.models.mobilenet_v2 import TAP_NAMES, MobileNetV2Encoder, make_divisible
@@ -44,10 +45,13 @@ def check_model_config(model_config: ml_collections.ConfigDict) -> None:
   if len(filters) != len(TAP_NAMES) - 1 or not all(_is_int(f) and f > 0 for f in filters):
     raise ValueError(f"config.model.decoder_filters={filters!r} must be {len(TAP_NAMES) - 1} positive "
                      "integers, one per upsampling block (e.g. (512, 256, 128, 64)).")
-  if not 0 <= m.dropout < 1:
-    raise ValueError(f"config.model.dropout={m.dropout!r} must be in [0, 1).")
-  if not 0 <= m.decoder_bn_momentum <= 1:
-    raise ValueError(f"config.model.decoder_bn_momentum={m.decoder_bn_momentum!r} must be in [0, 1].")
+  # A momentum of 1 would keep the decoder's BatchNorm statistics at their initial values for good.
+  problem = (config_files.value_problem("model.dropout", m.dropout, "number", 0, 1, below=True)
+             or config_files.value_problem("model.decoder_bn_momentum", m.decoder_bn_momentum, "number", 0, 1,
+                                           below=True)
+             or config_files.value_problem("model.freeze_encoder", m.freeze_encoder, "bool"))
+  if problem:
+    raise ValueError(problem)
 
 
 def create_model(model_config: ml_collections.ConfigDict, bn_axis_name: str | None = None) -> UNet:
