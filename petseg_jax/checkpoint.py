@@ -382,11 +382,19 @@ def config_changes(workdir: str | os.PathLike, config: ml_collections.ConfigDict
   path = Path(workdir) / CONFIG_FILE
   if not path.exists():
     return {}
+  return differences(_flatten(_read_config_json(path)), _flatten(config_files.config_to_dict(config)))
+
+
+def _read_config_json(path: Path) -> dict[str, Any]:
+  """A run's config.json as a dict; CheckpointError if it is not a JSON object (damaged or hand-edited)."""
   try:
-    saved = _flatten(json.loads(path.read_text()))
-  except json.JSONDecodeError as e:
+    saved = json.loads(path.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise CheckpointError(f"{path} is not valid JSON ({e}); restore it or use a new --workdir.") from e
-  return differences(saved, _flatten(config_files.config_to_dict(config)))
+  if not isinstance(saved, dict):
+    raise CheckpointError(f"{path} holds a JSON {type(saved).__name__}, not the run's configuration (an object "
+                          "of sections); restore it or use a new --workdir.")
+  return saved
 
 
 def differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
@@ -450,7 +458,7 @@ def read_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
   path = _checkpoint_root(Path(workdir)) / CONFIG_FILE
   if not path.exists():
     raise CheckpointError(f"{path} not found: is {workdir} a training workdir?")
-  return ml_collections.ConfigDict(json.loads(path.read_text()))
+  return ml_collections.ConfigDict(_read_config_json(path))
 
 
 @contextlib.contextmanager

@@ -19,6 +19,7 @@ from typing import Any, Collection
 import ml_collections
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "default.py"  # The tutorial; every field a run's config has.
 
 
 class ConfigFileError(ValueError):

@@ -89,11 +89,29 @@ def load_run_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
                          f"{step_dir.name}")
   try:
     config = checkpoint.read_config(path)
-  except json.JSONDecodeError as e:
-    raise WorkdirError(f"{path / checkpoint.CONFIG_FILE} is not valid JSON ({e}).") from e
   except checkpoint.CheckpointError as e:
     raise WorkdirError(str(e)) from e
-  return ml_collections.ConfigDict(_lists_to_tuples(config.to_dict()))
+  config = ml_collections.ConfigDict(_lists_to_tuples(config.to_dict()))
+  missing = _missing_fields(config)
+  if missing:
+    raise WorkdirError(
+        f"{path / checkpoint.CONFIG_FILE} lacks the config field(s) {', '.join(missing)} (written by another "
+        "version of petseg_jax, or edited). Add them with the values the run used; the defaults are in "
+        f"{config_files.DEFAULT_CONFIG}.")
+  return config
+
+
+def _missing_fields(config: ml_collections.ConfigDict) -> list[str]:
+  """The fields of ``configs/default.py`` (every field a run's config has) that ``config`` lacks."""
+  if not config_files.DEFAULT_CONFIG.is_file():  # Installed without the repository's configs/.
+    return []
+
+  def fields(tree: Mapping[str, Any], prefix: str = "") -> set[str]:
+    return set().union(*(fields(value, f"{prefix}{key}.") if isinstance(value, Mapping) else {prefix + key}
+                         for key, value in tree.items()))
+
+  have = fields(config_files.config_to_dict(config))
+  return sorted(fields(config_files.config_to_dict(config_files.load_config(config_files.DEFAULT_CONFIG))) - have)
 
 
 @contextlib.contextmanager

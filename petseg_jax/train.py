@@ -788,10 +788,11 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, ckpt: checkpoint.Ch
   elif isinstance(state.step, jax.ShapeDtypeStruct):  # Only its shapes: made to restore a checkpoint into.
     raise checkpoint.CheckpointError(f"The checkpoints in {workdir} were removed while this run started to "
                                      "resume them; run the command again.")
-  checkpoint.write_config(workdir, config, keep_previous_at=resume_step if changes else None)
   # Records after the starting step belong to a crashed attempt; they are redone. So is its best checkpoint
-  # (else its mIoU stays the bar, and `--checkpoint best` may restore a model of another config).
+  # (else its mIoU stays the bar, and `--checkpoint best` may restore a model of another config). Read first:
+  # a damaged metrics.jsonl stops the run before its config.json is rewritten.
   records = metrics_log.truncate_metrics(workdir, resume_step or 0)
+  checkpoint.write_config(workdir, config, keep_previous_at=resume_step if changes else None)
   stale_best = ckpt.discard_best_after(resume_step or 0)
   if stale_best is not None:
     logging.warning("Deleted the best checkpoint of step %d in %s: it is after the starting step %d (an "

@@ -26,12 +26,13 @@ from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 
 from petseg_jax import ablation
+from petseg_jax import config_files
 
 FLAGS = flags.FLAGS
 
 # The tutorial's config, which the bundled sweeps are written against (they set the length in epochs; the
 # quickstart's length is num_train_steps, which would refuse them).
-flags.DEFINE_string("config", str(REPO_ROOT / "configs" / "default.py"),
+flags.DEFINE_string("config", str(config_files.DEFAULT_CONFIG),
                     "Base config file (configs/x.py, or configs/x.py:arg) the sweep's overrides apply to.")
 flags.DEFINE_string("sweep", None, "Sweep file (sweeps/x.py, or sweeps/x.py:arg for get_sweep(arg)).")
 flags.DEFINE_string("workdir", None, "Sweep directory: one subdirectory per run, plus the report.")

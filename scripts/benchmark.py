@@ -73,7 +73,7 @@ from petseg_jax import models
 from petseg_jax.models import layers
 from petseg_jax.models.layers import IMPLS
 
-DEFAULT_CONFIG = REPO_ROOT / "configs" / "default.py"
+DEFAULT_CONFIG = config_files.DEFAULT_CONFIG
 SHARED_SAMPLE = REPO_ROOT.parent / "shared" / "data" / "oxford_iiit_pet_sample"
 BUNDLED_SAMPLE = REPO_ROOT / "petseg_jax" / "assets" / "pets_sample"
 MODES = ("train", "infer", "input", "layers")

@@ -31,6 +31,7 @@ from ml_collections import config_flags
 import tensorflow as tf
 
 from petseg_jax import checkpoint  # pylint: disable=g-import-not-at-top
+from petseg_jax import config_files
 from petseg_jax import inference
 from petseg_jax import input_pipeline
 from petseg_jax import train
@@ -40,7 +41,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("source", None, "The Keras U-Net: a .keras, .h5 or .weights.h5 file.")
 flags.DEFINE_string("workdir", None, "The new run's directory (must hold no checkpoints yet).")
 inference.define_config_file_flag(
-    sys.argv, REPO_ROOT / "configs" / "default.py",
+    sys.argv, config_files.DEFAULT_CONFIG,
     "The run's configuration: its model settings must describe the Keras model; override fields with "
     "--config.section.key=value.")
 flags.mark_flags_as_required(["source", "workdir"])

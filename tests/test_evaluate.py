@@ -236,3 +236,16 @@ def test_errors_are_clear(workdir, cli, tmp_path):
   config.model.decoder_filters = (8, 8, 8, 8)
   with pytest.raises(inference.WorkdirError, match="does not fit the model"):
     inference.restore_model(config, workdir, "latest")
+  # A config.json of another version (a field missing) or hand-edited into something else: named, not a
+  # traceback from ml_collections.
+  saved = json.loads((workdir / checkpoint.CONFIG_FILE).read_text())
+  del saved["model"]["conv_impl"], saved["train"]["warmup_steps"]
+  (no_checkpoints / checkpoint.CONFIG_FILE).write_text(json.dumps(saved))
+  with pytest.raises(inference.WorkdirError, match=r"lacks the config field\(s\) model\.conv_impl, "
+                                                   r"train\.warmup_steps \(written by another version"):
+    inference.load_run_config(no_checkpoints)
+  (no_checkpoints / checkpoint.CONFIG_FILE).write_text("[]")
+  with pytest.raises(inference.WorkdirError, match="holds a JSON list, not the run's configuration"):
+    inference.load_run_config(no_checkpoints)
+  with pytest.raises(checkpoint.CheckpointError, match="holds a JSON list"):  # What a resume reads.
+    checkpoint.config_changes(no_checkpoints, config)
