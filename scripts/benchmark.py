@@ -583,11 +583,15 @@ def bench_input(config: ml_collections.ConfigDict, args: argparse.Namespace) -> 
 
     start = time.perf_counter()
     try:
+      num_images = input_pipeline.split_size(config.data, config.data.train_split)
+      if num_images < config.train.batch_size:  # E.g. the bundled sample's 48 pets with the default batch of 64.
+        raise SystemExit(f"--mode input on {data_dir}: its train split has {num_images} images, fewer than "
+                         f"--batch-size {config.train.batch_size}: pass a smaller --batch-size, or --data-dir "
+                         "with more images.")
       train_input = input_pipeline.TrainInput(config.data, config.train.batch_size, seed=config.seed,
                                               num_devices=jax.local_device_count())
-    except input_pipeline.DataError as e:  # E.g. the bundled sample's 48 pets with the default batch of 64.
-      raise SystemExit(f"--mode input on {data_dir}: {e} Here: pass a smaller --batch-size, or --data-dir "
-                       "with more images.") from e
+    except input_pipeline.DataError as e:  # A damaged folder: the file and what to do.
+      raise SystemExit(f"--mode input on {data_dir}: {e}") from e
     prepare_s = time.perf_counter() - start
     per_epoch = train_input.steps_per_epoch * config.train.batch_size
 
@@ -729,6 +733,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.error("--mode layers times --impl fast or explicit against reference; reference alone compares nothing")
   if args.trace_dir and not args.profile:
     parser.error("--trace-dir keeps the traces of --profile N: pass --profile too")
+  if args.profile < 0:
+    parser.error(f"--profile {args.profile}: the number of ops to list must be >= 0 (0: no profile)")
+  try:
+    re.compile(args.only)
+  except re.error as e:
+    parser.error(f"--only {args.only!r} is not a regular expression ({e})")
+  if args.dump_hlo and Path(args.dump_hlo).exists() and not Path(args.dump_hlo).is_dir():
+    parser.error(f"--dump-hlo {args.dump_hlo} is a file; pass a directory (made if missing)")
   return args
 
 

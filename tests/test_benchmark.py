@@ -208,6 +208,9 @@ def test_layers_against_itself_is_a_clear_error():
     (("--set", "data.image_size=100"), "config.data.image_size=100 must be a positive multiple of 32"),
     (("--config", "configs/nope.py"), "config file configs/nope.py not found"),
     (("--mode", "input", "--data-dir", "nope"), "--data-dir nope: no such folder"),
+    (("--mode", "layers", "--only", "["), "--only '[' is not a regular expression"),
+    (("--profile", "-3"), "--profile -3: the number of ops to list must be >= 0"),
+    (("--dump-hlo", __file__), f"--dump-hlo {__file__} is a file; pass a directory"),
 ])
 def test_bad_settings_are_clear_errors(args, message):
   """Before anything is built or timed: one line naming the value, no traceback, no result."""
@@ -222,7 +225,8 @@ def test_input_batch_larger_than_the_data_is_a_clear_error():
                          "--batch-size", "64"], capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
   assert proc.returncode != 0
   message = proc.stderr.strip().splitlines()[-1]
-  assert str(BUNDLED_SAMPLE) in message and "pass a smaller --batch-size" in message, proc.stderr[-2000:]
+  assert message.endswith(f"--mode input on {BUNDLED_SAMPLE}: its train split has 48 images, fewer than "
+                          "--batch-size 64: pass a smaller --batch-size, or --data-dir with more images."), message
   assert "Traceback" not in proc.stderr
 
 
