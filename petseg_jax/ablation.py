@@ -296,7 +296,9 @@ def _read_json(path: Path) -> dict[str, Any] | None:
   try:
     return json.loads(path.read_text())
   except json.JSONDecodeError as e:
-    raise SweepError(f"{path} is not valid JSON ({e}); delete it to re-run that run.") from e
+    way_out = ("run the sweep command again to write the plan anew" if path.name == PLAN_FILE
+               else "delete it to re-run that run")
+    raise SweepError(f"{path} is not valid JSON ({e}); {way_out}.") from e
 
 
 def _write_json(path: Path, data: Any) -> None:

@@ -57,3 +57,13 @@ def write_atomically(path: str | os.PathLike, data: str | bytes) -> None:
   """Replaces ``path`` by ``data`` (text is UTF-8 encoded) through ``atomic_output``."""
   with atomic_output(path) as f:
     f.write(data.encode("utf-8") if isinstance(data, str) else data)
+
+
+def folder_problem(folder: str | os.PathLike, flag: str) -> str:
+  """"" if ``folder`` is a directory or can be made one, else why not, naming ``flag`` (e.g. "--output")."""
+  path = Path(folder)
+  blocking = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+  if blocking is None:
+    return ""
+  where = "is a file" if blocking == path else f"lies under {blocking}, which is a file"
+  return f"{flag} {folder} {where}; give a folder (made if missing)."

@@ -68,6 +68,7 @@ import numpy as np
 
 from petseg_jax import ablation
 from petseg_jax import config_files
+from petseg_jax import files
 from petseg_jax.data import settings as data_settings
 from petseg_jax import models
 from petseg_jax.models import layers
@@ -739,8 +740,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     re.compile(args.only)
   except re.error as e:
     parser.error(f"--only {args.only!r} is not a regular expression ({e})")
-  if args.dump_hlo and Path(args.dump_hlo).exists() and not Path(args.dump_hlo).is_dir():
-    parser.error(f"--dump-hlo {args.dump_hlo} is a file; pass a directory (made if missing)")
+  if args.dump_hlo and files.folder_problem(args.dump_hlo, "--dump-hlo"):
+    parser.error(files.folder_problem(args.dump_hlo, "--dump-hlo"))
   return args
 
 

@@ -26,6 +26,7 @@ import tensorflow as tf
 
 from configs import default
 from petseg_jax import checkpoint
+from petseg_jax import files as files_lib
 from petseg_jax import inference
 from petseg_jax import input_pipeline
 
@@ -44,8 +45,8 @@ def main(argv):
     raise app.UsageError("Name at least one image file or folder to predict.")
   if FLAGS.batch_size < 1:
     raise app.UsageError(f"--batch_size={FLAGS.batch_size} must be >= 1.")
-  if Path(FLAGS.output).exists() and not Path(FLAGS.output).is_dir():
-    raise app.UsageError(f"--output {FLAGS.output} is a file; give a folder for the PNGs.")
+  if files_lib.folder_problem(FLAGS.output, "--output"):
+    raise app.UsageError(files_lib.folder_problem(FLAGS.output, "--output"))
   tf.config.set_visible_devices([], "GPU")  # TensorFlow decodes images only; the accelerators are JAX's.
   files, problems = inference.expand_inputs(argv[1:])
   for path, reason in problems:

@@ -18,6 +18,7 @@ from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 import numpy as np
 
+from petseg_jax import files
 from petseg_jax import inference
 from petseg_jax import input_pipeline
 from petseg_jax import plots
@@ -51,8 +52,8 @@ def main(argv):
   data = config.data
   split = FLAGS.split or data.train_split
   output = Path(FLAGS.output)
-  if output.exists() and not output.is_dir():
-    sys.exit(f"--output {output} is a file; give a folder for the PNGs.")
+  if files.folder_problem(output, "--output"):
+    sys.exit(files.folder_problem(output, "--output"))
   try:
     if FLAGS.augment:
       if FLAGS.split and FLAGS.split != data.train_split:

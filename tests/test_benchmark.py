@@ -210,7 +210,7 @@ def test_layers_against_itself_is_a_clear_error():
     (("--mode", "input", "--data-dir", "nope"), "--data-dir nope: no such folder"),
     (("--mode", "layers", "--only", "["), "--only '[' is not a regular expression"),
     (("--profile", "-3"), "--profile -3: the number of ops to list must be >= 0"),
-    (("--dump-hlo", __file__), f"--dump-hlo {__file__} is a file; pass a directory"),
+    (("--dump-hlo", f"{__file__}/hlo"), f"--dump-hlo {__file__}/hlo lies under {__file__}, which is a file"),
 ])
 def test_bad_settings_are_clear_errors(args, message):
   """Before anything is built or timed: one line naming the value, no traceback, no result."""

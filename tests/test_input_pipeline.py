@@ -757,14 +757,15 @@ def test_show_data_script(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (("--num", "0", "--output", "{tmp}/show"), "flag --num=0: 0 is not a positive integer"),
-    (("--output", "{tmp}/a_file"), "a_file is a file; give a folder"),
+    (("--output", "{tmp}/a_file"), "a_file is a file; give a folder (made if missing)."),
+    (("--output", "{tmp}/a_file/figures"), "figures lies under {tmp}/a_file, which is a file; give a folder"),
 ])
 def test_show_data_refuses_nonsense_flags_in_one_line(tmp_path, args, message):
   (tmp_path / "a_file").write_text("")
   result = subprocess.run([sys.executable, "scripts/show_data.py", *(a.format(tmp=tmp_path) for a in args),
                            "--config.data.source=synthetic"],
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, check=False)
-  assert result.returncode == 1 and message in result.stderr, result.stderr[-3000:]
+  assert result.returncode == 1 and message.format(tmp=tmp_path) in result.stderr, result.stderr[-3000:]
   assert "Traceback" not in result.stderr and not (tmp_path / "show").exists()
 
 
