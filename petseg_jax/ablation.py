@@ -623,17 +623,19 @@ def run_sweep(base_config: str, sweep_spec: str, sweep_dir: str | os.PathLike, *
 # The report.
 
 
-def parameter_counts(config: ml_collections.ConfigDict) -> dict[str, int]:
+def parameter_counts(config: ml_collections.ConfigDict, final_epoch: float | None = None) -> dict[str, int]:
   """Keras-style parameter counts of a run's model (``summary.count_parameters``).
 
   ``params_frozen`` counts parameters never updated in the run: those of ``train.frozen_params`` under
-  ``model.freeze_encoder``, unless ``train.unfreeze_after_epochs`` unfreezes them later (then they count
-  as trainable). ``params_total`` = trainable + frozen + BatchNorm statistics, as Keras counts.
+  ``model.freeze_encoder``, unless ``train.unfreeze_after_epochs`` unfreezes them before the run's
+  ``final_epoch`` (when given: the epoch it trained to) — then they count as trainable. ``params_total`` =
+  trainable + frozen + BatchNorm statistics, as Keras counts.
   """
   from petseg_jax import summary  # pylint: disable=g-import-not-at-top  (imports JAX)
   counts = summary.totals(summary.count_parameters(config))
   trainable, frozen = counts["trainable"], counts["frozen"]
-  if config.model.freeze_encoder and config.train.unfreeze_after_epochs >= 0:
+  unfreeze = config.train.unfreeze_after_epochs
+  if config.model.freeze_encoder and unfreeze >= 0 and (final_epoch is None or unfreeze < final_epoch):
     trainable, frozen = trainable + frozen, 0
   return {"params_total": counts["total"], "params_trainable": trainable, "params_frozen": frozen,
           "params_batch_stats": counts["batch_stats"]}
@@ -710,9 +712,10 @@ def summarize(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     row["wall_time_sec_mean"] = float(np.mean(walls)) if walls else math.nan
     row["wall_time_sec_total"] = float(np.sum(walls)) if walls else math.nan
     if done:
-      key = json.dumps([done[0]["config"][k] for k in ("model", "train")], sort_keys=True)
+      final_epoch = done[0]["final"].get("epoch")
+      key = json.dumps([done[0]["config"][k] for k in ("model", "train")] + [final_epoch], sort_keys=True)
       if key not in param_cache:
-        param_cache[key] = parameter_counts(ml_collections.ConfigDict(done[0]["config"]))
+        param_cache[key] = parameter_counts(ml_collections.ConfigDict(done[0]["config"]), final_epoch)
       row.update(param_cache[key])
     else:
       row.update(dict.fromkeys(("params_total", "params_trainable", "params_frozen", "params_batch_stats")))

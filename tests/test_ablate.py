@@ -147,6 +147,14 @@ def test_a_variant_that_would_never_unfreeze_fails_at_planning():
   assert [error for _, _, error in ablation.plan_runs(SYNTHETIC, sweep, {"train.num_epochs": 5})] == ["", ""]
 
 
+def test_the_encoder_counts_as_trainable_only_if_the_run_unfroze_it():
+  config = ablation.apply_overrides(ablation.load_config(SYNTHETIC), {"train.unfreeze_after_epochs": 2})
+  before_the_end, never = ablation.parameter_counts(config, 3.0), ablation.parameter_counts(config, 2.0)
+  assert before_the_end["params_frozen"] == 0 and never["params_frozen"] > 0
+  assert before_the_end["params_trainable"] == never["params_trainable"] + never["params_frozen"]
+  assert ablation.parameter_counts(config) == before_the_end  # Length unknown: as planned.
+
+
 def test_parse_override():
   assert ablation.parse_override("train.num_epochs=3") == ("train.num_epochs", 3)
   assert ablation.parse_override("data.train_split=train[:80%]") == ("data.train_split", "train[:80%]")
