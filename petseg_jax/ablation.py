@@ -306,6 +306,18 @@ def _write_json(path: Path, data: Any) -> None:
   files.write_atomically(path, json.dumps(data, indent=2) + "\n")  # A killed sweep never leaves half a file.
 
 
+def _trains(pid: Any, workdir: Path) -> bool:
+  """Whether process ``pid`` is alive and is a sweep's training process of ``workdir`` (not a process that
+  was given the pid later). Where /proc is not readable, alive is taken to mean so."""
+  if not _pid_alive(pid):
+    return False
+  try:
+    command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+  except OSError:
+    return True
+  return b"petseg_jax.ablation" in command and str(workdir).encode() in command
+
+
 def _pid_alive(pid: Any) -> bool:
   if not isinstance(pid, int) or pid <= 0:
     return False
@@ -457,9 +469,9 @@ def execute_run(run: Run, config: ml_collections.ConfigDict, base_config: str, s
   # checkpoint, holding the workdir's lock meanwhile); this attempt waits for it rather than fail on the lock.
   orphan = status.get("child_pid")
   deadline = time.time() + ORPHAN_WAIT_SEC
-  while _pid_alive(orphan) and time.time() < deadline:
+  while _trains(orphan, workdir) and time.time() < deadline:
     time.sleep(0.5)
-  if _pid_alive(orphan):
+  if _trains(orphan, workdir):
     return RunResult(run, FAILED, f"The training process (pid {orphan}) of an earlier sweep still runs in "
                      f"{workdir} after {ORPHAN_WAIT_SEC} s; wait for it to finish or stop it, then run again.")
   _write_json(workdir / RUN_SPEC_FILE, {
@@ -510,9 +522,10 @@ def execute_run(run: Run, config: ml_collections.ConfigDict, base_config: str, s
 
 
 def plan_runs(base_config: str, sweep: Mapping[str, Any], extra_overrides: Mapping[str, Any] | None = None,
-              only: Sequence[str] | None = None
+              only: Sequence[str] | None = None, check_duplicates: bool = True
               ) -> list[tuple[Run, ml_collections.ConfigDict | None, str]]:
-  """(run, resolved config or None, planning error) for every run; a bad override fails its run only."""
+  """(run, resolved config or None, planning error) for every run (of the ``only`` variants); a bad override
+  fails its run only. SweepError if two of the planned variants are one configuration (``check_duplicates``)."""
   runs = expand_runs(sweep, extra_overrides)
   if only:
     names = {run.variant for run in runs}
@@ -544,7 +557,8 @@ def plan_runs(base_config: str, sweep: Mapping[str, Any], extra_overrides: Mappi
       planned.append((run, config, ""))
     except SweepError as e:
       planned.append((run, None, str(e)))
-  _check_variants_differ(planned, extra_overrides or {})
+  if check_duplicates:
+    _check_variants_differ(planned, extra_overrides or {})
   return planned
 
 
@@ -588,9 +602,10 @@ def run_sweep(base_config: str, sweep_spec: str, sweep_dir: str | os.PathLike, *
   sweep_dir = Path(sweep_dir)
   base_config, sweep_spec = config_files.absolute_spec(base_config), config_files.absolute_spec(sweep_spec)
   sweep = load_sweep(sweep_spec)
-  planned = plan_runs(base_config, sweep, extra_overrides)  # The plan (and report) cover every run;
-  if only:  # --only restricts what is trained now.
-    plan_runs(base_config, sweep, extra_overrides, only)  # Checks the names first.
+  # The plan (and report) cover every run; --only restricts what is trained now, and which variants must differ.
+  planned = plan_runs(base_config, sweep, extra_overrides, check_duplicates=not only)
+  if only:
+    plan_runs(base_config, sweep, extra_overrides, only)  # Checks the names and the chosen variants.
   sweep_dir.mkdir(parents=True, exist_ok=True)
   _write_json(sweep_dir / PLAN_FILE, {
       "base_config": str(base_config), "sweep": str(sweep_spec), "seeds": sweep["seeds"],

@@ -199,7 +199,11 @@ def restore_model(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
     variables, step = checkpoint.restore_variables(workdir, which)
   except checkpoint.CheckpointError as e:
     raise WorkdirError(str(e)) from e
-  model = train.create_model(config)
+  try:
+    model = train.create_model(config)
+  except ValueError as e:  # A hand-edited config.json (or one of another version) that describes no U-Net.
+    raise WorkdirError(f"The run's config ({Path(workdir) / checkpoint.CONFIG_FILE} with the overrides given) "
+                       f"describes no U-Net: {e}") from e
   mismatched = train.mismatched_collections(model, config.data.image_size, variables)
   if mismatched:
     raise WorkdirError(

@@ -230,9 +230,7 @@ def _as_numpy(ds: tf.data.Dataset, data_config: ml_collections.ConfigDict, split
     except tf.errors.InvalidArgumentError as e:
       match = re.search(re.escape(_ERROR_START) + "(.*?)" + re.escape(_ERROR_END), e.message, re.DOTALL)
       if match is None:
-        if data_config.source == "synthetic":
-          raise
-        raise _damaged_copy_error(data_config, split, e) from e
+        raise
       # Assert prints its string C-escaped (quotes, non-ASCII bytes as octal): undo that.
       text = codecs.escape_decode(match.group(1).encode("utf-8"))[0].decode("utf-8", errors="replace")
       raise DataError(text) from e

@@ -61,6 +61,7 @@ from petseg_jax import weights
 AXIS = "batch"  # pmap axis name; also the UNet's BatchNorm axis.
 PREFETCH_BATCHES = 2  # Training batches put on the devices ahead of their step (device_batches).
 FIGURES_DIR = "figures"
+LR_SCHEDULES = ("constant", "cosine")  # config.train.lr_schedule.
 
 
 class TrainState(train_state.TrainState):
@@ -129,8 +130,7 @@ def create_learning_rate_fn(train_config: ml_collections.ConfigDict, total_steps
   elif train_config.lr_schedule == "cosine":
     main = optax.cosine_decay_schedule(lr, decay_steps=max(total_steps - warmup, 1))
   else:
-    raise ConfigError(f"config.train.lr_schedule={train_config.lr_schedule!r} is not one of "
-                      "('constant', 'cosine').")
+    raise ConfigError(f"config.train.lr_schedule={train_config.lr_schedule!r} is not one of {LR_SCHEDULES}.")
   if warmup <= 0:
     return main
   return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), main], [warmup])
@@ -438,13 +438,16 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
     models.check_model_config(model)  # dtype, alpha, decoder_filters, dropout...
   except ValueError as e:
     raise ConfigError(str(e)) from None
+  # Values of the wrong type (None from a config file, True for a count) or not finite fail here, not deep in
+  # a library; a NaN rate would otherwise surface as "the loss is nan", blaming the learning rate.
   for key in ("batch_size", "checkpoint_every_steps", "log_every_steps", "eval_every_epochs",
               "keep_checkpoints"):
-    if not isinstance(tc[key], int) or tc[key] < 1:
+    if config_files.value_problem(f"train.{key}", tc[key], "int", 1):
       raise ConfigError(f"config.train.{key}={tc[key]!r} must be a positive integer.")
-  # Values of the wrong type (None from a config file) or not finite fail here, not deep in a library; a NaN
-  # rate would otherwise surface as "the loss is nan", blaming the learning rate.
-  problem = (config_files.value_problem("seed", config.seed, "int", -2**63, 2**63, below=True)
+  # JAX keeps a seed's low 32 bits (without jax_enable_x64): seeds 2**32 apart would be one run.
+  problem = (config_files.value_problem("seed", config.seed, "int", 0, 2**32, below=True)
+             or config_files.value_problem("model.decoder_bn_momentum", model.decoder_bn_momentum, "number", 0,
+                                           1, below=True)  # 1 would never learn the decoder's statistics.
              or config_files.value_problem("train.learning_rate", tc.learning_rate, "number", 0, above=True)
              or config_files.value_problem("train.encoder_lr_multiplier", tc.encoder_lr_multiplier, "number", 0)
              or config_files.value_problem("train.weight_decay", tc.weight_decay, "number", 0)
@@ -463,6 +466,11 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
                       "one of them must be positive.")
   if tc.loss not in losses.LOSSES:
     raise ConfigError(f"config.train.loss={tc.loss!r} is not one of {losses.LOSSES}.")
+  if tc.lr_schedule not in LR_SCHEDULES:
+    raise ConfigError(f"config.train.lr_schedule={tc.lr_schedule!r} is not one of {LR_SCHEDULES}.")
+  if not isinstance(tc.frozen_params, (list, tuple)) or not all(isinstance(p, str) for p in tc.frozen_params):
+    raise ConfigError(f"config.train.frozen_params={tc.frozen_params!r} must be a tuple of regexes over "
+                      "parameter paths, e.g. ('encoder/.*',), or () for none.")
   try:
     # The loss checks them too, but only when the first step is traced: after the workdir is made.
     losses.class_weight_array(tc.class_weights, model.num_classes)

@@ -740,8 +740,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     re.compile(args.only)
   except re.error as e:
     parser.error(f"--only {args.only!r} is not a regular expression ({e})")
-  if args.dump_hlo and files.folder_problem(args.dump_hlo, "--dump-hlo"):
-    parser.error(files.folder_problem(args.dump_hlo, "--dump-hlo"))
+  for flag, folder in (("--dump-hlo", args.dump_hlo), ("--trace-dir", args.trace_dir)):
+    if folder and files.folder_problem(folder, flag):
+      parser.error(files.folder_problem(folder, flag))
   return args
 
 

@@ -135,6 +135,20 @@ def test_set_overrides_every_run_and_refuses_to_merge_variants_or_replace_seeds(
     ablation.plan_runs(SYNTHETIC, sweep, {"seed": 5})
 
 
+def test_only_picks_one_of_the_variants_set_made_the_same(tmp_path, monkeypatch):
+  """What the refusal suggests works: --only one of them plans and runs (training stubbed out here)."""
+  sweep_file = write_sweep(tmp_path / "sweep.py", {"variants": {
+      "short": {"train.learning_rate": 0.01}, "long": {"train.learning_rate": 0.001}}})
+  trained = []
+  monkeypatch.setattr(ablation, "execute_run", lambda run, *args, **kwargs: trained.append(run.variant)
+                      or ablation.RunResult(run, ablation.DONE))
+  extra = {"train.learning_rate": 0.1}
+  with pytest.raises(ablation.SweepError, match="resolve to the same configuration"):
+    ablation.run_sweep(SYNTHETIC, sweep_file, tmp_path / "both", extra_overrides=extra)
+  ablation.run_sweep(SYNTHETIC, sweep_file, tmp_path / "one", extra_overrides=extra, only=["long"])
+  assert trained == ["long"]
+
+
 def test_a_variant_that_would_never_unfreeze_fails_at_planning():
   sweep = ablation.validate_sweep({"variants": {"frozen": {}, "unfreeze_after_4": {
       "train.unfreeze_after_epochs": 4}}})
@@ -214,17 +228,22 @@ def test_a_new_attempt_waits_for_a_killed_sweeps_training_child(tmp_path, monkey
   workdir.mkdir(parents=True)
   gone = subprocess.Popen([sys.executable, "-c", "pass"])
   gone.wait()
-  orphan = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+  # Looks like a training child of this run to /proc (the module and workdir in its command line).
+  orphan = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "petseg_jax.ablation",
+                             str(workdir)])
+  unrelated = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
   (workdir / ablation.STATUS_FILE).write_text(json.dumps(
       {"status": "running", "attempts": 1, "wall_time_sec": 0.0, "pid": gone.pid, "started": time.time(),
        "child_pid": orphan.pid}))
   monkeypatch.setattr(ablation, "ORPHAN_WAIT_SEC", 2)
   start = time.monotonic()
   try:
+    assert not ablation._trains(unrelated.pid, workdir)  # A reused pid is not waited for.
     result = ablation.execute_run(run, config, SYNTHETIC, tmp_path, in_process=True)
   finally:
-    orphan.kill()
-    orphan.wait()
+    for process in (orphan, unrelated):
+      process.kill()
+      process.wait()
   assert time.monotonic() - start >= 2
   assert result.status == ablation.FAILED and result.error == (
       f"The training process (pid {orphan.pid}) of an earlier sweep still runs in {workdir} after 2 s; wait for "

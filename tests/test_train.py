@@ -736,7 +736,13 @@ def test_bad_loss_and_optimizer_values_are_config_errors(key, value, message):
 
 
 @pytest.mark.parametrize("section, key, value, message", [
-    (None, "seed", 2**64, r"config\.seed=18446744073709551616 must be an integer >= -9223372036854775808 and < "),
+    (None, "seed", 2**32, r"config\.seed=4294967296 must be an integer >= 0 and < 4294967296\."),
+    (None, "seed", -1, r"config\.seed=-1 must be an integer >= 0"),
+    ("train", "batch_size", True, r"config\.train\.batch_size=True must be a positive integer\."),
+    ("train", "lr_schedule", None, r"config\.train\.lr_schedule=None is not one of \('constant', 'cosine'\)"),
+    ("train", "frozen_params", None, r"config\.train\.frozen_params=None must be a tuple of regexes"),
+    ("model", "decoder_filters", None, r"config\.model\.decoder_filters=\(None,\) must be 4 positive integers"),
+    ("data", "eval_split", None, r"config\.data\.eval_split=None must name a split"),
     ("model", "decoder_bn_momentum", 1.0, r"config\.model\.decoder_bn_momentum=1\.0 must be a finite number >= 0 "
      r"and < 1\."),
     ("model", "dropout", None, r"config\.model\.dropout=None must be a finite number >= 0 and < 1\."),

@@ -31,6 +31,9 @@ def check_data_config(data_config: ml_collections.ConfigDict) -> None:
     raise DataError(f"config.data.input_range={data_config.input_range!r} is not one of {INPUT_RANGES}.")
   if data_config.mask_resize not in MASK_RESIZES:
     raise DataError(f"config.data.mask_resize={data_config.mask_resize!r} is not one of {MASK_RESIZES}.")
+  for key in ("train_split", "eval_split"):
+    if not isinstance(data_config[key], str) or not data_config[key].strip():
+      raise DataError(f"config.data.{key}={data_config[key]!r} must name a split, e.g. 'train' or 'train[:80%]'.")
   problem = config_files.value_problem("data.shuffle_buffer", data_config.shuffle_buffer, "int", 0)
   for key in ("random_flip", "random_resized_crop", "color_jitter", "cache", "skip_bad_examples"):
     problem = problem or config_files.value_problem(f"data.{key}", data_config[key], "bool")

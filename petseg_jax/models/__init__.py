@@ -41,14 +41,13 @@ def check_model_config(model_config: ml_collections.ConfigDict) -> None:
                      "ImageNet weights for 0.35, 0.5, 0.75, 1.0, 1.3, 1.4).")
   if not _is_int(m.num_classes) or m.num_classes < 1:
     raise ValueError(f"config.model.num_classes={m.num_classes!r} must be a positive integer.")
-  filters = tuple(m.decoder_filters)
+  filters = tuple(m.decoder_filters) if isinstance(m.decoder_filters, (list, tuple)) else (m.decoder_filters,)
   if len(filters) != len(TAP_NAMES) - 1 or not all(_is_int(f) and f > 0 for f in filters):
     raise ValueError(f"config.model.decoder_filters={filters!r} must be {len(TAP_NAMES) - 1} positive "
                      "integers, one per upsampling block (e.g. (512, 256, 128, 64)).")
-  # A momentum of 1 would keep the decoder's BatchNorm statistics at their initial values for good.
+  # A momentum of 1 describes a model (one whose statistics never moved); training refuses it.
   problem = (config_files.value_problem("model.dropout", m.dropout, "number", 0, 1, below=True)
-             or config_files.value_problem("model.decoder_bn_momentum", m.decoder_bn_momentum, "number", 0, 1,
-                                           below=True)
+             or config_files.value_problem("model.decoder_bn_momentum", m.decoder_bn_momentum, "number", 0, 1)
              or config_files.value_problem("model.freeze_encoder", m.freeze_encoder, "bool"))
   if problem:
     raise ValueError(problem)
