@@ -315,7 +315,7 @@ def _trains(pid: Any, workdir: Path) -> bool:
     command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
   except OSError:
     return True
-  return b"petseg_jax.ablation" in command and str(workdir).encode() in command
+  return b"petseg_jax.ablation" in command and str(workdir.resolve()).encode() in command
 
 
 def _pid_alive(pid: Any) -> bool:
@@ -426,7 +426,7 @@ def _train_subprocess(workdir: Path, sweep_dir: Path, log_path: Path, attempt: i
   with open(log_path, "a") as f:
     f.write(f"\n=== attempt {attempt} at {datetime.datetime.now().isoformat(timespec='seconds')}\n")
     f.flush()
-    process = subprocess.Popen([sys.executable, "-m", "petseg_jax.ablation", str(workdir)],
+    process = subprocess.Popen([sys.executable, "-m", "petseg_jax.ablation", str(workdir.resolve())],
                                stdout=f, stderr=subprocess.STDOUT, env=_subprocess_env(sweep_dir),
                                preexec_fn=_stop_with_parent if sys.platform.startswith("linux") else None)
     try:

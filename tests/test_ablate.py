@@ -230,7 +230,7 @@ def test_a_new_attempt_waits_for_a_killed_sweeps_training_child(tmp_path, monkey
   gone.wait()
   # Looks like a training child of this run to /proc (the module and workdir in its command line).
   orphan = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "petseg_jax.ablation",
-                             str(workdir)])
+                             str(workdir.resolve())])
   unrelated = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
   (workdir / ablation.STATUS_FILE).write_text(json.dumps(
       {"status": "running", "attempts": 1, "wall_time_sec": 0.0, "pid": gone.pid, "started": time.time(),
