@@ -125,6 +125,7 @@ def value_problem(name: str, value: Any, kind: str, minimum: float | None = None
       or (maximum is not None and (value >= maximum if below else value > maximum)))
   if fits:
     return ""
+
   def text(bound: float) -> str:
     return str(bound) if isinstance(bound, int) else f"{bound:g}"
 

@@ -62,8 +62,8 @@ def class_weight_array(class_weights: Sequence[float] | None, num_classes: int) 
   if cw is None or cw.shape != (num_classes,) or not np.all(np.isfinite(cw)) or np.any(cw < 0) or not cw.any():
     shown = tuple(class_weights) if isinstance(class_weights, (list, tuple)) else class_weights
     raise ValueError(
-        f"class_weights={shown!r} must be {num_classes} finite non-negative numbers, one per class and not all "
-        "zero (all zero would train nothing) (config train.class_weights), or () for none.")
+        f"class_weights={shown!r} must be {num_classes} finite non-negative numbers, one per class, not all zero "
+        "(a zero loss trains nothing) (config train.class_weights), or () for none.")
   return cw
 
 

@@ -715,7 +715,7 @@ def test_initializer_with_given_encoder_skips_its_random_init_and_keeps_the_deco
     ("class_weights", (-1.0, 1.0, 1.0), r"config\.train\.class_weights=\(-1\.0, 1\.0, 1\.0\) must be 3 finite "
      "non-negative"),
     ("class_weights", (float("nan"), 1.0, 1.0), r"config\.train\.class_weights=\(nan"),
-    ("class_weights", (0.0, 0.0, 0.0), r"not all zero \(all zero would train nothing\)"),
+    ("class_weights", (0.0, 0.0, 0.0), r"one per class, not all zero \(a zero loss trains nothing\)"),
     ("class_weights", ("(nan,1.0,1.0)",), r"config\.train\.class_weights=\('\(nan,1\.0,1\.0\)',\) must be 3 finite"),
     ("weight_decay", -1e-4, r"config\.train\.weight_decay=-0\.0001 must be a finite number >= 0\."),
     ("weight_decay", float("inf"), r"config\.train\.weight_decay=inf must be a finite number >= 0\."),
