@@ -184,6 +184,26 @@ def abstract_train_state(config: ml_collections.ConfigDict, model: models.UNet,
       models.variable_shapes(model, config.data.image_size))
 
 
+def check_freezing(config: ml_collections.ConfigDict, params: Any) -> None:
+  """Raises ConfigError if ``model.freeze_encoder`` holds but ``train.frozen_params`` match no encoder
+  parameter (the "frozen" encoder would train in full); warns if they match part of it (those parameters
+  stay fixed, but their BatchNorm layers keep normalizing with batch statistics and updating their moving
+  averages: only a wholly frozen encoder runs on running statistics, as Keras' ``trainable=False``)."""
+  if not config.model.freeze_encoder:
+    return
+  labels = jax.tree.leaves(optim.param_labels(params, config.train.frozen_params).get("encoder", {}))
+  frozen = sum(label == optim.FROZEN for label in labels)
+  if not frozen:
+    raise ConfigError(f"config.model.freeze_encoder=True but config.train.frozen_params="
+                      f"{tuple(config.train.frozen_params)!r} match no encoder parameter: the encoder would train "
+                      "in full. Match it (e.g. ('encoder/.*',)), or set model.freeze_encoder=False.")
+  if frozen < len(labels):
+    logging.warning("config.train.frozen_params freeze %d of the encoder's %d parameter arrays: those stay "
+                    "fixed, but their BatchNorm layers still normalize with batch statistics and update their "
+                    "moving averages (only a wholly frozen encoder runs on running statistics).",
+                    frozen, len(labels))
+
+
 def encoder_frozen(config: ml_collections.ConfigDict, params: Any, step: int, steps_per_epoch: int) -> bool:
   """Whether the model runs its encoder frozen (running-stat BatchNorm, no backward pass) at ``step``.
 
@@ -244,7 +264,13 @@ def _loss_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
 def train_step(state: TrainState, batch: dict[str, jax.Array], dropout_rng: jax.Array, *,
                config: ml_collections.ConfigDict, frozen_encoder: bool
                ) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimizer step on a device's shard of the global batch (run under ``pmap(axis_name=AXIS)``)."""
+  """One optimizer step on a device's shard of the global batch (run under ``pmap(axis_name=AXIS)``).
+
+  ``frozen_encoder`` (static) runs the encoder frozen: BatchNorm on running statistics, no backward pass. It
+  must be ``encoder_frozen(config, state.params, step, steps_per_epoch)``; the optimizer's masking follows the
+  config alone, so a False where the config freezes the encoder would keep its parameters but move its
+  BatchNorm statistics.
+  """
   # Dropout masks depend on (seed, step, device) only: resumed runs draw the same ones.
   rng = jax.random.fold_in(jax.random.fold_in(dropout_rng, state.step), lax.axis_index(AXIS))
 
@@ -718,6 +744,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   else:
     start = None if init_from is None else checked_init_from(model, config.data.image_size, init_from)
     state = create_train_state(init_rng, config, model, learning_rate_fn, steps_per_epoch, start)
+  check_freezing(config, state.params)
 
   _make_workdir(workdir)
   with checkpoint.lock_workdir(workdir):
@@ -764,6 +791,7 @@ def write_initial_run(config: ml_collections.ConfigDict, workdir: str | os.PathL
   # The learning-rate schedule and the epoch length shape the optimizer's updates, not its state: training
   # builds its own when it resumes.
   state = create_train_state(init_rng, config, model, create_learning_rate_fn(config.train, 1), 1, start)
+  check_freezing(config, state.params)
   _make_workdir(workdir)
   with checkpoint.lock_workdir(workdir):
     refuse_a_run()  # Again, holding the lock: another process may have started a run here meanwhile.

@@ -423,6 +423,23 @@ def test_the_accelerators_packed_state_path_gives_the_cpu_paths_bits(uninterrupt
                       checkpoint.restore(reference_dir, 8, reference).params)
 
 
+def test_freezing_patterns_that_miss_the_encoder_are_refused_and_partial_ones_warned(initial_state, tmp_path,
+                                                                                       caplog):
+  config = tiny_config(frozen_params=("decoder/up_0/.*",))  # model.freeze_encoder=True.
+  with pytest.raises(train.ConfigError, match=r"frozen_params=\('decoder/up_0/\.\*',\) match no encoder "
+                                                r"parameter: the encoder would train in full"):
+    train.train_and_evaluate(config, tmp_path / "run")
+  assert not (tmp_path / "run").exists()  # Refused before the workdir is made.
+  with caplog.at_level("WARNING"):
+    train.check_freezing(tiny_config(frozen_params=("encoder/Conv1/.*", "encoder/bn_Conv1/.*")),
+                         initial_state.params)
+  assert "freeze 3 of the encoder's" in caplog.text and "still normalize with batch statistics" in caplog.text
+  caplog.clear()
+  with caplog.at_level("WARNING"):
+    train.check_freezing(tiny_config(), initial_state.params)  # The whole encoder: nothing to say.
+  assert not caplog.text
+
+
 def test_encoder_frozen_then_unfrozen(uninterrupted_run, initial_state):
   workdir, final = uninterrupted_run
   initial = initial_state
