@@ -74,7 +74,8 @@ class MobileNetV2Encoder(nn.Module):
       ``petseg_jax.models.fold_batch_norm``).
 
   Input: images (N, H, W, 3) scaled to [-1, 1], H and W divisible by 32.
-  Output: dict ``{tap_name: activation}`` for the names in ``TAP_NAMES``.
+  Output: dict ``{tap_name: activation}`` for the names in ``TAP_NAMES`` (finest to coarsest); index it by
+  ``TAP_NAMES`` for that order: a dict returned through ``jax.jit`` comes back with its keys sorted.
   """
 
   alpha: float = 1.0
