@@ -54,7 +54,7 @@ def get_config() -> ml_collections.ConfigDict:
   train.num_epochs = 20
   train.num_train_steps = -1  # > 0 overrides num_epochs.
   train.learning_rate = 1e-3
-  train.lr_schedule = "constant"  # "constant" | "cosine" (with warmup_steps linear warmup).
+  train.lr_schedule = "constant"  # "constant" | "cosine" (to 0 at the end); either after warmup_steps.
   train.warmup_steps = 0
   train.weight_decay = 0.0  # > 0 uses AdamW.
   train.loss = "cross_entropy"  # "cross_entropy" | "cross_entropy+dice" | "focal".

@@ -19,6 +19,7 @@ Layout of a sweep directory::
         ablation_run.json             what this run is (variant, seed, overrides, resolved config)
         ablation_status.json          done | failed | running | interrupted, attempts, wall time, error
         train.log                     the training output (all attempts)
+    DIR/jax_cache/                    the runs' XLA compilation cache (unless JAX_COMPILATION_CACHE_DIR is set)
     DIR/summary.csv, summary.md, summary.png
 
 Runs are trained one after another, each in a fresh Python process by default (a crash, an out-of-memory

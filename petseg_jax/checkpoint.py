@@ -1,11 +1,11 @@
-"""Orbax checkpoints of a training workdir: the last K, the best by validation mIoU, resume, init-from.
+"""Orbax checkpoints of a training workdir: the last K, the best by mIoU on the eval split, resume, init-from.
 
 Layout of a workdir::
 
   config.json              the run's configuration (resume refuses an incompatible one)
   config_before_step_<S>.json  the earlier configuration, when a run resumed at step S with other settings
   checkpoints/<step>/      the last ``train.keep_checkpoints`` checkpoints (periodic + final)
-  checkpoints_best/<step>/ the checkpoint with the best validation mIoU so far
+  checkpoints_best/<step>/ the checkpoint with the best mIoU on config.data.eval_split so far
   lock                     held (flock) by the training process using the workdir
 
 A checkpoint holds the host copy of ``{"step", "params", "batch_stats", "opt_state"}``. Orbax writes each

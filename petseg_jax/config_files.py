@@ -3,7 +3,9 @@
 ``load_config`` is how every tool reads a config file outside ``ml_collections.config_flags`` (the ablation
 runner, the benchmark), and how the scripts check their ``--config`` file before absl reads it: a missing
 file, a directory, a syntax error or a file without ``get_config()`` is one clear message, not a traceback.
-Imports neither JAX nor TensorFlow.
+Also the checks every tool shares on a config's values: ``value_problem`` (a number, count or switch of the
+right type and range), ``ignored_override`` (an override the config makes moot). Imports neither JAX nor
+TensorFlow.
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ defaults each large buffer is a new ``mmap`` of 4 KiB pages: the alpha-1.0 U-Net
 took ~180,000 page faults. ``glibc.malloc.hugetlb=1`` makes malloc ask for transparent huge pages
 (``madvise``): ~800 faults, less user time too (2.5 -> 2.1 CPU-seconds per step, likely fewer TLB misses),
 and the step ran 0-22% faster on a 2-core CPU (9-22% in nine of ten alternating pairs; BENCHMARKS.md).
-glibc reads ``GLIBC_TUNABLES`` only when a process starts, so the scripts call ``restart_with_tunables``
-first, before JAX or TensorFlow is imported.
+glibc reads ``GLIBC_TUNABLES`` only when a process starts, so the training, evaluation, prediction,
+ablation and benchmark scripts call ``restart_with_tunables`` first, before JAX or TensorFlow is imported.
 
 Opt out by setting the tunable yourself, e.g. ``GLIBC_TUNABLES=glibc.malloc.hugetlb=0``: a tunable the
 environment already names is never changed. This module imports nothing heavy.

@@ -1,8 +1,8 @@
 """``metrics.jsonl``: a run's log of evaluation records, one JSON object per line.
 
 Written by ``train`` (append-only, each record fsynced; truncated to the starting step when a run resumes),
-read by ``train`` (to resume), ``ablation`` and the scripts. Imports neither JAX nor TensorFlow, so that a
-sweep's driver process can read its runs' logs.
+read by ``train`` (to resume and for the curves) and ``ablation`` (its reports). Imports neither JAX nor
+TensorFlow, so that a sweep's driver process can read its runs' logs.
 """
 
 from __future__ import annotations

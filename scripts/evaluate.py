@@ -36,7 +36,8 @@ from petseg_jax import input_pipeline
 FLAGS = flags.FLAGS
 
 flags.DEFINE_string("workdir", None, "Workdir of a training run (scripts/train.py --workdir).")
-flags.DEFINE_string("checkpoint", "latest", "Which checkpoint: 'latest', 'best' (validation mIoU) or a step.")
+flags.DEFINE_string("checkpoint", "latest",
+                    "Which checkpoint: 'latest', 'best' (best mIoU on the run's eval split) or a step.")
 flags.DEFINE_string("split", None, "Split to evaluate; default: the run's config.data.eval_split.")
 flags.mark_flags_as_required(["workdir"])
 _SAVED_CONFIG, _CONFIG_ERROR = inference.define_run_config_flag(sys.argv, fallback=default.get_config())

@@ -28,7 +28,8 @@ from petseg_jax import weights
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Workdir of a training run (scripts/train.py --workdir).")
 flags.DEFINE_string("output", None, "The Keras file to write: .keras, .h5 or .weights.h5.")
-flags.DEFINE_string("checkpoint", "latest", "Which checkpoint: 'latest', 'best' (validation mIoU) or a step.")
+flags.DEFINE_string("checkpoint", "latest",
+                    "Which checkpoint: 'latest', 'best' (best mIoU on the run's eval split) or a step.")
 flags.mark_flags_as_required(["workdir", "output"])
 
 

@@ -34,7 +34,8 @@ FLAGS = flags.FLAGS
 
 flags.DEFINE_string("workdir", None, "Workdir of a training run (scripts/train.py --workdir).")
 flags.DEFINE_string("output", None, "Folder for the output PNGs (created if needed).")
-flags.DEFINE_string("checkpoint", "latest", "Which checkpoint: 'latest', 'best' (validation mIoU) or a step.")
+flags.DEFINE_string("checkpoint", "latest",
+                    "Which checkpoint: 'latest', 'best' (best mIoU on the run's eval split) or a step.")
 flags.DEFINE_integer("batch_size", 16, "Images predicted per batch (the last batch is padded).")
 flags.mark_flags_as_required(["workdir", "output"])
 _SAVED_CONFIG, _CONFIG_ERROR = inference.define_run_config_flag(sys.argv, fallback=default.get_config())
