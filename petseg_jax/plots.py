@@ -176,7 +176,7 @@ def save_prediction_triplets(
 
 def save_training_curves(history: Sequence[Mapping[str, Any]], path: PathLike, dpi: int = 100,
                          eval_split: str | None = None) -> Path:
-  """Training vs validation loss (the tutorial's plot) and validation mIoU / pixel accuracy per epoch.
+  """Training vs evaluation loss (the tutorial's plot) and evaluation mIoU / pixel accuracy / Dice per epoch.
 
   Args:
     history: rows such as ``{"epoch": 1, "step": 57, "train_loss": 0.52, "eval_loss": 0.41,
