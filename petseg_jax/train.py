@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import functools
 import itertools
 import logging as std_logging
@@ -551,6 +552,19 @@ def _graceful_stop() -> Iterator[_StopRequest]:
       signal.signal(s, handler)
 
 
+@dataclasses.dataclass
+class _StepSums:
+  """Loss and confusion summed over some training steps (fetched to the host)."""
+  loss_sum: float = 0.0
+  num_steps: int = 0
+  confusion: Any = 0
+
+  def add(self, step_losses: np.ndarray, confusion: np.ndarray) -> None:
+    self.loss_sum += float(step_losses.sum())
+    self.num_steps += len(step_losses)
+    self.confusion = self.confusion + confusion
+
+
 class _TrainMetrics:
   """Per-step train metrics kept on the device until a log point, then summed on the host.
 
@@ -562,8 +576,12 @@ class _TrainMetrics:
   def __init__(self, learning_rate_fn: optax.Schedule):
     self.learning_rate_fn = learning_rate_fn
     self.pending: list[tuple[int, dict[str, jax.Array]]] = []
-    self.loss_sum, self.num_steps, self.confusion = 0.0, 0, 0
-    self.interval_loss_sum, self.interval_steps, self.interval_confusion = 0.0, 0, 0
+    self.since_evaluation, self.since_log = _StepSums(), _StepSums()
+
+  @property
+  def num_steps(self) -> int:
+    """Steps fetched since the last ``reset()``."""
+    return self.since_evaluation.num_steps
 
   def add(self, step: int, step_metrics: dict[str, jax.Array]) -> None:
     self.pending.append((step, step_metrics))
@@ -587,34 +605,29 @@ class _TrainMetrics:
       raise diverged(f"the loss is {step_losses[bad[0]]} at step {steps[bad[0]]}",
                      float(self.learning_rate_fn(steps[bad[0]] - 1)), last_checkpoint)
     confusion = sum(np.asarray(m["confusion"], np.int64) for m in fetched)
-    self.loss_sum += float(step_losses.sum())
-    self.num_steps += len(steps)
-    self.confusion = self.confusion + confusion
-    self.interval_loss_sum += float(step_losses.sum())
-    self.interval_steps += len(steps)
-    self.interval_confusion = self.interval_confusion + confusion
+    self.since_evaluation.add(step_losses, confusion)
+    self.since_log.add(step_losses, confusion)
 
   def take_interval(self) -> dict[str, float] | None:
     """Loss and pixel accuracy over the steps fetched since the last call (None if none), then starts anew."""
-    if not self.interval_steps:
+    sums, self.since_log = self.since_log, _StepSums()
+    if not sums.num_steps:
       return None
-    confusion = self.interval_confusion
-    result = {"loss": self.interval_loss_sum / self.interval_steps,
-              "pixel_accuracy": float(np.trace(confusion) / confusion.sum())}
-    self.interval_loss_sum, self.interval_steps, self.interval_confusion = 0.0, 0, 0
-    return result
+    return {"loss": sums.loss_sum / sums.num_steps,
+            "pixel_accuracy": float(np.trace(sums.confusion) / sums.confusion.sum())}
 
   def summary(self) -> dict[str, Any] | None:
     """Means since the last ``reset()`` (call after ``flush``); None if no step ran since."""
-    if not self.num_steps:
+    sums = self.since_evaluation
+    if not sums.num_steps:
       return None
-    result = metrics_lib.compute_metrics(self.confusion)
-    result["loss"] = self.loss_sum / self.num_steps
-    result["num_steps"] = self.num_steps
+    result = metrics_lib.compute_metrics(sums.confusion)
+    result["loss"] = sums.loss_sum / sums.num_steps
+    result["num_steps"] = sums.num_steps
     return result
 
   def reset(self) -> None:
-    self.loss_sum, self.num_steps, self.confusion = 0.0, 0, 0
+    self.since_evaluation = _StepSums()
 
 
 def diverged(what: str, learning_rate: float, last_checkpoint: str) -> FloatingPointError:
