@@ -29,6 +29,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+import flax
 import jax
 import ml_collections
 import numpy as np
@@ -364,14 +365,9 @@ def restore_variables(workdir: str | os.PathLike, which: str | int = "latest"
 
 # --- workdir bookkeeping ---------------------------------------------------------------------------------
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      out.update(_flatten(value, f"{prefix}{key}."))
-    else:
-      out[f"{prefix}{key}"] = value
-  return out
+def flat_config(tree: Mapping[str, Any]) -> dict[str, Any]:
+  """A config's nested dict as ``{"section.key": value}``."""
+  return flax.traverse_util.flatten_dict(dict(tree), sep=".")
 
 
 def config_changes(workdir: str | os.PathLike, config: ml_collections.ConfigDict) -> dict[str, tuple[Any, Any]]:
@@ -382,7 +378,7 @@ def config_changes(workdir: str | os.PathLike, config: ml_collections.ConfigDict
   path = Path(workdir) / CONFIG_FILE
   if not path.exists():
     return {}
-  return differences(_flatten(_read_config_json(path)), _flatten(config_files.config_to_dict(config)))
+  return differences(flat_config(_read_config_json(path)), flat_config(config_files.config_to_dict(config)))
 
 
 def _read_config_json(path: Path) -> dict[str, Any]:

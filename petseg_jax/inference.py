@@ -105,13 +105,9 @@ def _missing_fields(config: ml_collections.ConfigDict) -> list[str]:
   """The fields of ``configs/default.py`` (every field a run's config has) that ``config`` lacks."""
   if not config_files.DEFAULT_CONFIG.is_file():  # Installed without the repository's configs/.
     return []
-
-  def fields(tree: Mapping[str, Any], prefix: str = "") -> set[str]:
-    return set().union(*(fields(value, f"{prefix}{key}.") if isinstance(value, Mapping) else {prefix + key}
-                         for key, value in tree.items()))
-
-  have = fields(config_files.config_to_dict(config))
-  return sorted(fields(config_files.config_to_dict(config_files.load_config(config_files.DEFAULT_CONFIG))) - have)
+  default = config_files.load_config(config_files.DEFAULT_CONFIG)
+  have = checkpoint.flat_config(config_files.config_to_dict(config))
+  return sorted(set(checkpoint.flat_config(config_files.config_to_dict(default))) - set(have))
 
 
 @contextlib.contextmanager
