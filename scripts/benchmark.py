@@ -741,8 +741,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   except re.error as e:
     parser.error(f"--only {args.only!r} is not a regular expression ({e})")
   for flag, folder in (("--dump-hlo", args.dump_hlo), ("--trace-dir", args.trace_dir)):
-    if folder and files.folder_problem(folder, flag):
-      parser.error(files.folder_problem(folder, flag))
+    if folder and (problem := files.folder_problem(folder, flag)):
+      parser.error(problem)
   return args
 
 

@@ -46,8 +46,8 @@ def main(argv):
     raise app.UsageError("Name at least one image file or folder to predict.")
   if FLAGS.batch_size < 1:
     raise app.UsageError(f"--batch_size={FLAGS.batch_size} must be >= 1.")
-  if files_lib.folder_problem(FLAGS.output, "--output"):
-    raise app.UsageError(files_lib.folder_problem(FLAGS.output, "--output"))
+  if problem := files_lib.folder_problem(FLAGS.output, "--output"):
+    raise app.UsageError(problem)
   tf.config.set_visible_devices([], "GPU")  # TensorFlow decodes images only; the accelerators are JAX's.
   files, problems = inference.expand_inputs(argv[1:])
   for path, reason in problems:

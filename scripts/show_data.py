@@ -52,8 +52,8 @@ def main(argv):
   data = config.data
   split = FLAGS.split or data.train_split
   output = Path(FLAGS.output)
-  if files.folder_problem(output, "--output"):
-    sys.exit(files.folder_problem(output, "--output"))
+  if problem := files.folder_problem(output, "--output"):
+    sys.exit(problem)
   try:
     if FLAGS.augment:
       if FLAGS.split and FLAGS.split != data.train_split:
