@@ -30,7 +30,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 from absl import logging
 import flax
@@ -187,36 +187,45 @@ def abstract_train_state(config: ml_collections.ConfigDict, model: models.UNet,
 
 def check_freezing(config: ml_collections.ConfigDict, params: Any) -> None:
   """Raises ConfigError if ``model.freeze_encoder`` holds but ``train.frozen_params`` match no encoder
-  parameter (the "frozen" encoder would train in full); warns if they match part of it (those parameters
-  stay fixed, but their BatchNorm layers keep normalizing with batch statistics and updating their moving
-  averages: only a wholly frozen encoder runs on running statistics, as Keras' ``trainable=False``)."""
+  parameter: the "frozen" encoder would train in full."""
   if not config.model.freeze_encoder:
     return
   labels = jax.tree.leaves(optim.param_labels(params, config.train.frozen_params).get("encoder", {}))
-  frozen = sum(label == optim.FROZEN for label in labels)
-  if not frozen:
+  if optim.FROZEN not in labels:
     raise ConfigError(f"config.model.freeze_encoder=True but config.train.frozen_params="
                       f"{tuple(config.train.frozen_params)!r} match no encoder parameter: the encoder would train "
                       "in full. Match it (e.g. ('encoder/.*',)), or set model.freeze_encoder=False.")
-  if frozen < len(labels):
-    logging.warning("config.train.frozen_params freeze %d of the encoder's %d parameter arrays: those stay "
-                    "fixed, but their BatchNorm layers still normalize with batch statistics and update their "
-                    "moving averages (only a wholly frozen encoder runs on running statistics).",
-                    frozen, len(labels))
 
 
-def encoder_frozen(config: ml_collections.ConfigDict, params: Any, step: int, steps_per_epoch: int) -> bool:
-  """Whether the model runs its encoder frozen (running-stat BatchNorm, no backward pass) at ``step``.
+class EncoderFreezing(NamedTuple):
+  """How a training step runs the encoder: static, one compiled step per value (i.e. per phase).
 
-  Only when ``train.frozen_params`` cover the whole encoder; a partial pattern (e.g. the first blocks)
-  freezes those parameters in the optimizer alone.
+  Attributes:
+    whole: the whole encoder is frozen: BatchNorm on running statistics, outputs ``stop_gradient``-ed (no
+      encoder backward pass); ``UNet(..., frozen_encoder=True)``.
+    batch_norms: frozen in part: the encoder BatchNorm layers whose parameters are all frozen, which run on
+      their running statistics and keep them, as Keras' ``trainable=False`` layers
+      (``UNet(..., frozen_batch_norms=...)``); the frozen parameters are the optimizer's part.
   """
-  if not config.model.freeze_encoder:
-    return False
-  if not optim.covers_subtree(optim.param_labels(params, config.train.frozen_params), "encoder"):
-    return False
+  whole: bool = False
+  batch_norms: tuple[str, ...] = ()
+
+
+def encoder_freezing(config: ml_collections.ConfigDict, variables: dict[str, Any], step: int,
+                     steps_per_epoch: int) -> EncoderFreezing:
+  """How the model runs its encoder at ``step`` (``variables``: ``{"params", "batch_stats"}``, any values):
+  frozen while ``model.freeze_encoder`` holds and ``train.unfreeze_after_epochs`` has not unfrozen it, as a
+  whole when ``train.frozen_params`` cover the encoder, else in the layers they cover."""
   start = unfreeze_step(config, steps_per_epoch)
-  return start is None or step < start
+  if not config.model.freeze_encoder or (start is not None and step >= start):
+    return EncoderFreezing()
+  labels = optim.param_labels(variables["params"], config.train.frozen_params)
+  if optim.covers_subtree(labels, "encoder"):
+    return EncoderFreezing(whole=True)
+  encoder = labels.get("encoder", {})
+  return EncoderFreezing(batch_norms=tuple(sorted(
+      name for name in variables["batch_stats"].get("encoder", {})
+      if name in encoder and all(label == optim.FROZEN for label in jax.tree.leaves(encoder[name])))))
 
 
 def read_init_from(config: ml_collections.ConfigDict) -> tuple[dict[str, Any], str]:
@@ -263,14 +272,13 @@ def _loss_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], dropout_rng: jax.Array, *,
-               config: ml_collections.ConfigDict, frozen_encoder: bool
+               config: ml_collections.ConfigDict, freezing: EncoderFreezing
                ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on a device's shard of the global batch (run under ``pmap(axis_name=AXIS)``).
 
-  ``frozen_encoder`` (static) runs the encoder frozen: BatchNorm on running statistics, no backward pass. It
-  must be ``encoder_frozen(config, state.params, step, steps_per_epoch)``; the optimizer's masking follows the
-  config alone, so a False where the config freezes the encoder would keep its parameters but move its
-  BatchNorm statistics.
+  ``freezing`` (static) is how the model runs the encoder; it must be ``encoder_freezing(config, ...)`` at
+  the state's step. The optimizer's masking follows the config alone: another ``freezing`` would keep the
+  frozen parameters but move their BatchNorm statistics.
   """
   # Dropout masks depend on (seed, step, device) only: resumed runs draw the same ones.
   rng = jax.random.fold_in(jax.random.fold_in(dropout_rng, state.step), lax.axis_index(AXIS))
@@ -278,7 +286,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], dropout_rng: jax.
   def loss_fn(params):
     logits, updates = state.apply_fn(
         {"params": params, "batch_stats": state.batch_stats}, batch["image"], train=True,
-        frozen_encoder=frozen_encoder, mutable=["batch_stats"], rngs={"dropout": rng})
+        frozen_encoder=freezing.whole, frozen_batch_norms=freezing.batch_norms, mutable=["batch_stats"],
+        rngs={"dropout": rng})
     # The Dice term's sums over the global batch (psum); the per-pixel term is this shard's mean.
     loss = losses.segmentation_loss(logits, batch["mask"], **_loss_settings(config), axis_name=AXIS)
     return loss, (logits, updates["batch_stats"])
@@ -306,17 +315,17 @@ def eval_step(variables: dict[str, Any], batch: dict[str, jax.Array], *, model: 
 
 
 def _packed_train_step(buffers: tuple[jax.Array, ...], batch: dict[str, jax.Array], dropout_rng: jax.Array, *,
-                       layout: packed.Layout, config: ml_collections.ConfigDict, frozen_encoder: bool
+                       layout: packed.Layout, config: ml_collections.ConfigDict, freezing: EncoderFreezing
                        ) -> tuple[tuple[jax.Array, ...], dict[str, jax.Array]]:
   state, metrics = train_step(packed.unpack(buffers, layout), batch, dropout_rng, config=config,
-                              frozen_encoder=frozen_encoder)
+                              freezing=freezing)
   new_buffers, new_layout = packed.pack(state, layout.concatenated)
   if new_layout != layout:  # At trace time: the new state must have the old one's structure, shapes, dtypes.
     raise ValueError(f"train_step changed the state's layout: {layout} -> {new_layout}")
   return new_buffers, metrics
 
 
-def pmapped_train_step(config: ml_collections.ConfigDict, frozen_encoder: bool, layout: packed.Layout
+def pmapped_train_step(config: ml_collections.ConfigDict, freezing: EncoderFreezing, layout: packed.Layout
                        ) -> Callable:
   """``train_step`` pmapped over the local devices, on a state packed with ``layout`` (``replicate_state``).
 
@@ -325,7 +334,7 @@ def pmapped_train_step(config: ml_collections.ConfigDict, frozen_encoder: bool, 
   H200 (frozen bfloat16 step 5.4-5.6 ms as a tree, 3.2-3.5 ms packed).
   """
   return jax.pmap(functools.partial(_packed_train_step, layout=layout, config=config,
-                                    frozen_encoder=frozen_encoder), axis_name=AXIS, donate_argnums=(0,))
+                                    freezing=freezing), axis_name=AXIS, donate_argnums=(0,))
 
 
 def pmapped_inference_variables(state_layout: packed.Layout) -> tuple[Callable, packed.Layout]:
@@ -857,11 +866,11 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, ckpt: checkpoint.Ch
     return f"step {last} in {workdir / checkpoint.LATEST_DIR}" if last is not None else "none"
 
   step = int(state.step)
-  params_for_labels = state.params
+  variables_for_freezing = {"params": state.params, "batch_stats": state.batch_stats}
   buffers, layout = replicate_state(state)  # The state between steps: packed, on the devices.
   del state
   dropout_rngs = replicate(dropout_rng)
-  p_train_steps = {}  # frozen_encoder → pmapped step, compiled once per phase.
+  p_train_steps = {}  # EncoderFreezing → pmapped step, compiled once per phase.
   writer = metric_writer.SummaryWriter(workdir)
   # Also at step 0: an attempt killed before its first checkpoint logged steps that are trained again.
   writer.mark_start(step)
@@ -916,13 +925,16 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, ckpt: checkpoint.Ch
       if stop.signum is not None:  # Arrived during the evaluation: stop before the next step.
         raise stopped(stop.signum)
       # Unfreezing happens at an epoch boundary: one compiled step per phase.
-      frozen = encoder_frozen(config, params_for_labels, step, steps_per_epoch)
-      if frozen not in p_train_steps:
-        p_train_steps[frozen] = pmapped_train_step(config, frozen, layout)
-      run_step = p_train_steps[frozen]
+      freezing = encoder_freezing(config, variables_for_freezing, step, steps_per_epoch)
+      if freezing not in p_train_steps:
+        p_train_steps[freezing] = pmapped_train_step(config, freezing, layout)
+        if freezing.batch_norms:
+          logging.info("Encoder frozen in part: %d BatchNorm layers on running statistics (%s).",
+                       len(freezing.batch_norms), ", ".join(freezing.batch_norms))
+      run_step = p_train_steps[freezing]
       epoch_end = min((epoch + 1) * steps_per_epoch, total_steps)
       bar = tqdm.tqdm(total=epoch_end - epoch * steps_per_epoch, initial=step - epoch * steps_per_epoch,
-                      desc=f"epoch {epoch + 1}/{num_epochs}" + (" (encoder frozen)" if frozen else ""),
+                      desc=f"epoch {epoch + 1}/{num_epochs}" + (" (encoder frozen)" if freezing.whole else ""),
                       unit="step", disable=None, leave=False)
       epoch_start, epoch_first_step = time.time(), step
       batches = train_input.epoch(epoch, start_step=step - epoch * steps_per_epoch)

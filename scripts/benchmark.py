@@ -395,15 +395,19 @@ def bench_train(config: ml_collections.ConfigDict, args: argparse.Namespace) -> 
     model = train.create_model(variant_config)
     init_rng, dropout_rng = jax.random.split(jax.random.PRNGKey(variant_config.seed))
     learning_rate_fn = train.create_learning_rate_fn(variant_config.train, 1000)
-    state, layout = train.replicate_state(
-        train.create_train_state(init_rng, variant_config, model, learning_rate_fn, steps_per_epoch=100))
+    initial = train.create_train_state(init_rng, variant_config, model, learning_rate_fn, steps_per_epoch=100)
+    # As the training loop runs its first step.
+    freezing = train.encoder_freezing(variant_config, {"params": initial.params,
+                                                       "batch_stats": initial.batch_stats}, 0, 100)
+    state, layout = train.replicate_state(initial)
+    del initial
     dropout_rngs = train.replicate(dropout_rng)
     batches = train.device_batches(itertools.repeat(host_batch))
     batch = next(batches)
 
     def compile_step(state: Any) -> Any:
       # The training loop's step, a new function object each call (so that layers.unchunked traces afresh).
-      return train.pmapped_train_step(variant_config, frozen, layout).lower(state, batch, dropout_rngs).compile()
+      return train.pmapped_train_step(variant_config, freezing, layout).lower(state, batch, dropout_rngs).compile()
 
     jax.block_until_ready(state)
     initialized = time.perf_counter()

@@ -118,6 +118,42 @@ def test_encoder_equals_keras_random_weights(alpha, size):
     assert relative_error(taps[name], want) < 1e-4, name
 
 
+def test_encoder_batch_norms_frozen_by_name_equal_keras_non_trainable_layers():
+  """Training mode with some BatchNorm layers ``trainable=False`` in Keras: those normalize with their moving
+  statistics and keep them, the others use the batch's and update theirs; ours the same by name."""
+  pytest.importorskip("keras")
+  from tests.keras_reference import keras_encoder, randomize_keras_weights
+
+  alpha, size = 0.35, 96
+  frozen = ("bn_Conv1", "expanded_conv_depthwise_BN", "block_2_project_BN", "block_16_depthwise_BN")
+  base, taps_model = keras_encoder(alpha, size)
+  randomize_keras_weights(base, seed=5)
+  variables = weights.encoder_variables_from_keras(base, alpha)
+  for name in frozen:
+    base.get_layer(name).trainable = False
+  x = _random((4, size, size, 3), seed=6)
+  expected = taps_model(x, training=True)
+  encoder = MobileNetV2Encoder(alpha)
+  taps, updates = jax.jit(lambda v, x: encoder.apply(v, x, train=True, frozen_batch_norms=frozen,
+                                                     mutable=["batch_stats"]))(variables, x)
+  for name, want in zip(TAP_NAMES, expected):
+    assert relative_error(taps[name], want) < 1e-4, name
+  before, after = variables["batch_stats"], updates["batch_stats"]
+  for name in before:
+    moved = not np.array_equal(before[name]["mean"], after[name]["mean"])
+    assert moved == (name not in frozen), name
+    keras_moved = not np.allclose(base.get_layer(name).moving_mean.numpy(), before[name]["mean"])
+    assert keras_moved == moved, name
+  # Every layer frozen by name is the frozen encoder.
+  all_frozen = encoder.apply(variables, x, train=True, frozen_batch_norms=tuple(before), mutable=["batch_stats"])
+  for name, tap in encoder.apply(variables, x).items():
+    assert relative_error(all_frozen[0][name], tap) < 1e-5, name
+  with pytest.raises(ValueError, match=r"frozen_batch_norms: \['block_1_BN'\] are not BatchNorm layers of the "
+                                       r"encoder \(they are 'bn_Conv1', 'expanded_conv_depthwise_BN', \.\.\."):
+    jax.eval_shape(lambda: encoder.apply(variables, x, train=True, frozen_batch_norms=("block_1_BN",),
+                                         mutable=["batch_stats"]))
+
+
 def test_tap_resolutions_at_128():
   model = MobileNetV2Encoder(1.0)
   shapes = jax.eval_shape(lambda: model.init_with_output(jax.random.key(0), jnp.zeros((1, 128, 128, 3))))[0]

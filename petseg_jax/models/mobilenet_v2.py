@@ -9,7 +9,7 @@ are built: the network stops at ``block_16_project`` (as the tutorial's ``down_s
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Collection
 
 import flax.linen as nn
 import jax
@@ -99,33 +99,47 @@ class MobileNetV2Encoder(nn.Module):
     return Conv(features, 1, impl=self.impl, dtype=self.dtype, name=name)
 
   @nn.compact
-  def __call__(self, x: Array, train: bool = False) -> dict[str, Array]:
+  def __call__(self, x: Array, train: bool = False, frozen_batch_norms: Collection[str] = ()
+               ) -> dict[str, Array]:
+    """The taps of ``x``. ``train=True``: training-mode BatchNorm, except in the layers named in
+    ``frozen_batch_norms`` (e.g. "block_1_expand_BN"), which run on their running statistics and leave them
+    unchanged, as Keras' BatchNormalization with ``trainable=False`` does."""
     height, width = x.shape[1:3]
     if height % 32 or width % 32 or height <= 0 or width <= 0:
       raise ValueError(
           f"MobileNetV2Encoder needs positive height and width divisible by 32; got {height}x{width}. "
           "Resize the input (config.data.image_size).")
+    batch_norms = []
+
+    def bn(name: str, x: Array, relu6: bool = False) -> Array:
+      batch_norms.append(name)
+      return self._bn(name, x, train and name not in frozen_batch_norms, relu6)
+
     taps = {}
     x = Conv(make_divisible(32 * self.alpha), 3, strides=2, padding="same", impl=self.impl, dtype=self.dtype,
              name="Conv1")(x)
-    x = self._bn("bn_Conv1", x, train, relu6=True)
+    x = bn("bn_Conv1", x, relu6=True)
 
     for block_id, expanded, out_channels, stride in block_channels(self.alpha):
       inputs = x
       prefix = f"block_{block_id}_" if block_id else "expanded_conv_"
       if block_id:
         x = self._conv1x1(expanded, prefix + "expand")(x)
-        x = self._bn(prefix + "expand_BN", x, train, relu6=True)
+        x = bn(prefix + "expand_BN", x, relu6=True)
         taps[prefix + "expand_relu"] = x
       # At stride 2, "same" is Keras' correct_pad + "valid" (see DepthwiseConv3x3).
       x = DepthwiseConv3x3(strides=stride, padding="same", impl=self.impl, dtype=self.dtype,
                            name=prefix + "depthwise")(x)
-      x = self._bn(prefix + "depthwise_BN", x, train, relu6=True)
+      x = bn(prefix + "depthwise_BN", x, relu6=True)
       x = self._conv1x1(out_channels, prefix + "project")(x)
       taps[prefix + "project"] = x
       if block_id == 16:
         break  # The tap is the projection before its BatchNorm, as in the tutorial.
-      x = self._bn(prefix + "project_BN", x, train)
+      x = bn(prefix + "project_BN", x)
       if inputs.shape[-1] == out_channels and stride == 1:
         x = x + inputs
+    unknown = set(frozen_batch_norms) - set(batch_norms)
+    if unknown:  # A typo would otherwise silently train the layer it meant to freeze.
+      raise ValueError(f"frozen_batch_norms: {sorted(unknown)} are not BatchNorm layers of the encoder "
+                       f"(they are {batch_norms[0]!r}, {batch_norms[1]!r}, ..., {batch_norms[-1]!r}).")
     return {name: taps[name] for name in TAP_NAMES}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Collection, Sequence
 
 import flax.linen as nn
 import jax
@@ -82,7 +82,8 @@ class UNet(nn.Module):
 
   Call with ``train=True`` for training-mode BatchNorm and dropout. ``frozen_encoder=True`` runs the encoder
   as Keras does for ``trainable=False`` (BatchNorm on running statistics) and stops gradients at its
-  outputs, so no encoder backward pass is computed.
+  outputs, so no encoder backward pass is computed. For an encoder frozen in part, ``frozen_batch_norms``
+  names the encoder's BatchNorm layers (e.g. "block_1_expand_BN") that run on their running statistics.
 
   ``batch_norm_folded=True`` is the same function for inference with each BatchNorm folded into the
   convolution before it (variables from ``petseg_jax.models.fold_batch_norm``): fewer operations per call
@@ -100,12 +101,14 @@ class UNet(nn.Module):
   batch_norm_folded: bool = False
 
   @nn.compact
-  def __call__(self, x: Array, train: bool = False, frozen_encoder: bool = False) -> Array:
+  def __call__(self, x: Array, train: bool = False, frozen_encoder: bool = False,
+               frozen_batch_norms: Collection[str] = ()) -> Array:
     if train and self.batch_norm_folded:
       raise ValueError("A UNet with batch_norm_folded=True is for inference only (its BatchNorms have no "
                        "statistics to train); call it with train=False, or train the unfolded model.")
     taps = MobileNetV2Encoder(self.alpha, self.dtype, self.impl, self.bn_axis_name, self.batch_norm_folded,
-                              name="encoder")(x, train=train and not frozen_encoder)
+                              name="encoder")(x, train=train and not frozen_encoder,
+                                                             frozen_batch_norms=frozen_batch_norms)
     if frozen_encoder:
       taps = jax.tree.map(jax.lax.stop_gradient, taps)
     logits = Decoder(self.num_classes, tuple(self.decoder_filters), self.dropout, self.dtype, self.impl,
