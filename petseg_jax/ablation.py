@@ -54,6 +54,7 @@ import numpy as np
 
 from petseg_jax import config_files
 from petseg_jax import files
+from petseg_jax.config_files import CONFIG_FILE
 from petseg_jax.metrics_log import METRICS_FILE, read_metrics
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -62,7 +63,6 @@ RUN_SPEC_FILE = "ablation_run.json"
 STATUS_FILE = "ablation_status.json"
 LOG_FILE = "train.log"
 COMPILATION_CACHE_DIR = "jax_cache"
-CONFIG_FILE = "config.json"  # Written by train.py (checkpoint.CONFIG_FILE).
 SWEEP_KEYS = ("seeds", "overrides", "variants", "grid")
 
 DONE, FAILED, RUNNING, INTERRUPTED, SKIPPED = "done", "failed", "running", "interrupted", "skipped"

@@ -37,10 +37,10 @@ import orbax.checkpoint as ocp
 
 from petseg_jax import config_files
 from petseg_jax import files
+from petseg_jax.config_files import CONFIG_FILE
 
 LATEST_DIR = "checkpoints"
 BEST_DIR = "checkpoints_best"
-CONFIG_FILE = "config.json"
 LOCK_FILE = "lock"
 # Old checkpoints are first renamed into this subdirectory (atomic: a step directory is complete or gone),
 # then deleted; a process killed in between leaves only trash, which the next save clears.
