@@ -9,8 +9,8 @@ Parameters are labelled by their path ("encoder/block_1_expand/kernel") against 
 * or, with ``model.freeze_encoder=False``, trained from the start at that multiplied learning rate.
 
 Every other parameter gets Adam at the base learning rate. Freezing in the optimizer keeps the parameters
-fixed; that the frozen encoder's BatchNorm layers run on their running statistics (and, frozen whole, that
-its backward pass is not computed at all) is the model's part (``train.encoder_freezing``).
+fixed; that frozen BatchNorm layers run on their running statistics (and that a wholly frozen encoder's
+backward pass is not computed at all) is the model's part (``train.freezing_at``).
 """
 
 from __future__ import annotations

@@ -197,35 +197,39 @@ def check_freezing(config: ml_collections.ConfigDict, params: Any) -> None:
                       "in full. Match it (e.g. ('encoder/.*',)), or set model.freeze_encoder=False.")
 
 
-class EncoderFreezing(NamedTuple):
-  """How a training step runs the encoder: static, one compiled step per value (i.e. per phase).
+class Freezing(NamedTuple):
+  """How a training step runs the frozen layers: static, one compiled step per value (i.e. per phase).
 
   Attributes:
-    whole: the whole encoder is frozen: BatchNorm on running statistics, outputs ``stop_gradient``-ed (no
+    encoder: the whole encoder is frozen: BatchNorm on running statistics, outputs ``stop_gradient``-ed (no
       encoder backward pass); ``UNet(..., frozen_encoder=True)``.
-    batch_norms: frozen in part: the encoder BatchNorm layers whose parameters are all frozen, which run on
-      their running statistics and keep them, as Keras' ``trainable=False`` layers
-      (``UNet(..., frozen_batch_norms=...)``); the frozen parameters are the optimizer's part.
+    batch_norms: the paths (e.g. "encoder/block_1_expand_BN", "decoder/up_0/bn") of the other BatchNorm
+      layers whose parameters are all frozen, which run on their running statistics and keep them, as Keras'
+      ``trainable=False`` layers (``UNet(..., frozen_batch_norms=...)``). The frozen parameters themselves are
+      the optimizer's part.
   """
-  whole: bool = False
+  encoder: bool = False
   batch_norms: tuple[str, ...] = ()
 
 
-def encoder_freezing(config: ml_collections.ConfigDict, variables: dict[str, Any], step: int,
-                     steps_per_epoch: int) -> EncoderFreezing:
-  """How the model runs its encoder at ``step`` (``variables``: ``{"params", "batch_stats"}``, any values):
-  frozen while ``model.freeze_encoder`` holds and ``train.unfreeze_after_epochs`` has not unfrozen it, as a
-  whole when ``train.frozen_params`` cover the encoder, else in the layers they cover."""
+def freezing_at(config: ml_collections.ConfigDict, variables: dict[str, Any], step: int,
+                steps_per_epoch: int) -> Freezing:
+  """How the model runs its frozen layers at ``step`` (``variables``: ``{"params", "batch_stats"}``, any
+  values): those ``train.frozen_params`` match, while ``model.freeze_encoder`` holds and
+  ``train.unfreeze_after_epochs`` has not unfrozen them."""
   start = unfreeze_step(config, steps_per_epoch)
   if not config.model.freeze_encoder or (start is not None and step >= start):
-    return EncoderFreezing()
+    return Freezing()
   labels = optim.param_labels(variables["params"], config.train.frozen_params)
-  if optim.covers_subtree(labels, "encoder"):
-    return EncoderFreezing(whole=True)
-  encoder = labels.get("encoder", {})
-  return EncoderFreezing(batch_norms=tuple(sorted(
-      name for name in variables["batch_stats"].get("encoder", {})
-      if name in encoder and all(label == optim.FROZEN for label in jax.tree.leaves(encoder[name])))))
+  encoder = optim.covers_subtree(labels, "encoder")
+  layer_labels = collections.defaultdict(list)  # Layer path → its parameters' labels.
+  for path, label in flax.traverse_util.flatten_dict(labels).items():
+    layer_labels[path[:-1]].append(label)
+  frozen = {"/".join(layer) for layer, layer_params in layer_labels.items()
+            if all(label == optim.FROZEN for label in layer_params)}
+  batch_norms = {"/".join(path[:-1]) for path in flax.traverse_util.flatten_dict(variables["batch_stats"])}
+  return Freezing(encoder=encoder, batch_norms=tuple(sorted(
+      path for path in batch_norms & frozen if not (encoder and path.startswith("encoder/")))))
 
 
 def read_init_from(config: ml_collections.ConfigDict) -> tuple[dict[str, Any], str]:
@@ -272,11 +276,11 @@ def _loss_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], dropout_rng: jax.Array, *,
-               config: ml_collections.ConfigDict, freezing: EncoderFreezing
+               config: ml_collections.ConfigDict, freezing: Freezing
                ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on a device's shard of the global batch (run under ``pmap(axis_name=AXIS)``).
 
-  ``freezing`` (static) is how the model runs the encoder; it must be ``encoder_freezing(config, ...)`` at
+  ``freezing`` (static) is how the model runs its frozen layers; it must be ``freezing_at(config, ...)`` at
   the state's step. The optimizer's masking follows the config alone: another ``freezing`` would keep the
   frozen parameters but move their BatchNorm statistics.
   """
@@ -286,7 +290,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], dropout_rng: jax.
   def loss_fn(params):
     logits, updates = state.apply_fn(
         {"params": params, "batch_stats": state.batch_stats}, batch["image"], train=True,
-        frozen_encoder=freezing.whole, frozen_batch_norms=freezing.batch_norms, mutable=["batch_stats"],
+        frozen_encoder=freezing.encoder, frozen_batch_norms=freezing.batch_norms, mutable=["batch_stats"],
         rngs={"dropout": rng})
     # The Dice term's sums over the global batch (psum); the per-pixel term is this shard's mean.
     loss = losses.segmentation_loss(logits, batch["mask"], **_loss_settings(config), axis_name=AXIS)
@@ -315,7 +319,7 @@ def eval_step(variables: dict[str, Any], batch: dict[str, jax.Array], *, model: 
 
 
 def _packed_train_step(buffers: tuple[jax.Array, ...], batch: dict[str, jax.Array], dropout_rng: jax.Array, *,
-                       layout: packed.Layout, config: ml_collections.ConfigDict, freezing: EncoderFreezing
+                       layout: packed.Layout, config: ml_collections.ConfigDict, freezing: Freezing
                        ) -> tuple[tuple[jax.Array, ...], dict[str, jax.Array]]:
   state, metrics = train_step(packed.unpack(buffers, layout), batch, dropout_rng, config=config,
                               freezing=freezing)
@@ -325,7 +329,7 @@ def _packed_train_step(buffers: tuple[jax.Array, ...], batch: dict[str, jax.Arra
   return new_buffers, metrics
 
 
-def pmapped_train_step(config: ml_collections.ConfigDict, freezing: EncoderFreezing, layout: packed.Layout
+def pmapped_train_step(config: ml_collections.ConfigDict, freezing: Freezing, layout: packed.Layout
                        ) -> Callable:
   """``train_step`` pmapped over the local devices, on a state packed with ``layout`` (``replicate_state``).
 
@@ -870,7 +874,7 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, ckpt: checkpoint.Ch
   buffers, layout = replicate_state(state)  # The state between steps: packed, on the devices.
   del state
   dropout_rngs = replicate(dropout_rng)
-  p_train_steps = {}  # EncoderFreezing → pmapped step, compiled once per phase.
+  p_train_steps = {}  # Freezing → pmapped step, compiled once per phase.
   writer = metric_writer.SummaryWriter(workdir)
   # Also at step 0: an attempt killed before its first checkpoint logged steps that are trained again.
   writer.mark_start(step)
@@ -925,16 +929,15 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, ckpt: checkpoint.Ch
       if stop.signum is not None:  # Arrived during the evaluation: stop before the next step.
         raise stopped(stop.signum)
       # Unfreezing happens at an epoch boundary: one compiled step per phase.
-      freezing = encoder_freezing(config, variables_for_freezing, step, steps_per_epoch)
+      freezing = freezing_at(config, variables_for_freezing, step, steps_per_epoch)
       if freezing not in p_train_steps:
         p_train_steps[freezing] = pmapped_train_step(config, freezing, layout)
         if freezing.batch_norms:
-          logging.info("Encoder frozen in part: %d BatchNorm layers on running statistics (%s).",
-                       len(freezing.batch_norms), ", ".join(freezing.batch_norms))
+          logging.info("Frozen BatchNorm layers on running statistics: %s.", ", ".join(freezing.batch_norms))
       run_step = p_train_steps[freezing]
       epoch_end = min((epoch + 1) * steps_per_epoch, total_steps)
       bar = tqdm.tqdm(total=epoch_end - epoch * steps_per_epoch, initial=step - epoch * steps_per_epoch,
-                      desc=f"epoch {epoch + 1}/{num_epochs}" + (" (encoder frozen)" if freezing.whole else ""),
+                      desc=f"epoch {epoch + 1}/{num_epochs}" + (" (encoder frozen)" if freezing.encoder else ""),
                       unit="step", disable=None, leave=False)
       epoch_start, epoch_first_step = time.time(), step
       batches = train_input.epoch(epoch, start_step=step - epoch * steps_per_epoch)

@@ -154,6 +154,19 @@ def test_encoder_batch_norms_frozen_by_name_equal_keras_non_trainable_layers():
                                          mutable=["batch_stats"]))
 
 
+@pytest.mark.parametrize("path,message", [
+    ("bn_Conv1", r"'bn_Conv1' is not an 'encoder/\.\.\.' or 'decoder/\.\.\.' layer path"),
+    ("encoder/block_1_expand", r"\['block_1_expand'\] are not BatchNorm layers of the encoder"),
+    ("decoder/up_4/bn", r"\['up_4/bn'\] are not BatchNorm layers of the decoder \(they are \['up_0/bn', "),
+])
+def test_unet_frozen_batch_norms_that_name_no_batch_norm_are_refused(path, message):
+  model = UNet(alpha=0.35, decoder_filters=(16, 16, 8, 8))
+  variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  with pytest.raises(ValueError, match=message):
+    jax.eval_shape(lambda v: model.apply(v, jnp.zeros((1, 32, 32, 3)), train=True, frozen_batch_norms=(path,),
+                                         mutable=["batch_stats"]), variables)
+
+
 def test_tap_resolutions_at_128():
   model = MobileNetV2Encoder(1.0)
   shapes = jax.eval_shape(lambda: model.init_with_output(jax.random.key(0), jnp.zeros((1, 128, 128, 3))))[0]

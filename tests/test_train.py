@@ -8,6 +8,7 @@ import functools
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -96,8 +97,8 @@ def test_frozen_step_does_not_differentiate_the_encoder(initial_state):
   config = tiny_config()
   (state, layout), batch = train.replicate_state(initial_state), _random_batch(config)
   rng = train.replicate(jax.random.PRNGKey(0))
-  frozen = _flops(train.pmapped_train_step(config, train.EncoderFreezing(whole=True), layout).lower(state, batch, rng))
-  fine_tune = _flops(train.pmapped_train_step(config, train.EncoderFreezing(), layout).lower(state, batch, rng))
+  frozen = _flops(train.pmapped_train_step(config, train.Freezing(encoder=True), layout).lower(state, batch, rng))
+  fine_tune = _flops(train.pmapped_train_step(config, train.Freezing(), layout).lower(state, batch, rng))
   encoder = models.MobileNetV2Encoder(config.model.alpha)
   image = jnp.zeros(batch["image"].shape[1:])
   # Lowering needs only the variables' shapes (an eager init would dispatch op by op: ~30 s).
@@ -115,7 +116,7 @@ def test_a_replicated_state_and_a_stepped_state_share_one_compiled_step(initial_
   come as the loop feeds them, from ``train.device_batches``."""
   config = tiny_config()
   (state, layout), rng = train.replicate_state(initial_state), train.replicate(jax.random.PRNGKey(0))
-  step = train.pmapped_train_step(config, train.EncoderFreezing(whole=True), layout)
+  step = train.pmapped_train_step(config, train.Freezing(encoder=True), layout)
   host_batches = [_random_batch(config, seed=i) for i in range(3)]
   with jax.log_compiles(), caplog.at_level(logging.WARNING):
     for batch in train.device_batches(host_batches):
@@ -129,13 +130,13 @@ def test_the_packed_step_is_train_step_on_the_state_tree(initial_state):
   """Packing the state through the pmapped step changes nothing computed."""
   config = tiny_config()
   batch, rng = _random_batch(config), train.replicate(jax.random.PRNGKey(0))
-  tree_step = jax.pmap(functools.partial(train.train_step, config=config, freezing=train.EncoderFreezing()),
+  tree_step = jax.pmap(functools.partial(train.train_step, config=config, freezing=train.Freezing()),
                        axis_name=train.AXIS)
   expected, expected_metrics = tree_step(train.replicate(initial_state), batch, rng)
   buffers, layout = train.replicate_state(initial_state, concatenate=True)  # As on accelerators.
   assert len(buffers) == 2  # float32 and int32: ~300 leaves in two arguments.
   assert train.replicate_state(initial_state)[1].concatenated == (jax.default_backend() != "cpu")
-  stepped, metrics = train.pmapped_train_step(config, train.EncoderFreezing(), layout)(buffers, batch, rng)
+  stepped, metrics = train.pmapped_train_step(config, train.Freezing(), layout)(buffers, batch, rng)
   assert _trees_equal(train.host_state(stepped, layout), train.first_replica(expected))
   assert _trees_equal(metrics, expected_metrics)
 
@@ -211,7 +212,7 @@ def _three_steps_and_an_eval(state, num_devices):
   # The state packed as on accelerators (the CPU's default passes its leaves, as the loop tests do).
   (replicated, layout), rng = train.replicate_state(state, True), train.replicate(jax.random.PRNGKey(1))
   inference_variables, variables_layout = train.pmapped_inference_variables(layout)
-  step = train.pmapped_train_step(config, train.EncoderFreezing(whole=True), layout)
+  step = train.pmapped_train_step(config, train.Freezing(encoder=True), layout)
   evaluate = train.pmapped_eval_step(config, train.create_model(config).clone(batch_norm_folded=True),
                                      variables_layout)
   losses, confusions = [], []
@@ -434,36 +435,38 @@ def test_freezing_patterns_that_miss_the_encoder_are_refused(tmp_path):
 FIRST_BLOCKS = ("encoder/(Conv1|bn_Conv1|expanded_conv_.*)/.*",)
 
 
-def test_encoder_freezing_follows_the_patterns_and_the_phase(initial_state):
+def test_freezing_follows_the_patterns_and_the_phase(initial_state):
   variables = {"params": initial_state.params, "batch_stats": initial_state.batch_stats}
-  freezing = lambda config, step=0: train.encoder_freezing(config, variables, step, STEPS_PER_EPOCH)
-  assert freezing(tiny_config()) == train.EncoderFreezing(whole=True)
-  assert freezing(tiny_config(), step=STEPS_PER_EPOCH) == train.EncoderFreezing()  # Unfrozen after epoch 1.
-  assert freezing(tiny_config(frozen_params=FIRST_BLOCKS)) == train.EncoderFreezing(
-      batch_norms=("bn_Conv1", "expanded_conv_depthwise_BN", "expanded_conv_project_BN"))
+  freezing = lambda config, step=0: train.freezing_at(config, variables, step, STEPS_PER_EPOCH)
+  assert freezing(tiny_config()) == train.Freezing(encoder=True)
+  assert freezing(tiny_config(), step=STEPS_PER_EPOCH) == train.Freezing()  # Unfrozen after epoch 1.
+  assert freezing(tiny_config(frozen_params=FIRST_BLOCKS)) == train.Freezing(
+      batch_norms=("encoder/bn_Conv1", "encoder/expanded_conv_depthwise_BN", "encoder/expanded_conv_project_BN"))
+  assert freezing(tiny_config(frozen_params=("encoder/.*", "decoder/up_[12]/.*"))) == train.Freezing(
+      encoder=True, batch_norms=("decoder/up_1/bn", "decoder/up_2/bn"))
   # A BatchNorm layer whose own parameters train is not frozen, whatever else is.
-  assert freezing(tiny_config(frozen_params=("encoder/.*/kernel",))) == train.EncoderFreezing()
+  assert freezing(tiny_config(frozen_params=("encoder/.*/kernel",))) == train.Freezing()
   fine_tuned = tiny_config()
   fine_tuned.model.freeze_encoder = False
-  assert freezing(fine_tuned) == train.EncoderFreezing()
+  assert freezing(fine_tuned) == train.Freezing()
 
 
-def test_an_encoder_frozen_in_part_keeps_those_parameters_and_their_batch_norm_statistics():
-  """Keras' ``trainable=False`` for the first blocks: their parameters and moving statistics stay; the
-  rest of the encoder trains, its statistics move."""
-  config = tiny_config(frozen_params=FIRST_BLOCKS)
+def test_layers_frozen_by_path_keep_their_parameters_and_batch_norm_statistics():
+  """Keras' ``trainable=False`` for the first encoder blocks and a decoder block: their parameters and
+  moving statistics stay; the rest trains, its statistics move."""
+  config = tiny_config(frozen_params=FIRST_BLOCKS + ("decoder/up_1/.*",))
   initial = _state(config)
-  freezing = train.encoder_freezing(config, {"params": initial.params, "batch_stats": initial.batch_stats}, 0,
-                                    STEPS_PER_EPOCH)
+  freezing = train.freezing_at(config, {"params": initial.params, "batch_stats": initial.batch_stats}, 0,
+                               STEPS_PER_EPOCH)
   state, layout = train.replicate_state(initial)
   state, _ = train.pmapped_train_step(config, freezing, layout)(state, _random_batch(config),
                                                                 train.replicate(jax.random.PRNGKey(0)))
   stepped = train.host_state(state, layout)
   for collection in ("params", "batch_stats"):
-    for name, before in getattr(initial, collection)["encoder"].items():
-      frozen = name in ("Conv1", "bn_Conv1") or name.startswith("expanded_conv_")
-      changed = _leaves_changed(before, getattr(stepped, collection)["encoder"][name])
-      assert changed == [not frozen] * len(changed), (collection, name)
+    before, after = (flax.traverse_util.flatten_dict(getattr(s, collection)) for s in (initial, stepped))
+    for path in before:
+      frozen = bool(re.fullmatch(FIRST_BLOCKS[0] + "|decoder/up_1/.*", "/".join(path)))
+      assert np.array_equal(before[path], after[path]) == frozen, (collection, path)
 
 
 def test_encoder_frozen_then_unfrozen(uninterrupted_run, initial_state):
