@@ -421,27 +421,29 @@ def _train_subprocess(workdir: Path, sweep_dir: Path, log_path: Path, attempt: i
 
   ``on_start`` gets the child's pid as soon as it runs.
 
-  On KeyboardInterrupt (Ctrl-C reaches the child too) the child gets time to write its checkpoint; if it
-  is still running after 60 s it is sent SIGTERM (training stops gracefully on that as well), then killed.
+  The child runs in a session of its own, so that a terminal's Ctrl-C reaches the sweep alone. On
+  KeyboardInterrupt (Ctrl-C, or SIGTERM: see scripts/ablate.py) the sweep asks the child to stop at once, with
+  one SIGINT (training then writes its checkpoint and exits), waits up to ``ORPHAN_WAIT_SEC`` for it, and
+  kills it only after that. A second Ctrl-C meanwhile ends the sweep, and the child with it (SIGTERM from
+  ``_stop_with_parent``, a second request: it aborts without a checkpoint).
   """
   with open(log_path, "a") as f:
     f.write(f"\n=== attempt {attempt} at {datetime.datetime.now().isoformat(timespec='seconds')}\n")
     f.flush()
     process = subprocess.Popen([sys.executable, "-m", "petseg_jax.ablation", str(workdir.resolve())],
                                stdout=f, stderr=subprocess.STDOUT, env=_subprocess_env(sweep_dir),
+                               start_new_session=True,
                                preexec_fn=_stop_with_parent if sys.platform.startswith("linux") else None)
     try:
       on_start(process.pid)
       return process.wait()
     except KeyboardInterrupt:
-      for action, timeout in ((None, 60), (process.terminate, 120), (process.kill, None)):
-        if action is not None:
-          action()
-        try:
-          process.wait(timeout=timeout)
-          break
-        except subprocess.TimeoutExpired:
-          continue
+      process.send_signal(signal.SIGINT)
+      try:
+        process.wait(timeout=ORPHAN_WAIT_SEC)
+      except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
       raise
 
 

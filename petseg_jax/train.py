@@ -538,15 +538,24 @@ _QUIET_ORBAX = _QuietOrbaxInfo()
 
 
 class _StopRequest:
-  """SIGINT/SIGTERM handler: asks the loop to stop after the current step; a second signal aborts."""
+  """SIGINT/SIGTERM handler: asks the loop to stop after the current step; a second signal aborts.
+
+  A second signal within ``SAME_REQUEST_SEC`` of the first is the same request delivered twice (a batch
+  scheduler signals every process of a job, and an ablation sweep forwards it to its training child too), not
+  a second Ctrl-C: it is ignored.
+  """
+  SAME_REQUEST_SEC = 1.0
 
   def __init__(self):
     self.signum: int | None = None
+    self.time = 0.0
 
   def __call__(self, signum, frame):
     if self.signum is not None:
+      if time.monotonic() - self.time < self.SAME_REQUEST_SEC:
+        return
       raise KeyboardInterrupt
-    self.signum = signum
+    self.signum, self.time = signum, time.monotonic()
     logging.warning("Received %s: stopping after the current step and writing a checkpoint "
                     "(send it again to abort without one).", signal.Signals(signum).name)
 

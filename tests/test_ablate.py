@@ -272,6 +272,56 @@ def test_training_child_is_stopped_when_the_sweep_process_is_killed():
   pytest.fail("the child outlived its killed parent")
 
 
+def _wait_for(predicate, what: str, timeout: float = 240) -> None:
+  deadline = time.monotonic() + timeout
+  while not predicate():
+    if time.monotonic() > deadline:
+      pytest.fail(f"timed out waiting for {what}")
+    time.sleep(0.2)
+
+
+def test_a_stopped_sweep_stops_its_training_child_gracefully(tmp_path):
+  """A signal to the sweep alone (``kill``, a container runtime) is forwarded to the training child at once,
+  which checkpoints and exits; a signal to both (a batch scheduler signalling the whole job) is one request
+  (a second would abort the child without its checkpoint). Either way the run resumes from that checkpoint."""
+  long_run = {**TINY, "data.num_synthetic_train": 64, "train.num_epochs": 40}
+  sweep = write_sweep(tmp_path / "long.py", {"overrides": long_run, "variants": {"long": {}}})
+  workdir = tmp_path / "out"
+  run_dir = workdir / "long" / "seed_0"
+  log = run_dir / ablation.LOG_FILE
+
+  def start_and_signal(pids) -> subprocess.CompletedProcess:
+    sweep_process = subprocess.Popen(
+        [sys.executable, str(REPO_ROOT / "scripts" / "ablate.py"), f"--config={SYNTHETIC}", f"--sweep={sweep}",
+         f"--workdir={workdir}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    epochs_before = log.read_text().count("train loss") if log.exists() else 0
+    _wait_for(lambda: log.exists() and log.read_text().count("train loss") > epochs_before, "an epoch")
+    child = ablation.read_status(run_dir)["child_pid"]
+    started = time.monotonic()
+    for pid, signum in pids(sweep_process.pid, child):
+      os.kill(pid, signum)
+    out, err = sweep_process.communicate(timeout=ablation.ORPHAN_WAIT_SEC + 60)
+    assert time.monotonic() - started < 60, err[-3000:]  # Not the old 60 s before the child heard of it.
+    assert not ablation._trains(child, run_dir)  # pylint: disable=protected-access
+    return subprocess.CompletedProcess(sweep_process.args, sweep_process.returncode, out, err)
+
+  stopped = start_and_signal(lambda sweep_pid, child: [(sweep_pid, signal.SIGINT)])
+  assert stopped.returncode == 130, stopped.stderr[-3000:]
+  assert "Stopped by SIGINT after step" in log.read_text()
+  assert ablation.read_status(run_dir)["status"] == "interrupted"
+  first_stop = max(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
+
+  stopped = start_and_signal(lambda sweep_pid, child: [(child, signal.SIGTERM), (sweep_pid, signal.SIGTERM)])
+  assert stopped.returncode == 130, stopped.stderr[-3000:]
+  text = log.read_text()
+  assert f"at step {first_stop}." in text  # "Resuming from .../checkpoints at step N."
+  assert text.count("Stopped by SIGTERM after step") == 1, text[-3000:]
+  second_stop = max(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
+  assert second_stop > first_stop
+  assert ablation.read_status(run_dir)["status"] == "interrupted"
+
+
 def test_sweep_runs_every_variant_and_reports_failures(tiny_sweep):
   status = {(r.run.variant, r.run.seed): r.status for r in tiny_sweep["results"]}
   assert status == {("flip", 0): "done", ("flip", 1): "done", ("no_flip", 0): "done", ("no_flip", 1): "done",

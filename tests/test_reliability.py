@@ -21,6 +21,7 @@ from pathlib import Path
 import shutil
 import signal
 import subprocess
+import time
 
 from absl import flags
 import jax
@@ -220,6 +221,9 @@ def test_sigint_requests_the_same_graceful_stop_as_sigterm():
   with train._graceful_stop() as stop:  # pylint: disable=protected-access
     os.kill(os.getpid(), signal.SIGINT)
     assert stop.signum == signal.SIGINT  # No KeyboardInterrupt in the middle of a step.
+    # The same request delivered twice at once (a job's every process signalled, and the sweep forwarding it).
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(train._StopRequest.SAME_REQUEST_SEC)  # pylint: disable=protected-access
     with pytest.raises(KeyboardInterrupt):
       os.kill(os.getpid(), signal.SIGINT)  # A second Ctrl-C aborts at once.
   assert signal.getsignal(signal.SIGINT) is previous
