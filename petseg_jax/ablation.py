@@ -378,15 +378,31 @@ def train_from_spec(workdir: str | os.PathLike) -> None:
   train.train_and_evaluate(config, workdir)
 
 
+ATTEMPT_HEADER = "=== attempt "  # Starts each attempt's output in train.log.
+
+
 def _last_error_line(log_path: Path) -> str:
-  """The most telling line of a failed run's log: its last exception line, else its last line."""
+  """The most telling line of the last attempt's output in a failed run's log: its last exception line, else
+  its last line."""
   if not log_path.exists():
     return ""
-  lines = [line.strip() for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
+  last_attempt = log_path.read_text(errors="replace").rpartition("\n" + ATTEMPT_HEADER)[2]
+  lines = [line.strip() for line in last_attempt.splitlines() if line.strip()]
   for line in reversed(lines):
     if re.match(r"^([A-Za-z_][\w.]*(Error|Exception|Interrupted)|KeyboardInterrupt)\b", line):
       return line[:500]
   return lines[-1][:500] if lines else ""
+
+
+def _how_it_ended(returncode: int) -> str:
+  """A failed training process's exit code, or the signal that killed it (a negative ``returncode``)."""
+  if returncode >= 0:
+    return f"exit code {returncode}"
+  try:
+    name = signal.Signals(-returncode).name
+  except ValueError:
+    name = f"signal {-returncode}"
+  return f"killed by {name}" + (" (out of memory?)" if -returncode == signal.SIGKILL else "")
 
 
 def _subprocess_env(sweep_dir: Path) -> dict[str, str]:
@@ -428,7 +444,7 @@ def _train_subprocess(workdir: Path, sweep_dir: Path, log_path: Path, attempt: i
   ``_stop_with_parent``, a second request: it aborts without a checkpoint).
   """
   with open(log_path, "a") as f:
-    f.write(f"\n=== attempt {attempt} at {datetime.datetime.now().isoformat(timespec='seconds')}\n")
+    f.write(f"\n{ATTEMPT_HEADER}{attempt} at {datetime.datetime.now().isoformat(timespec='seconds')}\n")
     f.flush()
     process = subprocess.Popen([sys.executable, "-m", "petseg_jax.ablation", str(workdir.resolve())],
                                stdout=f, stderr=subprocess.STDOUT, env=_subprocess_env(sweep_dir),
@@ -506,7 +522,7 @@ def execute_run(run: Run, config: ml_collections.ConfigDict, base_config: str, s
         state, error = INTERRUPTED, "interrupted; run the sweep again to resume"
       elif returncode != 0:
         state = FAILED
-        error = f"exit code {returncode}: {_last_error_line(log_path)} (see {log_path})"
+        error = f"{_how_it_ended(returncode)}: {_last_error_line(log_path)} (see {log_path})"
   except KeyboardInterrupt:
     state, error = INTERRUPTED, "interrupted; run the sweep again to resume"
   wall = time.time() - start

@@ -272,6 +272,16 @@ def test_training_child_is_stopped_when_the_sweep_process_is_killed():
   pytest.fail("the child outlived its killed parent")
 
 
+def test_a_failed_runs_error_is_its_last_attempts(tmp_path):
+  log = tmp_path / ablation.LOG_FILE
+  log.write_text(f"\n{ablation.ATTEMPT_HEADER}1 at t\nTraceback ...\nValueError: attempt one's\n"
+                 f"\n{ablation.ATTEMPT_HEADER}2 at t\nI1127 train.py:700] epoch 1 (step 16): train loss 1.03\n")
+  assert ablation._last_error_line(log) == "I1127 train.py:700] epoch 1 (step 16): train loss 1.03"
+  assert ablation._how_it_ended(-signal.SIGKILL) == "killed by SIGKILL (out of memory?)"
+  assert ablation._how_it_ended(-signal.SIGSEGV) == "killed by SIGSEGV"
+  assert ablation._how_it_ended(1) == "exit code 1"
+
+
 def _wait_for(predicate, what: str, timeout: float = 240) -> None:
   deadline = time.monotonic() + timeout
   while not predicate():
