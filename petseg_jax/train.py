@@ -931,7 +931,8 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, ckpt: checkpoint.Ch
     logging.info("Already trained to step %d (of %d).", step, total_steps)
     first_epoch = num_epochs
   train_time, train_examples = 0.0, 0
-  with _graceful_stop() as stop:
+  # The writer is closed on the way out of a stop or a divergence too: the points logged up to there are kept.
+  with _graceful_stop() as stop, contextlib.closing(writer):
     if resume_step is not None and is_eval_step(step) and step not in [r["step"] for r in records]:
       evaluator(buffers, step, None, None)  # The attempt before stopped between checkpoint and record.
     for epoch in range(first_epoch, num_epochs):
@@ -981,7 +982,6 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, ckpt: checkpoint.Ch
                      summary["miou"], images_per_sec)
 
   save()
-  writer.close()
   history = read_metrics(workdir)
   if history:
     plots.save_training_curves(history, workdir / FIGURES_DIR / "training_curves.png",

@@ -637,6 +637,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
   assert step == 4
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(restored))
   assert train.read_metrics(workdir) == []
+  # The points logged before the divergence are on disk.
+  assert [step for step, _ in _scalars_as_tensorboard_shows_them(workdir, "train/loss")] == [4]
 
 
 # --- the command line -----------------------------------------------------------------------------------
