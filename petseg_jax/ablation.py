@@ -319,6 +319,26 @@ def _trains(pid: Any, workdir: Path) -> bool:
   return b"petseg_jax.ablation" in command and str(workdir.resolve()).encode() in command
 
 
+def _process_start(pid: int) -> int | None:
+  """When process ``pid`` started (clock ticks after boot, /proc/<pid>/stat), or None where unreadable. With
+  the pid it names a process: after a restart, another process may have the same pid."""
+  try:
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return int(fields[19])  # Field 22 of the whole line; the command name before ")" may hold spaces.
+  except (OSError, IndexError, ValueError):
+    return None
+
+
+def _sweep_alive(status: Mapping[str, Any]) -> bool:
+  """Whether the sweep process that wrote a "running" ``status`` still runs (the same process, not one given
+  its pid later)."""
+  pid = status.get("pid")
+  if not _pid_alive(pid):
+    return False
+  recorded, now = status.get("pid_start"), _process_start(pid)
+  return recorded is None or now is None or recorded == now
+
+
 def _pid_alive(pid: Any) -> bool:
   if not isinstance(pid, int) or pid <= 0:
     return False
@@ -351,7 +371,7 @@ def read_status(workdir: str | os.PathLike) -> dict[str, Any]:
   "interrupted", the killed attempt's time (from its start to the last write to its ``train.log``) added.
   """
   status = _read_json(Path(workdir) / STATUS_FILE) or {}
-  if status.get("status") == RUNNING and not _pid_alive(status.get("pid")):
+  if status.get("status") == RUNNING and not _sweep_alive(status):
     status = dict(status)
     if training_complete(workdir):
       status["status"] = DONE
@@ -500,6 +520,7 @@ def execute_run(run: Run, config: ml_collections.ConfigDict, base_config: str, s
   previous_time = status.get("wall_time_sec", 0.0)
   start = time.time()
   running = {"status": RUNNING, "attempts": attempts, "wall_time_sec": previous_time, "pid": os.getpid(),
+             "pid_start": _process_start(os.getpid()),
              "started": start}
   _write_json(workdir / STATUS_FILE, running)
   log_path = workdir / LOG_FILE

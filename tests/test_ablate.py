@@ -220,6 +220,16 @@ def test_a_killed_attempts_time_counts_in_the_runs_wall_time(tmp_path):
   assert status["status"] == "interrupted" and status["wall_time_sec"] == pytest.approx(70.0)
 
 
+def test_a_running_status_of_a_process_whose_pid_was_reused_is_no_longer_running(tmp_path):
+  """After a restart another process may hold the recorded sweep's pid: its start time says it is not the
+  sweep, so the run reads as interrupted (and is resumed) instead of "being trained by another sweep"."""
+  mine = {"status": "running", "attempts": 1, "wall_time_sec": 0.0, "pid": os.getpid(), "started": time.time()}
+  for pid_start, expected in ((ablation._process_start(os.getpid()), "running"), (1, "interrupted")):
+    (tmp_path / ablation.STATUS_FILE).write_text(json.dumps({**mine, "pid_start": pid_start}))
+    assert ablation.read_status(tmp_path)["status"] == expected
+  assert ablation._process_start(os.getpid()) > 1
+
+
 def test_a_new_attempt_waits_for_a_killed_sweeps_training_child(tmp_path, monkeypatch):
   """The killed sweep's child (recorded as child_pid) still stops, holding the workdir's lock: the next
   attempt waits for it, and says so if it outlives the wait, instead of failing on the lock."""
