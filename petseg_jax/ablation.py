@@ -57,7 +57,6 @@ from petseg_jax import files
 from petseg_jax.config_files import CONFIG_FILE
 from petseg_jax.metrics_log import METRICS_FILE, read_metrics
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 PLAN_FILE = "sweep.json"
 RUN_SPEC_FILE = "ablation_run.json"
 STATUS_FILE = "ablation_status.json"
@@ -427,7 +426,7 @@ def _how_it_ended(returncode: int) -> str:
 
 def _subprocess_env(sweep_dir: Path) -> dict[str, str]:
   env = dict(os.environ)
-  paths = [str(REPO_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+  paths = [str(config_files.REPO_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
   env["PYTHONPATH"] = os.pathsep.join(paths)
   # Seeds of a variant, and variants that differ only in data, compile the same XLA programs: a
   # persistent compilation cache shared by the sweep's processes compiles them once.
@@ -732,6 +731,9 @@ def collect_runs(sweep_dir: str | os.PathLike) -> tuple[dict[str, Any], list[dic
     workdir = sweep_dir / entry["dir"]
     status = read_status(workdir) if not entry["error"] else {"status": FAILED, "error": entry["error"]}
     spec = _read_json(workdir / RUN_SPEC_FILE) if status.get("status") == DONE else None
+    if status.get("status") == DONE and spec is None:  # Deleted by hand: a re-run would skip the run.
+      status = {"status": FAILED, "error": f"{workdir / RUN_SPEC_FILE} is missing, so nothing says which "
+                f"configuration this run trained; delete {workdir} and run the sweep again."}
     if spec is not None and entry.get("config") is not None and spec.get("config") != entry["config"]:
       # Trained before the sweep or base config changed: its results are not this plan's run.
       status, spec = {"status": FAILED, "error": different_configuration(workdir)}, None
@@ -778,14 +780,6 @@ def summarize(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
                                for run in members if run["final"] is None)
     rows[variant] = row
   return list(rows.values())
-
-
-def _fmt(value: Any, digits: int = 4) -> str:
-  if value is None or (isinstance(value, float) and math.isnan(value)):
-    return ""
-  if isinstance(value, float):
-    return f"{value:.{digits}f}"
-  return str(value)
 
 
 def _pm(row: Mapping[str, Any], key: str, digits: int = 4) -> str:

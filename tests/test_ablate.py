@@ -426,6 +426,17 @@ def test_changed_variant_is_not_mixed_with_old_runs(tiny_sweep, tmp_path):
   assert runs[0]["final"] is None
 
 
+def test_a_finished_run_without_its_spec_is_reported_not_a_traceback(tiny_sweep, tmp_path):
+  workdir = tmp_path / "copy"
+  shutil.copytree(tiny_sweep["workdir"], workdir)
+  (workdir / "flip" / "seed_1" / ablation.RUN_SPEC_FILE).unlink()
+  _, runs = ablation.collect_runs(workdir)
+  run = next(r for r in runs if r["dir"] == "flip/seed_1")
+  assert run["status"] == "failed" and f"{workdir / 'flip' / 'seed_1'} and run the sweep again" in run["error"]
+  rows = ablation.summarize(runs)
+  assert rows[0]["seeds_done"] == 1 and "ablation_run.json is missing" in rows[0]["errors"]
+
+
 def test_cli_subprocess_failure_and_report_only(tiny_sweep, tmp_path):
   """The CLI trains each run in a subprocess: a crashing run is reported, and the exit code says so."""
   # A folder that is not there: planning checks values, not files, so the run's own process fails.
