@@ -879,7 +879,9 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, ckpt: checkpoint.Ch
     return f"step {last} in {workdir / checkpoint.LATEST_DIR}" if last is not None else "none"
 
   step = int(state.step)
-  variables_for_freezing = {"params": state.params, "batch_stats": state.batch_stats}
+  # Which layers are frozen follows from the variables' paths alone: their shapes, not a copy kept all run.
+  variables_for_freezing = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                        {"params": state.params, "batch_stats": state.batch_stats})
   buffers, layout = replicate_state(state)  # The state between steps: packed, on the devices.
   del state
   dropout_rngs = replicate(dropout_rng)
