@@ -772,7 +772,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                     config.train.unfreeze_after_epochs, unfreeze_at, total_steps)
 
   model = create_model(config)
-  init_rng, dropout_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+  init_rng, dropout_rng = run_rngs(config)
   learning_rate_fn = create_learning_rate_fn(config.train, total_steps)
   if resuming:  # Restored from the checkpoint: only its shapes are needed.
     state = abstract_train_state(config, model, learning_rate_fn, steps_per_epoch)
@@ -789,6 +789,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                     learning_rate_fn, dropout_rng, start_time)
     finally:
       ckpt.close()
+
+
+def run_rngs(config: ml_collections.ConfigDict) -> tuple[jax.Array, jax.Array]:
+  """A run's initialization and dropout keys, both from ``config.seed``."""
+  init_rng, dropout_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+  return init_rng, dropout_rng
 
 
 def _make_workdir(workdir: Path) -> None:
@@ -822,7 +828,7 @@ def write_initial_run(config: ml_collections.ConfigDict, workdir: str | os.PathL
   model = create_model(config)
   start = (checked_init_from(model, config.data.image_size, read_init_from(config)) if config.model.init_from
            else None)
-  init_rng, _ = jax.random.split(jax.random.PRNGKey(config.seed))  # As train_and_evaluate's.
+  init_rng, _ = run_rngs(config)
   # The learning-rate schedule and the epoch length shape the optimizer's updates, not its state: training
   # builds its own when it resumes.
   state = create_train_state(init_rng, config, model, create_learning_rate_fn(config.train, 1), 1, start)

@@ -393,7 +393,7 @@ def bench_train(config: ml_collections.ConfigDict, args: argparse.Namespace) -> 
     variant_config.model.freeze_encoder = frozen
     start = time.perf_counter()
     model = train.create_model(variant_config)
-    init_rng, dropout_rng = jax.random.split(jax.random.PRNGKey(variant_config.seed))
+    init_rng, dropout_rng = train.run_rngs(variant_config)
     learning_rate_fn = train.create_learning_rate_fn(variant_config.train, 1000)
     initial = train.create_train_state(init_rng, variant_config, model, learning_rate_fn, steps_per_epoch=100)
     # As the training loop runs its first step.
