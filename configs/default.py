@@ -60,8 +60,8 @@ def get_config() -> ml_collections.ConfigDict:
   train.loss = "cross_entropy"  # "cross_entropy" | "cross_entropy+dice" | "focal".
   train.class_weights = ()  # e.g. (0.4, 0.4, 0.2): the tutorial's sample weights ((2, 2, 1) / 5).
   # Parameters whose path matches one of these regexes (each must match one) form the encoder group (big_vision
-  # style): frozen while model.freeze_encoder is True (their BatchNorm layers on running statistics, as Keras'
-  # trainable=False), else trained at encoder_lr_multiplier times the rate.
+  # style): frozen while model.freeze_encoder is True (with the BatchNorm layers whose scale and bias they match
+  # on running statistics, as Keras' trainable=False), else trained at encoder_lr_multiplier times the rate.
   train.frozen_params = ("encoder/.*",)
   train.unfreeze_after_epochs = -1  # >= 0: fine-tune the encoder from this epoch on.
   train.encoder_lr_multiplier = 1.0  # The group's learning-rate multiplier when trained (unfrozen or never frozen).

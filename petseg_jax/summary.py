@@ -18,6 +18,7 @@ import numpy as np
 
 from petseg_jax import models
 from petseg_jax import optim
+from petseg_jax import train
 
 
 @dataclasses.dataclass
@@ -61,11 +62,13 @@ def count_parameters(config: ml_collections.ConfigDict) -> list[ModuleCount]:
   """Counts per module, in network order.
 
   Raises:
-    ValueError: a ``config.train.frozen_params`` pattern is invalid or matches nothing (from optim).
+    ValueError: a ``config.train.frozen_params`` pattern is invalid or matches nothing (from optim), or
+      none of the encoder under ``model.freeze_encoder`` (``train.ConfigError``).
   """
   model = models.create_model(config.model)
   shapes = flax.core.unfreeze(models.variable_shapes(model, config.data.image_size))
   params = shapes["params"]
+  train.check_freezing(config, shapes)  # What training refuses is not summarized as if it trained so.
   if config.model.freeze_encoder:
     labels = flax.traverse_util.flatten_dict(optim.param_labels(params, config.train.frozen_params))
   else:

@@ -185,16 +185,35 @@ def abstract_train_state(config: ml_collections.ConfigDict, model: models.UNet,
       models.variable_shapes(model, config.data.image_size))
 
 
-def check_freezing(config: ml_collections.ConfigDict, params: Any) -> None:
+def _batch_norms_by_freezing(labels: Any, batch_stats: Any) -> tuple[set[str], set[str]]:
+  """The paths of the BatchNorm layers (those with ``batch_stats``) whose parameters ``labels`` (``optim``'s)
+  freeze all of, and of those whose parameters they freeze some of."""
+  layer_labels = collections.defaultdict(set)  # Layer path → its parameters' labels.
+  for path, label in flax.traverse_util.flatten_dict(labels).items():
+    layer_labels["/".join(path[:-1])].add(label)
+  batch_norms = {"/".join(path[:-1]) for path in flax.traverse_util.flatten_dict(batch_stats)}
+  frozen = {path for path in batch_norms if layer_labels[path] == {optim.FROZEN}}
+  partly = {path for path in batch_norms if len(layer_labels[path]) > 1}
+  return frozen, partly
+
+
+def check_freezing(config: ml_collections.ConfigDict, variables: dict[str, Any]) -> None:
   """Raises ConfigError if ``model.freeze_encoder`` holds but ``train.frozen_params`` match no encoder
-  parameter: the "frozen" encoder would train in full."""
+  parameter of ``variables`` (``{"params", "batch_stats"}``, any values): the "frozen" encoder would train in
+  full. Warns of BatchNorm layers they freeze part of: those keep normalizing with batch statistics."""
   if not config.model.freeze_encoder:
     return
-  labels = jax.tree.leaves(optim.param_labels(params, config.train.frozen_params).get("encoder", {}))
-  if optim.FROZEN not in labels:
+  labels = optim.param_labels(variables["params"], config.train.frozen_params)
+  if optim.FROZEN not in jax.tree.leaves(labels.get("encoder", {})):
     raise ConfigError(f"config.model.freeze_encoder=True but config.train.frozen_params="
                       f"{tuple(config.train.frozen_params)!r} match no encoder parameter: the encoder would train "
                       "in full. Match it (e.g. ('encoder/.*',)), or set model.freeze_encoder=False.")
+  _, partly = _batch_norms_by_freezing(labels, variables["batch_stats"])
+  if partly:
+    logging.warning("config.train.frozen_params freeze some but not all parameters of the BatchNorm layers %s: "
+                    "those stay fixed, but the layers keep normalizing with batch statistics and updating their "
+                    "moving averages (only a layer whose scale and bias are both frozen runs on its running "
+                    "statistics).", ", ".join(sorted(partly)))
 
 
 class Freezing(NamedTuple):
@@ -204,32 +223,33 @@ class Freezing(NamedTuple):
     encoder: the whole encoder is frozen: BatchNorm on running statistics, outputs ``stop_gradient``-ed (no
       encoder backward pass); ``UNet(..., frozen_encoder=True)``.
     batch_norms: the paths (e.g. "encoder/block_1_expand_BN", "decoder/up_0/bn") of the other BatchNorm
-      layers whose parameters are all frozen, which run on their running statistics and keep them, as Keras'
-      ``trainable=False`` layers (``UNet(..., frozen_batch_norms=...)``). The frozen parameters themselves are
-      the optimizer's part.
+      layers whose parameters (scale and bias) are all frozen, which run on their running statistics and keep
+      them, as Keras' ``trainable=False`` layers (``UNet(..., frozen_batch_norms=...)``). The frozen
+      parameters themselves are the optimizer's part.
   """
   encoder: bool = False
   batch_norms: tuple[str, ...] = ()
+
+  def describe(self) -> str:
+    """E.g. "the encoder frozen", for the log."""
+    parts = (["the encoder frozen"] if self.encoder else []) + (
+        [f"BatchNorm layers {', '.join(self.batch_norms)} on running statistics"] if self.batch_norms else [])
+    return "; ".join(parts) or "no layer frozen"
 
 
 def freezing_at(config: ml_collections.ConfigDict, variables: dict[str, Any], step: int,
                 steps_per_epoch: int) -> Freezing:
   """How the model runs its frozen layers at ``step`` (``variables``: ``{"params", "batch_stats"}``, any
   values): those ``train.frozen_params`` match, while ``model.freeze_encoder`` holds and
-  ``train.unfreeze_after_epochs`` has not unfrozen them."""
+  ``train.unfreeze_after_epochs`` has not unfrozen them; from then on, none."""
   start = unfreeze_step(config, steps_per_epoch)
   if not config.model.freeze_encoder or (start is not None and step >= start):
     return Freezing()
   labels = optim.param_labels(variables["params"], config.train.frozen_params)
   encoder = optim.covers_subtree(labels, "encoder")
-  layer_labels = collections.defaultdict(list)  # Layer path → its parameters' labels.
-  for path, label in flax.traverse_util.flatten_dict(labels).items():
-    layer_labels[path[:-1]].append(label)
-  frozen = {"/".join(layer) for layer, layer_params in layer_labels.items()
-            if all(label == optim.FROZEN for label in layer_params)}
-  batch_norms = {"/".join(path[:-1]) for path in flax.traverse_util.flatten_dict(variables["batch_stats"])}
+  frozen, _ = _batch_norms_by_freezing(labels, variables["batch_stats"])
   return Freezing(encoder=encoder, batch_norms=tuple(sorted(
-      path for path in batch_norms & frozen if not (encoder and path.startswith("encoder/")))))
+      path for path in frozen if not (encoder and path.startswith("encoder/")))))
 
 
 def read_init_from(config: ml_collections.ConfigDict) -> tuple[dict[str, Any], str]:
@@ -779,7 +799,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   else:
     start = None if init_from is None else checked_init_from(model, config.data.image_size, init_from)
     state = create_train_state(init_rng, config, model, learning_rate_fn, steps_per_epoch, start)
-  check_freezing(config, state.params)
+  check_freezing(config, {"params": state.params, "batch_stats": state.batch_stats})
 
   _make_workdir(workdir)
   with checkpoint.lock_workdir(workdir):
@@ -832,7 +852,7 @@ def write_initial_run(config: ml_collections.ConfigDict, workdir: str | os.PathL
   # The learning-rate schedule and the epoch length shape the optimizer's updates, not its state: training
   # builds its own when it resumes.
   state = create_train_state(init_rng, config, model, create_learning_rate_fn(config.train, 1), 1, start)
-  check_freezing(config, state.params)
+  check_freezing(config, {"params": state.params, "batch_stats": state.batch_stats})
   _make_workdir(workdir)
   with checkpoint.lock_workdir(workdir):
     refuse_a_run()  # Again, holding the lock: another process may have started a run here meanwhile.
@@ -950,8 +970,7 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, ckpt: checkpoint.Ch
       freezing = freezing_at(config, variables_for_freezing, step, steps_per_epoch)
       if freezing not in p_train_steps:
         p_train_steps[freezing] = pmapped_train_step(config, freezing, layout)
-        if freezing.batch_norms:
-          logging.info("Frozen BatchNorm layers on running statistics: %s.", ", ".join(freezing.batch_norms))
+        logging.info("From step %d: %s.", step, freezing.describe())
       run_step = p_train_steps[freezing]
       epoch_end = min((epoch + 1) * steps_per_epoch, total_steps)
       bar = tqdm.tqdm(total=epoch_end - epoch * steps_per_epoch, initial=step - epoch * steps_per_epoch,

@@ -401,6 +401,8 @@ def bench_train(config: ml_collections.ConfigDict, args: argparse.Namespace) -> 
                                                        "batch_stats": initial.batch_stats}, 0, 100)
     state, layout = train.replicate_state(initial)
     del initial
+    if frozen and not freezing.encoder:  # train.frozen_params freeze part of it: not the tutorial's step.
+      name = "partly_frozen"
     dropout_rngs = train.replicate(dropout_rng)
     batches = train.device_batches(itertools.repeat(host_batch))
     batch = next(batches)
@@ -442,7 +444,7 @@ def bench_train(config: ml_collections.ConfigDict, args: argparse.Namespace) -> 
         + ", ".join(f"{part} {s:.1f}" for part, s in stats["first_step_parts_s"].items()) + "), "
         + (f"{stats['flops_per_image'] / 1e9:.2f} GFLOPs/image (XLA)" if flops else "FLOPs n/a")
         + f"; program {stats['hlo_fingerprint']}")
-  main = results["frozen" if "frozen" in results else "finetune"]
+  main = results[next(name for name in ("frozen", "partly_frozen", "finetune") if name in results)]
   out = {"images_per_sec": main["images_per_sec"], "step_ms_median": main["step_ms_median"],
          "compile_s": main["first_step_s"], "flops_per_image": main["flops_per_image"],
          "hlo_fingerprint": main["hlo_fingerprint"],

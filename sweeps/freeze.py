@@ -21,7 +21,8 @@ def get_sweep(where: str = "sample") -> dict:
           "finetune": {"model.freeze_encoder": False},
           "finetune_enc_lr_0.1": {"model.freeze_encoder": False, "train.encoder_lr_multiplier": 0.1},
           f"unfreeze_after_{half}": {"train.unfreeze_after_epochs": half},
-          # Stride 4 and finer (the first tap's layers) frozen, BatchNorm included; blocks 4-16 train.
+          # Conv1 to block 3 frozen (the layers of the first two taps, and block 3's stride-8 depthwise and
+          # projection), BatchNorm included; blocks 4-16 train.
           "frozen_to_block_3": {"train.frozen_params": FIRST_BLOCKS},
       },
   }

@@ -449,6 +449,22 @@ def test_freezing_follows_the_patterns_and_the_phase(initial_state):
   fine_tuned = tiny_config()
   fine_tuned.model.freeze_encoder = False
   assert freezing(fine_tuned) == train.Freezing()
+  assert train.Freezing(encoder=True, batch_norms=("decoder/up_1/bn",)).describe() == (
+      "the encoder frozen; BatchNorm layers decoder/up_1/bn on running statistics")
+
+
+def test_a_batch_norm_layer_frozen_in_part_is_warned_of(initial_state, caplog):
+  variables = {"params": initial_state.params, "batch_stats": initial_state.batch_stats}
+  with caplog.at_level("WARNING"):
+    train.check_freezing(tiny_config(frozen_params=("encoder/(Conv1|bn_Conv1)/.*", "encoder/block_1_.*/scale")),
+                         variables)
+  assert ("freeze some but not all parameters of the BatchNorm layers encoder/block_1_depthwise_BN, "
+          "encoder/block_1_expand_BN, encoder/block_1_project_BN: those stay fixed") in caplog.text
+  assert "bn_Conv1" not in caplog.text
+  caplog.clear()
+  with caplog.at_level("WARNING"):
+    train.check_freezing(tiny_config(), variables)  # The whole encoder: nothing to say.
+  assert not caplog.text
 
 
 def test_layers_frozen_by_path_keep_their_parameters_and_batch_norm_statistics():
