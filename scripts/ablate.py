@@ -26,6 +26,7 @@ from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 
 from petseg_jax import ablation
+from petseg_jax import ablation_report
 from petseg_jax import config_files
 
 FLAGS = flags.FLAGS
@@ -76,12 +77,12 @@ def main(argv):
                                    only=FLAGS.only, in_process=FLAGS["in-process"].value)
     else:
       results = []
-    paths = ablation.write_report(FLAGS.workdir)
+    paths = ablation_report.write_report(FLAGS.workdir)
   except ablation.SweepError as e:
     sys.exit(f"error: {e}")
   except KeyboardInterrupt as e:
     # The interrupted run saved a checkpoint; report what is finished so far.
-    paths = ablation.write_report(FLAGS.workdir)
+    paths = ablation_report.write_report(FLAGS.workdir)
     print(f"{e or 'Interrupted.'} Partial report: {paths['md']}", file=sys.stderr)
     sys.exit(130)
   print("\n" + Path(paths["md"]).read_text())

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from petseg_jax import ablation
+from petseg_jax import ablation_report
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SYNTHETIC = str(REPO_ROOT / "configs" / "synthetic.py")
@@ -163,10 +164,10 @@ def test_a_variant_that_would_never_unfreeze_fails_at_planning():
 
 def test_the_encoder_counts_as_trainable_only_if_the_run_unfroze_it():
   config = ablation.apply_overrides(ablation.load_config(SYNTHETIC), {"train.unfreeze_after_epochs": 2})
-  before_the_end, never = ablation.parameter_counts(config, 3.0), ablation.parameter_counts(config, 2.0)
+  before_the_end, never = ablation_report.parameter_counts(config, 3.0), ablation_report.parameter_counts(config, 2.0)
   assert before_the_end["params_frozen"] == 0 and never["params_frozen"] > 0
   assert before_the_end["params_trainable"] == never["params_trainable"] + never["params_frozen"]
-  assert ablation.parameter_counts(config) == before_the_end  # Length unknown: as planned.
+  assert ablation_report.parameter_counts(config) == before_the_end  # Length unknown: as planned.
 
 
 def test_parse_override():
@@ -191,7 +192,7 @@ def tiny_sweep(tmp_path_factory):
   workdir = root / "out"
   logs = []
   results = ablation.run_sweep(SYNTHETIC, sweep, workdir, in_process=True, log=logs.append)
-  paths = ablation.write_report(workdir)
+  paths = ablation_report.write_report(workdir)
   return {"sweep": sweep, "workdir": workdir, "results": results, "paths": paths, "logs": logs}
 
 
@@ -421,7 +422,7 @@ def test_changed_variant_is_not_mixed_with_old_runs(tiny_sweep, tmp_path):
   assert results[0].status == "failed"
   assert "different configuration" in results[0].error
   # The report does not show the old run's results under the new settings either.
-  _, runs = ablation.collect_runs(workdir)
+  _, runs = ablation_report.collect_runs(workdir)
   assert runs[0]["status"] == "failed" and "different configuration" in runs[0]["error"]
   assert runs[0]["final"] is None
 
@@ -430,10 +431,10 @@ def test_a_finished_run_without_its_spec_is_reported_not_a_traceback(tiny_sweep,
   workdir = tmp_path / "copy"
   shutil.copytree(tiny_sweep["workdir"], workdir)
   (workdir / "flip" / "seed_1" / ablation.RUN_SPEC_FILE).unlink()
-  _, runs = ablation.collect_runs(workdir)
+  _, runs = ablation_report.collect_runs(workdir)
   run = next(r for r in runs if r["dir"] == "flip/seed_1")
   assert run["status"] == "failed" and f"{workdir / 'flip' / 'seed_1'} and run the sweep again" in run["error"]
-  rows = ablation.summarize(runs)
+  rows = ablation_report.summarize(runs)
   assert rows[0]["seeds_done"] == 1 and "ablation_run.json is missing" in rows[0]["errors"]
 
 
