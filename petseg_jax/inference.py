@@ -11,22 +11,16 @@ run's model as the tutorial's Keras U-Net, checked against it first.
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import dataclasses
 import hashlib
 import json
 import os
 import re
-import sys
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from absl import app
-from absl import flags
 import jax
 import ml_collections
-from ml_collections import config_flags
 import numpy as np
 from PIL import Image
 
@@ -108,80 +102,6 @@ def _missing_fields(config: ml_collections.ConfigDict) -> list[str]:
   default = config_files.load_config(config_files.DEFAULT_CONFIG)
   have = checkpoint.flat_config(config_files.config_to_dict(config))
   return sorted(set(checkpoint.flat_config(config_files.config_to_dict(default))) - set(have))
-
-
-@contextlib.contextmanager
-def config_override_errors(argv: Sequence[str]) -> Iterator[None]:
-  """Turns ml_collections' traceback for a ``--config.x=y`` naming a field the config lacks into a clear
-  message and exit code 1. Wrap ``config_flags.DEFINE_config_*`` in it (they apply overrides already)."""
-  try:
-    yield
-  except (AttributeError, KeyError) as e:
-    names = [arg.split("=")[0] for arg in argv[1:] if arg.startswith(("--config.", "-config."))]
-    error: Any = e
-    while error.args and isinstance(error.args[0], Exception):  # AttributeError(KeyError(...)).
-      error = error.args[0]
-    field, _, hint = str(error.args[0] if error.args else error).partition("\n")
-    field = field.strip("\"'")
-    print(f"FATAL Flags parsing error: unknown config field {field!r} in "
-          f"{' '.join(names)}. {hint + ' ' if hint else ''}Pass --helpfull to list the --config.* fields.",
-          file=sys.stderr)
-    sys.exit(1)
-
-
-def define_config_file_flag(argv: Sequence[str], default: str | os.PathLike, help_text: str) -> None:
-  """``config_flags.DEFINE_config_file("config", default, lock_config=True)`` whose bad input is one message
-  and exit code 1: a ``--config`` that is not a config file that loads (``config_files.load_config``: missing,
-  a directory, a syntax error, no ``get_config()``), or a ``--config.x=y`` naming a field it lacks."""
-  spec = str(default)
-  for i, arg in enumerate(argv[1:], 1):
-    name, equals, value = arg.partition("=")
-    if name in ("--config", "-config"):
-      spec = value if equals else (argv[i + 1] if i + 1 < len(argv) else spec)
-  try:
-    config_files.load_config(spec)
-  except config_files.ConfigFileError as e:
-    print(f"FATAL Flags parsing error: --config={spec}: {e}", file=sys.stderr)
-    sys.exit(1)
-  with config_override_errors(argv):  # The default file is read, and overrides applied, right here.
-    config_flags.DEFINE_config_file("config", str(default), help_text, lock_config=True)
-
-
-def define_run_config_flag(argv: Sequence[str], fallback: ml_collections.ConfigDict
-                           ) -> tuple[ml_collections.ConfigDict, WorkdirError | None]:
-  """Defines ``--config``, defaulting to the saved config of the ``--workdir`` named in ``argv``.
-
-  ``config_flags.DEFINE_config_dict`` needs its config before the flags are parsed, so ``--workdir`` is
-  read from the raw arguments first. If it is missing or unusable, ``fallback`` (e.g. configs/default.py)
-  stands in and the error is returned, so that ``--config.x=y`` still parse and the script reports the
-  error itself. An override naming a field the config lacks exits with a clear message.
-
-  Returns:
-    ``(saved config or fallback, error or None)``.
-  """
-  workdir_flag = flags.FlagValues()
-  flags.DEFINE_string("workdir", None, "", flag_values=workdir_flag)
-  config, error = fallback, None
-  try:
-    workdir_flag(list(argv), known_only=True)
-    if workdir_flag.workdir is not None:  # Else absl reports the missing required flag.
-      config = load_run_config(workdir_flag.workdir)
-  except flags.Error as e:
-    error = WorkdirError(str(e))
-  except WorkdirError as e:
-    error = e
-  with config_override_errors(argv):
-    # A copy: the flag applies the overrides to the config it is given, and the caller keeps the saved one.
-    config_flags.DEFINE_config_dict("config", copy.deepcopy(config), "The run's saved config; override "
-                                    "fields with --config.section.key=value.", lock_config=True)
-  return config, error
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-  """``app.run(main, flags_parser=parse_flags)``: absl's parser, and a clear message (no traceback) for a
-  ``--config.x=y`` naming a field a config file lacks (ml_collections raises AttributeError)."""
-  with config_override_errors(argv):
-    return app.parse_flags_with_usage(argv)
 
 
 def restore_model(config: ml_collections.ConfigDict, workdir: str | os.PathLike, which: str | int

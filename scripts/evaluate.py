@@ -30,6 +30,7 @@ import tensorflow as tf
 
 from configs import default
 from petseg_jax import checkpoint
+from petseg_jax import cli_flags
 from petseg_jax import inference
 from petseg_jax import input_pipeline
 
@@ -40,7 +41,7 @@ flags.DEFINE_string("checkpoint", "latest",
                     "Which checkpoint: 'latest', 'best' (best mIoU on the run's eval split) or a step.")
 flags.DEFINE_string("split", None, "Split to evaluate; default: the run's config.data.eval_split.")
 flags.mark_flags_as_required(["workdir"])
-_SAVED_CONFIG, _CONFIG_ERROR = inference.define_run_config_flag(sys.argv, fallback=default.get_config())
+_SAVED_CONFIG, _CONFIG_ERROR = cli_flags.define_run_config_flag(sys.argv, fallback=default.get_config())
 
 
 def main(argv):
@@ -80,4 +81,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=inference.parse_flags)
+  app.run(main, flags_parser=cli_flags.parse_flags)

@@ -31,8 +31,8 @@ from ml_collections import config_flags
 import tensorflow as tf
 
 from petseg_jax import checkpoint  # pylint: disable=g-import-not-at-top
+from petseg_jax import cli_flags
 from petseg_jax import config_files
-from petseg_jax import inference
 from petseg_jax import input_pipeline
 from petseg_jax import train
 from petseg_jax import weights
@@ -40,7 +40,7 @@ from petseg_jax import weights
 FLAGS = flags.FLAGS
 flags.DEFINE_string("source", None, "The Keras U-Net: a .keras, .h5 or .weights.h5 file.")
 flags.DEFINE_string("workdir", None, "The new run's directory (must hold no checkpoints yet).")
-inference.define_config_file_flag(
+cli_flags.define_config_file_flag(
     sys.argv, config_files.DEFAULT_CONFIG,
     "The run's configuration: its model settings must describe the Keras model; override fields with "
     "--config.section.key=value.")
@@ -77,4 +77,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
   # parse_flags: a --config.x=y naming a field the config lacks gets a message instead of a traceback.
-  app.run(main, flags_parser=inference.parse_flags)
+  app.run(main, flags_parser=cli_flags.parse_flags)

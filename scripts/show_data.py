@@ -18,14 +18,14 @@ from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 import numpy as np
 
+from petseg_jax import cli_flags
 from petseg_jax import files
-from petseg_jax import inference
 from petseg_jax import input_pipeline
 from petseg_jax import plots
 
 FLAGS = flags.FLAGS
 
-inference.define_config_file_flag(sys.argv, REPO_ROOT / "configs" / "quickstart.py",
+cli_flags.define_config_file_flag(sys.argv, REPO_ROOT / "configs" / "quickstart.py",
                                   "Configuration file; override fields with --config.section.key=value.")
 flags.DEFINE_integer("num", 4, "Number of examples to draw.", lower_bound=1)
 flags.DEFINE_string("output", None, "Folder for the PNGs.")

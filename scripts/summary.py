@@ -15,13 +15,13 @@ sys.path.insert(0, str(REPO_ROOT))
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 
+from petseg_jax import cli_flags
 from petseg_jax import config_files
-from petseg_jax import inference
 from petseg_jax import summary
 
 FLAGS = flags.FLAGS
 
-inference.define_config_file_flag(sys.argv, config_files.DEFAULT_CONFIG,
+cli_flags.define_config_file_flag(sys.argv, config_files.DEFAULT_CONFIG,
                                   "Configuration file; override fields with --config.section.key=value.")
 
 
@@ -36,4 +36,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=inference.parse_flags)
+  app.run(main, flags_parser=cli_flags.parse_flags)

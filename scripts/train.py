@@ -25,8 +25,8 @@ from ml_collections import config_flags
 import tensorflow as tf
 
 from petseg_jax import checkpoint
+from petseg_jax import cli_flags
 from petseg_jax import config_files
-from petseg_jax import inference
 from petseg_jax import input_pipeline
 from petseg_jax import metrics_log
 from petseg_jax import train
@@ -39,7 +39,7 @@ USER_ERRORS = (train.ConfigError, FloatingPointError, checkpoint.CheckpointError
 FLAGS = flags.FLAGS
 
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, figures and TensorBoard logs.")
-inference.define_config_file_flag(
+cli_flags.define_config_file_flag(
     sys.argv, REPO_ROOT / "configs" / "quickstart.py",
     "Training configuration file; override fields with --config.section.key=value.")
 flags.mark_flags_as_required(["workdir"])
@@ -69,4 +69,4 @@ def main(argv):
 
 if __name__ == "__main__":
   # parse_flags: a --config.x=y naming a field the config lacks gets a message instead of a traceback.
-  app.run(main, flags_parser=inference.parse_flags)
+  app.run(main, flags_parser=cli_flags.parse_flags)
