@@ -82,7 +82,7 @@ class Run:
 class RunResult:
   """What happened to a run in this invocation."""
   run: Run
-  status: str  # DONE, FAILED, SKIPPED (already done) or INTERRUPTED.
+  status: str  # DONE, FAILED or SKIPPED (already done); an interrupted run raises KeyboardInterrupt instead.
   error: str = ""
   wall_time_sec: float = 0.0
 
@@ -435,6 +435,7 @@ def _subprocess_env(sweep_dir: Path) -> dict[str, str]:
 
 PR_SET_PDEATHSIG = 1  # From <sys/prctl.h>.
 ORPHAN_WAIT_SEC = 300  # How long a new attempt waits for a killed sweep's training child to stop.
+RESUME_HINT = "interrupted; run the sweep again to resume"  # An interrupted run's recorded error.
 
 
 def _stop_with_parent() -> None:
@@ -488,7 +489,12 @@ def different_configuration(workdir: Path) -> str:
 
 def execute_run(run: Run, config: ml_collections.ConfigDict, base_config: str, sweep_dir: Path, *,
                 in_process: bool = False) -> RunResult:
-  """Trains one planned run (``config`` = its resolved config) unless it is done; records its status."""
+  """Trains one planned run (``config`` = its resolved config) unless it is done; records its status.
+
+  Raises:
+    KeyboardInterrupt: the run was interrupted (Ctrl-C, SIGTERM); its status says so, and the sweep run again
+      resumes it.
+  """
   workdir = sweep_dir / run.dirname
   expected = config_files.config_to_dict(config)
   spec = read_json(workdir / RUN_SPEC_FILE)
@@ -528,7 +534,7 @@ def execute_run(run: Run, config: ml_collections.ConfigDict, base_config: str, s
       try:
         train_from_spec(workdir)
       except train.TrainingInterrupted:
-        state, error = INTERRUPTED, "interrupted; run the sweep again to resume"
+        state, error = INTERRUPTED, RESUME_HINT
       except Exception as e:  # pylint: disable=broad-except  (any failure of one run is reported)
         with open(log_path, "a") as f:
           f.write(traceback.format_exc())
@@ -537,12 +543,12 @@ def execute_run(run: Run, config: ml_collections.ConfigDict, base_config: str, s
       returncode = _train_subprocess(workdir, sweep_dir, log_path, attempts,
                                      lambda pid: _write_json(workdir / STATUS_FILE, {**running, "child_pid": pid}))
       if returncode in (128 + signal.SIGINT, 128 + signal.SIGTERM):
-        state, error = INTERRUPTED, "interrupted; run the sweep again to resume"
+        state, error = INTERRUPTED, RESUME_HINT
       elif returncode != 0:
         state = FAILED
         error = f"{_how_it_ended(returncode)}: {_last_error_line(log_path)} (see {log_path})"
   except KeyboardInterrupt:
-    state, error = INTERRUPTED, "interrupted; run the sweep again to resume"
+    state, error = INTERRUPTED, RESUME_HINT
   wall = time.time() - start
   if state == DONE:
     saved = read_json(workdir / CONFIG_FILE)
@@ -552,10 +558,9 @@ def execute_run(run: Run, config: ml_collections.ConfigDict, base_config: str, s
       state, error = FAILED, f"training finished without writing {workdir / METRICS_FILE}."
   _write_json(workdir / STATUS_FILE, {"status": state, "attempts": attempts,
                                       "wall_time_sec": previous_time + wall, "error": error})
-  result = RunResult(run, state, error, previous_time + wall)
-  if state == INTERRUPTED:
+  if state == INTERRUPTED:  # Recorded above; the sweep stops here.
     raise KeyboardInterrupt(f"Sweep interrupted during {run.dirname}; run it again to resume.")
-  return result
+  return RunResult(run, state, error, previous_time + wall)
 
 
 def plan_runs(base_config: str, sweep: Mapping[str, Any], extra_overrides: Mapping[str, Any] | None = None,

@@ -69,6 +69,11 @@ class TrainState(train_state.TrainState):
   """flax's TrainState (step, params, optimizer) with the model's BatchNorm statistics beside the params."""
   batch_stats: Any
 
+  @property
+  def variables(self) -> dict[str, Any]:
+    """``{"params", "batch_stats"}``: what ``model.apply`` takes."""
+    return {"params": self.params, "batch_stats": self.batch_stats}
+
 
 class TrainingInterrupted(RuntimeError):
   """Raised after SIGINT/SIGTERM once the current step is done and a checkpoint is written."""
@@ -369,7 +374,7 @@ def pmapped_inference_variables(state_layout: packed.Layout) -> tuple[Callable, 
   """
   def folded_variables(buffers: tuple[jax.Array, ...]) -> dict[str, Any]:
     state = packed.unpack(buffers, state_layout)
-    return models.fold_batch_norm({"params": state.params, "batch_stats": state.batch_stats})
+    return models.fold_batch_norm(state.variables)
 
   layout = packed.layout_of(jax.eval_shape(folded_variables, packed.abstract_buffers(state_layout)),
                             state_layout.concatenated)
@@ -743,7 +748,7 @@ class _Evaluator:
     count = self.config.train.num_figure_examples
     images = batch["image"].reshape((-1,) + batch["image"].shape[-3:])[:count]
     masks = batch["mask"].reshape((-1,) + batch["mask"].shape[-2:])[:count]
-    variables = {"params": host.params, "batch_stats": host.batch_stats}
+    variables = host.variables
     plots.save_prediction_triplets(images, masks, prediction.predict(self.model, variables, images), path,
                                    input_range=self.config.data.input_range)
 
@@ -799,7 +804,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   else:
     start = None if init_from is None else checked_init_from(model, config.data.image_size, init_from)
     state = create_train_state(init_rng, config, model, learning_rate_fn, steps_per_epoch, start)
-  check_freezing(config, {"params": state.params, "batch_stats": state.batch_stats})
+  check_freezing(config, state.variables)
 
   _make_workdir(workdir)
   with checkpoint.lock_workdir(workdir):
@@ -852,7 +857,7 @@ def write_initial_run(config: ml_collections.ConfigDict, workdir: str | os.PathL
   # The learning-rate schedule and the epoch length shape the optimizer's updates, not its state: training
   # builds its own when it resumes.
   state = create_train_state(init_rng, config, model, create_learning_rate_fn(config.train, 1), 1, start)
-  check_freezing(config, {"params": state.params, "batch_stats": state.batch_stats})
+  check_freezing(config, state.variables)
   _make_workdir(workdir)
   with checkpoint.lock_workdir(workdir):
     refuse_a_run()  # Again, holding the lock: another process may have started a run here meanwhile.
@@ -906,8 +911,7 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, ckpt: checkpoint.Ch
 
   step = int(state.step)
   # Which layers are frozen follows from the variables' paths alone: their shapes, not a copy kept all run.
-  variables_for_freezing = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                                        {"params": state.params, "batch_stats": state.batch_stats})
+  variables_for_freezing = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state.variables)
   buffers, layout = replicate_state(state)  # The state between steps: packed, on the devices.
   del state
   dropout_rngs = replicate(dropout_rng)

@@ -397,8 +397,7 @@ def bench_train(config: ml_collections.ConfigDict, args: argparse.Namespace) -> 
     learning_rate_fn = train.create_learning_rate_fn(variant_config.train, 1000)
     initial = train.create_train_state(init_rng, variant_config, model, learning_rate_fn, steps_per_epoch=100)
     # As the training loop runs its first step.
-    freezing = train.freezing_at(variant_config, {"params": initial.params,
-                                                       "batch_stats": initial.batch_stats}, 0, 100)
+    freezing = train.freezing_at(variant_config, initial.variables, 0, 100)
     state, layout = train.replicate_state(initial)
     del initial
     if frozen and not freezing.encoder:  # train.frozen_params freeze part of it: not the tutorial's step.

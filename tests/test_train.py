@@ -188,7 +188,7 @@ def test_predictor_is_model_apply_and_compiles_once_per_layout(initial_state):
   reuse the compiled program."""
   config = tiny_config()
   model = train.create_model(config)
-  variables = {"params": initial_state.params, "batch_stats": initial_state.batch_stats}
+  variables = initial_state.variables
   images = _random_batch(config)["image"][0]
   expected = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, images)
   unfolded = prediction.Predictor(model, variables, concatenate=True, fold_batch_norm=False)  # As on accelerators.
@@ -436,7 +436,7 @@ FIRST_BLOCKS = ("encoder/(Conv1|bn_Conv1|expanded_conv_.*)/.*",)
 
 
 def test_freezing_follows_the_patterns_and_the_phase(initial_state):
-  variables = {"params": initial_state.params, "batch_stats": initial_state.batch_stats}
+  variables = initial_state.variables
   freezing = lambda config, step=0: train.freezing_at(config, variables, step, STEPS_PER_EPOCH)
   assert freezing(tiny_config()) == train.Freezing(encoder=True)
   assert freezing(tiny_config(), step=STEPS_PER_EPOCH) == train.Freezing()  # Unfrozen after epoch 1.
@@ -454,7 +454,7 @@ def test_freezing_follows_the_patterns_and_the_phase(initial_state):
 
 
 def test_a_batch_norm_layer_frozen_in_part_is_warned_of(initial_state, caplog):
-  variables = {"params": initial_state.params, "batch_stats": initial_state.batch_stats}
+  variables = initial_state.variables
   with caplog.at_level("WARNING"):
     train.check_freezing(tiny_config(frozen_params=("encoder/(Conv1|bn_Conv1)/.*", "encoder/block_1_.*/scale")),
                          variables)
@@ -472,8 +472,7 @@ def test_layers_frozen_by_path_keep_their_parameters_and_batch_norm_statistics()
   moving statistics stay; the rest trains, its statistics move."""
   config = tiny_config(frozen_params=FIRST_BLOCKS + ("decoder/up_1/.*",))
   initial = _state(config)
-  freezing = train.freezing_at(config, {"params": initial.params, "batch_stats": initial.batch_stats}, 0,
-                               STEPS_PER_EPOCH)
+  freezing = train.freezing_at(config, initial.variables, 0, STEPS_PER_EPOCH)
   state, layout = train.replicate_state(initial)
   state, _ = train.pmapped_train_step(config, freezing, layout)(state, _random_batch(config),
                                                                 train.replicate(jax.random.PRNGKey(0)))
