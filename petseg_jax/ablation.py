@@ -403,7 +403,8 @@ def _last_error_line(log_path: Path) -> str:
   its last line."""
   if not log_path.exists():
     return ""
-  last_attempt = log_path.read_text(errors="replace").rpartition("\n" + ATTEMPT_HEADER)[2]
+  # What follows the last attempt's header line.
+  last_attempt = log_path.read_text(errors="replace").rpartition("\n" + ATTEMPT_HEADER)[2].partition("\n")[2]
   lines = [line.strip() for line in last_attempt.splitlines() if line.strip()]
   for line in reversed(lines):
     if re.match(r"^([A-Za-z_][\w.]*(Error|Exception|Interrupted)|KeyboardInterrupt)\b", line):
@@ -456,11 +457,12 @@ def _train_subprocess(workdir: Path, sweep_dir: Path, log_path: Path, attempt: i
   ``on_start`` gets the child's pid as soon as it runs.
 
   The child runs in a session of its own, so that a terminal's Ctrl-C reaches the sweep alone. On
-  KeyboardInterrupt (Ctrl-C, or SIGTERM: see scripts/ablate.py) the sweep asks the child to stop at once, with
-  one SIGINT (training then writes its checkpoint and exits), waits up to ``ORPHAN_WAIT_SEC`` for it, and
-  kills it only after that. A second Ctrl-C meanwhile ends the sweep, and the child with it (SIGTERM from
-  ``_stop_with_parent``, a second request: it aborts without a checkpoint).
+  KeyboardInterrupt (Ctrl-C, or SIGTERM: see scripts/ablate.py) the sweep asks the child to stop at once with
+  ``train.STOP_SIGNAL`` (training then writes its checkpoint and exits; a scheduler signalling the child as
+  well does not make that a second request, which would abort), and waits up to ``ORPHAN_WAIT_SEC`` for it.
+  A second Ctrl-C meanwhile, or that wait running out, kills the child (no checkpoint: the latest one stays).
   """
+  from petseg_jax import train  # pylint: disable=g-import-not-at-top  (imports JAX; planning did already)
   with open(log_path, "a") as f:
     f.write(f"\n{ATTEMPT_HEADER}{attempt} at {datetime.datetime.now().isoformat(timespec='seconds')}\n")
     f.flush()
@@ -472,10 +474,10 @@ def _train_subprocess(workdir: Path, sweep_dir: Path, log_path: Path, attempt: i
       on_start(process.pid)
       return process.wait()
     except KeyboardInterrupt:
-      process.send_signal(signal.SIGINT)
       try:
+        process.send_signal(train.STOP_SIGNAL)
         process.wait(timeout=ORPHAN_WAIT_SEC)
-      except subprocess.TimeoutExpired:
+      except (subprocess.TimeoutExpired, KeyboardInterrupt):
         process.kill()
         process.wait()
       raise
@@ -528,9 +530,9 @@ def execute_run(run: Run, config: ml_collections.ConfigDict, base_config: str, s
   _write_json(workdir / STATUS_FILE, running)
   log_path = workdir / LOG_FILE
   error, state = "", DONE
+  from petseg_jax import train  # pylint: disable=g-import-not-at-top  (imports JAX; planning did already)
   try:
     if in_process:
-      from petseg_jax import train  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
       try:
         train_from_spec(workdir)
       except train.TrainingInterrupted:
@@ -542,7 +544,7 @@ def execute_run(run: Run, config: ml_collections.ConfigDict, base_config: str, s
     else:
       returncode = _train_subprocess(workdir, sweep_dir, log_path, attempts,
                                      lambda pid: _write_json(workdir / STATUS_FILE, {**running, "child_pid": pid}))
-      if returncode in (128 + signal.SIGINT, 128 + signal.SIGTERM):
+      if returncode in (128 + signal.SIGINT, 128 + signal.SIGTERM, 128 + train.STOP_SIGNAL):
         state, error = INTERRUPTED, RESUME_HINT
       elif returncode != 0:
         state = FAILED

@@ -76,7 +76,7 @@ class TrainState(train_state.TrainState):
 
 
 class TrainingInterrupted(RuntimeError):
-  """Raised after SIGINT/SIGTERM once the current step is done and a checkpoint is written."""
+  """Raised after SIGINT/SIGTERM/``STOP_SIGNAL`` once the current step is done and a checkpoint is written."""
 
   def __init__(self, message: str, signum: int):
     super().__init__(message)
@@ -562,27 +562,29 @@ class _QuietOrbaxInfo(std_logging.Filter):
 _QUIET_ORBAX = _QuietOrbaxInfo()
 
 
-class _StopRequest:
-  """SIGINT/SIGTERM handler: asks the loop to stop after the current step; a second signal aborts.
+# Asks a run to stop after the current step and checkpoint, as SIGINT/SIGTERM do, but never counts as a second
+# request that aborts: what an ablation sweep sends its training child, which the same job's scheduler may
+# signal too.
+STOP_SIGNAL = signal.SIGUSR1
 
-  A second signal within ``SAME_REQUEST_SEC`` of the first is the same request delivered twice (a batch
-  scheduler signals every process of a job, and an ablation sweep forwards it to its training child too), not
-  a second Ctrl-C: it is ignored.
-  """
-  SAME_REQUEST_SEC = 1.0
+
+class _StopRequest:
+  """SIGINT/SIGTERM/STOP_SIGNAL handler: asks the loop to stop after the current step; a second SIGINT or
+  SIGTERM aborts."""
 
   def __init__(self):
-    self.signum: int | None = None
-    self.time = 0.0
+    self.signum: int | None = None  # The first request's signal.
+    self.interrupted = False  # A SIGINT or SIGTERM came: the next one aborts.
 
   def __call__(self, signum, frame):
-    if self.signum is not None:
-      if time.monotonic() - self.time < self.SAME_REQUEST_SEC:
-        return
-      raise KeyboardInterrupt
-    self.signum, self.time = signum, time.monotonic()
-    logging.warning("Received %s: stopping after the current step and writing a checkpoint "
-                    "(send it again to abort without one).", signal.Signals(signum).name)
+    if signum != STOP_SIGNAL:
+      if self.interrupted:
+        raise KeyboardInterrupt
+      self.interrupted = True
+    if self.signum is None:
+      self.signum = signum
+      logging.warning("Received %s: stopping after the current step and writing a checkpoint "
+                      "(send SIGINT or SIGTERM again to abort without one).", signal.Signals(signum).name)
 
 
 @contextlib.contextmanager
@@ -591,7 +593,7 @@ def _graceful_stop() -> Iterator[_StopRequest]:
   if threading.current_thread() is not threading.main_thread():
     yield request  # Signal handlers can only be installed from the main thread.
     return
-  previous = {s: signal.signal(s, request) for s in (signal.SIGINT, signal.SIGTERM)}
+  previous = {s: signal.signal(s, request) for s in (signal.SIGINT, signal.SIGTERM, STOP_SIGNAL)}
   try:
     yield request
   finally:

@@ -385,7 +385,9 @@ def bench_train(config: ml_collections.ConfigDict, args: argparse.Namespace) -> 
   host_batch = {k: v.reshape((num_devices, batch_size // num_devices) + v.shape[1:])
                 for k, v in host_batch.items()}
   results: dict[str, Any] = {}
-  variants = [("frozen", True)] if config.model.freeze_encoder else []
+  # A config that unfreezes at step 0 trains everything from the first step: the fine-tuning variant.
+  starts_frozen = config.model.freeze_encoder and config.train.unfreeze_after_epochs != 0
+  variants = [("frozen", True)] if starts_frozen else []
   if not args.skip_finetune or not variants:
     variants.append(("finetune", False))
   for name, frozen in variants:

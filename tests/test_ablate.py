@@ -288,6 +288,8 @@ def test_a_failed_runs_error_is_its_last_attempts(tmp_path):
   log.write_text(f"\n{ablation.ATTEMPT_HEADER}1 at t\nTraceback ...\nValueError: attempt one's\n"
                  f"\n{ablation.ATTEMPT_HEADER}2 at t\nI1127 train.py:700] epoch 1 (step 16): train loss 1.03\n")
   assert ablation._last_error_line(log) == "I1127 train.py:700] epoch 1 (step 16): train loss 1.03"
+  log.write_text(log.read_text() + f"\n{ablation.ATTEMPT_HEADER}3 at t\n")  # Killed before any output.
+  assert ablation._last_error_line(log) == ""
   assert ablation._how_it_ended(-signal.SIGKILL) == "killed by SIGKILL (out of memory?)"
   assert ablation._how_it_ended(-signal.SIGSEGV) == "killed by SIGSEGV"
   assert ablation._how_it_ended(1) == "exit code 1"
@@ -322,6 +324,7 @@ def test_a_stopped_sweep_stops_its_training_child_gracefully(tmp_path):
     started = time.monotonic()
     for pid, signum in pids(sweep_process.pid, child):
       os.kill(pid, signum)
+      time.sleep(0.5)  # Two signals at once to one process may arrive as one.
     out, err = sweep_process.communicate(timeout=ablation.ORPHAN_WAIT_SEC + 60)
     assert time.monotonic() - started < 60, err[-3000:]  # Not the old 60 s before the child heard of it.
     assert not ablation._trains(child, run_dir)  # pylint: disable=protected-access
@@ -329,7 +332,7 @@ def test_a_stopped_sweep_stops_its_training_child_gracefully(tmp_path):
 
   stopped = start_and_signal(lambda sweep_pid, child: [(sweep_pid, signal.SIGINT)])
   assert stopped.returncode == 130, stopped.stderr[-3000:]
-  assert "Stopped by SIGINT after step" in log.read_text()
+  assert "Stopped by SIGUSR1 after step" in log.read_text()  # train.STOP_SIGNAL, from the sweep.
   assert ablation.read_status(run_dir)["status"] == "interrupted"
   first_stop = max(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
 
@@ -340,6 +343,11 @@ def test_a_stopped_sweep_stops_its_training_child_gracefully(tmp_path):
   assert text.count("Stopped by SIGTERM after step") == 1, text[-3000:]
   second_stop = max(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
   assert second_stop > first_stop
+  assert ablation.read_status(run_dir)["status"] == "interrupted"
+
+  # A second Ctrl-C: the sweep kills its child (no checkpoint) rather than leave it running when it exits.
+  stopped = start_and_signal(lambda sweep_pid, child: [(sweep_pid, signal.SIGINT), (sweep_pid, signal.SIGINT)])
+  assert stopped.returncode == 130, stopped.stderr[-3000:]
   assert ablation.read_status(run_dir)["status"] == "interrupted"
 
 

@@ -21,7 +21,6 @@ from pathlib import Path
 import shutil
 import signal
 import subprocess
-import time
 
 from absl import flags
 import jax
@@ -221,11 +220,15 @@ def test_sigint_requests_the_same_graceful_stop_as_sigterm():
   with train._graceful_stop() as stop:  # pylint: disable=protected-access
     os.kill(os.getpid(), signal.SIGINT)
     assert stop.signum == signal.SIGINT  # No KeyboardInterrupt in the middle of a step.
-    # The same request delivered twice at once (a job's every process signalled, and the sweep forwarding it).
-    os.kill(os.getpid(), signal.SIGTERM)
-    time.sleep(train._StopRequest.SAME_REQUEST_SEC)  # pylint: disable=protected-access
+    os.kill(os.getpid(), train.STOP_SIGNAL)  # An ablation sweep's request: never a second one.
     with pytest.raises(KeyboardInterrupt):
       os.kill(os.getpid(), signal.SIGINT)  # A second Ctrl-C aborts at once.
+  with train._graceful_stop() as stop:  # pylint: disable=protected-access
+    os.kill(os.getpid(), train.STOP_SIGNAL)  # The sweep's request first, then the job's scheduler's.
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert stop.signum == train.STOP_SIGNAL
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGTERM)
   assert signal.getsignal(signal.SIGINT) is previous
 
 
