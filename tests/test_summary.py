@@ -52,6 +52,9 @@ def test_freezing_follows_config():
   config.train.frozen_params = ("encodr/.*",)
   with pytest.raises(ValueError, match="matches no parameter"):
     summary.count_parameters(config)
+  config.train.frozen_params = ("decoder/up_0/.*",)  # Training refuses it: so does the summary.
+  with pytest.raises(ValueError, match="match no encoder parameter: the encoder would train in full"):
+    summary.count_parameters(config)
 
 
 def test_cli_prints_table_and_totals():
