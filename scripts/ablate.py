@@ -58,6 +58,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   signal.signal(signal.SIGTERM, _terminate)
+  # SIGINT stops the sweep (as it stops training) even where it started ignored, e.g. in a shell's background job.
+  signal.signal(signal.SIGINT, signal.default_int_handler)
   try:
     if not FLAGS["report-only"].value:
       if not FLAGS.sweep:
