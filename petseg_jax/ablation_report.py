@@ -253,5 +253,3 @@ def write_report(sweep_dir: str | os.PathLike) -> dict[str, Path]:
   if figure is not None:
     paths["png"] = figure
   return paths
-
-
