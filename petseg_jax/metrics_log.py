@@ -38,7 +38,16 @@ def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
   Raises:
     MetricsFileError: another line is not valid JSON.
   """
-  path = Path(workdir) / METRICS_FILE
+  return read_records(Path(workdir) / METRICS_FILE)
+
+
+def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
+  """The records of the JSON-lines file ``path``, oldest first; [] if there is none (see ``read_metrics``).
+
+  Raises:
+    MetricsFileError: a line other than a torn last one is not valid JSON.
+  """
+  path = Path(path)
   return _parse(path, path.read_text()) if path.exists() else []
 
 

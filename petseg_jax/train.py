@@ -9,7 +9,8 @@ go to the devices two steps ahead (``device_batches``): on a GPU, a batch-64 ste
 passing ~300 arrays and copying the batch took longer than its kernels.
 
 The workdir receives config.json, checkpoints/ and checkpoints_best/ (see ``checkpoint.py``),
-metrics.jsonl (one JSON object per evaluation), TensorBoard event files and figures/.
+metrics.jsonl (one JSON object per evaluation), provenance.jsonl (the code and devices of each attempt, see
+``provenance.py``), TensorBoard event files and figures/.
 
 TensorFlow (tf.data, event files) is imported where a run reads data or writes summaries, not at the top:
 the model, state and step functions then import on accelerator hosts that have JAX but no TensorFlow
@@ -57,6 +58,7 @@ from petseg_jax import optim
 from petseg_jax import packed
 from petseg_jax import plots
 from petseg_jax import prediction
+from petseg_jax import provenance
 from petseg_jax import weights
 
 AXIS = "batch"  # pmap axis name; also the UNet's BatchNorm axis.
@@ -866,6 +868,7 @@ def write_initial_run(config: ml_collections.ConfigDict, workdir: str | os.PathL
     ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep_checkpoints)
     try:
       checkpoint.write_config(workdir, config)
+      provenance.record_attempt(workdir, 0)
       ckpt.save(state)
     finally:
       ckpt.close()
@@ -897,6 +900,11 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, ckpt: checkpoint.Ch
   # a damaged metrics.jsonl stops the run before its config.json is rewritten.
   records = metrics_log.truncate_metrics(workdir, resume_step or 0)
   checkpoint.write_config(workdir, config, keep_previous_at=resume_step if changes else None)
+  code_changes = provenance.record_attempt(workdir, resume_step or 0)
+  if code_changes:
+    logging.warning("Resuming at step %d with other code than the attempt before (%s): the steps from here are "
+                    "computed with it; %s records each attempt's.", resume_step or 0, "; ".join(code_changes),
+                    workdir / provenance.PROVENANCE_FILE)
   stale_best = ckpt.discard_best_after(resume_step or 0)
   if stale_best is not None:
     logging.warning("Deleted the best checkpoint of step %d in %s: it is after the starting step %d (an "

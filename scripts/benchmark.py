@@ -40,7 +40,6 @@ import hashlib
 import itertools
 import json
 import os
-import platform
 import re
 import resource
 import statistics
@@ -73,6 +72,7 @@ from petseg_jax.data import settings as data_settings
 from petseg_jax import models
 from petseg_jax.models import layers
 from petseg_jax.models.layers import IMPLS
+from petseg_jax import provenance
 
 DEFAULT_CONFIG = config_files.DEFAULT_CONFIG
 SHARED_SAMPLE = REPO_ROOT.parent / "shared" / "data" / "oxford_iiit_pet_sample"
@@ -161,22 +161,6 @@ def load_average() -> float | None:
     return None
 
 
-def _cpuinfo_field(name: str) -> str | None:
-  """The first ``name`` line's value in /proc/cpuinfo (Linux), else None."""
-  try:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-      if line.split(":", 1)[0].strip() == name:
-        return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return None
-
-
-def cpu_name() -> str:
-  """The CPU's model name (/proc/cpuinfo), else what ``platform`` knows."""
-  return _cpuinfo_field("model name") or platform.processor() or platform.machine()
-
-
 # The instruction sets that set this model's speed on a CPU: AVX-512 for float32 matmuls, AVX512-BF16 and AMX
 # for bfloat16 ones. The CI hosts differ (BENCHMARKS.md: bfloat16 matmuls ran at about 4x the float32 rate
 # on one with AMX, 2x on one with AVX512-BF16 only), so each result says which it had.
@@ -185,15 +169,8 @@ MATMUL_CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile",
 
 def cpu_flags() -> list[str] | None:
   """Which of ``MATMUL_CPU_FLAGS`` the CPU reports (/proc/cpuinfo), or None where that is unknown."""
-  flags = _cpuinfo_field("flags")
+  flags = provenance.cpuinfo_field("flags")
   return None if flags is None else [f for f in MATMUL_CPU_FLAGS if f in flags.split()]
-
-
-def device_description() -> str:
-  device = jax.devices()[0]
-  if device.platform == "cpu":
-    return f"cpu: {cpu_name()} ({os.cpu_count()} cores)"
-  return f"{device.platform}: {device.device_kind} x{jax.local_device_count()}"
 
 
 def time_steps(step: Callable[[], Any], warmup: int, steps: int) -> tuple[list[float], list[float]]:
@@ -784,7 +761,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   load_start = load_average()
   flags = cpu_flags()
-  log(f"device: {device_description()}; CPU flags {' '.join(flags or ['unknown'])}; jax {jax.__version__}; "
+  log(f"device: {provenance.device_description()}; CPU flags {' '.join(flags or ['unknown'])}; jax {jax.__version__}; "
       f"load average {load_start}")
   log(f"config: {args.config}; batch {config.train.batch_size}, {config.data.image_size}x"
       f"{config.data.image_size}, alpha {config.model.alpha}, dtype {config.model.dtype}, conv impl "
@@ -814,7 +791,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     log(f"JAX / Keras images/s: {result['ratio']:.2f}")
   else:
     result["ratio"] = None
-  result.update(mode=args.mode, device=device_description(), batch_size=config.train.batch_size,
+  result.update(mode=args.mode, device=provenance.device_description(), batch_size=config.train.batch_size,
                 image_size=config.data.image_size, alpha=config.model.alpha, dtype=config.model.dtype,
                 conv_impl=config.model.conv_impl, jax_version=jax.__version__,
                 cpu_flags=flags, malloc_tunables=os.environ.get("GLIBC_TUNABLES", ""),

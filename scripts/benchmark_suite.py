@@ -31,7 +31,10 @@ import time
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))  # benchmark.py runs this checkout's petseg_jax: its commit is recorded.
 BENCHMARK = REPO_ROOT / "scripts" / "benchmark.py"
+
+from petseg_jax import provenance  # pylint: disable=g-import-not-at-top
 BF16 = ("--set", "model.dtype=bfloat16")
 
 
@@ -91,17 +94,6 @@ def row_command(row: Row, args: argparse.Namespace) -> list[str]:
 def shown(command: list[str]) -> str:
   """``command`` as a user would type it in the repo root."""
   return " ".join(["python", Path(command[1]).relative_to(REPO_ROOT).as_posix(), *command[2:]])
-
-
-def git_commit() -> str | None:
-  """The checkout's commit, with ``-dirty`` when tracked files differ from it; None outside git."""
-  try:
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
-                            check=True).stdout.strip()
-    dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=REPO_ROOT).returncode != 0
-  except (OSError, subprocess.CalledProcessError):
-    return None
-  return commit + ("-dirty" if dirty else "")
 
 
 def recorded_names(path: Path) -> set[str]:
@@ -200,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
   output = Path(args.output)
   done = recorded_names(output) if args.resume else set()
   output.parent.mkdir(parents=True, exist_ok=True)
-  commit = git_commit()
+  commit = provenance.git_commit(REPO_ROOT / "petseg_jax")
   failed = 0
   for row in rows:
     if row.name in done:

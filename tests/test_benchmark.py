@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import pytest
 
 from petseg_jax import host
+from petseg_jax import provenance
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "scripts" / "benchmark.py"
@@ -101,11 +102,11 @@ def test_train(tmp_path):
 def test_cpu_flags_are_the_matmul_relevant_ones_the_cpu_reports(monkeypatch):
   benchmark = load_benchmark_module()
   reported = {"flags": "fpu sse avx2 avx512f avx512_bf16 amx_tile amx_bf16 sha_ni", "model name": "Some CPU"}
-  monkeypatch.setattr(benchmark, "_cpuinfo_field", reported.get)
+  monkeypatch.setattr(provenance, "cpuinfo_field", reported.get)
   assert benchmark.cpu_flags() == ["avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16"]
-  assert benchmark.cpu_name() == "Some CPU"
-  monkeypatch.setattr(benchmark, "_cpuinfo_field", lambda name: None)  # No /proc/cpuinfo (macOS).
-  assert benchmark.cpu_flags() is None and benchmark.cpu_name()
+  assert provenance.cpu_name() == "Some CPU"
+  monkeypatch.setattr(provenance, "cpuinfo_field", lambda name: None)  # No /proc/cpuinfo (macOS).
+  assert benchmark.cpu_flags() is None and provenance.cpu_name()
 
 
 def test_infer_against_keras_json_only_with_profile(tmp_path):

@@ -30,6 +30,7 @@ from petseg_jax import models
 from petseg_jax import optim
 from petseg_jax import packed
 from petseg_jax import prediction
+from petseg_jax import provenance
 from petseg_jax import train
 from petseg_jax import weights
 
@@ -335,6 +336,8 @@ def test_run_writes_checkpoints_metrics_figures_and_summaries(uninterrupted_run)
   assert checkpoint.best_step(workdir) in (8, 16)
   records = train.read_metrics(workdir)
   assert [r["step"] for r in records] == [8, 16]
+  (attempt,) = provenance.read_provenance(workdir)  # One attempt, from step 0, with this code.
+  assert attempt["step"] == 0 and attempt["git_commit"] == provenance.git_commit()
   for key in ("epoch", "train_loss", "train_pixel_accuracy", "eval_loss", "eval_miou", "eval_pixel_accuracy",
               "eval_dice", "eval_iou_pet", "eval_iou_background", "eval_iou_border", "images_per_sec",
               "elapsed_sec", "wall_time"):
@@ -530,6 +533,7 @@ def test_resume_after_sigterm_is_bit_identical(uninterrupted_run, tmp_path, monk
   assert _trees_equal(resumed.opt_state, final.opt_state)
   records, reference = train.read_metrics(workdir), train.read_metrics(uninterrupted_run[0])
   assert [r["step"] for r in records] == [8, 16]
+  assert [r["step"] for r in provenance.read_provenance(workdir)] == [0, stopped]
   assert [r["eval_miou"] for r in records] == [r["eval_miou"] for r in reference]
   # The resumed attempt's first train_* means cover the steps after the checkpoint only, and say so.
   assert [r["train_steps"] for r in records] == [STEPS_PER_EPOCH - stopped, STEPS_PER_EPOCH]
@@ -549,8 +553,14 @@ def test_resume_with_changed_settings_warns_and_keeps_the_earlier_config(uninter
   workdir = tmp_path / "extended"
   shutil.copytree(uninterrupted_run[0], workdir)
   before = (workdir / checkpoint.CONFIG_FILE).read_text()
+  # As if it had been trained with another commit and jax: the resume says that the code changed too.
+  (attempt,) = provenance.read_provenance(workdir)
+  attempt.update(git_commit="0" * 40, packages=dict(attempt["packages"], jax="0.0.1"))
+  (workdir / provenance.PROVENANCE_FILE).write_text(json.dumps(attempt) + "\n")
   with caplog.at_level("WARNING"):
     final = train.train_and_evaluate(tiny_config(num_epochs=3, learning_rate=5e-4), workdir)
+  assert (f"Resuming at step 16 with other code than the attempt before (git_commit {'0' * 40} -> "
+          f"{provenance.git_commit()}; jax 0.0.1 -> {jax.__version__})") in caplog.text
   assert final.step == 3 * STEPS_PER_EPOCH
   kept = workdir / f"config_before_step_{2 * STEPS_PER_EPOCH}.json"
   assert kept.read_text() == before
@@ -560,7 +570,7 @@ def test_resume_with_changed_settings_warns_and_keeps_the_earlier_config(uninter
   caplog.clear()
   with caplog.at_level("WARNING"):
     train.train_and_evaluate(tiny_config(num_epochs=3, learning_rate=5e-4), workdir)
-  assert "changed settings" not in caplog.text
+  assert "changed settings" not in caplog.text and "other code" not in caplog.text
   assert sorted(p.name for p in workdir.glob("config_before_step_*.json")) == [kept.name]
 
 

@@ -1,0 +1,140 @@
+"""``provenance.jsonl``: which code, libraries and devices each attempt of a run trained with.
+
+config.json says what a run trained; it cannot say with which code. A run resumed after a ``git pull`` or a
+library upgrade trains its later steps with other code, and nothing in its metrics would show it. So each
+attempt (a start, and every resume) appends one record: the step it starts from, the petseg_jax version, the
+git commit of the checkout it runs from (``-dirty`` with uncommitted changes), the versions of the libraries
+that compute the numbers, the devices and the command line. A resume with other code than the attempt before
+it is logged as a warning that names what changed.
+
+Imports neither JAX nor TensorFlow at import time (the library versions come from the installed packages'
+metadata; JAX is imported to describe the devices). ``scripts/benchmark.py`` describes its device with it too.
+"""
+
+from __future__ import annotations
+
+from importlib import metadata
+import json
+import os
+from pathlib import Path
+import platform
+import socket
+import subprocess
+import sys
+import time
+from typing import Any
+
+import petseg_jax
+from petseg_jax import files
+from petseg_jax import metrics_log
+
+PROVENANCE_FILE = "provenance.jsonl"
+# The libraries whose versions change the numbers a run computes (and reads and writes).
+PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "tensorflow", "tensorflow-cpu")
+# A record's fields that say which code computed the steps (the host and devices may change freely).
+CODE_FIELDS = ("petseg_jax", "git_commit", "packages")
+_PACKAGE_DIR = Path(petseg_jax.__file__).resolve().parent
+
+
+def git_commit(package_dir: Path = _PACKAGE_DIR) -> str | None:
+  """The commit of the git checkout petseg_jax is imported from, with ``-dirty`` when its tracked files differ
+  from that commit; None when petseg_jax is not imported from a git checkout (e.g. an installed wheel).
+  """
+  def git(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", "-C", str(package_dir), *args], capture_output=True, text=True, timeout=60)
+
+  try:
+    top = git("rev-parse", "--show-toplevel")
+    # A package installed into a folder of some other git repository is not that repository's code.
+    if top.returncode != 0 or Path(top.stdout.strip()).resolve() != package_dir.parent:
+      return None
+    commit = git("rev-parse", "HEAD")
+    if commit.returncode != 0:  # A repository without commits.
+      return None
+    dirty = git("diff", "--quiet", "HEAD").returncode != 0
+  except (OSError, subprocess.TimeoutExpired):  # No git installed, or a hung file system.
+    return None
+  return commit.stdout.strip() + ("-dirty" if dirty else "")
+
+
+def cpuinfo_field(name: str) -> str | None:
+  """The first ``name`` line's value in /proc/cpuinfo (Linux), else None."""
+  try:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+      if line.split(":", 1)[0].strip() == name:
+        return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return None
+
+
+def cpu_name() -> str:
+  """The CPU's model name (/proc/cpuinfo), else what ``platform`` knows."""
+  return cpuinfo_field("model name") or platform.processor() or platform.machine()
+
+
+def device_description() -> str:
+  """JAX's devices in words: ``"cpu: <model name> (<n> cores)"`` or ``"gpu: NVIDIA H100 x1"``."""
+  import jax  # pylint: disable=g-import-not-at-top  # Only here: the module itself needs no JAX.
+  device = jax.devices()[0]
+  if device.platform == "cpu":
+    return f"cpu: {cpu_name()} ({os.cpu_count()} cores)"
+  return f"{device.platform}: {device.device_kind} x{jax.local_device_count()}"
+
+
+def package_versions() -> dict[str, str]:
+  """The installed versions of ``PACKAGES`` (those not installed are left out)."""
+  versions = {}
+  for name in PACKAGES:
+    try:
+      versions[name] = metadata.version(name)
+    except metadata.PackageNotFoundError:
+      pass
+  return versions
+
+
+def attempt_record(start_step: int) -> dict[str, Any]:
+  """The record of an attempt that trains from ``start_step`` in this process."""
+  import jax  # pylint: disable=g-import-not-at-top
+  return {"step": start_step, "wall_time": time.time(), "petseg_jax": petseg_jax.__version__,
+          "git_commit": git_commit(), "packages": package_versions(), "python": platform.python_version(),
+          "device": device_description(), "num_devices": jax.local_device_count(), "host": socket.gethostname(),
+          "argv": sys.argv}
+
+
+def read_provenance(workdir: str | os.PathLike) -> list[dict[str, Any]]:
+  """The records of ``workdir/provenance.jsonl``, oldest first; [] for a run started before it existed.
+
+  Raises:
+    metrics_log.MetricsFileError: a line other than a torn last one is not valid JSON.
+  """
+  return metrics_log.read_records(Path(workdir) / PROVENANCE_FILE)
+
+
+def code_changes(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
+  """What differs in the code that computes a run between two records: ``["git_commit: a -> b", ...]``."""
+  changes = []
+  for field in CODE_FIELDS:
+    old, new = before.get(field), now.get(field)
+    if field == "packages":
+      old, new = old or {}, new or {}
+      changes += [f"{name} {old.get(name)} -> {new.get(name)}" for name in sorted({*old, *new})
+                  if old.get(name) != new.get(name)]
+    elif old != new:
+      changes.append(f"{field} {old} -> {new}")
+  return changes
+
+
+def record_attempt(workdir: str | os.PathLike, start_step: int) -> list[str]:
+  """Appends this attempt's record to ``workdir/provenance.jsonl``.
+
+  Returns:
+    What changed in the code since the attempt before (``code_changes``); [] for the first attempt, or one
+    with the same code.
+  """
+  path = Path(workdir) / PROVENANCE_FILE
+  earlier = metrics_log.read_records(path)
+  record = attempt_record(start_step)
+  # Rewritten whole, atomically (a few records): a killed process leaves no torn line to append after.
+  files.write_atomically(path, "".join(json.dumps(r) + "\n" for r in [*earlier, record]))
+  return code_changes(earlier[-1], record) if earlier else []

@@ -1,0 +1,74 @@
+"""Which code each attempt of a run trained with (petseg_jax.provenance)."""
+
+import json
+from pathlib import Path
+import subprocess
+
+import jax
+import pytest
+
+import petseg_jax
+from petseg_jax import metrics_log
+from petseg_jax import provenance
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _git(repo, *args):
+  return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_git_commit_names_the_checkout_the_package_is_imported_from(tmp_path):
+  repo = tmp_path / "checkout"
+  package = repo / "petseg_jax"
+  package.mkdir(parents=True)
+  (package / "__init__.py").write_text("")
+  assert provenance.git_commit(package) is None  # Not a git checkout.
+  _git(repo, "init", "-q")
+  assert provenance.git_commit(package) is None  # No commit yet.
+  _git(repo, "add", ".")
+  _git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "first")
+  head = _git(repo, "rev-parse", "HEAD")
+  assert provenance.git_commit(package) == head
+  (package / "__init__.py").write_text("changed = True\n")
+  assert provenance.git_commit(package) == head + "-dirty"
+  # A package installed into a folder of another repository (e.g. a venv inside a checkout) is not its code.
+  installed = repo / "venv" / "site-packages" / "petseg_jax"
+  installed.mkdir(parents=True)
+  assert provenance.git_commit(installed) is None
+
+
+def test_the_record_names_this_code_and_these_libraries():
+  record = provenance.attempt_record(7)
+  assert record["step"] == 7 and record["petseg_jax"] == petseg_jax.__version__
+  assert record["git_commit"].removesuffix("-dirty") == _git(REPO_ROOT, "rev-parse", "HEAD")
+  assert record["packages"]["jax"] == jax.__version__ and record["packages"]["flax"]
+  assert record["num_devices"] == jax.local_device_count() and record["device"].startswith("cpu: ")
+  json.dumps(record)  # A JSON line.
+
+
+def test_code_changes_name_what_differs_and_ignore_the_host():
+  before = {"petseg_jax": "0.1.0", "git_commit": "a", "packages": {"jax": "0.10.2", "flax": "0.12.8"},
+            "host": "one", "device": "cpu: X (2 cores)"}
+  assert provenance.code_changes(before, dict(before, host="two", device="gpu: H100 x1")) == []
+  now = dict(before, git_commit="b", packages={"jax": "0.11.0", "flax": "0.12.8", "optax": "0.2.8"})
+  assert provenance.code_changes(before, now) == ["git_commit a -> b", "jax 0.10.2 -> 0.11.0",
+                                                  "optax None -> 0.2.8"]
+
+
+def test_record_attempt_appends_and_reports_a_change_of_code(tmp_path):
+  assert provenance.record_attempt(tmp_path, 0) == []
+  assert provenance.record_attempt(tmp_path, 8) == []  # The same code.
+  path = tmp_path / provenance.PROVENANCE_FILE
+  records = provenance.read_provenance(tmp_path)
+  assert [r["step"] for r in records] == [0, 8]
+  older = dict(records[-1], git_commit="0" * 40, packages=dict(records[-1]["packages"], jax="0.0.1"))
+  # A torn last line (a process killed while writing, before this file was rewritten whole) is dropped.
+  path.write_text("".join(json.dumps(r) + "\n" for r in (records[0], older)) + '{"step": 1')
+  changes = provenance.record_attempt(tmp_path, 16)
+  assert changes[0] == f"git_commit {'0' * 40} -> {provenance.git_commit()}"
+  assert f"jax 0.0.1 -> {jax.__version__}" in changes
+  assert [r["step"] for r in provenance.read_provenance(tmp_path)] == [0, 8, 16]
+  path.write_text('not json\n{"step": 0}\n')
+  with pytest.raises(metrics_log.MetricsFileError, match=f"{path}, line 1"):
+    provenance.record_attempt(tmp_path, 24)
