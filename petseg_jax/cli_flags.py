@@ -5,6 +5,7 @@ exit code 1, not an ml_collections traceback (run scripts with ``app.run(main, f
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import os
@@ -22,10 +23,15 @@ from petseg_jax.inference import WorkdirError, load_run_config
 
 @contextlib.contextmanager
 def config_override_errors(argv: Sequence[str]) -> Iterator[None]:
-  """Turns ml_collections' traceback for a ``--config.x=y`` naming a field the config lacks into a clear
-  message and exit code 1. Wrap ``config_flags.DEFINE_config_*`` in it (they apply overrides already)."""
+  """Turns ml_collections' traceback for a ``--config.x=y`` naming a field the config lacks, or for a
+  ``--flagfile`` that cannot be read, into a clear message and exit code 1. Wrap ``config_flags.DEFINE_config_*``
+  in it (they read the arguments and apply overrides already)."""
   try:
     yield
+  except flags.CantOpenFlagFileError as e:  # Read as the flag is defined: before absl's parser reports it.
+    print(f"FATAL Flags parsing error: {str(e).removeprefix('ERROR:: ')}. Check the --flagfile path.",
+          file=sys.stderr)
+    sys.exit(1)
   except (AttributeError, KeyError) as e:
     names = [arg.split("=")[0] for arg in argv[1:] if arg.startswith(("--config.", "-config."))]
     error: Any = e
@@ -89,6 +95,30 @@ def define_run_config_flag(argv: Sequence[str], fallback: ml_collections.ConfigD
 
 def parse_flags(argv: list[str]) -> list[str]:
   """``app.run(main, flags_parser=parse_flags)``: absl's parser, and a clear message (no traceback) for a
-  ``--config.x=y`` naming a field a config file lacks (ml_collections raises AttributeError)."""
+  ``--config.x=y`` naming a field a config file lacks (ml_collections raises AttributeError), or a tuple
+  field given twice (see ``repeated_tuple_overrides``)."""
   with config_override_errors(argv):
-    return app.parse_flags_with_usage(argv)
+    remaining = app.parse_flags_with_usage(argv)
+  repeated = repeated_tuple_overrides(argv, flags.FLAGS)
+  if repeated:
+    print(f"FATAL Flags parsing error: {repeated[0]}", file=sys.stderr)
+    sys.exit(1)
+  return remaining
+
+
+def repeated_tuple_overrides(argv: Sequence[str], flag_values: flags.FlagValues) -> list[str]:
+  """A message for each tuple field of ``--config`` that ``argv`` (its ``--flagfile``s included) gives more
+  than once; call it after ``flag_values`` parsed ``argv``.
+
+  ml_collections joins the repeated values of a tuple field (``--config.train.frozen_params=(A,)`` then
+  ``=(B,)`` gives ``(A, B)``) where a repeated scalar field takes the last value, as absl's flags do: a command
+  extended with a second value meant to replace the first would silently widen a freeze or a class-weight
+  list instead.
+  """
+  expanded = flag_values.read_flags_from_files(list(argv[1:]), force_gnu=False)
+  counts = collections.Counter(arg.lstrip("-").partition("=")[0] for arg in expanded
+                               if arg.startswith(("--config.", "-config.")))
+  return [f"--{name} is given {count} times, and a tuple field's values are joined, not replaced: "
+          f"{tuple(flag_values[name].value)}. Give it once, with every value."
+          for name, count in sorted(counts.items())
+          if count > 1 and name in flag_values and isinstance(flag_values[name], flags.MultiFlag)]

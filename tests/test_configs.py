@@ -72,3 +72,30 @@ def test_a_config_function_that_raises_is_one_config_error(tmp_path, body, spec_
     config_files.load_config(f"{path}{spec_suffix}")
   with pytest.raises(ablation.SweepError, match=message):
     ablation.load_config(f"{path}{spec_suffix}")
+
+
+def test_a_tuple_field_given_twice_is_named_and_a_scalar_field_given_twice_is_not(tmp_path):
+  """ml_collections joins a repeated tuple override's values (absl's flags take the last value): the scripts
+  refuse it (cli_flags.parse_flags), wherever the repetitions come from, a --flagfile included."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  from petseg_jax import cli_flags  # pylint: disable=g-import-not-at-top
+  flagfile = tmp_path / "more.flags"
+  flagfile.write_text("--config.train.frozen_params=('encoder/bn_Conv1',)\n--config.train.learning_rate=0.2\n")
+  for argv, repeated in (
+      (["--config.train.frozen_params=('encoder/Conv1',)", "--config.train.frozen_params=('encoder/bn_Conv1',)"],
+       True),
+      (["-config.train.frozen_params=('encoder/Conv1',)", f"--flagfile={flagfile}"], True),
+      (["--config.train.frozen_params=('encoder/Conv1','encoder/bn_Conv1')"], False),  # One, with two values.
+      (["--config.train.learning_rate=0.1", f"--flagfile={flagfile}"], False)):  # A scalar: the last one.
+    flag_values = flags.FlagValues()
+    # Only the fields the arguments override become flags.
+    config_flags.DEFINE_config_dict("config", _config("quickstart"), flag_values=flag_values,
+                                    sys_argv=["prog", *argv])
+    flag_values(["prog", *argv])
+    messages = cli_flags.repeated_tuple_overrides(["prog", *argv], flag_values)
+    if repeated:
+      assert messages == ["--config.train.frozen_params is given 2 times, and a tuple field's values are joined, "
+                          "not replaced: ('encoder/Conv1', 'encoder/bn_Conv1'). Give it once, with every value."]
+    else:
+      assert messages == [], argv

@@ -705,6 +705,11 @@ def test_cli_reports_an_unusable_workdir_and_a_corrupt_metrics_file_without_a_tr
     (("--config.train.num_epochs", "30"), "--config.train.num_epochs=30 has no effect: the config sets "
      "train.num_train_steps=440"),
     (("-config.train.num_epochs=30",), "--config.train.num_epochs=30 has no effect"),  # absl takes one dash too.
+    (("--flagfile={tmp}/missing.flags",), "Unable to open flagfile: [Errno 2] No such file or directory"),
+    # ml_collections would join the tuples to ('encoder/Conv1', 'encoder/bn_Conv1'), not take the last.
+    (("--config.train.frozen_params=('encoder/Conv1',)", "--config.train.frozen_params=('encoder/bn_Conv1',)"),
+     "--config.train.frozen_params is given 2 times, and a tuple field's values are joined, not replaced: "
+     "('encoder/Conv1', 'encoder/bn_Conv1'). Give it once"),
 ])
 def test_cli_config_errors_name_the_key_or_file(tmp_path, args, message):
   """A typo'd key (in the default config, read as the flag is defined, or in a --config file) and a
