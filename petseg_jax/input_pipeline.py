@@ -93,12 +93,21 @@ def _synthetic_num(data_config: ml_collections.ConfigDict, split: str) -> int:
   return int(num)
 
 
-def split_size(data_config: ml_collections.ConfigDict, split: str) -> int:
-  """Number of examples of `split` (tfds split syntax like "train[:80%]" works for tfds/folder sources)."""
+def split_size(data_config: ml_collections.ConfigDict, split: str,
+               builder: tfds.core.DatasetBuilder | None = None) -> int:
+  """Number of examples of `split` (tfds split syntax like "train[:80%]" works for tfds/folder sources).
+
+  ``builder``: ``get_dataset_builder(data_config)`` where the caller has it already (else it is prepared here).
+  """
   check_data_config(data_config)
   if data_config.source == "synthetic":
     return _synthetic_num(data_config, split)
-  return int(_split_info(get_dataset_builder(data_config), split).num_examples)
+  return int(_split_info(builder or get_dataset_builder(data_config), split).num_examples)
+
+
+def _prepared_builder(data_config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder | None:
+  """``get_dataset_builder(data_config)``, None for source "synthetic"."""
+  return None if data_config.source == "synthetic" else get_dataset_builder(data_config)
 
 
 def _split_info(builder: tfds.core.DatasetBuilder, split: str) -> tfds.core.SplitInfo:
@@ -141,8 +150,9 @@ def _render_synthetic(seed, index, size):
   return synthetic.render_example(int(seed), int(index), int(size))
 
 
-def raw_dataset(data_config: ml_collections.ConfigDict, split: str) -> tf.data.Dataset:
-  """The undecorated examples of a split, in a fixed order.
+def raw_dataset(data_config: ml_collections.ConfigDict, split: str,
+                builder: tfds.core.DatasetBuilder | None = None) -> tf.data.Dataset:
+  """The undecorated examples of a split, in a fixed order (``builder`` as for ``split_size``).
 
   Yields {"image": uint8 (H, W, 3), "segmentation_mask": uint8 (H, W, 1) trimap 1/2/3, "file_name": string};
   synthetic examples are drawn at `image_size`, files keep their own size. For source "tfds", a trimap value
@@ -161,7 +171,7 @@ def raw_dataset(data_config: ml_collections.ConfigDict, split: str) -> tf.data.D
               "file_name": tf.strings.format("synthetic_{}_{}.png", (split, index))}
 
     return tf.data.Dataset.range(num).map(draw, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  builder = get_dataset_builder(data_config)
+  builder = builder or get_dataset_builder(data_config)
   read_config = tfds.ReadConfig(try_autocache=False, shuffle_seed=None)  # We cache after resizing ourselves.
   _split_info(builder, split)  # A split that does not exist: the error naming those that do.
   ds = builder.as_dataset(split=split, shuffle_files=False, read_config=read_config)
@@ -207,9 +217,10 @@ def _check_trimap_fn(builder: tfds.core.DatasetBuilder, split: str):
   return fn
 
 
-def _damaged_copy_error(data_config: ml_collections.ConfigDict, split: str, error: tf.errors.OpError) -> DataError:
-  """The DataError for a prepared copy whose files fail to read (truncated, corrupted or missing records)."""
-  where = get_dataset_builder(data_config).data_dir
+def _damaged_copy_error(data_config: ml_collections.ConfigDict, split: str, error: tf.errors.OpError,
+                        where: str) -> DataError:
+  """The DataError for the prepared copy in ``where`` whose files fail to read (truncated, corrupted or missing
+  records)."""
   # TensorFlow wraps the reader's words in its op's names: "{{function_node ...}} <words> [Op:...] name: ".
   reason = re.sub(r"\{\{function_node [^}]*\}\}|\[Op:\w+\]( name:)?", "", error.message).strip()
   return DataError(
@@ -218,9 +229,13 @@ def _damaged_copy_error(data_config: ml_collections.ConfigDict, split: str, erro
       "prepared, e.g. by a full disk): delete that folder and run again to prepare it anew.")
 
 
-def _as_numpy(ds: tf.data.Dataset, data_config: ml_collections.ConfigDict, split: str
-              ) -> Iterator[dict[str, np.ndarray]]:
-  """tfds.as_numpy(ds), raising the DataErrors of the graph (see _ERROR_START) and damaged files as DataError."""
+def _as_numpy(ds: tf.data.Dataset, data_config: ml_collections.ConfigDict, split: str,
+              builder: tfds.core.DatasetBuilder | None) -> Iterator[dict[str, np.ndarray]]:
+  """tfds.as_numpy(ds), raising the DataErrors of the graph (see _ERROR_START) and damaged files as DataError.
+
+  ``builder`` is the one ``ds`` reads (None for source "synthetic"): the error names its folder. Not prepared
+  again here: its folder may have changed since, and preparing would make a new copy and name that one.
+  """
   iterator = iter(tfds.as_numpy(ds))
   while True:
     try:
@@ -235,9 +250,9 @@ def _as_numpy(ds: tf.data.Dataset, data_config: ml_collections.ConfigDict, split
       text = codecs.escape_decode(match.group(1).encode("utf-8"))[0].decode("utf-8", errors="replace")
       raise DataError(text) from e
     except (tf.errors.DataLossError, tf.errors.NotFoundError) as e:
-      if data_config.source == "synthetic":
+      if builder is None:
         raise
-      raise _damaged_copy_error(data_config, split, e) from e
+      raise _damaged_copy_error(data_config, split, e, builder.data_dir) from e
     yield batch
 
 
@@ -301,13 +316,14 @@ def preprocess_images(images: Sequence[np.ndarray], data_config: ml_collections.
   return _scale_images(tf.stack(out), data_config.input_range).numpy()
 
 
-def _base_dataset(data_config: ml_collections.ConfigDict, split: str) -> tf.data.Dataset:
+def _base_dataset(data_config: ml_collections.ConfigDict, split: str,
+                  builder: tfds.core.DatasetBuilder | None) -> tf.data.Dataset:
   """{"id": int64, "image": uint8 (S, S, 3), "mask": uint8 (S, S)} in split order, cached if config.data.cache.
 
   Built once per TrainInput/EvalInput: each epoch is derived from this object, so its in-memory cache (filled
   during the first full pass) is shared by all later epochs.
   """
-  ds = raw_dataset(data_config, split).enumerate()
+  ds = raw_dataset(data_config, split, builder).enumerate()
   ds = ds.map(_decode_resize_fn(data_config), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   if data_config.cache:
     ds = ds.cache()
@@ -421,12 +437,13 @@ class TrainInput:
     self.num_devices = num_devices
     self.seed = int(seed)
     self.split = data_config.train_split
-    self.num_examples = split_size(data_config, self.split)
+    self._builder = _prepared_builder(data_config)  # Prepared once; read by every epoch.
+    self.num_examples = split_size(data_config, self.split, self._builder)
     self.steps_per_epoch = self.num_examples // self.batch_size
     if self.steps_per_epoch == 0:
       raise DataError(f"Batch size {batch_size} is larger than the {self.num_examples} examples of split "
                       f"{self.split!r}: no full training batch. Lower config.train.batch_size.")
-    self._base = _base_dataset(data_config, self.split)
+    self._base = _base_dataset(data_config, self.split, self._builder)
     # A shuffle buffer larger than one batch makes the (drop-remainder) epoch read its input to the end before
     # the last full batch comes out, so the cache is completed even if the caller stops right after that
     # batch (e.g. itertools.islice) instead of exhausting the iterator.
@@ -455,7 +472,7 @@ class TrainInput:
     ds = ds.batch(self.batch_size, drop_remainder=True)
     ds = ds.map(_finalize_fn(config.input_range), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
-    for batch in _as_numpy(ds, config, self.split):
+    for batch in _as_numpy(ds, config, self.split, self._builder):
       yield _shard(batch, self.num_devices)
 
 
@@ -481,9 +498,10 @@ class EvalInput:
     self.split = split
     self.batch_size = int(batch_size)
     self.num_devices = num_devices
-    self.num_examples = split_size(data_config, split)
+    self._builder = _prepared_builder(data_config)
+    self.num_examples = split_size(data_config, split, self._builder)
     self.num_batches = -(-self.num_examples // self.batch_size)
-    self._base = _base_dataset(data_config, split)
+    self._base = _base_dataset(data_config, split, self._builder)
 
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
     """Yields {"image": float32 (B, S, S, 3), "mask": int32 (B, S, S), "weight": float32 (B,)} (sharded
@@ -492,7 +510,7 @@ class EvalInput:
     ds = ds.batch(self.batch_size)
     ds = ds.map(_finalize_fn(self._config.input_range), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
-    for batch in _as_numpy(ds, self._config, self.split):
+    for batch in _as_numpy(ds, self._config, self.split, self._builder):
       yield _shard(_pad_batch(batch, self.batch_size), self.num_devices)
 
 

@@ -374,8 +374,15 @@ def test_a_damaged_prepared_copy_is_named_with_what_to_do(damage, tmp_path, pets
     record.write_bytes(data[:100] + bytes(255 - b for b in data[100:200]) + data[200:])
   else:
     record.unlink()
+  train_input = ip.TrainInput(config, 2, seed=0)
+  # The folder changes while the run reads its copy (the folder builder's own advice): the error still names
+  # the copy that was read, and prepares no new one.
+  image = next((folder / "images").iterdir())
+  os.utime(image, (image.stat().st_atime, image.stat().st_mtime + 10))
+  copies = sorted(prepared.parent.parent.iterdir())
   with pytest.raises(ip.DataError) as raised:
-    list(ip.TrainInput(config, 2, seed=0).epoch(0))
+    list(train_input.epoch(0))
+  assert sorted(prepared.parent.parent.iterdir()) == copies
   message = str(raised.value)
   assert message.startswith("Reading split 'train' of config.data.source='folder' failed: "), message
   assert f"The prepared copy in {prepared} is damaged" in message and "delete that folder" in message
