@@ -1,11 +1,12 @@
-"""``provenance.jsonl``: which code, libraries and devices each attempt of a run trained with.
+"""``provenance.jsonl``: which code, libraries, devices and data size each attempt of a run trained with.
 
 config.json says what a run trained; it cannot say with which code. A run resumed after a ``git pull`` or a
 library upgrade trains its later steps with other code, and nothing in its metrics would show it. So each
 attempt (a start, and every resume) appends one record: the step it starts from, the petseg_jax version, the
 git commit of the checkout it runs from (``-dirty`` with uncommitted changes), the versions of the libraries
-that compute the numbers, the devices and the command line. A resume with other code than the attempt before
-it is logged as a warning that names what changed.
+that compute the numbers, the devices, the command line and the number of training examples. A resume with
+other code than the attempt before it is logged as a warning that names what changed; one with another number
+of training examples is refused by ``train`` (``recorded_train_examples``).
 
 Imports neither JAX nor TensorFlow at import time (the library versions come from the installed packages'
 metadata; JAX is imported to describe the devices). ``scripts/benchmark.py`` describes its device with it too.
@@ -93,13 +94,14 @@ def package_versions() -> dict[str, str]:
   return versions
 
 
-def attempt_record(start_step: int) -> dict[str, Any]:
-  """The record of an attempt that trains from ``start_step`` in this process."""
+def attempt_record(start_step: int, train_examples: int | None) -> dict[str, Any]:
+  """The record of an attempt that trains from ``start_step`` on ``train_examples`` examples in this process
+  (None: an attempt that writes a run's start without reading data, ``train.write_initial_run``)."""
   import jax  # pylint: disable=g-import-not-at-top
   return {"step": start_step, "wall_time": time.time(), "petseg_jax": petseg_jax.__version__,
           "git_commit": git_commit(), "packages": package_versions(), "python": platform.python_version(),
           "device": device_description(), "num_devices": jax.local_device_count(), "host": socket.gethostname(),
-          "argv": sys.argv}
+          "argv": sys.argv, "train_examples": train_examples}
 
 
 def read_provenance(workdir: str | os.PathLike) -> list[dict[str, Any]]:
@@ -109,6 +111,12 @@ def read_provenance(workdir: str | os.PathLike) -> list[dict[str, Any]]:
     metrics_log.MetricsFileError: a line other than a torn last one is not valid JSON.
   """
   return metrics_log.read_records(Path(workdir) / PROVENANCE_FILE)
+
+
+def recorded_train_examples(workdir: str | os.PathLike) -> int | None:
+  """How many training examples the latest attempt that read data trained on; None if none recorded it."""
+  counts = [r["train_examples"] for r in read_provenance(workdir) if r.get("train_examples") is not None]
+  return counts[-1] if counts else None
 
 
 def code_changes(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
@@ -125,8 +133,8 @@ def code_changes(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
   return changes
 
 
-def record_attempt(workdir: str | os.PathLike, start_step: int) -> list[str]:
-  """Appends this attempt's record to ``workdir/provenance.jsonl``.
+def record_attempt(workdir: str | os.PathLike, start_step: int, train_examples: int | None) -> list[str]:
+  """Appends this attempt's record (``attempt_record``) to ``workdir/provenance.jsonl``.
 
   Returns:
     What changed in the code since the attempt before (``code_changes``); [] for the first attempt, or one
@@ -134,7 +142,7 @@ def record_attempt(workdir: str | os.PathLike, start_step: int) -> list[str]:
   """
   path = Path(workdir) / PROVENANCE_FILE
   earlier = metrics_log.read_records(path)
-  record = attempt_record(start_step)
+  record = attempt_record(start_step, train_examples)
   # Rewritten whole, atomically (a few records): a killed process leaves no torn line to append after.
   files.write_atomically(path, "".join(json.dumps(r) + "\n" for r in [*earlier, record]))
   return code_changes(earlier[-1], record) if earlier else []

@@ -787,6 +787,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                                           num_devices=num_devices)
   eval_input = input_pipeline.EvalInput(config.data, config.data.eval_split, config.train.batch_size,
                                         num_devices=num_devices)
+  if resuming:
+    check_same_train_examples(workdir, config, train_input.num_examples)
   steps_per_epoch = train_input.steps_per_epoch  # >= 1: TrainInput refuses a batch larger than the split.
   total_steps = (config.train.num_train_steps if config.train.num_train_steps > 0
                  else config.train.num_epochs * steps_per_epoch)
@@ -818,6 +820,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                     learning_rate_fn, dropout_rng, start_time)
     finally:
       ckpt.close()
+
+
+def check_same_train_examples(workdir: str | os.PathLike, config: ml_collections.ConfigDict,
+                              num_examples: int) -> None:
+  """Refuses to resume ``workdir`` on another number of training examples than it trained on.
+
+  The config check allows ``data.data_dir`` to change (the same data moved), and a folder's content may
+  change in place: a resume mid-epoch on another example list would see some images twice and others never,
+  and the epochs' length, the schedule and the unfreezing step would move.
+
+  Raises:
+    checkpoint.CheckpointError: the recorded number differs (runs that recorded none are not checked).
+  """
+  trained_on = provenance.recorded_train_examples(workdir)
+  if trained_on is not None and trained_on != num_examples:
+    raise checkpoint.CheckpointError(
+        f"{workdir} trained on {trained_on} examples of config.data.train_split={config.data.train_split!r}, "
+        f"which now has {num_examples} (config.data.data_dir={config.data.data_dir!r}): the epochs, the data "
+        "order and the schedule would change mid-run. Give the data it trained on, or start a new run in "
+        "another --workdir.")
 
 
 def run_rngs(config: ml_collections.ConfigDict) -> tuple[jax.Array, jax.Array]:
@@ -868,7 +890,7 @@ def write_initial_run(config: ml_collections.ConfigDict, workdir: str | os.PathL
     ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep_checkpoints)
     try:
       checkpoint.write_config(workdir, config)
-      provenance.record_attempt(workdir, 0)
+      provenance.record_attempt(workdir, 0, None)
       ckpt.save(state)
     finally:
       ckpt.close()
@@ -900,7 +922,7 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, ckpt: checkpoint.Ch
   # a damaged metrics.jsonl stops the run before its config.json is rewritten.
   records = metrics_log.truncate_metrics(workdir, resume_step or 0)
   checkpoint.write_config(workdir, config, keep_previous_at=resume_step if changes else None)
-  code_changes = provenance.record_attempt(workdir, resume_step or 0)
+  code_changes = provenance.record_attempt(workdir, resume_step or 0, train_input.num_examples)
   if code_changes:
     logging.warning("Resuming at step %d with other code than the attempt before (%s): the steps from here are "
                     "computed with it; %s records each attempt's.", resume_step or 0, "; ".join(code_changes),

@@ -338,6 +338,7 @@ def test_run_writes_checkpoints_metrics_figures_and_summaries(uninterrupted_run)
   assert [r["step"] for r in records] == [8, 16]
   (attempt,) = provenance.read_provenance(workdir)  # One attempt, from step 0, with this code.
   assert attempt["step"] == 0 and attempt["git_commit"] == provenance.git_commit()
+  assert attempt["train_examples"] == 8 * STEPS_PER_EPOCH
   for key in ("epoch", "train_loss", "train_pixel_accuracy", "eval_loss", "eval_miou", "eval_pixel_accuracy",
               "eval_dice", "eval_iou_pet", "eval_iou_background", "eval_iou_border", "images_per_sec",
               "elapsed_sec", "wall_time"):
@@ -594,6 +595,21 @@ def test_fresh_start_discards_a_best_checkpoint_left_by_an_earlier_attempt(tmp_p
   assert checkpoint.best_step(workdir) == STEPS_PER_EPOCH
   variables, _ = checkpoint.restore_variables(workdir, "best")
   assert "decoder" in variables["params"] and "conv" not in variables["params"]["encoder"]
+
+
+def test_resume_refuses_another_number_of_training_examples(uninterrupted_run, tmp_path):
+  """data.data_dir may change on resume (the same data moved), and a folder may change in place: a resume on
+  another example list is refused before anything is written."""
+  workdir = tmp_path / "other_data"
+  shutil.copytree(uninterrupted_run[0], workdir)
+  (attempt,) = provenance.read_provenance(workdir)
+  attempt["train_examples"] = 63  # As if it had trained on a folder with one example more than now.
+  (workdir / provenance.PROVENANCE_FILE).write_text(json.dumps(attempt) + "\n")
+  before = sorted((p.name, p.stat().st_mtime_ns) for p in workdir.iterdir())
+  with pytest.raises(checkpoint.CheckpointError, match=re.escape(
+      f"{workdir} trained on 63 examples of config.data.train_split='train', which now has 64")):
+    train.train_and_evaluate(tiny_config(num_epochs=3), workdir)
+  assert sorted((p.name, p.stat().st_mtime_ns) for p in workdir.iterdir()) == before
 
 
 def test_resume_refuses_an_incompatible_config(uninterrupted_run):
