@@ -23,12 +23,13 @@ def keras_encoder(alpha: float, image_size: int, weights: str | None = None):
 
 
 def keras_unet(alpha: float = 1.0, image_size: int = 128, num_classes: int = 3,
-               weights: str | None = None, decoder_filters=(512, 256, 128, 64)):
-  """The tutorial's unet_model: frozen down_stack + pix2pix upsample blocks + last Conv2DTranspose."""
+               weights: str | None = None, decoder_filters=(512, 256, 128, 64), freeze_encoder: bool = True):
+  """The tutorial's unet_model: frozen down_stack + pix2pix upsample blocks + last Conv2DTranspose
+  (``freeze_encoder=False``: the down_stack trainable, BatchNorm included, as a fine-tuning run)."""
   import keras
 
   _, down_stack = keras_encoder(alpha, image_size, weights)
-  down_stack.trainable = False
+  down_stack.trainable = not freeze_encoder
 
   def upsample(filters: int, size: int):
     return keras.Sequential([

@@ -21,8 +21,10 @@ own by ``--mode input``). Every rate is the median over ``--steps`` timed steps 
 * ``layers``: forward and forward+backward time of each distinct convolution of the model that has a fast
   formulation (``petseg_jax.models.layers``), "fast" against "reference", at the configured batch size.
 * ``--compare-keras``: the tutorial's Keras model (TensorFlow backend; ``KERAS_BACKEND=jax`` where TensorFlow
-  is absent) at the same batch and image size in the same process: ``model.fit`` for ``train``, the compiled
-  call (``tf.function``; ``jax.jit`` of ``stateless_call`` on JAX) for ``infer``.
+  is absent) at the same batch and image size in the same process: ``model.fit`` for ``train`` (the encoder
+  frozen as the tutorial's, or trainable where the config fine-tunes from the first step: ``variant`` and
+  ``keras_variant`` in the JSON; a partial ``train.frozen_params`` has no Keras counterpart and is refused), the
+  compiled call (``tf.function``; ``jax.jit`` of ``stateless_call`` on JAX) for ``infer``.
 
 Each compiled program (``train``: per variant; ``infer``) is reported with ``hlo_fingerprint``, a hash of its
 optimized HLO without source locations: two code versions with equal fingerprints compile to the same
@@ -121,6 +123,17 @@ def check_benchmark_config(config: ml_collections.ConfigDict) -> None:
   batch = config.train.batch_size
   if not isinstance(batch, int) or batch < 1:
     raise SystemExit(f"--batch-size / config.train.batch_size={batch!r} must be a positive integer.")
+
+
+def train_variant(config: ml_collections.ConfigDict) -> str:
+  """The training step ``config`` starts with: "frozen" (the whole encoder, the tutorial's), "partly_frozen"
+  (``train.frozen_params`` freeze part of it) or "finetune" (nothing frozen from the first step)."""
+  from petseg_jax import train  # pylint: disable=g-import-not-at-top
+  if not config.model.freeze_encoder or config.train.unfreeze_after_epochs == 0:
+    return "finetune"
+  # Which parameters freeze follows from their paths: the shapes suffice, nothing is initialized.
+  shapes = models.variable_shapes(train.create_model(config), config.data.image_size)
+  return "frozen" if train.freezing_at(config, shapes, 0, 1).encoder else "partly_frozen"
 
 
 def benchmark_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
@@ -363,8 +376,8 @@ def bench_train(config: ml_collections.ConfigDict, args: argparse.Namespace) -> 
                 for k, v in host_batch.items()}
   results: dict[str, Any] = {}
   # A config that unfreezes at step 0 trains everything from the first step: the fine-tuning variant.
-  starts_frozen = config.model.freeze_encoder and config.train.unfreeze_after_epochs != 0
-  variants = [("frozen", True)] if starts_frozen else []
+  first = train_variant(config)
+  variants = [(first, True)] if first != "finetune" else []
   if not args.skip_finetune or not variants:
     variants.append(("finetune", False))
   for name, frozen in variants:
@@ -379,8 +392,6 @@ def bench_train(config: ml_collections.ConfigDict, args: argparse.Namespace) -> 
     freezing = train.freezing_at(variant_config, initial.variables, 0, 100)
     state, layout = train.replicate_state(initial)
     del initial
-    if frozen and not freezing.encoder:  # train.frozen_params freeze part of it: not the tutorial's step.
-      name = "partly_frozen"
     dropout_rngs = train.replicate(dropout_rng)
     batches = train.device_batches(itertools.repeat(host_batch))
     batch = next(batches)
@@ -422,8 +433,8 @@ def bench_train(config: ml_collections.ConfigDict, args: argparse.Namespace) -> 
         + ", ".join(f"{part} {s:.1f}" for part, s in stats["first_step_parts_s"].items()) + "), "
         + (f"{stats['flops_per_image'] / 1e9:.2f} GFLOPs/image (XLA)" if flops else "FLOPs n/a")
         + f"; program {stats['hlo_fingerprint']}")
-  main = results[next(name for name in ("frozen", "partly_frozen", "finetune") if name in results)]
-  out = {"images_per_sec": main["images_per_sec"], "step_ms_median": main["step_ms_median"],
+  main = results[variants[0][0]]
+  out = {"variant": variants[0][0], "images_per_sec": main["images_per_sec"], "step_ms_median": main["step_ms_median"],
          "compile_s": main["first_step_s"], "flops_per_image": main["flops_per_image"],
          "hlo_fingerprint": main["hlo_fingerprint"],
          "variants": results}
@@ -606,7 +617,8 @@ def bench_input(config: ml_collections.ConfigDict, args: argparse.Namespace) -> 
 
 
 def bench_keras(config: ml_collections.ConfigDict, args: argparse.Namespace, mode: str) -> dict[str, Any]:
-  """The tutorial's Keras model: ``model.fit`` steps (train) or its compiled call (infer).
+  """The tutorial's Keras model: ``model.fit`` steps (train; its encoder frozen unless ``config``'s first step
+  fine-tunes, ``train_variant``) or its compiled call (infer).
 
   The backend is Keras' own choice (``KERAS_BACKEND``, TensorFlow by default, as in the tutorial). Where
   TensorFlow cannot be installed (an accelerator host with JAX alone) ``KERAS_BACKEND=jax`` runs the same
@@ -627,8 +639,10 @@ def bench_keras(config: ml_collections.ConfigDict, args: argparse.Namespace, mod
   # the policy is global and main() may run more than once in a process.
   keras.mixed_precision.set_global_policy("mixed_bfloat16" if config.model.dtype == "bfloat16" else "float32")
   start = time.perf_counter()
+  # In training, the step JAX's numbers are of (the encoder frozen or fine-tuned); inference is the same either way.
+  variant = train_variant(config) if mode == "train" else None
   model = keras_unet(config.model.alpha, size, config.model.num_classes,
-                     decoder_filters=tuple(config.model.decoder_filters))
+                     decoder_filters=tuple(config.model.decoder_filters), freeze_encoder=variant != "finetune")
   if mode == "train":
     # The tutorial's compile(); one batch repeated, like the JAX side's batch held on the device.
     model.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -662,6 +676,7 @@ def bench_keras(config: ml_collections.ConfigDict, args: argparse.Namespace, mod
   stats = summarize(times, batch_size)
   stats["first_step_s"] = first_step_s
   stats["backend"] = backend
+  stats["variant"] = variant
   log(f"Keras {keras.__version__} ({backend} backend) {'fit' if mode == 'train' else 'inference'}: "
       f"{stats['images_per_sec']:.1f} img/s, step median {stats['step_ms_median']:.0f} ms (CPU "
       f"{stats['cpu_ms_median']:.0f} ms), first step {first_step_s:.1f} s")
@@ -766,6 +781,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   log(f"config: {args.config}; batch {config.train.batch_size}, {config.data.image_size}x"
       f"{config.data.image_size}, alpha {config.model.alpha}, dtype {config.model.dtype}, conv impl "
       f"{config.model.conv_impl}")
+  if args.compare_keras and args.mode == "train" and train_variant(config) == "partly_frozen":
+    raise SystemExit(f"--compare-keras: train.frozen_params={tuple(config.train.frozen_params)} freeze part of the "
+                     "encoder; the Keras tutorial model freezes all of it or (with model.freeze_encoder=False) none. "
+                     "Compare without the override, or drop --compare-keras.")
   bench = {"train": bench_train, "infer": bench_infer, "input": bench_input, "layers": bench_layers}[args.mode]
   result = bench(config, args)
   result["peak_rss_mb"] = peak_rss_mb()  # Before Keras runs.
@@ -786,6 +805,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result["keras_first_step_s"] = keras_stats["first_step_s"]
     result["keras_cpu_ms_median"] = keras_stats["cpu_ms_median"]
     result["keras_backend"] = keras_stats["backend"]
+    result["keras_variant"] = keras_stats["variant"]
     result["ratio"] = result["images_per_sec"] / keras_stats["images_per_sec"]
     result["peak_rss_mb_with_keras"] = peak_rss_mb()
     log(f"JAX / Keras images/s: {result['ratio']:.2f}")

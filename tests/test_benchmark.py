@@ -81,7 +81,7 @@ def test_train(tmp_path):
   assert len(lines) > 1  # Human-readable lines come first without --json.
   assert result["mode"] == "train" and result["batch_size"] == 2 and result["image_size"] == 32
   assert result["images_per_sec"] > 0 and result["compile_s"] > 0 and result["peak_rss_mb"] > 0
-  assert set(result["variants"]) == {"frozen"}
+  assert set(result["variants"]) == {"frozen"} and result["variant"] == "frozen"
   assert result["flops_per_image"] > 0
   assert result["ratio"] is None  # No --compare-keras.
   frozen = result["variants"]["frozen"]
@@ -107,6 +107,30 @@ def test_cpu_flags_are_the_matmul_relevant_ones_the_cpu_reports(monkeypatch):
   assert provenance.cpu_name() == "Some CPU"
   monkeypatch.setattr(provenance, "cpuinfo_field", lambda name: None)  # No /proc/cpuinfo (macOS).
   assert benchmark.cpu_flags() is None and provenance.cpu_name()
+
+
+def test_the_train_variant_is_the_first_step_of_the_config():
+  benchmark = load_benchmark_module()
+  config = benchmark.load_config(benchmark.DEFAULT_CONFIG)
+  config.data.image_size, config.model.alpha = 32, 0.35
+  assert benchmark.train_variant(config) == "frozen"
+  for override in ("model.freeze_encoder=False", "train.unfreeze_after_epochs=0"):
+    assert benchmark.train_variant(benchmark.apply_override(config, override)) == "finetune"
+  partial = benchmark.apply_override(config, "train.frozen_params=('encoder/(Conv1|bn_Conv1)/.*',)")
+  assert benchmark.train_variant(partial) == "partly_frozen"
+
+
+def test_fine_tuning_against_keras_fine_tuning():
+  """--compare-keras times the Keras model in the same step as the JAX side: its encoder trainable when the
+  config fine-tunes (a partial freeze has no Keras counterpart, and is refused before anything runs)."""
+  result, _ = run_benchmark("--mode", "train", "--compare-keras", "--set", "model.freeze_encoder=False", *TINY)
+  assert result["variant"] == result["keras_variant"] == "finetune"
+  assert result["keras_images_per_sec"] > 0 and result["ratio"] > 0
+  proc = subprocess.run([sys.executable, str(SCRIPT), "--mode", "train", "--compare-keras", *TINY, "--set",
+                         "train.frozen_params=('encoder/Conv1/.*',)"], capture_output=True, text=True, timeout=300,
+                        env=script_env(), cwd=REPO_ROOT)
+  assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  assert "--compare-keras: train.frozen_params=('encoder/Conv1/.*',) freeze part of the encoder" in proc.stderr
 
 
 def test_infer_against_keras_json_only_with_profile(tmp_path):
