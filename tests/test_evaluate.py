@@ -154,6 +154,9 @@ def test_other_data_settings_get_their_own_files(workdir, cli):
 def test_data_tag_names_what_differs(tmp_path):
   saved = trained_run.tiny_config().data
   assert inference.data_tag(saved, saved, "test") == "test"  # The name the README and tests rely on.
+  # tfds slices: readable, and distinct (their characters alone would give both the same name).
+  slices = [inference.data_tag(saved, saved, split) for split in ("train[:80%]", "train[80%:]", "train[:10%]")]
+  assert slices[0] == "train-80-_77688a" and len(set(slices)) == 3
   other = saved.copy_and_resolve_references()
   other.image_size, other.input_range = 160, "[0,1]"
   assert inference.data_tag(other, saved, "test") == "test_image_size-160_input_range-0-1"
