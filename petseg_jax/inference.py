@@ -109,8 +109,13 @@ def restore_model(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
   """``(model, {"params", "batch_stats"}, step)`` of checkpoint ``which`` ("latest" | "best" | step).
 
   Raises:
-    WorkdirError: no such checkpoint, or it does not fit the model of ``config``.
+    WorkdirError: no such checkpoint, it does not fit the model of ``config``, or ``config.data`` has an invalid
+      value (e.g. an ``image_size`` override the U-Net cannot take).
   """
+  try:
+    input_pipeline.check_data_config(config.data)
+  except input_pipeline.DataError as e:
+    raise WorkdirError(str(e)) from e
   try:
     variables, step = checkpoint.restore_variables(workdir, which)
   except checkpoint.CheckpointError as e:

@@ -236,6 +236,11 @@ def test_errors_are_clear(workdir, cli, tmp_path):
   config = inference.load_run_config(no_checkpoints)
   with pytest.raises(inference.WorkdirError, match="No checkpoint in"):
     inference.restore_model(config, no_checkpoints, "latest")
+  # An image size the U-Net cannot take (--config.data.image_size=100 to evaluate.py or predict.py): named.
+  config.data.image_size = 100
+  with pytest.raises(inference.WorkdirError, match=r"config.data.image_size=100 must be a positive multiple of 32"):
+    inference.restore_model(config, workdir, "latest")
+  config.data.image_size = trained_run.tiny_config().data.image_size
   config.model.decoder_filters = (8, 8, 8, 8)
   with pytest.raises(inference.WorkdirError, match="does not fit the model"):
     inference.restore_model(config, workdir, "latest")
