@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 import warnings
 from pathlib import Path
@@ -557,6 +558,39 @@ def _set_keras_layer(layer: Any, arrays: Mapping[str, Mapping[str, Any]], transp
 def is_keras_file(path: str | os.PathLike) -> bool:
   """Whether ``path`` names a Keras model or weight file (``.keras``, ``.h5``, ``.hdf5``), not a directory."""
   return str(path).lower().endswith((".keras", ".h5", ".hdf5")) and not Path(path).is_dir()
+
+
+def keras_file_image_size(path: str | os.PathLike) -> int | None:
+  """The input size S of the S×S images a Keras model file was built for, where the file records it.
+
+  A whole model saved by Keras (``.keras``, or ``.h5`` by ``model.save``) records its layers' config, the
+  input layer's shape included; a weight file (``.weights.h5``, ``save_weights``) does not, and neither does
+  a model built for any size: None then, as for a file that cannot be read (the weight reading says why).
+  """
+  path = Path(path)
+  try:
+    if zipfile.is_zipfile(path):
+      with zipfile.ZipFile(path) as archive:
+        model_config = json.loads(archive.read("config.json"))
+    else:
+      import h5py  # pylint: disable=g-import-not-at-top  # Only needed for this file format.
+      with h5py.File(path, "r") as f:
+        text = f.attrs.get("model_config")
+      if text is None:
+        return None
+      model_config = json.loads(text if isinstance(text, str) else text.decode("utf-8"))
+  except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+    return None
+  layers = model_config.get("config", {}).get("layers", []) if isinstance(model_config, dict) else []
+  for layer in layers:
+    if isinstance(layer, dict) and layer.get("class_name") == "InputLayer":
+      layer_config = layer.get("config", {})
+      # Keras 3 names it batch_shape; tf.keras 2, batch_input_shape: (None, S, S, 3).
+      shape = layer_config.get("batch_shape") or layer_config.get("batch_input_shape")
+      if isinstance(shape, list) and len(shape) == 4 and isinstance(shape[1], int) and shape[1] == shape[2]:
+        return shape[1]
+      return None
+  return None
 
 
 def unet_variables_from_keras_file(path: str | os.PathLike, alpha: float, num_classes: int = 3,

@@ -15,7 +15,10 @@ step-0 checkpoint of the training state (``model.init_from`` records the file), 
 measure and use the Keras model with petseg_jax's exact metrics. To train on from it, start a run with
 ``--config.model.init_from=unet.keras`` instead. A Keras file does not record how its inputs were scaled,
 so ``--config.data.input_range`` must be given: ``'[0,1]'`` for the tutorial's ``normalize`` (image / 255),
-``'[-1,1]'`` for ``keras.applications.mobilenet_v2.preprocess_input``.
+``'[-1,1]'`` for ``keras.applications.mobilenet_v2.preprocess_input``. The input size comes from the file where
+it records one (a whole model saved as ``.keras`` or ``.h5``); a weight file does not, and the config's
+``data.image_size`` holds. ``--config.data.image_size`` overrides either (with a warning if it differs from
+the file's).
 """
 
 import sys
@@ -62,6 +65,14 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"--source={FLAGS.source!r} is not a Keras file (.keras, .h5, .weights.h5).")
   tf.config.set_visible_devices([], "GPU")  # Keras reads a file; the accelerators are JAX's.
   config = FLAGS.config
+  recorded_size = weights.keras_file_image_size(FLAGS.source)
+  if recorded_size is not None and recorded_size != config.data.image_size:
+    if "data.image_size" in config_flags.get_override_values(FLAGS["config"]):
+      print(f"warning: {FLAGS.source} is a Keras model of {recorded_size}x{recorded_size} inputs; the run will "
+            f"read {config.data.image_size}x{config.data.image_size} ones, as --config.data.image_size says: its "
+            "numbers are this model's at that size, not the Keras model's.", file=sys.stderr)
+    else:  # The size the Keras model was built, trained and measured at.
+      config.data.image_size = recorded_size
   config.model.init_from = str(Path(FLAGS.source).resolve())
   config.model.encoder_weights = ""  # The whole model, encoder included, comes from the file.
   try:
@@ -70,9 +81,10 @@ def main(argv: list[str]) -> None:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
   model = config.model
+  size = config.data.image_size
   print(f"wrote {FLAGS.workdir}: step 0 of the Keras U-Net {FLAGS.source} (alpha={model.alpha}, "
-        f"decoder_filters={tuple(model.decoder_filters)}, num_classes={model.num_classes}, inputs in "
-        f"{config.data.input_range}). Evaluate it: python scripts/evaluate.py --workdir {FLAGS.workdir}")
+        f"decoder_filters={tuple(model.decoder_filters)}, num_classes={model.num_classes}, inputs {size}x{size} "
+        f"in {config.data.input_range}). Evaluate it: python scripts/evaluate.py --workdir {FLAGS.workdir}")
 
 
 if __name__ == "__main__":

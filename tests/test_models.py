@@ -575,6 +575,18 @@ def test_a_whole_keras_unet_file_gives_the_same_function(keras_unet_files, name)
   assert relative_error(logits, expected) < 1e-4
 
 
+def test_the_input_size_a_keras_model_file_records(keras_unet_files, tmp_path):
+  directory, _, _ = keras_unet_files
+  sizes = {name: weights.keras_file_image_size(directory / name)
+           for name in ("unet.keras", "unet.h5", "UNET.KERAS", "unet.weights.h5", "legacy.h5")}
+  # Whole models record their input layer; weight files (Keras 3's, and the legacy layout) do not.
+  assert sizes == {"unet.keras": 96, "unet.h5": 96, "UNET.KERAS": 96, "unet.weights.h5": None, "legacy.h5": None}
+  cut = tmp_path / "cut.keras"
+  cut.write_bytes((directory / "unet.keras").read_bytes()[:50_000])
+  assert weights.keras_file_image_size(cut) is None  # The weight reading names the damage.
+  assert weights.keras_file_image_size(tmp_path / "missing.h5") is None
+
+
 def test_a_keras_unet_file_of_another_model_names_the_settings(keras_unet_files):
   directory, _, _ = keras_unet_files
   with pytest.raises(weights.WeightsError) as info:
@@ -624,6 +636,8 @@ def test_import_script_writes_a_run_that_gives_the_keras_logits(keras_unet_files
   assert f"Evaluate it: python scripts/evaluate.py --workdir {workdir}" in imported.stdout
   config = inference.load_run_config(workdir)
   assert config.data.input_range == "[0,1]" and config.model.encoder_weights == ""
+  # The size the Keras model was built for, which unet.keras records (the config's default is 128).
+  assert config.data.image_size == 96 and "inputs 96x96 in [0,1]" in imported.stdout
   assert config.model.init_from == str((directory / "unet.keras").resolve())
   model, variables, step = inference.restore_model(config, workdir, "latest")
   assert step == 0
@@ -649,11 +663,11 @@ def test_export_script_writes_the_run_as_a_keras_model_of_the_same_function(impo
   assert sorted(p.name for p in tmp_path.rglob("*")) == ["out", "unet.keras", "unet.weights.h5"]  # No temporaries.
   config = inference.load_run_config(workdir)
   model, variables, _ = inference.restore_model(config, workdir, "latest")
-  x = np.random.default_rng(13).uniform(0, 1, (2, 128, 128, 3)).astype(np.float32)  # Its [0,1] inputs.
+  x = np.random.default_rng(13).uniform(0, 1, (2, 96, 96, 3)).astype(np.float32)  # Its [0,1] inputs.
   ours = jax.jit(model.apply)(variables, x)
   whole = keras.models.load_model(outputs[0], compile=False)
   assert relative_error(whole(x, training=False), ours) < 1e-4
-  weights_only = keras_unet(0.35, 128)
+  weights_only = keras_unet(0.35, 96)
   weights_only.load_weights(outputs[1])
   assert relative_error(weights_only(x, training=False), ours) < 1e-4
 
