@@ -639,6 +639,27 @@ def _check_variants_differ(planned: Sequence[tuple[Run, ml_collections.ConfigDic
            "--only." if told_apart else "Make them differ, or drop one."))
 
 
+def _refuse_changed_runs(planned: Sequence[tuple[Run, ml_collections.ConfigDict | None, str]],
+                         sweep_dir: Path) -> None:
+  """Raises SweepError if a planned run's directory holds a run of other settings (``execute_run`` would fail
+  it): the sweep was started with another base config, sweep file or ``--set``."""
+  changed = []
+  for run, config, _ in planned:
+    spec = read_json(sweep_dir / run.dirname / RUN_SPEC_FILE) if config is not None else None
+    if spec is not None and isinstance(spec.get("config"), dict):
+      diff = config_files.differences(config_files.flat_config(spec["config"]),
+                                      config_files.flat_config(config_files.config_to_dict(config)))
+      if diff:
+        changed.append((run.dirname, diff))
+  if changed:
+    dirname, diff = changed[0]
+    shown = "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in list(diff.items())[:4])
+    raise SweepError(
+        f"{sweep_dir} holds {len(changed)} run(s) of other settings than this command plans, e.g. {dirname} "
+        f"({shown}). A sweep's runs keep their settings: run it again with those it was started with "
+        f"({sweep_dir / PLAN_FILE} records them), or give a new sweep directory.")
+
+
 def run_sweep(base_config: str, sweep_spec: str, sweep_dir: str | os.PathLike, *,
               extra_overrides: Mapping[str, Any] | None = None, only: Sequence[str] | None = None,
               in_process: bool = False, log: Callable[[str], None] = print) -> list[RunResult]:
@@ -650,6 +671,7 @@ def run_sweep(base_config: str, sweep_spec: str, sweep_dir: str | os.PathLike, *
   planned = plan_runs(base_config, sweep, extra_overrides, check_duplicates=not only)
   if only:
     plan_runs(base_config, sweep, extra_overrides, only)  # Checks the names and the chosen variants.
+  _refuse_changed_runs(planned, sweep_dir)  # Before the plan is written: the sweep's record stays its own.
   sweep_dir.mkdir(parents=True, exist_ok=True)
   _write_json(sweep_dir / PLAN_FILE, {
       "base_config": str(base_config), "sweep": str(sweep_spec), "seeds": sweep["seeds"],

@@ -27,9 +27,8 @@ import shutil
 import sys
 import traceback
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator
 
-import flax
 import jax
 import ml_collections
 import numpy as np
@@ -365,11 +364,6 @@ def restore_variables(workdir: str | os.PathLike, which: str | int = "latest"
 
 # --- workdir bookkeeping ---------------------------------------------------------------------------------
 
-def flat_config(tree: Mapping[str, Any]) -> dict[str, Any]:
-  """A config's nested dict as ``{"section.key": value}``."""
-  return flax.traverse_util.flatten_dict(dict(tree), sep=".")
-
-
 def config_changes(workdir: str | os.PathLike, config: ml_collections.ConfigDict) -> dict[str, tuple[Any, Any]]:
   """``{key: (saved, now)}`` for each config field where ``config`` differs from ``workdir/config.json``.
 
@@ -378,7 +372,8 @@ def config_changes(workdir: str | os.PathLike, config: ml_collections.ConfigDict
   path = Path(workdir) / CONFIG_FILE
   if not path.exists():
     return {}
-  return differences(flat_config(_read_config_json(path)), flat_config(config_files.config_to_dict(config)))
+  return config_files.differences(config_files.flat_config(_read_config_json(path)),
+                                  config_files.flat_config(config_files.config_to_dict(config)))
 
 
 def _read_config_json(path: Path) -> dict[str, Any]:
@@ -391,12 +386,6 @@ def _read_config_json(path: Path) -> dict[str, Any]:
     raise CheckpointError(f"{path} holds a JSON {type(saved).__name__}, not the run's configuration (an object "
                           "of sections); restore it or use a new --workdir.")
   return saved
-
-
-def differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
-  """``{key: (saved value, current value)}`` for each key whose values differ (a missing one is None)."""
-  return {key: (saved.get(key), current.get(key)) for key in sorted(set(saved) | set(current))
-          if saved.get(key) != current.get(key)}
 
 
 def check_resume_config(workdir: str | os.PathLike,

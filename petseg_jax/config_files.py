@@ -16,7 +16,7 @@ import math
 import os
 from pathlib import Path
 import sys
-from typing import Any, Collection
+from typing import Any, Collection, Mapping
 
 import ml_collections
 
@@ -80,6 +80,23 @@ def call_python_file(spec: str | os.PathLike, function: str, what: str,
 def config_to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """``config`` as the JSON a run saves (``config.json``): through JSON, so tuples and lists compare equal."""
   return json.loads(config.to_json_best_effort())
+
+
+def flat_config(tree: Mapping[str, Any]) -> dict[str, Any]:
+  """A config's nested dict (``config_to_dict``) as ``{"section.key": value}``."""
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, Mapping):
+      flat.update({f"{key}.{sub}": sub_value for sub, sub_value in flat_config(value).items()})
+    else:
+      flat[key] = value
+  return flat
+
+
+def differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+  """``{key: (saved value, current value)}`` for each key whose values differ (a missing one is None)."""
+  return {key: (saved.get(key), current.get(key)) for key in sorted(set(saved) | set(current))
+          if saved.get(key) != current.get(key)}
 
 
 def load_config(spec: str | os.PathLike, error: type[ConfigFileError] = ConfigFileError

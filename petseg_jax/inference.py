@@ -100,8 +100,8 @@ def _missing_fields(config: ml_collections.ConfigDict) -> list[str]:
   if not config_files.DEFAULT_CONFIG.is_file():  # Installed without the repository's configs/.
     return []
   default = config_files.load_config(config_files.DEFAULT_CONFIG)
-  have = checkpoint.flat_config(config_files.config_to_dict(config))
-  return sorted(set(checkpoint.flat_config(config_files.config_to_dict(default))) - set(have))
+  have = config_files.flat_config(config_files.config_to_dict(config))
+  return sorted(set(config_files.flat_config(config_files.config_to_dict(default))) - set(have))
 
 
 def restore_model(config: ml_collections.ConfigDict, workdir: str | os.PathLike, which: str | int
@@ -198,7 +198,7 @@ def export_keras_unet(config: ml_collections.ConfigDict, variables: dict[str, An
 def data_overrides(data_config: ml_collections.ConfigDict, saved_data_config: ml_collections.ConfigDict
                    ) -> dict[str, Any]:
   """``{field: value}`` of the data settings that differ from the run's saved ones, sorted by field."""
-  changed = checkpoint.differences(saved_data_config.to_dict(), data_config.to_dict())
+  changed = config_files.differences(saved_data_config.to_dict(), data_config.to_dict())
   return {key: now for key, (_, now) in changed.items()}
 
 

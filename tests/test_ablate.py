@@ -4,6 +4,7 @@ import csv
 import json
 import math
 import os
+import re
 from pathlib import Path
 import shutil
 import signal
@@ -422,17 +423,26 @@ def test_rerun_skips_finished_runs(tiny_sweep):
 
 
 def test_changed_variant_is_not_mixed_with_old_runs(tiny_sweep, tmp_path):
+  """A sweep run again with other settings for runs it has trained is refused before anything is written:
+  its plan (and so its report) stays the one its runs were trained with."""
   workdir = tmp_path / "copy"
-  shutil.copytree(tiny_sweep["workdir"] / "flip", workdir / "flip")
+  shutil.copytree(tiny_sweep["workdir"], workdir)
+  plan = (workdir / "sweep.json").read_bytes()
   sweep = write_sweep(tmp_path / "changed.py", {
       "seeds": [0], "overrides": {**TINY, "train.learning_rate": 0.01}, "variants": {"flip": {}}})
-  results = ablation.run_sweep(SYNTHETIC, sweep, workdir, in_process=True, log=lambda _: None)
-  assert results[0].status == "failed"
-  assert "different configuration" in results[0].error
-  # The report does not show the old run's results under the new settings either.
+  with pytest.raises(ablation.SweepError, match=re.escape(
+      f"{workdir} holds 1 run(s) of other settings than this command plans, e.g. flip/seed_0 "
+      "(train.learning_rate: 0.003 -> 0.01). A sweep's runs keep their settings")):
+    ablation.run_sweep(SYNTHETIC, sweep, workdir, in_process=True, log=lambda _: None)
+  assert (workdir / "sweep.json").read_bytes() == plan
   _, runs = ablation_report.collect_runs(workdir)
-  assert runs[0]["status"] == "failed" and "different configuration" in runs[0]["error"]
-  assert runs[0]["final"] is None
+  assert [run["status"] for run in runs if run["variant"] == "flip"] == ["done", "done"]
+  # Were the settings changed behind the sweep's back (a run directory copied in), the run is still refused.
+  other = tmp_path / "other"
+  shutil.copytree(tiny_sweep["workdir"] / "flip", other / "flip")
+  run, config, _ = ablation.plan_runs(SYNTHETIC, ablation.load_sweep(sweep))[0]
+  result = ablation.execute_run(run, config, SYNTHETIC, other, in_process=True)
+  assert result.status == "failed" and "different configuration" in result.error
 
 
 def test_a_finished_run_without_its_spec_is_reported_not_a_traceback(tiny_sweep, tmp_path):
