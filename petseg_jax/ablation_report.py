@@ -42,12 +42,10 @@ def parameter_counts(config: ml_collections.ConfigDict, final_epoch: float | Non
 
 
 def run_throughput(records: Sequence[Mapping[str, Any]]) -> float | None:
-  """Training images/s of a run: mean of the per-evaluation-interval rates, the first interval (which
-  includes XLA compilation) left out when there are later ones."""
+  """Training images/s of a run: mean of the per-evaluation-interval rates after the first, which includes
+  XLA compilation; None for a run with one interval (a smoke run: its rate would be mostly compilation)."""
   rates = [r["images_per_sec"] for r in records if r.get("images_per_sec") is not None]
-  if len(rates) > 1:
-    rates = rates[1:]
-  return float(np.mean(rates)) if rates else None
+  return float(np.mean(rates[1:])) if len(rates) > 1 else None
 
 
 def metric_keys(records: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -178,7 +176,8 @@ def write_markdown(plan: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], p
       f"- seeds: {plan['seeds']}",
       f"- report written {datetime.datetime.now().isoformat(timespec='seconds')}",
       f"- metrics: the final evaluation of each run on {eval_split_name(plan)}, mean ± sample std over seeds; "
-      "train img/s: mean over evaluation intervals after the first (which includes compilation)", "",
+      "train img/s: mean over evaluation intervals after the first (which includes compilation; – for runs "
+      "with one interval)", "",
       "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
   for row in rows:
     cells = ([row["variant"], f"`{row['overrides']}`", f"{row['seeds_done']}/{row['seeds_planned']}"]
