@@ -378,10 +378,12 @@ class PredictReport:
   outputs: dict[str, list[Path]] = dataclasses.field(default_factory=dict)
   failures: list[tuple[str, str]] = dataclasses.field(default_factory=list)
   warnings: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+  turned: dict[str, int] = dataclasses.field(default_factory=dict)  # Path → EXIF orientation it was turned by.
 
 
 def _write_outputs(path: Path, name: str, image: np.ndarray, mask: np.ndarray, output_dir: Path,
-                   report: PredictReport) -> list[Path]:
+                   report: PredictReport, orientation: int) -> list[Path]:
+  """The outputs of ``image`` (turned by EXIF ``orientation``, its trimap then turned alike)."""
   height, width = image.shape[:2]
   full_mask = resize_mask(mask, height, width)
   written = [output_dir / f"{name}_mask.png", output_dir / f"{name}_overlay.png"]
@@ -390,7 +392,7 @@ def _write_outputs(path: Path, name: str, image: np.ndarray, mask: np.ndarray, o
   trimap_file = trimap_path(path)
   if trimap_file is not None:
     try:
-      trimap = decode.load_trimap(trimap_file)
+      trimap = decode.turn_upright(decode.load_trimap(trimap_file), orientation)
       if trimap.shape != (height, width):
         raise input_pipeline.DataError(f"{trimap_file}: trimap is {trimap.shape[1]}x{trimap.shape[0]}, "
                                        f"the image {width}x{height}")
@@ -405,13 +407,18 @@ def _write_outputs(path: Path, name: str, image: np.ndarray, mask: np.ndarray, o
 def predict_files(config: ml_collections.ConfigDict, model: models.UNet, variables: dict[str, Any],
                   files: Sequence[Path], output_dir: str | os.PathLike, batch_size: int,
                   on_done: Callable[[Path, list[Path]], None] | None = None,
-                  on_failure: Callable[[str, str], None] | None = None) -> PredictReport:
+                  on_failure: Callable[[str, str], None] | None = None, upright: bool = True) -> PredictReport:
   """Predicts each file and writes ``<name>_mask.png``, ``<name>_overlay.png`` and, when its trimap is
   known (Oxford layout), ``<name>_triplet.png`` into ``output_dir``.
 
   Images are decoded by content, preprocessed as in evaluation and predicted in batches padded to
   ``batch_size`` (one compilation). Masks are class ids 0/1/2, one byte per pixel, resized back to the
   image's size with nearest neighbour. Unreadable files are recorded in the report and skipped.
+
+  With ``upright`` an image with an EXIF orientation (a phone photo taken sideways) is turned as viewers show
+  it before it is predicted: the pet upright, as in the training images, and the mask and figures as the user
+  sees the photo (``report.turned`` lists them). ``upright=False`` predicts the stored pixel grid, as the data
+  pipeline reads images.
   """
   output_dir = Path(output_dir)
   output_dir.mkdir(parents=True, exist_ok=True)
@@ -428,18 +435,23 @@ def predict_files(config: ml_collections.ConfigDict, model: models.UNet, variabl
     chunk = []
     for path in files[start:start + batch_size]:
       try:
-        chunk.append((path, input_pipeline.load_image(path)))
+        image = input_pipeline.load_image(path)
       except input_pipeline.DataError as e:
         fail(path, str(e))
+        continue
+      orientation = decode.exif_orientation(path) if upright else 1
+      if orientation != 1:
+        report.turned[str(path)] = orientation
+      chunk.append((path, decode.turn_upright(image, orientation), orientation))
     if not chunk:
       continue
-    images = input_pipeline.preprocess_images([image for _, image in chunk], config.data)
+    images = input_pipeline.preprocess_images([image for _, image, _ in chunk], config.data)
     padded = np.zeros((batch_size,) + images.shape[1:], images.dtype)
     padded[:len(images)] = images
     masks = predictor(padded)
-    for (path, image), mask in zip(chunk, masks):
+    for (path, image, orientation), mask in zip(chunk, masks):
       try:
-        written = _write_outputs(path, names[path], image, mask, output_dir, report)
+        written = _write_outputs(path, names[path], image, mask, output_dir, report, orientation)
       except OSError as e:
         fail(path, f"{path}: cannot write its outputs to {output_dir} ({e})")
         continue

@@ -4,7 +4,9 @@ For each image (any size; JPEG/PNG/GIF/BMP/WebP/... decoded by content; folders 
 files) writes into OUT: ``<name>_mask.png`` (class ids 0 pet / 1 background / 2 border, one byte per pixel,
 the image's size), ``<name>_overlay.png`` (class colours over the image) and, for an image
 ``<root>/images/NAME.*`` with a trimap ``<root>/annotations/trimaps/NAME.png`` (the Oxford layout),
-``<name>_triplet.png`` (input | true mask | predicted mask). Unreadable files are reported and skipped.
+``<name>_triplet.png`` (input | true mask | predicted mask). Unreadable files are reported and skipped. A photo
+with an EXIF orientation is predicted, and its outputs written, upright as viewers show it (``--noupright``:
+the stored pixel grid, as the data pipeline reads images).
 Exit code: 0 if every file was predicted, 1 otherwise. The logic lives in ``petseg_jax/inference.py``.
 """
 
@@ -38,6 +40,9 @@ flags.DEFINE_string("output", None, "Folder for the output PNGs (created if need
 flags.DEFINE_string("checkpoint", "latest",
                     "Which checkpoint: 'latest', 'best' (best mIoU on the run's eval split) or a step.")
 flags.DEFINE_integer("batch_size", 16, "Images predicted per batch (the last batch is padded).")
+flags.DEFINE_bool("upright", True, "Turn each image as its EXIF orientation says (as image viewers show it) "
+                  "before predicting; masks and figures are then upright too. --noupright predicts the stored "
+                  "pixel grid, as the data pipeline reads images.")
 flags.mark_flags_as_required(["workdir", "output"])
 _SAVED_CONFIG, _CONFIG_ERROR = cli_flags.define_run_config_flag(sys.argv, fallback=default.get_config())
 
@@ -64,12 +69,15 @@ def main(argv):
     report = inference.predict_files(
         FLAGS.config, model, variables, files, FLAGS.output, FLAGS.batch_size,
         on_done=lambda path, written: print(f"{path} -> " + ", ".join(p.name for p in written)),
-        on_failure=lambda path, reason: print(f"error: skipped {reason}", file=sys.stderr))
+        on_failure=lambda path, reason: print(f"error: skipped {reason}", file=sys.stderr), upright=FLAGS.upright)
   except (inference.WorkdirError, checkpoint.CheckpointError, input_pipeline.DataError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
   for path, reason in report.warnings:
     print(f"warning: {path}: {reason}", file=sys.stderr)
+  for path, orientation in report.turned.items():
+    print(f"note: {path}: turned upright as its EXIF orientation ({orientation}) says; its outputs are upright "
+          "(--noupright: the stored pixels).")
   failed = len(report.failures) + len(problems)
   print(f"{len(report.outputs)} images predicted into {FLAGS.output}, {failed} failed.")
   sys.exit(1 if failed else 0)

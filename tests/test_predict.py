@@ -89,6 +89,36 @@ def test_masks_are_the_models_prediction_resized_back(workdir, inputs, tmp_path)
   np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "cat_1_mask.png")), expected)
 
 
+def test_a_photo_with_an_exif_orientation_is_predicted_upright(workdir, inputs, tmp_path):
+  """A sideways-stored photo (EXIF orientation 6: viewers turn it 90° clockwise) is predicted as viewers show
+  it, its trimap turned alike for the triplet; --noupright (upright=False) predicts the stored pixels."""
+  from petseg_jax.data import decode  # pylint: disable=g-import-not-at-top
+  config = inference.load_run_config(workdir)
+  model, variables, _ = inference.restore_model(config, workdir, "latest")
+  root = inputs["oxford"]
+  stored = root / "images" / "cat_1.jpg"
+  with Image.open(stored) as image:
+    exif = image.getexif()
+    exif[decode.EXIF_ORIENTATION_TAG] = 6
+    image.save(root / "images" / "sideways.jpg", exif=exif, quality=95)
+  (root / "annotations" / "trimaps" / "sideways.png").write_bytes(
+      (root / "annotations" / "trimaps" / "cat_1.png").read_bytes())
+  path = root / "images" / "sideways.jpg"
+  assert decode.exif_orientation(path) == 6 and decode.exif_orientation(stored) == 1
+  pixels = input_pipeline.load_image(path)  # The stored grid: 50 rows, 70 columns.
+  upright = decode.turn_upright(pixels, 6)
+  np.testing.assert_array_equal(upright, np.rot90(pixels, k=-1))  # 90° clockwise: 70 rows, 50 columns.
+  for turn, image, out in ((True, upright, tmp_path / "upright"), (False, pixels, tmp_path / "stored")):
+    report = inference.predict_files(config, model, variables, [path], out, batch_size=2, upright=turn)
+    assert report.turned == ({str(path): 6} if turn else {}) and not report.warnings
+    expected = prediction.predict(model, variables, input_pipeline.preprocess_images([image], config.data))[0]
+    expected = inference.resize_mask(expected, *image.shape[:2])
+    np.testing.assert_array_equal(np.asarray(Image.open(out / "sideways_mask.png")), expected)
+    assert (out / "sideways_triplet.png").exists()  # The trimap turned alike: its size fits.
+  trimap = decode.load_trimap(root / "annotations" / "trimaps" / "sideways.png")
+  assert decode.turn_upright(trimap, 6).shape == (70, 50)
+
+
 def test_expand_inputs_and_output_names(tmp_path):
   (tmp_path / "a.png").write_bytes(b"x")
   (tmp_path / "a.jpg").write_bytes(b"x")

@@ -4,7 +4,9 @@ Real Oxford-IIIT Pet files are messy: some `.jpg` files are GIFs or RGBA PNGs, s
 CMYK. Everything here decodes by content (PIL), never by file extension, and returns RGB uint8. Broken
 files raise `DataError` naming the file and the problem instead of a deep library traceback.
 
-EXIF orientation is deliberately ignored: the trimaps are aligned with the stored pixel grid.
+EXIF orientation is deliberately ignored by the loaders: the trimaps are aligned with the stored pixel grid.
+``exif_orientation`` and ``turn_upright`` turn an image (and its trimap) as viewers show it, for prediction
+on photos (``inference.predict_files``).
 """
 
 from __future__ import annotations
@@ -162,6 +164,32 @@ def _read_bytes(path: PathLike) -> bytes:
     raise DataError(f"{path}: is a directory, expected an image file") from e
   except OSError as e:
     raise DataError(f"{path}: cannot read ({e.strerror or e})") from e
+
+
+# EXIF orientation (tag 0x0112) → the PIL transpose that shows the image upright (PIL's ImageOps.exif_transpose).
+EXIF_ORIENTATION_TAG = 0x0112
+_UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+            5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+            8: Image.Transpose.ROTATE_90}
+
+
+def exif_orientation(path: PathLike) -> int:
+  """The EXIF orientation of an image file (1-8; 1, as stored, where it has none or it cannot be read)."""
+  try:
+    with Image.open(path) as image:
+      orientation = image.getexif().get(EXIF_ORIENTATION_TAG, 1)
+  except (OSError, UnidentifiedImageError, ValueError, SyntaxError):  # The loaders report unreadable files.
+    return 1
+  return orientation if orientation in _UPRIGHT else 1
+
+
+def turn_upright(array: np.ndarray, orientation: int) -> np.ndarray:
+  """``array`` (H, W) or (H, W, C), turned as EXIF ``orientation`` says to show it (as image viewers do)."""
+  if orientation not in _UPRIGHT:
+    return array
+  if array.ndim == 3 and array.shape[-1] == 1:
+    return turn_upright(array[..., 0], orientation)[..., None]
+  return np.asarray(Image.fromarray(array).transpose(_UPRIGHT[orientation]))
 
 
 def load_image(path: PathLike) -> np.ndarray:
