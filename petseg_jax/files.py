@@ -1,4 +1,5 @@
-"""Atomic file writes: whoever reads the file (or a crash interrupts the write) sees the old file or the new.
+"""Atomic file writes: whoever reads the file (or a crash interrupts the write) sees the old file or the new;
+output-folder checks and file-name parts.
 
 Used for config.json, metrics.jsonl rewrites, a sweep's JSON status files, converted weights and exported
 Keras models. Imports neither JAX nor TensorFlow: the sweep driver (``ablation``) uses it too.
@@ -7,8 +8,10 @@ Keras models. Imports neither JAX nor TensorFlow: the sweep driver (``ablation``
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 from pathlib import Path
+import re
 import secrets
 from typing import BinaryIO, Iterator
 
@@ -67,3 +70,11 @@ def folder_problem(folder: str | os.PathLike, flag: str) -> str:
     return ""
   where = "is a file" if blocking == path else f"lies under {blocking}, which is a file"
   return f"{flag} {folder} {where}; give a folder (made if missing)."
+
+
+def file_name_part(text: str) -> str:
+  """``text`` (e.g. a split) as a file-name part: as it is where it has only letters, digits, ``_ . -``; else
+  readable, with a short hash of the exact text: ``train[:80%]`` → ``train-80-_77688a``, ``train[80%:]`` →
+  ``train-80-_d27bf5`` (the characters alone would give both the same name)."""
+  name = re.sub(r"[^A-Za-z0-9_.-]+", "-", text)
+  return name if name == text else f"{name}_{hashlib.sha1(text.encode()).hexdigest()[:6]}"

@@ -216,18 +216,10 @@ def _name_part(value: Any) -> str:
   return re.sub(r"[^A-Za-z0-9_.]+", "-", text).strip("-") or "none"
 
 
-def _split_name(split: str) -> str:
-  """A split as a file-name part: ``test`` as it is; a split with other characters (tfds slices such as
-  ``train[:80%]``) readable, with a short hash of the exact split: ``train-80-_77688a``, ``train-80-_d27bf5``
-  for ``train[80%:]`` (the characters alone would give both the same name)."""
-  name = re.sub(r"[^A-Za-z0-9_.-]+", "-", split)
-  return name if name == split else f"{name}_{hashlib.sha1(split.encode()).hexdigest()[:6]}"
-
-
 def data_tag(data_config: ml_collections.ConfigDict, saved_data_config: ml_collections.ConfigDict,
              split: str, *, overrides: Mapping[str, Any] | None = None) -> str:
   """File-name tag of an evaluation: the split, e.g. ``test``, the run's own data with its own settings (a
-  split with characters unfit for a file name, e.g. ``train[:80%]``, as ``_split_name`` writes it).
+  split with characters unfit for a file name, e.g. ``train[:80%]``, as ``files.file_name_part`` writes it).
 
   Other data is prefixed by its name (the data folder's, with a short hash of its full path, since e.g.
   two tfds folders are both called ``tensorflow_datasets``; or the source's): ``pets_sample-1a2b3c_test``.
@@ -239,7 +231,7 @@ def data_tag(data_config: ml_collections.ConfigDict, saved_data_config: ml_colle
   (scripts/evaluate.py also records it), possibly with ``model_overrides``' entries, appended the same way
   (``test_model.dtype-bfloat16``).
   """
-  tag = _split_name(split)
+  tag = files_lib.file_name_part(split)
   if (data_config.source, data_config.data_dir) != (saved_data_config.source, saved_data_config.data_dir):
     if data_config.data_dir and data_config.source != "synthetic":  # Synthetic data reads no folder.
       path = str(Path(data_config.data_dir).expanduser().resolve())

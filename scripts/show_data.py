@@ -64,6 +64,8 @@ def main(argv):
       batches = input_pipeline.TrainInput(data, batch_size, seed=config.seed).epoch(0)
     else:
       batches = iter(input_pipeline.EvalInput(data, split, FLAGS.batch_size))
+    # Augmented batches get names of their own: a look at both in one folder keeps both.
+    stem = files.file_name_part(split) + ("_augmented" if FLAGS.augment else "")
     written = 0
     while written < FLAGS.num:
       batch = next(batches, None)
@@ -74,7 +76,7 @@ def main(argv):
         if written == FLAGS.num:
           break
         path = plots.save_prediction_triplets(image[None], mask[None], None,
-                                              output / f"{split}_{written:03d}.png", input_range=data.input_range)
+                                              output / f"{stem}_{written:03d}.png", input_range=data.input_range)
         print(f"wrote {path}")
         written += 1
 

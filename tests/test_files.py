@@ -3,6 +3,7 @@
 import json
 import os
 from pathlib import Path
+import re
 import subprocess
 import sys
 
@@ -87,3 +88,10 @@ def test_the_sweep_driver_modules_import_neither_jax_nor_tensorflow():
   result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                           env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
   assert result.stdout.strip() == "[]"
+
+
+def test_file_name_part_keeps_plain_names_and_tells_slices_apart():
+  assert files.file_name_part("test") == "test" and files.file_name_part("train_2.x-y") == "train_2.x-y"
+  slices = [files.file_name_part(split) for split in ("train[:80%]", "train[80%:]", "train[:50%]+test")]
+  assert slices[0] == "train-80-_77688a" and slices[1].startswith("train-80-_") and len(set(slices)) == 3
+  assert all(re.fullmatch(r"[A-Za-z0-9_.-]+", name) for name in slices)

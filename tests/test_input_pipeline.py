@@ -784,4 +784,5 @@ def test_show_data_augment_with_more_images_than_the_train_split(tmp_path):
        "--config.data.num_synthetic_train=4"],
       cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, check=False)
   assert result.returncode == 0, result.stderr[-3000:]
-  assert len(list(out.iterdir())) == 4  # Every example of the split, once.
+  # Every example of the split, once; named apart from the unaugmented images a look without --augment writes.
+  assert sorted(p.name for p in out.iterdir()) == [f"train_augmented_{i:03d}.png" for i in range(4)]
