@@ -319,8 +319,9 @@ def _locate(workdir: str | os.PathLike, which: str | int) -> tuple[ocp.Checkpoin
   have = f"available steps: {steps or 'none'}; best: {best if best is not None else 'none'}"
   if which == "best":
     if best is None:
+      way_out = "use --checkpoint latest" if steps else "train the run first"
       raise CheckpointError(f"No best checkpoint in {root / BEST_DIR} (no evaluation finished yet); "
-                            f"use --checkpoint latest. ({have})")
+                            f"{way_out}. ({have})")
     return _manager(root / BEST_DIR, best=True, read_only=True), best
   if which == "latest":
     if not steps:

@@ -67,17 +67,20 @@ def main(argv):
   where = config.data.data_dir or config.data.source
   # The results first, the files after: a workdir that cannot be written loses the files, not the numbers.
   print(f"Checkpoint step {step} ({FLAGS.checkpoint}) of {FLAGS.workdir}; split {split!r} of {where}")
-  print(inference.format_evaluation(result, num_images))
-  print("Confusion matrix: " + ", ".join(str(p) for p in inference.confusion_paths(eval_dir, tag, step)))
-  print(json.dumps(inference.summary_record(result, num_images, step)), flush=True)
+  print(inference.format_evaluation(result, num_images), flush=True)
   data = {"split": split, "source": config.data.source, "data_dir": config.data.data_dir,
           "workdir": str(FLAGS.workdir), "data_config": config.data.to_dict(),
           "data_overrides": overrides, "model_overrides": numerics}
+  summary = json.dumps(inference.summary_record(result, num_images, step))
   try:
     inference.save_confusion(confusion, result, eval_dir, tag, step, data)
   except inference.WorkdirError as e:
+    print(summary, flush=True)  # The last line stays the results' JSON.
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
+  # Named once written (a workdir that cannot be written names no files).
+  print("Confusion matrix: " + ", ".join(str(p) for p in inference.confusion_paths(eval_dir, tag, step)))
+  print(summary)
 
 
 if __name__ == "__main__":

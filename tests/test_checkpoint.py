@@ -148,9 +148,11 @@ def test_restore_errors_are_clear(tmp_path):
   ckpt = checkpoint.Checkpointer(tmp_path, keep=2)
   with pytest.raises(checkpoint.CheckpointError, match="No checkpoint"):
     checkpoint.restore(tmp_path, "latest", template)
+  with pytest.raises(checkpoint.CheckpointError, match="No best checkpoint .*; train the run first"):
+    checkpoint.restore(tmp_path, "best", template)  # No latest to point to either.
   ckpt.save(_stepped(template, 5))
   ckpt.close()
-  with pytest.raises(checkpoint.CheckpointError, match="No best checkpoint"):
+  with pytest.raises(checkpoint.CheckpointError, match="No best checkpoint .*; use --checkpoint latest"):
     checkpoint.restore(tmp_path, "best", template)
   with pytest.raises(checkpoint.CheckpointError, match=r"step 7.*available steps: \[5\]"):
     checkpoint.restore(tmp_path, 7, template)

@@ -216,6 +216,7 @@ def test_unwritable_workdir_prints_results_then_one_line_error(cli):
   path = cli["unwritable_workdir"] / "eval" / f"test_{summary['checkpoint_step']}_confusion.json"
   _assert_clean_error(proc, f"error: Cannot write the confusion matrix to {path}")
   assert len([line for line in proc.stderr.splitlines() if line.startswith("error:")]) == 1
+  assert "Confusion matrix:" not in proc.stdout and "Confusion matrix:" in cli["latest"].stdout  # Once written.
 
 
 def test_errors_are_clear(workdir, cli, tmp_path):
