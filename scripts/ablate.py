@@ -78,6 +78,12 @@ def main(argv):
       results = ablation.run_sweep(FLAGS.config, FLAGS.sweep, FLAGS.workdir, extra_overrides=extra,
                                    only=FLAGS.only, in_process=FLAGS["in-process"].value)
     else:
+      # The report is of the runs as they were planned and trained: the planning flags would change nothing.
+      ignored = [name for name in ("config", "sweep", "set", "only", "dry-run", "in-process")
+                 if FLAGS[name].present]
+      if ignored:
+        raise app.UsageError(f"--report-only rebuilds the report of the runs in --workdir as they were planned; "
+                             f"drop {', '.join('--' + name for name in ignored)}.")
       results = []
     paths = ablation_report.write_report(FLAGS.workdir)
   except ablation.SweepError as e:

@@ -489,6 +489,11 @@ def test_cli_subprocess_failure_and_report_only(tiny_sweep, tmp_path):
   rows = list(csv.DictReader(open(tiny_sweep["workdir"] / "summary.csv")))
   assert [row["seeds_done"] for row in rows] == ["2", "2", "0", "0"]
   assert not math.isnan(float(rows[0]["eval_miou_mean"]))
+  # Planning flags with it would change nothing: refused, not silently ignored.
+  proc = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "ablate.py"), "--report-only",
+                         f"--workdir={tiny_sweep['workdir']}", "--set", "train.num_epochs=9"],
+                        capture_output=True, text=True, env=env, timeout=300, check=False)
+  assert proc.returncode == 1 and "drop --set" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
 
 def test_cli_dry_run_prints_the_plan_and_fails_on_a_run_that_cannot_start(tmp_path):
