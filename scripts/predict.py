@@ -54,6 +54,10 @@ def main(argv):
     raise app.UsageError(f"--batch_size={FLAGS.batch_size} must be >= 1.")
   if problem := files_lib.folder_problem(FLAGS.output, "--output"):
     raise app.UsageError(problem)
+  try:
+    Path(FLAGS.output).mkdir(parents=True, exist_ok=True)
+  except OSError as e:  # No permission, a read-only or virtual file system (/proc).
+    raise app.UsageError(f"--output {FLAGS.output}: cannot create it ({e.strerror or e}); give a writable folder.")
   tf.config.set_visible_devices([], "GPU")  # TensorFlow decodes images only; the accelerators are JAX's.
   files, problems = inference.expand_inputs(argv[1:])
   for path, reason in problems:

@@ -54,6 +54,10 @@ def main(argv):
   output = Path(FLAGS.output)
   if problem := files.folder_problem(output, "--output"):
     sys.exit(problem)
+  # The look reads a few batches only: no cache for it to fill in part (TensorFlow warns of a cache left
+  # half-filled); the histogram below reads the split through, cached as configured.
+  look = data.copy_and_resolve_references()
+  look.cache = False
   try:
     if FLAGS.augment:
       if FLAGS.split and FLAGS.split != data.train_split:
@@ -61,9 +65,9 @@ def main(argv):
       # Capped by the split size too: TrainInput refuses a batch larger than the split (blaming
       # config.train.batch_size, which this script does not use), and --num may exceed a small split.
       batch_size = min(FLAGS.batch_size, FLAGS.num, input_pipeline.split_size(data, data.train_split))
-      batches = input_pipeline.TrainInput(data, batch_size, seed=config.seed).epoch(0)
+      batches = input_pipeline.TrainInput(look, batch_size, seed=config.seed).epoch(0)
     else:
-      batches = iter(input_pipeline.EvalInput(data, split, FLAGS.batch_size))
+      batches = iter(input_pipeline.EvalInput(look, split, FLAGS.batch_size))
     # Augmented batches get names of their own: a look at both in one folder keeps both.
     stem = files.file_name_part(split) + ("_augmented" if FLAGS.augment else "")
     written = 0

@@ -46,10 +46,14 @@ def inputs(tmp_path) -> dict[str, Path]:
 
 def test_predict_outputs_and_bad_files(workdir, inputs, tmp_path):
   out, single = tmp_path / "out", tmp_path / "single"
-  mixed, alone = trained_run.run_scripts(
+  mixed, alone, uncreatable = trained_run.run_scripts(
       ("predict.py", "--workdir", workdir, "--output", out, "--checkpoint", "best", "--batch_size", 3,
        inputs["oxford"] / "images", inputs["loose"]),
-      ("predict.py", "--workdir", workdir, "--output", single, inputs["loose"] / "odd.png"))
+      ("predict.py", "--workdir", workdir, "--output", single, inputs["loose"] / "odd.png"),
+      ("predict.py", "--workdir", workdir, "--output", "/proc/petseg_out", inputs["loose"] / "odd.png"))
+  # An output folder that cannot be made (here: in /proc) is named with its flag.
+  assert uncreatable.returncode == 1 and "Traceback" not in uncreatable.stderr
+  assert "--output /proc/petseg_out: cannot create it" in uncreatable.stderr, uncreatable.stderr[-2000:]
 
   # Bad files are reported by name and make the exit code 1; the good files still get their outputs.
   assert mixed.returncode == 1, mixed.stderr
