@@ -1,5 +1,8 @@
 """Prints the model's parameters per module: ``python scripts/summary.py [--config configs/X.py]``.
 
+Without --config, the model ``scripts/train.py`` trains without one (the quickstart); the tutorial's is
+``--config configs/default.py``.
+
 Trainable / frozen as the config trains them (model.freeze_encoder, train.frozen_params) and BatchNorm
 moving statistics, with Keras-style totals. Needs no weights (shapes only). The logic lives in
 ``petseg_jax/summary.py``.
@@ -16,13 +19,13 @@ from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 
 from petseg_jax import cli_flags
-from petseg_jax import config_files
 from petseg_jax import summary
 
 FLAGS = flags.FLAGS
 
-cli_flags.define_config_file_flag(sys.argv, config_files.DEFAULT_CONFIG,
-                                  "Configuration file; override fields with --config.section.key=value.")
+cli_flags.define_config_file_flag(sys.argv, REPO_ROOT / "configs" / "quickstart.py",
+                                  "Configuration file (default: the quickstart, as scripts/train.py); override "
+                                  "fields with --config.section.key=value.")
 
 
 def main(argv):

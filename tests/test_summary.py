@@ -58,9 +58,14 @@ def test_freezing_follows_config():
 
 
 def test_cli_prints_table_and_totals():
-  table, bad_field = trained_run.run_scripts(
+  table, bad_field, plain = trained_run.run_scripts(
       ("summary.py", "--config", "configs/default.py"),
-      ("summary.py", "--config.model.alpah=0.5"))
+      ("summary.py", "--config.model.alpah=0.5"),
+      ("summary.py",))
+  # Without --config: the model train.py trains without one (the quickstart).
+  from configs import quickstart  # pylint: disable=g-import-not-at-top
+  quick_total = sum(count.total for count in summary.count_parameters(quickstart.get_config()))
+  assert plain.returncode == 0 and f"Total params: {quick_total:,}" in plain.stdout, plain.stderr[-2000:]
   assert table.returncode == 0, table.stderr
   for text in ("Total params: 6,504,227", "Trainable params: 4,660,323", "BatchNorm moving mean/variance",
                "encoder/block_16", "decoder/last"):
