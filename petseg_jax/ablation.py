@@ -483,6 +483,19 @@ def _train_subprocess(workdir: Path, sweep_dir: Path, log_path: Path, attempt: i
       raise
 
 
+def settings_changed(workdir: Path, config: ml_collections.ConfigDict) -> dict[str, tuple[Any, Any]]:
+  """``{key: (run's value, planned value)}`` where the run in ``workdir`` was configured otherwise than
+  ``config``; {} if it matches, or holds no run yet. A run spec without its config differs as a whole."""
+  spec = read_json(workdir / RUN_SPEC_FILE)
+  if spec is None:
+    return {}
+  saved = spec.get("config")
+  if not isinstance(saved, dict):
+    return {"config": (saved, "the planned config")}
+  return config_files.differences(config_files.flat_config(saved),
+                                  config_files.flat_config(config_files.config_to_dict(config)))
+
+
 def different_configuration(workdir: Path) -> str:
   """Why a run directory trained for another configuration is not this plan's run."""
   return (f"{workdir} holds a run of a different configuration (the sweep or base config changed); delete that "
@@ -499,8 +512,7 @@ def execute_run(run: Run, config: ml_collections.ConfigDict, base_config: str, s
   """
   workdir = sweep_dir / run.dirname
   expected = config_files.config_to_dict(config)
-  spec = read_json(workdir / RUN_SPEC_FILE)
-  if spec is not None and spec.get("config") != expected:
+  if settings_changed(workdir, config):
     return RunResult(run, FAILED, different_configuration(workdir))
   status = read_status(workdir)
   if status.get("status") == RUNNING and status.get("pid") != os.getpid():
@@ -639,18 +651,13 @@ def _check_variants_differ(planned: Sequence[tuple[Run, ml_collections.ConfigDic
            "--only." if told_apart else "Make them differ, or drop one."))
 
 
-def _refuse_changed_runs(planned: Sequence[tuple[Run, ml_collections.ConfigDict | None, str]],
-                         sweep_dir: Path) -> None:
+def refuse_changed_runs(planned: Sequence[tuple[Run, ml_collections.ConfigDict | None, str]],
+                        sweep_dir: str | os.PathLike) -> None:
   """Raises SweepError if a planned run's directory holds a run of other settings (``execute_run`` would fail
-  it): the sweep was started with another base config, sweep file or ``--set``."""
-  changed = []
-  for run, config, _ in planned:
-    spec = read_json(sweep_dir / run.dirname / RUN_SPEC_FILE) if config is not None else None
-    if spec is not None and isinstance(spec.get("config"), dict):
-      diff = config_files.differences(config_files.flat_config(spec["config"]),
-                                      config_files.flat_config(config_files.config_to_dict(config)))
-      if diff:
-        changed.append((run.dirname, diff))
+  it): the sweep was started with another base config, sweep file or ``--set``. Reads only."""
+  sweep_dir = Path(sweep_dir)
+  changed = [(run.dirname, diff) for run, config, _ in planned if config is not None
+             for diff in [settings_changed(sweep_dir / run.dirname, config)] if diff]
   if changed:
     dirname, diff = changed[0]
     shown = "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in list(diff.items())[:4])
@@ -671,7 +678,7 @@ def run_sweep(base_config: str, sweep_spec: str, sweep_dir: str | os.PathLike, *
   planned = plan_runs(base_config, sweep, extra_overrides, check_duplicates=not only)
   if only:
     plan_runs(base_config, sweep, extra_overrides, only)  # Checks the names and the chosen variants.
-  _refuse_changed_runs(planned, sweep_dir)  # Before the plan is written: the sweep's record stays its own.
+  refuse_changed_runs(planned, sweep_dir)  # Before the plan is written: the sweep's record stays its own.
   sweep_dir.mkdir(parents=True, exist_ok=True)
   _write_json(sweep_dir / PLAN_FILE, {
       "base_config": str(base_config), "sweep": str(sweep_spec), "seeds": sweep["seeds"],

@@ -3,7 +3,8 @@
 config.json says what a run trained; it cannot say with which code. A run resumed after a ``git pull`` or a
 library upgrade trains its later steps with other code, and nothing in its metrics would show it. So each
 attempt (a start, and every resume) appends one record: the step it starts from, the petseg_jax version, the
-git commit of the checkout it runs from (``-dirty`` with uncommitted changes), the versions of the libraries
+git commit of the checkout it runs from (``-dirty`` with uncommitted changes), a fingerprint of the package's
+source (which tells two different uncommitted states apart, and works without git), the versions of the libraries
 that compute the numbers, the devices, the command line and the number of training examples. A resume with
 other code than the attempt before it is logged as a warning that names what changed; one with another number
 of training examples is refused by ``train`` (``recorded_train_examples``).
@@ -14,6 +15,7 @@ metadata; JAX is imported to describe the devices). ``scripts/benchmark.py`` des
 
 from __future__ import annotations
 
+import hashlib
 from importlib import metadata
 import json
 import os
@@ -33,7 +35,8 @@ PROVENANCE_FILE = "provenance.jsonl"
 # The libraries whose versions change the numbers a run computes (and reads and writes).
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "tensorflow", "tensorflow-cpu")
 # A record's fields that say which code computed the steps (the host and devices may change freely).
-CODE_FIELDS = ("petseg_jax", "git_commit", "packages")
+CODE_FIELDS = ("petseg_jax", "git_commit", "code_fingerprint", "packages")
+GIT_TIMEOUT_SEC = 10  # Each git call; a hung file system must not hold a starting run for long.
 _PACKAGE_DIR = Path(petseg_jax.__file__).resolve().parent
 
 
@@ -42,7 +45,9 @@ def git_commit(package_dir: Path = _PACKAGE_DIR) -> str | None:
   from that commit; None when petseg_jax is not imported from a git checkout (e.g. an installed wheel).
   """
   def git(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["git", "-C", str(package_dir), *args], capture_output=True, text=True, timeout=60)
+    # GIT_OPTIONAL_LOCKS=0: read only, never the index lock a user's concurrent `git commit` needs.
+    return subprocess.run(["git", "-C", str(package_dir), *args], capture_output=True, text=True,
+                          timeout=GIT_TIMEOUT_SEC, env={**os.environ, "GIT_OPTIONAL_LOCKS": "0"})
 
   try:
     top = git("rev-parse", "--show-toplevel")
@@ -52,10 +57,20 @@ def git_commit(package_dir: Path = _PACKAGE_DIR) -> str | None:
     commit = git("rev-parse", "HEAD")
     if commit.returncode != 0:  # A repository without commits.
       return None
-    dirty = git("diff", "--quiet", "HEAD").returncode != 0
+    status = git("status", "--porcelain", "--untracked-files=no")
+    dirty = status.returncode != 0 or bool(status.stdout.strip())
   except (OSError, subprocess.TimeoutExpired):  # No git installed, or a hung file system.
     return None
   return commit.stdout.strip() + ("-dirty" if dirty else "")
+
+
+def code_fingerprint(package_dir: Path = _PACKAGE_DIR) -> str:
+  """A short hash of the package's Python source (every ``*.py`` under it, by path and content)."""
+  digest = hashlib.sha256()
+  for path in sorted(package_dir.rglob("*.py")):
+    digest.update(path.relative_to(package_dir).as_posix().encode() + b"\0")
+    digest.update(path.read_bytes() + b"\0")
+  return digest.hexdigest()[:16]
 
 
 def cpuinfo_field(name: str) -> str | None:
@@ -99,9 +114,10 @@ def attempt_record(start_step: int, train_examples: int | None) -> dict[str, Any
   (None: an attempt that writes a run's start without reading data, ``train.write_initial_run``)."""
   import jax  # pylint: disable=g-import-not-at-top
   return {"step": start_step, "wall_time": time.time(), "petseg_jax": petseg_jax.__version__,
-          "git_commit": git_commit(), "packages": package_versions(), "python": platform.python_version(),
-          "device": device_description(), "num_devices": jax.local_device_count(), "host": socket.gethostname(),
-          "argv": sys.argv, "train_examples": train_examples}
+          "git_commit": git_commit(), "code_fingerprint": code_fingerprint(), "packages": package_versions(),
+          "python": platform.python_version(), "device": device_description(),
+          "num_devices": jax.local_device_count(), "host": socket.gethostname(), "argv": sys.argv,
+          "train_examples": train_examples}
 
 
 def read_provenance(workdir: str | os.PathLike) -> list[dict[str, Any]]:

@@ -787,8 +787,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                                           num_devices=num_devices)
   eval_input = input_pipeline.EvalInput(config.data, config.data.eval_split, config.train.batch_size,
                                         num_devices=num_devices)
-  if resuming:
-    check_same_train_examples(workdir, config, train_input.num_examples)
   steps_per_epoch = train_input.steps_per_epoch  # >= 1: TrainInput refuses a batch larger than the split.
   total_steps = (config.train.num_train_steps if config.train.num_train_steps > 0
                  else config.train.num_epochs * steps_per_epoch)
@@ -907,6 +905,7 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, ckpt: checkpoint.Ch
   if resume_step is not None:
     # Checked again now that the lock is held: another process may have written a run here meanwhile.
     changes = checkpoint.check_resume_config(workdir, config)
+    check_same_train_examples(workdir, config, train_input.num_examples)
     state = ckpt.restore_latest(state)
     logging.info("Resuming from %s at step %d.", workdir / checkpoint.LATEST_DIR, resume_step)
     if changes:  # Allowed (RESUME_KEYS are equal), but the schedule, the data or the loss change mid-run.
@@ -919,14 +918,16 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, ckpt: checkpoint.Ch
                                      "resume them; run the command again.")
   # Records after the starting step belong to a crashed attempt; they are redone. So is its best checkpoint
   # (else its mIoU stays the bar, and `--checkpoint best` may restore a model of another config). Read first:
-  # a damaged metrics.jsonl stops the run before its config.json is rewritten.
+  # a damaged metrics.jsonl or provenance.jsonl stops the run before its config.json is rewritten.
+  provenance.read_provenance(workdir)
   records = metrics_log.truncate_metrics(workdir, resume_step or 0)
   checkpoint.write_config(workdir, config, keep_previous_at=resume_step if changes else None)
   code_changes = provenance.record_attempt(workdir, resume_step or 0, train_input.num_examples)
   if code_changes:
-    logging.warning("Resuming at step %d with other code than the attempt before (%s): the steps from here are "
-                    "computed with it; %s records each attempt's.", resume_step or 0, "; ".join(code_changes),
-                    workdir / provenance.PROVENANCE_FILE)
+    logging.warning("%s at step %d with other code than the attempt before (%s): the steps from here are "
+                    "computed with it; %s records each attempt's.",
+                    "Starting again" if resume_step is None else "Resuming", resume_step or 0,
+                    "; ".join(code_changes), workdir / provenance.PROVENANCE_FILE)
   stale_best = ckpt.discard_best_after(resume_step or 0)
   if stale_best is not None:
     logging.warning("Deleted the best checkpoint of step %d in %s: it is after the starting step %d (an "

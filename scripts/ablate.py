@@ -68,6 +68,7 @@ def main(argv):
       if FLAGS["dry-run"].value:
         sweep = ablation.load_sweep(FLAGS.sweep)
         planned = ablation.plan_runs(FLAGS.config, sweep, extra, FLAGS.only)
+        ablation.refuse_changed_runs(planned, FLAGS.workdir)  # What the sweep itself would refuse.
         for run, _, error in planned:
           print(f"{run.dirname}: {ablation.format_overrides(run.overrides)}"
                 + (f"\n  ERROR: {error}" if error else ""))

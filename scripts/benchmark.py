@@ -23,8 +23,9 @@ own by ``--mode input``). Every rate is the median over ``--steps`` timed steps 
 * ``--compare-keras``: the tutorial's Keras model (TensorFlow backend; ``KERAS_BACKEND=jax`` where TensorFlow
   is absent) at the same batch and image size in the same process: ``model.fit`` for ``train`` (the encoder
   frozen as the tutorial's, or trainable where the config fine-tunes from the first step: ``variant`` and
-  ``keras_variant`` in the JSON; a partial ``train.frozen_params`` has no Keras counterpart and is refused), the
-  compiled call (``tf.function``; ``jax.jit`` of ``stateless_call`` on JAX) for ``infer``.
+  ``keras_variant`` in the JSON; a ``train.frozen_params`` freezing other than exactly the encoder has no Keras
+  counterpart and is refused), the compiled call (``tf.function``; ``jax.jit`` of ``stateless_call`` on JAX)
+  for ``infer``.
 
 Each compiled program (``train``: per variant; ``infer``) is reported with ``hlo_fingerprint``, a hash of its
 optimized HLO without source locations: two code versions with equal fingerprints compile to the same
@@ -126,14 +127,18 @@ def check_benchmark_config(config: ml_collections.ConfigDict) -> None:
 
 
 def train_variant(config: ml_collections.ConfigDict) -> str:
-  """The training step ``config`` starts with: "frozen" (the whole encoder, the tutorial's), "partly_frozen"
-  (``train.frozen_params`` freeze part of it) or "finetune" (nothing frozen from the first step)."""
-  from petseg_jax import train  # pylint: disable=g-import-not-at-top
+  """The training step ``config`` starts with: "frozen" (exactly the encoder, the tutorial's), "partly_frozen"
+  (``train.frozen_params`` freeze other parameters: part of the encoder, or more than it) or "finetune" (nothing
+  frozen from the first step)."""
+  from petseg_jax import optim, train  # pylint: disable=g-import-not-at-top
   if not config.model.freeze_encoder or config.train.unfreeze_after_epochs == 0:
     return "finetune"
   # Which parameters freeze follows from their paths: the shapes suffice, nothing is initialized.
   shapes = models.variable_shapes(train.create_model(config), config.data.image_size)
-  return "frozen" if train.freezing_at(config, shapes, 0, 1).encoder else "partly_frozen"
+  labels = optim.param_labels(shapes["params"], config.train.frozen_params)
+  beyond_encoder = any(label == optim.FROZEN for name, subtree in labels.items() if name != "encoder"
+                       for label in jax.tree.leaves(subtree))
+  return "frozen" if optim.covers_subtree(labels, "encoder") and not beyond_encoder else "partly_frozen"
 
 
 def benchmark_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
@@ -782,9 +787,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
       f"{config.data.image_size}, alpha {config.model.alpha}, dtype {config.model.dtype}, conv impl "
       f"{config.model.conv_impl}")
   if args.compare_keras and args.mode == "train" and train_variant(config) == "partly_frozen":
-    raise SystemExit(f"--compare-keras: train.frozen_params={tuple(config.train.frozen_params)} freeze part of the "
-                     "encoder; the Keras tutorial model freezes all of it or (with model.freeze_encoder=False) none. "
-                     "Compare without the override, or drop --compare-keras.")
+    raise SystemExit(f"--compare-keras: train.frozen_params={tuple(config.train.frozen_params)} freeze other "
+                     "parameters than exactly the encoder; the Keras tutorial model freezes the encoder or (with "
+                     "model.freeze_encoder=False) nothing. Compare without the override, or drop --compare-keras.")
   bench = {"train": bench_train, "infer": bench_infer, "input": bench_input, "layers": bench_layers}[args.mode]
   result = bench(config, args)
   result["peak_rss_mb"] = peak_rss_mb()  # Before Keras runs.

@@ -72,6 +72,8 @@ def main(argv: list[str]) -> None:
             f"read {config.data.image_size}x{config.data.image_size} ones, as --config.data.image_size says: its "
             "numbers are this model's at that size, not the Keras model's.", file=sys.stderr)
     else:  # The size the Keras model was built, trained and measured at.
+      print(f"{FLAGS.source} is a Keras model of {recorded_size}x{recorded_size} inputs: the run takes "
+            f"config.data.image_size={recorded_size} from it (the config says {config.data.image_size}).")
       config.data.image_size = recorded_size
   config.model.init_from = str(Path(FLAGS.source).resolve())
   config.model.encoder_weights = ""  # The whole model, encoder included, comes from the file.

@@ -443,6 +443,11 @@ def test_changed_variant_is_not_mixed_with_old_runs(tiny_sweep, tmp_path):
       "(train.learning_rate: 0.003 -> 0.01). A sweep's runs keep their settings")):
     ablation.run_sweep(SYNTHETIC, sweep, workdir, in_process=True, log=lambda _: None)
   assert (workdir / "sweep.json").read_bytes() == plan
+  # A dry run says so too (it plans what the sweep would run).
+  proc = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "ablate.py"), f"--config={SYNTHETIC}",
+                         f"--sweep={sweep}", f"--workdir={workdir}", "--dry-run"], capture_output=True, text=True,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=300, check=False)
+  assert proc.returncode == 1 and "holds 1 run(s) of other settings" in proc.stderr, proc.stderr[-2000:]
   _, runs = ablation_report.collect_runs(workdir)
   assert [run["status"] for run in runs if run["variant"] == "flip"] == ["done", "done"]
   # Were the settings changed behind the sweep's back (a run directory copied in), the run is still refused.

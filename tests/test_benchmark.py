@@ -118,6 +118,8 @@ def test_the_train_variant_is_the_first_step_of_the_config():
     assert benchmark.train_variant(benchmark.apply_override(config, override)) == "finetune"
   partial = benchmark.apply_override(config, "train.frozen_params=('encoder/(Conv1|bn_Conv1)/.*',)")
   assert benchmark.train_variant(partial) == "partly_frozen"
+  more = benchmark.apply_override(config, "train.frozen_params=('encoder/.*','decoder/last/.*')")
+  assert benchmark.train_variant(more) == "partly_frozen"  # Not the tutorial's step either.
 
 
 def test_fine_tuning_against_keras_fine_tuning():
@@ -130,7 +132,7 @@ def test_fine_tuning_against_keras_fine_tuning():
                          "train.frozen_params=('encoder/Conv1/.*',)"], capture_output=True, text=True, timeout=300,
                         env=script_env(), cwd=REPO_ROOT)
   assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-  assert "--compare-keras: train.frozen_params=('encoder/Conv1/.*',) freeze part of the encoder" in proc.stderr
+  assert "--compare-keras: train.frozen_params=('encoder/Conv1/.*',) freeze other parameters" in proc.stderr
 
 
 def test_infer_against_keras_json_only_with_profile(tmp_path):

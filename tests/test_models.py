@@ -638,6 +638,7 @@ def test_import_script_writes_a_run_that_gives_the_keras_logits(keras_unet_files
   assert config.data.input_range == "[0,1]" and config.model.encoder_weights == ""
   # The size the Keras model was built for, which unet.keras records (the config's default is 128).
   assert config.data.image_size == 96 and "inputs 96x96 in [0,1]" in imported.stdout
+  assert "the run takes config.data.image_size=96 from it (the config says 128)" in imported.stdout
   assert config.model.init_from == str((directory / "unet.keras").resolve())
   model, variables, step = inference.restore_model(config, workdir, "latest")
   assert step == 0

@@ -30,8 +30,16 @@ def test_git_commit_names_the_checkout_the_package_is_imported_from(tmp_path):
   _git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "first")
   head = _git(repo, "rev-parse", "HEAD")
   assert provenance.git_commit(package) == head
+  before = provenance.code_fingerprint(package)
   (package / "__init__.py").write_text("changed = True\n")
   assert provenance.git_commit(package) == head + "-dirty"
+  index = (repo / ".git" / "index").stat().st_mtime_ns
+  # Two different uncommitted states: the same "-dirty" commit, told apart by the source's fingerprint.
+  edited = provenance.code_fingerprint(package)
+  (package / "__init__.py").write_text("changed = False\n")
+  assert provenance.git_commit(package) == head + "-dirty"
+  assert len({before, edited, provenance.code_fingerprint(package)}) == 3
+  assert (repo / ".git" / "index").stat().st_mtime_ns == index  # Read only: no index lock taken from a user.
   # A package installed into a folder of another repository (e.g. a venv inside a checkout) is not its code.
   installed = repo / "venv" / "site-packages" / "petseg_jax"
   installed.mkdir(parents=True)
@@ -41,18 +49,21 @@ def test_git_commit_names_the_checkout_the_package_is_imported_from(tmp_path):
 def test_the_record_names_this_code_and_these_libraries():
   record = provenance.attempt_record(7, 356)
   assert record["step"] == 7 and record["train_examples"] == 356 and record["petseg_jax"] == petseg_jax.__version__
-  assert record["git_commit"].removesuffix("-dirty") == _git(REPO_ROOT, "rev-parse", "HEAD")
+  if (REPO_ROOT / ".git").exists():  # A checkout (CI's is a clone); an unpacked copy records None.
+    assert record["git_commit"].removesuffix("-dirty") == _git(REPO_ROOT, "rev-parse", "HEAD")
+  assert record["code_fingerprint"] == provenance.code_fingerprint() and len(record["code_fingerprint"]) == 16
   assert record["packages"]["jax"] == jax.__version__ and record["packages"]["flax"]
-  assert record["num_devices"] == jax.local_device_count() and record["device"].startswith("cpu: ")
+  assert record["num_devices"] == jax.local_device_count() and record["device"] == provenance.device_description()
   json.dumps(record)  # A JSON line.
 
 
 def test_code_changes_name_what_differs_and_ignore_the_host():
-  before = {"petseg_jax": "0.1.0", "git_commit": "a", "packages": {"jax": "0.10.2", "flax": "0.12.8"},
-            "host": "one", "device": "cpu: X (2 cores)"}
+  before = {"petseg_jax": "0.1.0", "git_commit": "a-dirty", "code_fingerprint": "f1",
+            "packages": {"jax": "0.10.2", "flax": "0.12.8"}, "host": "one", "device": "cpu: X (2 cores)"}
   assert provenance.code_changes(before, dict(before, host="two", device="gpu: H100 x1")) == []
+  assert provenance.code_changes(before, dict(before, code_fingerprint="f2")) == ["code_fingerprint f1 -> f2"]
   now = dict(before, git_commit="b", packages={"jax": "0.11.0", "flax": "0.12.8", "optax": "0.2.8"})
-  assert provenance.code_changes(before, now) == ["git_commit a -> b", "jax 0.10.2 -> 0.11.0",
+  assert provenance.code_changes(before, now) == ["git_commit a-dirty -> b", "jax 0.10.2 -> 0.11.0",
                                                   "optax None -> 0.2.8"]
 
 

@@ -26,6 +26,7 @@ from configs import synthetic
 from petseg_jax import checkpoint
 from petseg_jax import input_pipeline
 from petseg_jax import metric_writer
+from petseg_jax import metrics_log
 from petseg_jax import models
 from petseg_jax import optim
 from petseg_jax import packed
@@ -605,11 +606,19 @@ def test_resume_refuses_another_number_of_training_examples(uninterrupted_run, t
   (attempt,) = provenance.read_provenance(workdir)
   attempt["train_examples"] = 63  # As if it had trained on a folder with one example more than now.
   (workdir / provenance.PROVENANCE_FILE).write_text(json.dumps(attempt) + "\n")
-  before = sorted((p.name, p.stat().st_mtime_ns) for p in workdir.iterdir())
+  written = lambda: sorted((p.name, p.stat().st_mtime_ns) for p in workdir.iterdir() if p.name != "lock")
+  before = written()
   with pytest.raises(checkpoint.CheckpointError, match=re.escape(
       f"{workdir} trained on 63 examples of config.data.train_split='train', which now has 64")):
     train.train_and_evaluate(tiny_config(num_epochs=3), workdir)
-  assert sorted((p.name, p.stat().st_mtime_ns) for p in workdir.iterdir()) == before
+  assert written() == before  # Refused holding the lock, before anything is written.
+  # A damaged provenance.jsonl (no count to compare) is named, and stops the run before anything is written too.
+  (workdir / provenance.PROVENANCE_FILE).write_text("{oops\n" + json.dumps(attempt) + "\n")
+  before = written()
+  with pytest.raises(metrics_log.MetricsFileError, match=re.escape(
+      f"{workdir / provenance.PROVENANCE_FILE}, line 1: not a JSON record")):
+    train.train_and_evaluate(tiny_config(num_epochs=3), workdir)
+  assert written() == before
 
 
 def test_resume_refuses_an_incompatible_config(uninterrupted_run):
