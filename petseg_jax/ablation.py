@@ -656,8 +656,11 @@ def refuse_changed_runs(planned: Sequence[tuple[Run, ml_collections.ConfigDict |
   """Raises SweepError if a planned run's directory holds a run of other settings (``execute_run`` would fail
   it): the sweep was started with another base config, sweep file or ``--set``. Reads only."""
   sweep_dir = Path(sweep_dir)
-  changed = [(run.dirname, diff) for run, config, _ in planned if config is not None
-             for diff in [settings_changed(sweep_dir / run.dirname, config)] if diff]
+  changed = []
+  for run, config, _ in planned:
+    diff = settings_changed(sweep_dir / run.dirname, config) if config is not None else {}
+    if diff:
+      changed.append((run.dirname, diff))
   if changed:
     dirname, diff = changed[0]
     shown = "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in list(diff.items())[:4])

@@ -136,7 +136,7 @@ def recorded_train_examples(workdir: str | os.PathLike) -> int | None:
 
 
 def code_changes(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
-  """What differs in the code that computes a run between two records: ``["git_commit: a -> b", ...]``."""
+  """What differs in the code that computes a run between two records: ``["git_commit a -> b", ...]``."""
   changes = []
   for field in CODE_FIELDS:
     old, new = before.get(field), now.get(field)

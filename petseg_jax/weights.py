@@ -581,8 +581,9 @@ def keras_file_image_size(path: str | os.PathLike) -> int | None:
       model_config = json.loads(text if isinstance(text, str) else text.decode("utf-8"))
   except (OSError, KeyError, ValueError, zipfile.BadZipFile):
     return None
-  layers = model_config.get("config", {}).get("layers", []) if isinstance(model_config, dict) else []
-  for layer in layers:
+  section = model_config.get("config") if isinstance(model_config, dict) else None
+  layers = section.get("layers") if isinstance(section, dict) else None
+  for layer in layers if isinstance(layers, list) else []:
     if isinstance(layer, dict) and layer.get("class_name") == "InputLayer":
       layer_config = layer.get("config", {})
       # Keras 3 names it batch_shape; tf.keras 2, batch_input_shape: (None, S, S, 3).
