@@ -12,6 +12,7 @@ arrays plus the width ``alpha``); ``scripts/convert_keras_weights.py`` writes th
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -20,7 +21,7 @@ import warnings
 from pathlib import Path
 import tempfile
 import zipfile
-from typing import Any, Callable, Mapping, Sequence, TypeVar
+from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
 
 import flax
 import jax
@@ -209,14 +210,15 @@ def _read_source(source: Any, alpha: float, alpha_setting: str = _CONFIG_ALPHA) 
   probe = _probe_hdf5(path)
   if probe.legacy_layers is not None:
     return probe.legacy_layers
-  name = path.name
+  name = path.name.lower()  # Suffixes in any case; Keras is given a lower-case name (_named_for_keras).
   if name.endswith(".keras"):
     if not zipfile.is_zipfile(path):
       raise _not_a_keras_archive(path, "(.h5, .weights.h5, .npz)")
     import keras
 
     try:
-      return read_keras_model(keras.models.load_model(path, compile=False))
+      with _named_for_keras(path, ".keras") as source:
+        return read_keras_model(keras.models.load_model(source, compile=False))
     except Exception as e:  # Keras raises many types (ValueError, TypeError, KeyError...) for bad archives.
       raise WeightsError(f"{path}: Keras cannot load this '.keras' file ({_first_line(e)}).") from None
   if name.endswith(".weights.h5"):
@@ -233,7 +235,8 @@ def _read_source(source: Any, alpha: float, alpha_setting: str = _CONFIG_ALPHA) 
             "give the '.keras' file, which records each layer's name.")
       return layers
     try:
-      model = _keras_loading(lambda: _keras_mobilenet(alpha, str(path)))
+      with _named_for_keras(path, ".weights.h5") as source:
+        model = _keras_loading(lambda: _keras_mobilenet(alpha, str(source)))
     except ValueError as e:
       raise WeightsError(f"{path}: does not load into a Keras MobileNetV2 with alpha={alpha} "
                          f"({_first_line(e)}).{hint} Check {alpha_setting} against the file.") from None
@@ -277,6 +280,21 @@ def _read_nested_mobilenet(path: Path, groups: tuple[str, ...], alpha: float) ->
           continue
         return read_keras_model(model)  # A complete load: every variable of this model is the file's.
   return None
+
+
+@contextlib.contextmanager
+def _named_for_keras(path: Path, ending: str, keras_ending: str | None = None) -> Iterator[Path]:
+  """``path`` as Keras must be given it: Keras picks a file's format by its name's lower-case suffix, so a
+  name ending in ``ending`` in another case (``UNET.KERAS``), or to be read as ``keras_ending``, is given as a
+  symlink so named in a temporary directory; a name that ends so already is given as it is."""
+  keras_name = path.name[:-len(ending)] + (keras_ending or ending)
+  if keras_name == path.name:
+    yield path
+    return
+  with tempfile.TemporaryDirectory() as tmp:
+    link = Path(tmp) / keras_name
+    link.symlink_to(path.resolve())
+    yield link
 
 
 def _keras_loading(load: Callable[[], T]) -> T:
@@ -635,16 +653,11 @@ def unet_variables_from_keras_file(path: str | os.PathLike, alpha: float, num_cl
   model = keras_reference.keras_unet(alpha, 128, num_classes, decoder_filters=tuple(decoder_filters))
   legacy_alpha = None if probe.legacy_layers is None else _infer_alpha(probe.legacy_layers)
   hint = _alpha_hint(probe.conv1_alphas if legacy_alpha is None else (legacy_alpha,), alpha)
-  with tempfile.TemporaryDirectory() as tmp:
-    ending = next(end for end in (".weights.h5", ".keras", ".hdf5", ".h5") if name.endswith(end))
-    stem = path.name[:-len(ending)]
-    # Keras reads a '.weights.h5' name as its own layout only (a legacy file saved under that name is given
-    # to it as '.h5'), and lower-case suffixes only: other names are given to it as a symlink.
-    keras_ending = ".h5" if probe.legacy_layers is not None and ending == ".weights.h5" else ending
-    source = path
-    if stem + keras_ending != path.name:
-      source = Path(tmp) / (stem + keras_ending)
-      source.symlink_to(path.resolve())
+  ending = next(end for end in (".weights.h5", ".keras", ".hdf5", ".h5") if name.endswith(end))
+  # Keras reads a '.weights.h5' name as its own layout only: a legacy file saved under that name is given to it
+  # as '.h5'.
+  keras_ending = ".h5" if probe.legacy_layers is not None and ending == ".weights.h5" else ending
+  with _named_for_keras(path, ending, keras_ending) as source:
     try:
       _keras_loading(lambda: model.load_weights(str(source)))
     except Exception as e:  # Keras raises ValueError, TypeError, KeyError, OSError... for files that do not fit.
@@ -705,7 +718,7 @@ def load_encoder_variables(spec: str | None, alpha: float) -> Variables | None:
   """Resolves ``config.model.encoder_weights``: "imagenet" (any case), a Keras file, a converted .npz, or None/""."""
   if spec is None or spec == "" or str(spec).lower() == "none":
     return None
-  if str(spec).endswith(".npz"):
+  if str(spec).lower().endswith(".npz"):
     return load_converted_encoder(spec, alpha)
   return encoder_variables_from_keras(spec, alpha)
 

@@ -27,7 +27,7 @@ OUTPUT = flags.DEFINE_string("output", None, "Where to write the converted .npz.
 
 def main(argv: list[str]) -> None:
   del argv
-  if not OUTPUT.value.endswith(".npz"):
+  if not OUTPUT.value.lower().endswith(".npz"):
     sys.exit(f"--output must end with .npz, got {OUTPUT.value!r}")
   try:
     # Errors about a mismatched alpha name this command's flag, not the training config's field.

@@ -370,6 +370,24 @@ def test_unreadable_weight_files_are_named_with_the_way_out(tmp_path, name, cont
     weights.load_encoder_variables(str(path), 0.35)
 
 
+def test_weight_file_suffixes_are_read_in_any_case(tmp_path):
+  """ENC.KERAS, ENC.WEIGHTS.H5 and ENC.NPZ are read as their lower-case names are (Keras itself reads
+  lower-case suffixes only: it is given a lower-case name)."""
+  from tests.keras_reference import keras_encoder, randomize_keras_weights  # pylint: disable=g-import-not-at-top
+  base, _ = keras_encoder(0.35, 96)
+  randomize_keras_weights(base, seed=3)
+  base.save(tmp_path / "enc.keras")
+  base.save_weights(tmp_path / "enc.weights.h5")
+  (tmp_path / "enc.npz").write_bytes(Path(weights.BUNDLED_ENCODER_WEIGHTS).read_bytes())
+  for name in ("enc.keras", "enc.weights.h5", "enc.npz"):
+    (tmp_path / name.upper()).write_bytes((tmp_path / name).read_bytes())
+    lower = weights.load_encoder_variables(str(tmp_path / name), 0.35)
+    upper = weights.load_encoder_variables(str(tmp_path / name.upper()), 0.35)
+    assert jax.tree.all(jax.tree.map(np.array_equal, lower, upper)), name
+  assert not jax.tree.all(jax.tree.map(np.array_equal, lower, weights.load_encoder_variables(
+      str(tmp_path / "enc.keras"), 0.35)))  # The randomized file is not the bundled one.
+
+
 def test_legacy_h5_under_keras3_names_and_zip_under_h5_name(tmp_path):
   if not WEIGHTS_035.exists():
     pytest.skip("shared weights not found")
