@@ -22,6 +22,8 @@ import ml_collections
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "default.py"  # The tutorial; every field a run's config has.
+# What the training scripts run without --config: offline, on the shared or bundled pet sample.
+QUICKSTART_CONFIG = REPO_ROOT / "configs" / "quickstart.py"
 CONFIG_FILE = "config.json"  # A run's whole configuration, written by train.py into its workdir.
 
 

@@ -19,13 +19,14 @@ from absl import flags
 import numpy as np
 
 from petseg_jax import cli_flags
+from petseg_jax import config_files
 from petseg_jax import files
 from petseg_jax import input_pipeline
 from petseg_jax import plots
 
 FLAGS = flags.FLAGS
 
-cli_flags.define_config_file_flag(sys.argv, REPO_ROOT / "configs" / "quickstart.py",
+cli_flags.define_config_file_flag(sys.argv, config_files.QUICKSTART_CONFIG,
                                   "Configuration file; override fields with --config.section.key=value.")
 flags.DEFINE_integer("num", 4, "Number of examples to draw.", lower_bound=1)
 flags.DEFINE_string("output", None, "Folder for the PNGs.")

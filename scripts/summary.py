@@ -19,11 +19,12 @@ from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 
 from petseg_jax import cli_flags
+from petseg_jax import config_files
 from petseg_jax import summary
 
 FLAGS = flags.FLAGS
 
-cli_flags.define_config_file_flag(sys.argv, REPO_ROOT / "configs" / "quickstart.py",
+cli_flags.define_config_file_flag(sys.argv, config_files.QUICKSTART_CONFIG,
                                   "Configuration file (default: the quickstart, as scripts/train.py); override "
                                   "fields with --config.section.key=value.")
 

@@ -40,7 +40,7 @@ FLAGS = flags.FLAGS
 
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, figures and TensorBoard logs.")
 cli_flags.define_config_file_flag(
-    sys.argv, REPO_ROOT / "configs" / "quickstart.py",
+    sys.argv, config_files.QUICKSTART_CONFIG,
     "Training configuration file; override fields with --config.section.key=value.")
 flags.mark_flags_as_required(["workdir"])
 
