@@ -25,7 +25,7 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import petseg_jax
 from petseg_jax import files
@@ -129,9 +129,10 @@ def read_provenance(workdir: str | os.PathLike) -> list[dict[str, Any]]:
   return metrics_log.read_records(Path(workdir) / PROVENANCE_FILE)
 
 
-def recorded_train_examples(workdir: str | os.PathLike) -> int | None:
-  """How many training examples the latest attempt that read data trained on; None if none recorded it."""
-  counts = [r["train_examples"] for r in read_provenance(workdir) if r.get("train_examples") is not None]
+def recorded_train_examples(records: Sequence[dict[str, Any]]) -> int | None:
+  """How many training examples the latest attempt of ``records`` (``read_provenance``) that read data trained
+  on; None if none recorded it."""
+  counts = [r["train_examples"] for r in records if r.get("train_examples") is not None]
   return counts[-1] if counts else None
 
 
@@ -149,15 +150,16 @@ def code_changes(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
   return changes
 
 
-def record_attempt(workdir: str | os.PathLike, start_step: int, train_examples: int | None) -> list[str]:
-  """Appends this attempt's record (``attempt_record``) to ``workdir/provenance.jsonl``.
+def record_attempt(workdir: str | os.PathLike, earlier: Sequence[dict[str, Any]], start_step: int,
+                   train_examples: int | None) -> list[str]:
+  """Writes ``workdir/provenance.jsonl`` as ``earlier`` (its records, ``read_provenance``, read holding the run's
+  lock) and this attempt's record (``attempt_record``).
 
   Returns:
     What changed in the code since the attempt before (``code_changes``); [] for the first attempt, or one
     with the same code.
   """
   path = Path(workdir) / PROVENANCE_FILE
-  earlier = metrics_log.read_records(path)
   record = attempt_record(start_step, train_examples)
   # Rewritten whole, atomically (a few records): a killed process leaves no torn line to append after.
   files.write_atomically(path, "".join(json.dumps(r) + "\n" for r in [*earlier, record]))

@@ -31,7 +31,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, NamedTuple
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
 from absl import logging
 import flax
@@ -820,9 +820,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
       ckpt.close()
 
 
-def check_same_train_examples(workdir: str | os.PathLike, config: ml_collections.ConfigDict,
-                              num_examples: int) -> None:
-  """Refuses to resume ``workdir`` on another number of training examples than it trained on.
+def check_same_train_examples(workdir: str | os.PathLike, attempts: Sequence[dict[str, Any]],
+                              config: ml_collections.ConfigDict, num_examples: int) -> None:
+  """Refuses to resume ``workdir`` (its ``attempts``: ``provenance.read_provenance``) on another number of
+  training examples than it trained on.
 
   The config check allows ``data.data_dir`` to change (the same data moved), and a folder's content may
   change in place: a resume mid-epoch on another example list would see some images twice and others never,
@@ -831,7 +832,7 @@ def check_same_train_examples(workdir: str | os.PathLike, config: ml_collections
   Raises:
     checkpoint.CheckpointError: the recorded number differs (runs that recorded none are not checked).
   """
-  trained_on = provenance.recorded_train_examples(workdir)
+  trained_on = provenance.recorded_train_examples(attempts)
   if trained_on is not None and trained_on != num_examples:
     raise checkpoint.CheckpointError(
         f"{workdir} trained on {trained_on} examples of config.data.train_split={config.data.train_split!r}, "
@@ -888,7 +889,7 @@ def write_initial_run(config: ml_collections.ConfigDict, workdir: str | os.PathL
     ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep_checkpoints)
     try:
       checkpoint.write_config(workdir, config)
-      provenance.record_attempt(workdir, 0, None)
+      provenance.record_attempt(workdir, provenance.read_provenance(workdir), 0, None)
       ckpt.save(state)
     finally:
       ckpt.close()
@@ -902,10 +903,12 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, ckpt: checkpoint.Ch
   steps_per_epoch = train_input.steps_per_epoch
   num_epochs = math.ceil(total_steps / steps_per_epoch)
   resume_step, changes = ckpt.latest_step(), {}
+  # Read first: a damaged provenance.jsonl stops the run before anything is written.
+  attempts = provenance.read_provenance(workdir)
   if resume_step is not None:
     # Checked again now that the lock is held: another process may have written a run here meanwhile.
     changes = checkpoint.check_resume_config(workdir, config)
-    check_same_train_examples(workdir, config, train_input.num_examples)
+    check_same_train_examples(workdir, attempts, config, train_input.num_examples)
     state = ckpt.restore_latest(state)
     logging.info("Resuming from %s at step %d.", workdir / checkpoint.LATEST_DIR, resume_step)
     if changes:  # Allowed (RESUME_KEYS are equal), but the schedule, the data or the loss change mid-run.
@@ -918,11 +921,10 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, ckpt: checkpoint.Ch
                                      "resume them; run the command again.")
   # Records after the starting step belong to a crashed attempt; they are redone. So is its best checkpoint
   # (else its mIoU stays the bar, and `--checkpoint best` may restore a model of another config). Read first:
-  # a damaged metrics.jsonl or provenance.jsonl stops the run before its config.json is rewritten.
-  provenance.read_provenance(workdir)
+  # a damaged metrics.jsonl stops the run before its config.json is rewritten.
   records = metrics_log.truncate_metrics(workdir, resume_step or 0)
   checkpoint.write_config(workdir, config, keep_previous_at=resume_step if changes else None)
-  code_changes = provenance.record_attempt(workdir, resume_step or 0, train_input.num_examples)
+  code_changes = provenance.record_attempt(workdir, attempts, resume_step or 0, train_input.num_examples)
   if code_changes:
     logging.warning("%s at step %d with other code than the attempt before (%s): the steps from here are "
                     "computed with it; %s records each attempt's.",

@@ -68,22 +68,25 @@ def test_code_changes_name_what_differs_and_ignore_the_host():
 
 
 def test_record_attempt_appends_and_reports_a_change_of_code(tmp_path):
-  assert provenance.recorded_train_examples(tmp_path) is None  # No record: nothing to compare.
-  assert provenance.record_attempt(tmp_path, 0, None) == []  # E.g. write_initial_run: no data read.
-  assert provenance.recorded_train_examples(tmp_path) is None
-  assert provenance.record_attempt(tmp_path, 0, 64) == []
-  assert provenance.record_attempt(tmp_path, 8, 64) == []  # The same code.
-  assert provenance.recorded_train_examples(tmp_path) == 64
+  def record(step, train_examples):  # As train does: the records read, then this attempt's added.
+    return provenance.record_attempt(tmp_path, provenance.read_provenance(tmp_path), step, train_examples)
+
+  assert provenance.recorded_train_examples(provenance.read_provenance(tmp_path)) is None  # Nothing to compare.
+  assert record(0, None) == []  # E.g. write_initial_run: no data read.
+  assert provenance.recorded_train_examples(provenance.read_provenance(tmp_path)) is None
+  assert record(0, 64) == []
+  assert record(8, 64) == []  # The same code.
+  assert provenance.recorded_train_examples(provenance.read_provenance(tmp_path)) == 64
   path = tmp_path / provenance.PROVENANCE_FILE
   records = provenance.read_provenance(tmp_path)
   assert [r["step"] for r in records] == [0, 0, 8]
   older = dict(records[-1], git_commit="0" * 40, packages=dict(records[-1]["packages"], jax="0.0.1"))
   # A torn last line (a process killed while writing, before this file was rewritten whole) is dropped.
   path.write_text("".join(json.dumps(r) + "\n" for r in (records[0], older)) + '{"step": 1')
-  changes = provenance.record_attempt(tmp_path, 16, 64)
+  changes = record(16, 64)
   assert changes[0] == f"git_commit {'0' * 40} -> {provenance.git_commit()}"
   assert f"jax 0.0.1 -> {jax.__version__}" in changes
   assert [r["step"] for r in provenance.read_provenance(tmp_path)] == [0, 8, 16]
   path.write_text('not json\n{"step": 0}\n')
   with pytest.raises(metrics_log.MetricsFileError, match=f"{path}, line 1"):
-    provenance.record_attempt(tmp_path, 24, 64)
+    record(24, 64)
