@@ -483,17 +483,17 @@ def _train_subprocess(workdir: Path, sweep_dir: Path, log_path: Path, attempt: i
       raise
 
 
-def settings_changed(workdir: Path, config: ml_collections.ConfigDict) -> dict[str, tuple[Any, Any]]:
+def settings_changed(workdir: Path, planned: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
   """``{key: (run's value, planned value)}`` where the run in ``workdir`` was configured otherwise than
-  ``config``; {} if it matches, or holds no run yet. A run spec without its config differs as a whole."""
+  ``planned`` (``config_files.config_to_dict`` of its config); {} if it matches, or holds no run yet. A run
+  spec without its config differs as a whole."""
   spec = read_json(workdir / RUN_SPEC_FILE)
   if spec is None:
     return {}
   saved = spec.get("config")
   if not isinstance(saved, dict):
     return {"config": (saved, "the planned config")}
-  return config_files.differences(config_files.flat_config(saved),
-                                  config_files.flat_config(config_files.config_to_dict(config)))
+  return config_files.differences(config_files.flat_config(saved), config_files.flat_config(planned))
 
 
 def different_configuration(workdir: Path) -> str:
@@ -512,7 +512,7 @@ def execute_run(run: Run, config: ml_collections.ConfigDict, base_config: str, s
   """
   workdir = sweep_dir / run.dirname
   expected = config_files.config_to_dict(config)
-  if settings_changed(workdir, config):
+  if settings_changed(workdir, expected):
     return RunResult(run, FAILED, different_configuration(workdir))
   status = read_status(workdir)
   if status.get("status") == RUNNING and status.get("pid") != os.getpid():
@@ -658,7 +658,8 @@ def refuse_changed_runs(planned: Sequence[tuple[Run, ml_collections.ConfigDict |
   sweep_dir = Path(sweep_dir)
   changed = []
   for run, config, _ in planned:
-    diff = settings_changed(sweep_dir / run.dirname, config) if config is not None else {}
+    diff = (settings_changed(sweep_dir / run.dirname, config_files.config_to_dict(config))
+            if config is not None else {})
     if diff:
       changed.append((run.dirname, diff))
   if changed:

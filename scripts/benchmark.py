@@ -621,9 +621,10 @@ def bench_input(config: ml_collections.ConfigDict, args: argparse.Namespace) -> 
 # --- Keras -----------------------------------------------------------------------------------------------
 
 
-def bench_keras(config: ml_collections.ConfigDict, args: argparse.Namespace, mode: str) -> dict[str, Any]:
-  """The tutorial's Keras model: ``model.fit`` steps (train; its encoder frozen unless ``config``'s first step
-  fine-tunes, ``train_variant``) or its compiled call (infer).
+def bench_keras(config: ml_collections.ConfigDict, args: argparse.Namespace, mode: str,
+                variant: str | None = None) -> dict[str, Any]:
+  """The tutorial's Keras model: ``model.fit`` steps (train: in the step JAX's numbers are of, ``variant`` —
+  its encoder frozen, or trainable for "finetune") or its compiled call (infer, where ``variant`` is None).
 
   The backend is Keras' own choice (``KERAS_BACKEND``, TensorFlow by default, as in the tutorial). Where
   TensorFlow cannot be installed (an accelerator host with JAX alone) ``KERAS_BACKEND=jax`` runs the same
@@ -644,8 +645,6 @@ def bench_keras(config: ml_collections.ConfigDict, args: argparse.Namespace, mod
   # the policy is global and main() may run more than once in a process.
   keras.mixed_precision.set_global_policy("mixed_bfloat16" if config.model.dtype == "bfloat16" else "float32")
   start = time.perf_counter()
-  # In training, the step JAX's numbers are of (the encoder frozen or fine-tuned); inference is the same either way.
-  variant = train_variant(config) if mode == "train" else None
   model = keras_unet(config.model.alpha, size, config.model.num_classes,
                      decoder_filters=tuple(config.model.decoder_filters), freeze_encoder=variant != "finetune")
   if mode == "train":
@@ -804,7 +803,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
       log(f"{achieved:.0f} GFLOP/s achieved; matmul peak ({config.model.dtype} 4096^3 jnp.dot) "
           f"{result['matmul_peak_gflops']:.0f} GFLOP/s: {result['fraction_of_matmul_peak']:.0%} of it")
   if args.compare_keras:
-    keras_stats = bench_keras(config, args, args.mode)
+    keras_stats = bench_keras(config, args, args.mode, result.get("variant"))
     result["keras_images_per_sec"] = keras_stats["images_per_sec"]
     result["keras_step_ms_median"] = keras_stats["step_ms_median"]
     result["keras_first_step_s"] = keras_stats["first_step_s"]
