@@ -53,6 +53,7 @@ from petseg_jax import config_files
 from petseg_jax import files
 from petseg_jax.config_files import CONFIG_FILE
 from petseg_jax.metrics_log import METRICS_FILE, read_metrics
+from petseg_jax import stopping
 
 PLAN_FILE = "sweep.json"
 RUN_SPEC_FILE = "ablation_run.json"
@@ -458,11 +459,10 @@ def _train_subprocess(workdir: Path, sweep_dir: Path, log_path: Path, attempt: i
 
   The child runs in a session of its own, so that a terminal's Ctrl-C reaches the sweep alone. On
   KeyboardInterrupt (Ctrl-C, or SIGTERM: see scripts/ablate.py) the sweep asks the child to stop at once with
-  ``train.STOP_SIGNAL`` (training then writes its checkpoint and exits; a scheduler signalling the child as
+  ``stopping.STOP_SIGNAL`` (training then writes its checkpoint and exits; a scheduler signalling the child as
   well does not make that a second request, which would abort), and waits up to ``ORPHAN_WAIT_SEC`` for it.
   A second Ctrl-C meanwhile, or that wait running out, kills the child (no checkpoint: the latest one stays).
   """
-  from petseg_jax import train  # pylint: disable=g-import-not-at-top  (imports JAX; planning did already)
   with open(log_path, "a") as f:
     f.write(f"\n{ATTEMPT_HEADER}{attempt} at {datetime.datetime.now().isoformat(timespec='seconds')}\n")
     f.flush()
@@ -475,7 +475,7 @@ def _train_subprocess(workdir: Path, sweep_dir: Path, log_path: Path, attempt: i
       return process.wait()
     except KeyboardInterrupt:
       try:
-        process.send_signal(train.STOP_SIGNAL)
+        process.send_signal(stopping.STOP_SIGNAL)
         process.wait(timeout=ORPHAN_WAIT_SEC)
       except (subprocess.TimeoutExpired, KeyboardInterrupt):
         process.kill()
@@ -542,12 +542,11 @@ def execute_run(run: Run, config: ml_collections.ConfigDict, base_config: str, s
   _write_json(workdir / STATUS_FILE, running)
   log_path = workdir / LOG_FILE
   error, state = "", DONE
-  from petseg_jax import train  # pylint: disable=g-import-not-at-top  (imports JAX; planning did already)
   try:
     if in_process:
       try:
         train_from_spec(workdir)
-      except train.TrainingInterrupted:
+      except stopping.TrainingInterrupted:
         state, error = INTERRUPTED, RESUME_HINT
       except Exception as e:  # pylint: disable=broad-except  (any failure of one run is reported)
         with open(log_path, "a") as f:
@@ -556,7 +555,7 @@ def execute_run(run: Run, config: ml_collections.ConfigDict, base_config: str, s
     else:
       returncode = _train_subprocess(workdir, sweep_dir, log_path, attempts,
                                      lambda pid: _write_json(workdir / STATUS_FILE, {**running, "child_pid": pid}))
-      if returncode in (128 + signal.SIGINT, 128 + signal.SIGTERM, 128 + train.STOP_SIGNAL):
+      if returncode in (128 + signal.SIGINT, 128 + signal.SIGTERM, 128 + stopping.STOP_SIGNAL):
         state, error = INTERRUPTED, RESUME_HINT
       elif returncode != 0:
         state = FAILED
@@ -589,7 +588,7 @@ def plan_runs(base_config: str, sweep: Mapping[str, Any], extra_overrides: Mappi
     if missing:
       raise SweepError(f"--only: no variant(s) {missing}; the sweep has {sorted(names)}.")
     runs = [run for run in runs if run.variant in only]
-  from petseg_jax import train  # pylint: disable=g-import-not-at-top  (imports JAX)
+  from petseg_jax import config_checks  # pylint: disable=g-import-not-at-top  (imports JAX)
   base = load_config(base_config)
   planned = []
   for run in runs:
@@ -604,8 +603,8 @@ def plan_runs(base_config: str, sweep: Mapping[str, Any], extra_overrides: Mappi
         # negative learning rate) fails here, in --dry-run and before any process starts, rather than in its
         # training process. One device: counting them would start the accelerator backend in this process,
         # which on a GPU would hold memory the runs need; each run checks its batch against its devices.
-        train.validate_config(config, num_devices=1)
-      except ValueError as e:  # train.ConfigError, DataError
+        config_checks.validate_config(config, num_devices=1)
+      except ValueError as e:  # config_checks.ConfigError, DataError
         raise SweepError(f"{where}: {e}") from e
       never_unfrozen = _never_unfrozen(config)
       if never_unfrozen:
@@ -722,10 +721,9 @@ def _worker_main(argv: Sequence[str]) -> int:
   logging.set_verbosity(logging.INFO)
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], "GPU")  # TF is for data only; leave the accelerators to JAX.
-  from petseg_jax import train  # pylint: disable=g-import-not-at-top
   try:
     train_from_spec(argv[1])
-  except train.TrainingInterrupted as e:
+  except stopping.TrainingInterrupted as e:
     logging.error("%s", e)
     return 128 + e.signum
   return 0

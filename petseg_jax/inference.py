@@ -30,6 +30,7 @@ from petseg_jax import files as files_lib
 from petseg_jax import input_pipeline
 from petseg_jax import metrics as metrics_lib
 from petseg_jax import models
+from petseg_jax import parallel
 from petseg_jax import plots
 from petseg_jax import prediction
 from petseg_jax import train
@@ -263,7 +264,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, model: models.UNet, v
   eval_input = input_pipeline.EvalInput(config.data, split, config.train.batch_size,
                                         num_devices=jax.local_device_count())
   # BatchNorm folded, as the training loop's evaluation and Predictor run the model.
-  buffers, layout = train.replicate_state(models.fold_batch_norm(variables))
+  buffers, layout = parallel.replicate_state(models.fold_batch_norm(variables))
   p_eval_step = train.pmapped_eval_step(config, model.clone(batch_norm_folded=True), layout)
   sums = train.evaluation_sums(p_eval_step, buffers, eval_input)
   return train.eval_metrics(sums), sums["confusion"], eval_input.num_examples

@@ -10,7 +10,7 @@ Parameters are labelled by their path ("encoder/block_1_expand/kernel") against 
 
 Every other parameter gets Adam at the base learning rate. Freezing in the optimizer keeps the parameters
 fixed; that frozen BatchNorm layers run on their running statistics (and that a wholly frozen encoder's
-backward pass is not computed at all) is the model's part (``train.freezing_at``).
+backward pass is not computed at all) is the model's part (``freezing.freezing_at``).
 """
 
 from __future__ import annotations

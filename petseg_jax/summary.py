@@ -16,9 +16,9 @@ import flax
 import ml_collections
 import numpy as np
 
+from petseg_jax import freezing as freezing_lib
 from petseg_jax import models
 from petseg_jax import optim
-from petseg_jax import train
 
 
 @dataclasses.dataclass
@@ -63,12 +63,12 @@ def count_parameters(config: ml_collections.ConfigDict) -> list[ModuleCount]:
 
   Raises:
     ValueError: a ``config.train.frozen_params`` pattern is invalid or matches nothing (from optim), or
-      none of the encoder under ``model.freeze_encoder`` (``train.ConfigError``).
+      none of the encoder under ``model.freeze_encoder`` (``config_checks.ConfigError``).
   """
   model = models.create_model(config.model)
   shapes = flax.core.unfreeze(models.variable_shapes(model, config.data.image_size))
   params = shapes["params"]
-  train.check_freezing(config, shapes)  # What training refuses is not summarized as if it trained so.
+  freezing_lib.check_freezing(config, shapes)  # What training refuses is not summarized as if it trained so.
   if config.model.freeze_encoder:
     labels = flax.traverse_util.flatten_dict(optim.param_labels(params, config.train.frozen_params))
   else:

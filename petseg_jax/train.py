@@ -4,9 +4,9 @@ Modelled on google/flax examples/imagenet/train.py. The steps are ``jax.pmap``-e
 (one device is the same code path): gradients are averaged with ``pmean`` and BatchNorm statistics are
 computed over the global batch (``UNet(bn_axis_name="batch")``), so N devices train like one device with
 the same global batch. Metrics are summed confusion matrices, exact over a split. Between steps the state
-stays on the devices, on accelerators packed into one buffer per dtype (``replicate_state``), and batches
-go to the devices two steps ahead (``device_batches``): on a GPU, a batch-64 step is short enough that
-passing ~300 arrays and copying the batch took longer than its kernels.
+stays on the devices and batches go to them ahead of their step (``parallel.py``). What is frozen follows
+from the config (``freezing.py``), which ``config_checks.validate_config`` checks before anything is written;
+SIGINT/SIGTERM stop the loop after a step, with a checkpoint (``stopping.py``).
 
 The workdir receives config.json, checkpoints/ and checkpoints_best/ (see ``checkpoint.py``),
 metrics.jsonl (one JSON object per evaluation), provenance.jsonl (the code and devices of each attempt, see
@@ -28,14 +28,12 @@ import logging as std_logging
 import math
 import os
 import signal
-import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
+from typing import Any, Callable, Sequence
 
 from absl import logging
 import flax
-from flax import jax_utils
 from flax.training import train_state
 import jax
 from jax import lax
@@ -46,8 +44,8 @@ import optax
 import tqdm
 
 from petseg_jax import checkpoint
-from petseg_jax import config_files
-from petseg_jax.data import settings as data_settings
+from petseg_jax import config_checks
+from petseg_jax import freezing as freezing_lib
 from petseg_jax import losses
 from petseg_jax import metric_writer
 from petseg_jax import metrics as metrics_lib
@@ -56,15 +54,14 @@ from petseg_jax.metrics_log import METRICS_FILE, read_metrics  # Part of this mo
 from petseg_jax import models
 from petseg_jax import optim
 from petseg_jax import packed
+from petseg_jax import parallel
 from petseg_jax import plots
 from petseg_jax import prediction
 from petseg_jax import provenance
+from petseg_jax import stopping
 from petseg_jax import weights
 
-AXIS = "batch"  # pmap axis name; also the UNet's BatchNorm axis.
-PREFETCH_BATCHES = 2  # Training batches put on the devices ahead of their step (device_batches).
 FIGURES_DIR = "figures"
-LR_SCHEDULES = ("constant", "cosine")  # config.train.lr_schedule.
 
 
 class TrainState(train_state.TrainState):
@@ -77,19 +74,7 @@ class TrainState(train_state.TrainState):
     return {"params": self.params, "batch_stats": self.batch_stats}
 
 
-class TrainingInterrupted(RuntimeError):
-  """Raised after SIGINT/SIGTERM/``STOP_SIGNAL`` once the current step is done and a checkpoint is written."""
-
-  def __init__(self, message: str, signum: int):
-    super().__init__(message)
-    self.signum = signum
-
-
-class ConfigError(ValueError):
-  """A configuration value that cannot work; the message names the field and the accepted values."""
-
-
-def create_model(config: ml_collections.ConfigDict, bn_axis_name: str | None = AXIS) -> models.UNet:
+def create_model(config: ml_collections.ConfigDict, bn_axis_name: str | None = parallel.AXIS) -> models.UNet:
   """The UNet of ``config.model``; BatchNorm statistics synced over the pmap axis while training."""
   return models.create_model(config.model, bn_axis_name=bn_axis_name)
 
@@ -138,17 +123,11 @@ def create_learning_rate_fn(train_config: ml_collections.ConfigDict, total_steps
   elif train_config.lr_schedule == "cosine":
     main = optax.cosine_decay_schedule(lr, decay_steps=max(total_steps - warmup, 1))
   else:
-    raise ConfigError(f"config.train.lr_schedule={train_config.lr_schedule!r} is not one of {LR_SCHEDULES}.")
+    raise config_checks.ConfigError(f"config.train.lr_schedule={train_config.lr_schedule!r} is not one of "
+                                    f"{config_checks.LR_SCHEDULES}.")
   if warmup <= 0:
     return main
   return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), main], [warmup])
-
-
-def unfreeze_step(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int | None:
-  """The step at which a frozen encoder starts training, or None if it stays frozen (or never was)."""
-  if not config.model.freeze_encoder or config.train.unfreeze_after_epochs < 0:
-    return None
-  return config.train.unfreeze_after_epochs * steps_per_epoch
 
 
 def mismatched_collections(model: models.UNet, image_size: int, variables: dict[str, Any]) -> list[str]:
@@ -175,10 +154,10 @@ def create_train_state(rng: jax.Array, config: ml_collections.ConfigDict, model:
   try:
     labels = optim.param_labels(variables["params"], config.train.frozen_params)
   except ValueError as e:
-    raise ConfigError(str(e)) from e
+    raise config_checks.ConfigError(str(e)) from e
   tx = optim.create_optimizer(config.train, learning_rate_fn, labels,
                               freeze=config.model.freeze_encoder,
-                              unfreeze_step=unfreeze_step(config, steps_per_epoch))
+                              unfreeze_step=freezing_lib.unfreeze_step(config, steps_per_epoch))
   return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
                            batch_stats=variables["batch_stats"])
 
@@ -190,73 +169,6 @@ def abstract_train_state(config: ml_collections.ConfigDict, model: models.UNet,
   return jax.eval_shape(
       lambda variables: create_train_state(None, config, model, learning_rate_fn, steps_per_epoch, variables),
       models.variable_shapes(model, config.data.image_size))
-
-
-def _batch_norms_by_freezing(labels: Any, batch_stats: Any) -> tuple[set[str], set[str]]:
-  """The paths of the BatchNorm layers (those with ``batch_stats``) whose parameters ``labels`` (``optim``'s)
-  freeze all of, and of those whose parameters they freeze some of."""
-  layer_labels = collections.defaultdict(set)  # Layer path → its parameters' labels.
-  for path, label in flax.traverse_util.flatten_dict(labels).items():
-    layer_labels["/".join(path[:-1])].add(label)
-  batch_norms = {"/".join(path[:-1]) for path in flax.traverse_util.flatten_dict(batch_stats)}
-  frozen = {path for path in batch_norms if layer_labels[path] == {optim.FROZEN}}
-  partly = {path for path in batch_norms if len(layer_labels[path]) > 1}
-  return frozen, partly
-
-
-def check_freezing(config: ml_collections.ConfigDict, variables: dict[str, Any]) -> None:
-  """Raises ConfigError if ``model.freeze_encoder`` holds but ``train.frozen_params`` match no encoder
-  parameter of ``variables`` (``{"params", "batch_stats"}``, any values): the "frozen" encoder would train in
-  full. Warns of BatchNorm layers they freeze part of: those keep normalizing with batch statistics."""
-  if not config.model.freeze_encoder:
-    return
-  labels = optim.param_labels(variables["params"], config.train.frozen_params)
-  if optim.FROZEN not in jax.tree.leaves(labels.get("encoder", {})):
-    raise ConfigError(f"config.model.freeze_encoder=True but config.train.frozen_params="
-                      f"{tuple(config.train.frozen_params)!r} match no encoder parameter: the encoder would train "
-                      "in full. Match it (e.g. ('encoder/.*',)), or set model.freeze_encoder=False.")
-  _, partly = _batch_norms_by_freezing(labels, variables["batch_stats"])
-  if partly:
-    logging.warning("config.train.frozen_params freeze some but not all parameters of the BatchNorm layers %s: "
-                    "those stay fixed, but the layers keep normalizing with batch statistics and updating their "
-                    "moving averages (only a layer whose scale and bias are both frozen runs on its running "
-                    "statistics).", ", ".join(sorted(partly)))
-
-
-class Freezing(NamedTuple):
-  """How a training step runs the frozen layers: static, one compiled step per value (i.e. per phase).
-
-  Attributes:
-    encoder: the whole encoder is frozen: BatchNorm on running statistics, outputs ``stop_gradient``-ed (no
-      encoder backward pass); ``UNet(..., frozen_encoder=True)``.
-    batch_norms: the paths (e.g. "encoder/block_1_expand_BN", "decoder/up_0/bn") of the other BatchNorm
-      layers whose parameters (scale and bias) are all frozen, which run on their running statistics and keep
-      them, as Keras' ``trainable=False`` layers (``UNet(..., frozen_batch_norms=...)``). The frozen
-      parameters themselves are the optimizer's part.
-  """
-  encoder: bool = False
-  batch_norms: tuple[str, ...] = ()
-
-  def describe(self) -> str:
-    """E.g. "the encoder frozen", for the log."""
-    parts = (["the encoder frozen"] if self.encoder else []) + (
-        [f"BatchNorm layers {', '.join(self.batch_norms)} on running statistics"] if self.batch_norms else [])
-    return "; ".join(parts) or "no layer frozen"
-
-
-def freezing_at(config: ml_collections.ConfigDict, variables: dict[str, Any], step: int,
-                steps_per_epoch: int) -> Freezing:
-  """How the model runs its frozen layers at ``step`` (``variables``: ``{"params", "batch_stats"}``, any
-  values): those ``train.frozen_params`` match, while ``model.freeze_encoder`` holds and
-  ``train.unfreeze_after_epochs`` has not unfrozen them; from then on, none."""
-  start = unfreeze_step(config, steps_per_epoch)
-  if not config.model.freeze_encoder or (start is not None and step >= start):
-    return Freezing()
-  labels = optim.param_labels(variables["params"], config.train.frozen_params)
-  encoder = optim.covers_subtree(labels, "encoder")
-  frozen, _ = _batch_norms_by_freezing(labels, variables["batch_stats"])
-  return Freezing(encoder=encoder, batch_norms=tuple(sorted(
-      path for path in frozen if not (encoder and path.startswith("encoder/")))))
 
 
 def read_init_from(config: ml_collections.ConfigDict) -> tuple[dict[str, Any], str]:
@@ -303,16 +215,16 @@ def _loss_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], dropout_rng: jax.Array, *,
-               config: ml_collections.ConfigDict, freezing: Freezing
+               config: ml_collections.ConfigDict, freezing: freezing_lib.Freezing
                ) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimizer step on a device's shard of the global batch (run under ``pmap(axis_name=AXIS)``).
+  """One optimizer step on a device's shard of the global batch (run under ``pmap(axis_name=parallel.AXIS)``).
 
-  ``freezing`` (static) is how the model runs its frozen layers; it must be ``freezing_at(config, ...)`` at
+  ``freezing`` (static) is how the model runs its frozen layers; it must be ``freezing_lib.freezing_at(config, ...)`` at
   the state's step. The optimizer's masking follows the config alone: another ``freezing`` would keep the
   frozen parameters but move their BatchNorm statistics.
   """
   # Dropout masks depend on (seed, step, device) only: resumed runs draw the same ones.
-  rng = jax.random.fold_in(jax.random.fold_in(dropout_rng, state.step), lax.axis_index(AXIS))
+  rng = jax.random.fold_in(jax.random.fold_in(dropout_rng, state.step), lax.axis_index(parallel.AXIS))
 
   def loss_fn(params):
     logits, updates = state.apply_fn(
@@ -320,15 +232,15 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], dropout_rng: jax.
         frozen_encoder=freezing.encoder, frozen_batch_norms=freezing.batch_norms, mutable=["batch_stats"],
         rngs={"dropout": rng})
     # The Dice term's sums over the global batch (psum); the per-pixel term is this shard's mean.
-    loss = losses.segmentation_loss(logits, batch["mask"], **_loss_settings(config), axis_name=AXIS)
+    loss = losses.segmentation_loss(logits, batch["mask"], **_loss_settings(config), axis_name=parallel.AXIS)
     return loss, (logits, updates["batch_stats"])
 
   (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   # Equal shards: the mean of the per-device gradients is the gradient of the global batch's loss.
-  grads = lax.pmean(grads, AXIS)
+  grads = lax.pmean(grads, parallel.AXIS)
   new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
   confusion = metrics_lib.confusion_matrix(logits, batch["mask"], num_classes=config.model.num_classes)
-  return new_state, {"loss": lax.pmean(loss, AXIS), "confusion": lax.psum(confusion, AXIS)}
+  return new_state, {"loss": lax.pmean(loss, parallel.AXIS), "confusion": lax.psum(confusion, parallel.AXIS)}
 
 
 def eval_step(variables: dict[str, Any], batch: dict[str, jax.Array], *, model: models.UNet,
@@ -342,11 +254,11 @@ def eval_step(variables: dict[str, Any], batch: dict[str, jax.Array], *, model: 
   sums = losses.loss_sums(logits, batch["mask"], **_loss_settings(config), weights=weight)
   sums["confusion"] = metrics_lib.confusion_matrix(logits, batch["mask"], weight,
                                                    num_classes=config.model.num_classes)
-  return lax.psum(sums, AXIS)
+  return lax.psum(sums, parallel.AXIS)
 
 
 def _packed_train_step(buffers: tuple[jax.Array, ...], batch: dict[str, jax.Array], dropout_rng: jax.Array, *,
-                       layout: packed.Layout, config: ml_collections.ConfigDict, freezing: Freezing
+                       layout: packed.Layout, config: ml_collections.ConfigDict, freezing: freezing_lib.Freezing
                        ) -> tuple[tuple[jax.Array, ...], dict[str, jax.Array]]:
   state, metrics = train_step(packed.unpack(buffers, layout), batch, dropout_rng, config=config,
                               freezing=freezing)
@@ -356,20 +268,20 @@ def _packed_train_step(buffers: tuple[jax.Array, ...], batch: dict[str, jax.Arra
   return new_buffers, metrics
 
 
-def pmapped_train_step(config: ml_collections.ConfigDict, freezing: Freezing, layout: packed.Layout
+def pmapped_train_step(config: ml_collections.ConfigDict, freezing: freezing_lib.Freezing, layout: packed.Layout
                        ) -> Callable:
-  """``train_step`` pmapped over the local devices, on a state packed with ``layout`` (``replicate_state``).
+  """``train_step`` pmapped over the local devices, on a state packed with ``layout`` (``parallel.replicate_state``).
 
   Takes and returns the state's buffers (one per dtype), and donates them. As a tree, the state was ~300
   argument buffers in and out of each step, whose host work took longer than the step's kernels on an
   H200 (frozen bfloat16 step 5.4-5.6 ms as a tree, 3.2-3.5 ms packed).
   """
   return jax.pmap(functools.partial(_packed_train_step, layout=layout, config=config,
-                                    freezing=freezing), axis_name=AXIS, donate_argnums=(0,))
+                                    freezing=freezing), axis_name=parallel.AXIS, donate_argnums=(0,))
 
 
 def pmapped_inference_variables(state_layout: packed.Layout) -> tuple[Callable, packed.Layout]:
-  """A pmapped function from the replicated train state packed with ``state_layout`` (``replicate_state``) to
+  """A pmapped function from the replicated train state packed with ``state_layout`` (``parallel.replicate_state``) to
   the variables evaluation runs on, on every device: BatchNorm folded into the convolutions
   (``models.fold_batch_norm``; the model is ``model.clone(batch_norm_folded=True)``), packed as the state is;
   and their layout. An evaluation folds once, then runs every batch on the folded variables.
@@ -381,97 +293,36 @@ def pmapped_inference_variables(state_layout: packed.Layout) -> tuple[Callable, 
   layout = packed.layout_of(jax.eval_shape(folded_variables, packed.abstract_buffers(state_layout)),
                             state_layout.concatenated)
   return jax.pmap(lambda buffers: packed.pack(folded_variables(buffers), layout.concatenated)[0],
-                  axis_name=AXIS), layout
+                  axis_name=parallel.AXIS), layout
 
 
 def pmapped_eval_step(config: ml_collections.ConfigDict, model: models.UNet, layout: packed.Layout
                       ) -> Callable:
   """``eval_step`` of ``model`` pmapped over the local devices, on variables packed with ``layout``
-  (``pmapped_inference_variables``, or ``replicate_state`` of a ``{"params", "batch_stats"}`` tree)."""
+  (``pmapped_inference_variables``, or ``parallel.replicate_state`` of a ``{"params", "batch_stats"}`` tree)."""
   return jax.pmap(lambda buffers, batch: eval_step(packed.unpack(buffers, layout), batch, model=model,
                                                    config=config),
-                  axis_name=AXIS)
-
-
-def replicate_state(state: TrainState | dict[str, Any], concatenate: bool | None = None
-                    ) -> tuple[tuple[jax.Array, ...], packed.Layout]:
-  """``state`` (a TrainState, or variables for ``pmapped_eval_step``) packed (``packed.pack``: one buffer per
-  dtype, by default on accelerators only) and copied to every local device, as the pmapped steps take it;
-  and its layout."""
-  buffers, layout = packed.pack(jax.device_get(state), concatenate)
-  return replicate(buffers), layout
-
-
-def host_state(buffers: tuple[jax.Array, ...], layout: packed.Layout) -> TrainState:
-  """The first device's copy of a packed replicated state, as a TrainState of host NumPy arrays."""
-  return packed.unpack(first_replica(buffers), layout)
-
-
-def replicate(tree: Any) -> Any:
-  """``tree`` copied to every local device with a leading device axis, as ``jax.pmap`` takes it.
-
-  Sharded over a mesh axis named ``AXIS``, like the outputs of the pmapped steps (all pmapped with
-  ``axis_name=AXIS``): pmap compiles per input sharding, and with flax's default axis name the first step
-  was compiled twice (once for the replicated state, once for the state it returns). Host copies: given
-  device arrays, ``jax_utils.replicate`` stacks them on the device, compiling one small program per distinct
-  leaf shape.
-  """
-  return jax_utils.replicate(jax.device_get(tree), axis_name=AXIS)
-
-
-def first_replica(tree: Any) -> Any:
-  """The first device's copy of a pmapped (replicated or per-device) pytree, as host NumPy arrays.
-
-  Like ``jax.device_get(jax_utils.unreplicate(tree))`` without its cost: that indexes each leaf on the
-  device, compiling one small program per distinct leaf shape; this copies the first device's buffer.
-  """
-  def first(x):
-    return np.asarray(x.addressable_data(0))[0] if isinstance(x, jax.Array) else np.asarray(x)[0]
-  return jax.tree.map(first, tree)
-
-
-def device_batches(batches: Iterable[dict[str, np.ndarray]], ahead: int = PREFETCH_BATCHES
-                   ) -> Iterator[dict[str, jax.Array]]:
-  """Host batches (leading axis: the local devices) put on the devices ``ahead`` batches before their step.
-
-  Each array goes over in one transfer, sharded over the mesh axis ``AXIS`` as the pmapped steps' inputs and
-  outputs are, and while earlier steps run: fed as host arrays, every step first waits for its batch's copy
-  (2-3 ms of a 7-8 ms bfloat16 step on an H200). flax's ``prefetch_to_device`` would split each array per
-  device and stack it again on the host.
-  """
-  mesh = jax.sharding.Mesh(np.array(jax.local_devices()), (AXIS,))
-  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS))
-  return _run_ahead((jax.device_put(batch, sharding) for batch in batches), ahead)
-
-
-def _run_ahead(items: Iterable[Any], ahead: int) -> Iterator[Any]:
-  """``items`` in order, each yielded once ``ahead`` later ones have been taken from the iterable (at the end,
-  the rest): the work that makes an item (a transfer, a dispatched step) runs ``ahead`` items early."""
-  queue: collections.deque[Any] = collections.deque()
-  for item in items:
-    queue.append(item)
-    if len(queue) > ahead:
-      yield queue.popleft()
-  yield from queue
+                  axis_name=parallel.AXIS)
 
 
 def evaluation_sums(p_eval_step: Callable, buffers: tuple[jax.Array, ...], eval_input: Any
                     ) -> dict[str, Any]:
   """The summed ``eval_step`` outputs over the whole eval split (``pmapped_eval_step`` on ``buffers``, the
-  replicated packed variables of ``pmapped_inference_variables`` or ``replicate_state``): "confusion" (int64
+  replicated packed variables of ``pmapped_inference_variables`` or ``parallel.replicate_state``): "confusion" (int64
   on the host: no overflow) and the loss's sums (``losses.loss_sums``: "loss_sum", "num_pixels", ..., float64).
 
-  Each batch's sums are fetched ``PREFETCH_BATCHES`` batches after its step is dispatched, so the host never
+  Each batch's sums are fetched ``parallel.PREFETCH_BATCHES`` batches after its step is dispatched, so the host never
   waits for the step it just started (fetched at once, every batch's small output cost the devices an idle
   gap between steps), and at most that many steps are queued ahead of the host.
   """
   totals: dict[str, Any] = {}
 
   def add(out: dict[str, jax.Array]) -> None:
-    for key, value in first_replica(out).items():
+    for key, value in parallel.first_replica(out).items():
       totals[key] = totals.get(key, 0) + np.asarray(value, np.int64 if key == "confusion" else np.float64)
 
-  for out in _run_ahead((p_eval_step(buffers, batch) for batch in device_batches(eval_input)), PREFETCH_BATCHES):
+  outputs = (p_eval_step(buffers, batch) for batch in parallel.device_batches(eval_input))
+  for out in parallel.run_ahead(outputs, parallel.PREFETCH_BATCHES):
     add(out)
   return totals
 
@@ -489,69 +340,6 @@ def evaluate(p_eval_step: Callable, buffers: tuple[jax.Array, ...], eval_input: 
   return eval_metrics(evaluation_sums(p_eval_step, buffers, eval_input))
 
 
-# --- configuration checks --------------------------------------------------------------------------------
-
-def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
-  """Raises ConfigError (or DataError for config.data) naming the first unusable value.
-
-  Run before anything is written, so that a typo costs seconds and leaves no workdir behind.
-  """
-  data_settings.check_data_config(config.data)
-  model, tc = config.model, config.train
-  if model.num_classes != len(metrics_lib.CLASS_NAMES):
-    raise ConfigError(f"config.model.num_classes={model.num_classes!r}: the data has "
-                      f"{len(metrics_lib.CLASS_NAMES)} classes {metrics_lib.CLASS_NAMES}.")
-  try:
-    models.check_model_config(model)  # dtype, alpha, decoder_filters, dropout...
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
-  # Values of the wrong type (None from a config file, True for a count) or not finite fail here, not deep in
-  # a library; a NaN rate would otherwise surface as "the loss is nan", blaming the learning rate.
-  for key in ("batch_size", "checkpoint_every_steps", "log_every_steps", "eval_every_epochs",
-              "keep_checkpoints"):
-    if config_files.value_problem(f"train.{key}", tc[key], "int", 1):
-      raise ConfigError(f"config.train.{key}={tc[key]!r} must be a positive integer.")
-  # JAX keeps a seed's low 32 bits (without jax_enable_x64): seeds 2**32 apart would be one run.
-  problem = (config_files.value_problem("seed", config.seed, "int", 0, 2**32, below=True)
-             or config_files.value_problem("model.decoder_bn_momentum", model.decoder_bn_momentum, "number", 0,
-                                           1, below=True)  # 1 would never learn the decoder's statistics.
-             or config_files.value_problem("train.learning_rate", tc.learning_rate, "number", 0, above=True)
-             or config_files.value_problem("train.encoder_lr_multiplier", tc.encoder_lr_multiplier, "number", 0)
-             or config_files.value_problem("train.weight_decay", tc.weight_decay, "number", 0)
-             or config_files.value_problem("train.warmup_steps", tc.warmup_steps, "int", 0)
-             or config_files.value_problem("train.num_epochs", tc.num_epochs, "int")
-             or config_files.value_problem("train.num_train_steps", tc.num_train_steps, "int")
-             or config_files.value_problem("train.unfreeze_after_epochs", tc.unfreeze_after_epochs, "int")
-             or config_files.value_problem("train.num_figure_examples", tc.num_figure_examples, "int", 0))
-  if problem:
-    raise ConfigError(problem)
-  if tc.batch_size % num_devices:
-    raise ConfigError(f"config.train.batch_size={tc.batch_size} must be divisible by the number of devices "
-                      f"({num_devices}): the global batch is split evenly over them.")
-  if tc.num_train_steps <= 0 and tc.num_epochs <= 0:
-    raise ConfigError(f"config.train.num_epochs={tc.num_epochs} and num_train_steps={tc.num_train_steps}: "
-                      "one of them must be positive.")
-  if tc.loss not in losses.LOSSES:
-    raise ConfigError(f"config.train.loss={tc.loss!r} is not one of {losses.LOSSES}.")
-  if tc.lr_schedule not in LR_SCHEDULES:
-    raise ConfigError(f"config.train.lr_schedule={tc.lr_schedule!r} is not one of {LR_SCHEDULES}.")
-  if not isinstance(tc.frozen_params, (list, tuple)) or not all(isinstance(p, str) for p in tc.frozen_params):
-    raise ConfigError(f"config.train.frozen_params={tc.frozen_params!r} must be a tuple of regexes over "
-                      "parameter paths, e.g. ('encoder/.*',), or () for none.")
-  try:
-    # The loss checks them too, but only when the first step is traced: after the workdir is made.
-    losses.class_weight_array(tc.class_weights, model.num_classes)
-  except ValueError as e:
-    raise ConfigError(f"config.train.{e}") from e
-  try:
-    optim.compile_patterns(tc.frozen_params)
-  except ValueError as e:
-    raise ConfigError(str(e)) from e
-  if model.freeze_encoder and not tc.frozen_params:  # Else the "frozen" encoder silently trains in full.
-    raise ConfigError("config.model.freeze_encoder=True but config.train.frozen_params=() freezes nothing; "
-                      "set frozen_params (e.g. ('encoder/.*',)), or model.freeze_encoder=False to train all.")
-
-
 # --- the loop's bookkeeping ------------------------------------------------------------------------------
 
 class _QuietOrbaxInfo(std_logging.Filter):
@@ -562,45 +350,6 @@ class _QuietOrbaxInfo(std_logging.Filter):
 
 
 _QUIET_ORBAX = _QuietOrbaxInfo()
-
-
-# Asks a run to stop after the current step and checkpoint, as SIGINT/SIGTERM do, but never counts as a second
-# request that aborts: what an ablation sweep sends its training child, which the same job's scheduler may
-# signal too.
-STOP_SIGNAL = signal.SIGUSR1
-
-
-class _StopRequest:
-  """SIGINT/SIGTERM/STOP_SIGNAL handler: asks the loop to stop after the current step; a second SIGINT or
-  SIGTERM aborts."""
-
-  def __init__(self):
-    self.signum: int | None = None  # The first request's signal.
-    self.interrupted = False  # A SIGINT or SIGTERM came: the next one aborts.
-
-  def __call__(self, signum, frame):
-    if signum != STOP_SIGNAL:
-      if self.interrupted:
-        raise KeyboardInterrupt
-      self.interrupted = True
-    if self.signum is None:
-      self.signum = signum
-      logging.warning("Received %s: stopping after the current step and writing a checkpoint "
-                      "(send SIGINT or SIGTERM again to abort without one).", signal.Signals(signum).name)
-
-
-@contextlib.contextmanager
-def _graceful_stop() -> Iterator[_StopRequest]:
-  request = _StopRequest()
-  if threading.current_thread() is not threading.main_thread():
-    yield request  # Signal handlers can only be installed from the main thread.
-    return
-  previous = {s: signal.signal(s, request) for s in (signal.SIGINT, signal.SIGTERM, STOP_SIGNAL)}
-  try:
-    yield request
-  finally:
-    for s, handler in previous.items():
-      signal.signal(s, handler)
 
 
 @dataclasses.dataclass
@@ -648,7 +397,7 @@ class _TrainMetrics:
     if not count:
       return
     steps = [s for s, _ in self.pending[:count]]
-    fetched = [first_replica(m) for _, m in self.pending[:count]]
+    fetched = [parallel.first_replica(m) for _, m in self.pending[:count]]
     self.pending = self.pending[count:]
     step_losses = np.array([float(m["loss"]) for m in fetched])
     bad = np.flatnonzero(~np.isfinite(step_losses))
@@ -716,8 +465,9 @@ class _Evaluator:
 
   def __call__(self, buffers: tuple[jax.Array, ...], step: int, train_result: dict[str, Any] | None,
                images_per_sec: float | None) -> None:
-    """Evaluates the replicated state packed in ``buffers`` (``replicate_state``) at ``step``; ``images_per_sec``
-    is the training rate since the last evaluation (None when none trained: a redone evaluation at resume)."""
+    """Evaluates the replicated state packed in ``buffers`` (``parallel.replicate_state``) at ``step``;
+    ``images_per_sec`` is the training rate since the last evaluation (None when none trained: a redone
+    evaluation at resume)."""
     eval_result = evaluate(self.p_eval_step, self.inference_variables(buffers), self.eval_input)
     # train_steps: how many steps the train_* means cover (fewer than the interval after a resume within it).
     record = {"step": step, "epoch": round(step / self.steps_per_epoch, 3),
@@ -739,7 +489,7 @@ class _Evaluator:
                else key.replace("_", "/", 1) if key.startswith("eval_") else key)
         self.writer.scalar(tag, value, step)
     self.writer.flush()
-    host = host_state(buffers, self.layout)
+    host = parallel.host_state(buffers, self.layout)
     if self.config.train.num_figure_examples > 0:
       self._save_figure(host, self.workdir / FIGURES_DIR / f"predictions_step_{step:07d}.png")
     if self.best_miou is None or eval_result["miou"] > self.best_miou:
@@ -761,18 +511,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   """Trains ``config`` in ``workdir`` (resuming from its latest checkpoint) and returns the final state.
 
   Raises:
-    ConfigError, input_pipeline.DataError, weights.WeightsError: an unusable config or data (raised before
-      the workdir is created or changed; except a trimap value outside 1-3 in a prepared tfds download,
-      which is found only when its batch is read, during training).
+    config_checks.ConfigError, input_pipeline.DataError, weights.WeightsError: an unusable config or data
+      (raised before the workdir is created or changed; except a trimap value outside 1-3 in a prepared tfds
+      download, which is found only when its batch is read, during training).
     checkpoint.CheckpointError: the workdir is locked by another process or holds an incompatible run.
-    TrainingInterrupted: after SIGINT/SIGTERM, once a checkpoint of the current step is written.
+    stopping.TrainingInterrupted: after SIGINT/SIGTERM, once a checkpoint of the current step is written.
     FloatingPointError: the loss became NaN/inf; nothing after the divergence is saved.
   """
   start_time = time.time()
   workdir = Path(workdir)
   logging.get_absl_logger().addFilter(_QUIET_ORBAX)
   num_devices = jax.local_device_count()
-  validate_config(config, num_devices)
+  config_checks.validate_config(config, num_devices)
   logging.info("devices: %d (%s)", num_devices, jax.local_devices()[0].platform)
   # Read-only look at the workdir: fail fast on an incompatible resume.
   resuming, init_from = bool(checkpoint.available_steps(workdir)), None
@@ -794,7 +544,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   logging.info("train: %d examples, %d steps/epoch, %d steps (%d epochs); eval (%s): %d examples",
                train_input.num_examples, steps_per_epoch, total_steps, num_epochs,
                config.data.eval_split, eval_input.num_examples)
-  unfreeze_at = unfreeze_step(config, steps_per_epoch)
+  unfreeze_at = freezing_lib.unfreeze_step(config, steps_per_epoch)
   if unfreeze_at is not None and unfreeze_at >= total_steps:
     logging.warning("config.train.unfreeze_after_epochs=%d unfreezes the encoder at step %d, but the run "
                     "ends at step %d: the encoder stays frozen throughout.",
@@ -808,7 +558,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   else:
     start = None if init_from is None else checked_init_from(model, config.data.image_size, init_from)
     state = create_train_state(init_rng, config, model, learning_rate_fn, steps_per_epoch, start)
-  check_freezing(config, state.variables)
+  freezing_lib.check_freezing(config, state.variables)
 
   _make_workdir(workdir)
   with checkpoint.lock_workdir(workdir):
@@ -863,12 +613,13 @@ def write_initial_run(config: ml_collections.ConfigDict, workdir: str | os.PathL
   it: how ``scripts/import_keras_unet.py`` turns a Keras U-Net into a run.
 
   Raises:
-    ConfigError, input_pipeline.DataError, weights.WeightsError: an unusable config (before anything is written).
+    config_checks.ConfigError, input_pipeline.DataError, weights.WeightsError: an unusable config (before
+      anything is written).
     checkpoint.CheckpointError: ``workdir`` holds checkpoints already, or cannot be written.
   """
   workdir = Path(workdir)
   logging.get_absl_logger().addFilter(_QUIET_ORBAX)
-  validate_config(config, jax.local_device_count())  # What training would refuse is not written.
+  config_checks.validate_config(config, jax.local_device_count())  # What training would refuse is not written.
 
   def refuse_a_run() -> None:
     if checkpoint.available_steps(workdir):
@@ -882,7 +633,7 @@ def write_initial_run(config: ml_collections.ConfigDict, workdir: str | os.PathL
   # The learning-rate schedule and the epoch length shape the optimizer's updates, not its state: training
   # builds its own when it resumes.
   state = create_train_state(init_rng, config, model, create_learning_rate_fn(config.train, 1), 1, start)
-  check_freezing(config, state.variables)
+  freezing_lib.check_freezing(config, state.variables)
   _make_workdir(workdir)
   with checkpoint.lock_workdir(workdir):
     refuse_a_run()  # Again, holding the lock: another process may have started a run here meanwhile.
@@ -947,10 +698,10 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, ckpt: checkpoint.Ch
   step = int(state.step)
   # Which layers are frozen follows from the variables' paths alone: their shapes, not a copy kept all run.
   variables_for_freezing = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state.variables)
-  buffers, layout = replicate_state(state)  # The state between steps: packed, on the devices.
+  buffers, layout = parallel.replicate_state(state)  # The state between steps: packed, on the devices.
   del state
-  dropout_rngs = replicate(dropout_rng)
-  p_train_steps = {}  # Freezing → pmapped step, compiled once per phase.
+  dropout_rngs = parallel.replicate(dropout_rng)
+  p_train_steps = {}  # freezing_lib.Freezing → pmapped step, compiled once per phase.
   writer = metric_writer.SummaryWriter(workdir)
   # Also at step 0: an attempt killed before its first checkpoint logged steps that are trained again.
   writer.mark_start(step)
@@ -960,11 +711,11 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, ckpt: checkpoint.Ch
 
   def save() -> None:
     try:
-      ckpt.save(host_state(buffers, layout))
+      ckpt.save(parallel.host_state(buffers, layout))
     except FloatingPointError as e:  # NaN parameters with a still finite loss.
       raise diverged(str(e), float(learning_rate_fn(step - 1)), last_checkpoint()) from e
 
-  # Steps whose train/ means are due: each is logged PREFETCH_BATCHES steps later (or at the next checkpoint,
+  # Steps whose train/ means are due: each is logged parallel.PREFETCH_BATCHES steps later (or at the next checkpoint,
   # epoch end or stop), so that reading its metrics never waits for the step just dispatched: the devices
   # keep those steps queued while the host fetches, writes and reads the next batch.
   log_points: collections.deque[int] = collections.deque()
@@ -985,11 +736,11 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, ckpt: checkpoint.Ch
       log(log_points.popleft())
     train_metrics.flush(last_checkpoint())
 
-  def stopped(signum: int) -> TrainingInterrupted:
+  def stopped(signum: int) -> stopping.TrainingInterrupted:
     """Checkpoints the current step for a graceful stop; returns the exception to raise."""
     flush_all()  # Never save past a non-finite loss.
     save()
-    return TrainingInterrupted(
+    return stopping.TrainingInterrupted(
         f"Stopped by {signal.Signals(signum).name} after step {step}; checkpoint saved in "
         f"{workdir / checkpoint.LATEST_DIR}. Run the same command again to resume.", signum)
 
@@ -999,14 +750,14 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, ckpt: checkpoint.Ch
     first_epoch = num_epochs
   train_time, train_examples = 0.0, 0
   # The writer is closed on the way out of a stop or a divergence too: the points logged up to there are kept.
-  with _graceful_stop() as stop, contextlib.closing(writer):
+  with stopping.graceful_stop() as stop, contextlib.closing(writer):
     if resume_step is not None and is_eval_step(step) and step not in [r["step"] for r in records]:
       evaluator(buffers, step, None, None)  # The attempt before stopped between checkpoint and record.
     for epoch in range(first_epoch, num_epochs):
       if stop.signum is not None:  # Arrived during the evaluation: stop before the next step.
         raise stopped(stop.signum)
       # Unfreezing happens at an epoch boundary: one compiled step per phase.
-      freezing = freezing_at(config, variables_for_freezing, step, steps_per_epoch)
+      freezing = freezing_lib.freezing_at(config, variables_for_freezing, step, steps_per_epoch)
       if freezing not in p_train_steps:
         p_train_steps[freezing] = pmapped_train_step(config, freezing, layout)
         logging.info("From step %d: %s.", step, freezing.describe())
@@ -1017,14 +768,14 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, ckpt: checkpoint.Ch
                       unit="step", disable=None, leave=False)
       epoch_start, epoch_first_step = time.time(), step
       batches = train_input.epoch(epoch, start_step=step - epoch * steps_per_epoch)
-      for batch in device_batches(itertools.islice(batches, epoch_end - step)):
+      for batch in parallel.device_batches(itertools.islice(batches, epoch_end - step)):
         buffers, step_metrics = run_step(buffers, batch, dropout_rngs)
         step += 1
         train_metrics.add(step, step_metrics)
         bar.update(1)
         if step % config.train.log_every_steps == 0:
           log_points.append(step)
-        if log_points and step - log_points[0] >= PREFETCH_BATCHES:
+        if log_points and step - log_points[0] >= parallel.PREFETCH_BATCHES:
           log(log_points.popleft())
         if stop.signum is not None:
           bar.close()
@@ -1053,4 +804,4 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, ckpt: checkpoint.Ch
     plots.save_training_curves(history, workdir / FIGURES_DIR / "training_curves.png",
                                eval_split=config.data.eval_split)
   logging.info("Done: step %d in %.1f s; workdir %s", step, time.time() - start_time, workdir)
-  return host_state(buffers, layout)
+  return parallel.host_state(buffers, layout)

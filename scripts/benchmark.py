@@ -5,11 +5,11 @@
 
 By default it runs the tutorial model (configs/default.py: MobileNetV2 alpha 1.0, 128x128, frozen encoder,
 batch 64) with random weights on one fixed synthetic host batch, fed to every step as the training loop feeds
-its batches (``train.device_batches``: put on the device two steps ahead; the input pipeline is timed on its
+its batches (``parallel.device_batches``: put on the device two steps ahead; the input pipeline is timed on its
 own by ``--mode input``). Every rate is the median over ``--steps`` timed steps after ``--warmup`` untimed ones.
 
 * ``train``: the project's real ``train.train_step`` (``train.pmapped_train_step`` on the state as
-  ``train.replicate_state`` gives it, packed on accelerators, as the loop uses it) with the encoder frozen
+  ``parallel.replicate_state`` gives it, packed on accelerators, as the loop uses it) with the encoder frozen
   and, unless ``--skip-finetune``, fine-tuning the whole network; time to the first finished step
   (initialization and compilation included); FLOPs per image from XLA's cost analysis.
 * ``infer``: the jitted ``model.apply(train=False)`` as ``prediction.Predictor`` runs it (BatchNorm folded into the
@@ -58,6 +58,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # Config files import their base as `from configs import default`: make the repo root importable.
 sys.path.insert(0, str(REPO_ROOT))
 
+from petseg_jax import freezing as freezing_lib
 from petseg_jax import host  # pylint: disable=g-import-not-at-top
 
 if __name__ == "__main__":  # Before JAX and TensorFlow load: glibc reads its tunables at start-up only.
@@ -75,6 +76,7 @@ from petseg_jax.data import settings as data_settings
 from petseg_jax import models
 from petseg_jax.models import layers
 from petseg_jax.models.layers import IMPLS
+from petseg_jax import parallel
 from petseg_jax import provenance
 
 DEFAULT_CONFIG = config_files.DEFAULT_CONFIG
@@ -115,7 +117,7 @@ def apply_override(config: ml_collections.ConfigDict, assignment: str) -> ml_col
 
 def check_benchmark_config(config: ml_collections.ConfigDict) -> None:
   """Exits naming the value if the config cannot build the model or its batches (the model and data checks
-  of ``train.validate_config``, without its training settings, which the benchmark does not all use)."""
+  of ``config_checks.validate_config``, without its training settings, which the benchmark does not all use)."""
   try:
     models.check_model_config(config.model)
     data_settings.check_data_config(config.data)
@@ -394,11 +396,11 @@ def bench_train(config: ml_collections.ConfigDict, args: argparse.Namespace) -> 
     learning_rate_fn = train.create_learning_rate_fn(variant_config.train, 1000)
     initial = train.create_train_state(init_rng, variant_config, model, learning_rate_fn, steps_per_epoch=100)
     # As the training loop runs its first step.
-    freezing = train.freezing_at(variant_config, initial.variables, 0, 100)
-    state, layout = train.replicate_state(initial)
+    freezing = freezing_lib.freezing_at(variant_config, initial.variables, 0, 100)
+    state, layout = parallel.replicate_state(initial)
     del initial
-    dropout_rngs = train.replicate(dropout_rng)
-    batches = train.device_batches(itertools.repeat(host_batch))
+    dropout_rngs = parallel.replicate(dropout_rng)
+    batches = parallel.device_batches(itertools.repeat(host_batch))
     batch = next(batches)
 
     def compile_step(state: Any) -> Any:

@@ -35,6 +35,7 @@ import tensorflow as tf
 
 from petseg_jax import checkpoint  # pylint: disable=g-import-not-at-top
 from petseg_jax import cli_flags
+from petseg_jax import config_checks
 from petseg_jax import config_files
 from petseg_jax import input_pipeline
 from petseg_jax import train
@@ -79,7 +80,7 @@ def main(argv: list[str]) -> None:
   config.model.encoder_weights = ""  # The whole model, encoder included, comes from the file.
   try:
     train.write_initial_run(config, FLAGS.workdir)
-  except (train.ConfigError, weights.WeightsError, checkpoint.CheckpointError, input_pipeline.DataError) as e:
+  except (config_checks.ConfigError, weights.WeightsError, checkpoint.CheckpointError, input_pipeline.DataError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
   model = config.model

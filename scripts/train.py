@@ -12,6 +12,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from petseg_jax import config_checks
 from petseg_jax import host  # pylint: disable=g-import-not-at-top
 
 if __name__ == "__main__":  # Before JAX and TensorFlow load: glibc reads its tunables at start-up only.
@@ -29,11 +30,12 @@ from petseg_jax import cli_flags
 from petseg_jax import config_files
 from petseg_jax import input_pipeline
 from petseg_jax import metrics_log
+from petseg_jax import stopping
 from petseg_jax import train
 from petseg_jax import weights
 
 # Problems with a clear message of their own: shown as one "error: ..." line, without a traceback.
-USER_ERRORS = (train.ConfigError, FloatingPointError, checkpoint.CheckpointError, input_pipeline.DataError,
+USER_ERRORS = (config_checks.ConfigError, FloatingPointError, checkpoint.CheckpointError, input_pipeline.DataError,
                metrics_log.MetricsFileError, weights.WeightsError)
 
 FLAGS = flags.FLAGS
@@ -59,7 +61,7 @@ def main(argv):
     sys.exit(1)
   try:
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except train.TrainingInterrupted as e:
+  except stopping.TrainingInterrupted as e:
     logging.error("%s", e)
     sys.exit(128 + e.signum)
   except USER_ERRORS as e:

@@ -87,14 +87,14 @@ def install(spec: dict[str, Any]) -> None:
 
   from petseg_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   from petseg_jax import metrics_log  # pylint: disable=g-import-not-at-top
-  from petseg_jax import train  # pylint: disable=g-import-not-at-top
+  from petseg_jax import parallel  # pylint: disable=g-import-not-at-top
 
   fault = _Fault(spec)
 
-  # The loop takes its batches from train.device_batches, which reads the input PREFETCH_BATCHES steps
+  # The loop takes its batches from parallel.device_batches, which reads the input PREFETCH_BATCHES steps
   # ahead: the steps of the batches read but not yet taken wait here, in order.
   steps_read: collections.deque[int] = collections.deque()
-  epoch_fn, device_batches_fn = input_pipeline.TrainInput.epoch, train.device_batches
+  epoch_fn, device_batches_fn = input_pipeline.TrainInput.epoch, parallel.device_batches
 
   def epoch(self, epoch, start_step=0):
     for i, batch in enumerate(epoch_fn(self, epoch, start_step)):
@@ -108,7 +108,7 @@ def install(spec: dict[str, Any]) -> None:
       yield batch
 
   input_pipeline.TrainInput.epoch = epoch
-  train.device_batches = device_batches
+  parallel.device_batches = device_batches
 
   rename_path = atomicity.AtomicRenameTemporaryPath
   create_fn, finalize_fn = rename_path.create, rename_path.finalize

@@ -333,7 +333,7 @@ def test_a_stopped_sweep_stops_its_training_child_gracefully(tmp_path):
 
   stopped = start_and_signal(lambda sweep_pid, child: [(sweep_pid, signal.SIGINT)])
   assert stopped.returncode == 130, stopped.stderr[-3000:]
-  assert "Stopped by SIGUSR1 after step" in log.read_text()  # train.STOP_SIGNAL, from the sweep.
+  assert "Stopped by SIGUSR1 after step" in log.read_text()  # stopping.STOP_SIGNAL, from the sweep.
   assert ablation.read_status(run_dir)["status"] == "interrupted"
   first_stop = max(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
 

@@ -197,12 +197,12 @@ def test_unusable_model_config_names_the_field(field, value):
 
 def test_training_reports_unusable_model_config_as_config_error():
   from configs import default  # pylint: disable=g-import-not-at-top
-  from petseg_jax import train  # pylint: disable=g-import-not-at-top
+  from petseg_jax import config_checks  # pylint: disable=g-import-not-at-top
   config = default.get_config()
   config.data.source = "synthetic"
   config.model.alpha = 0.0
-  with pytest.raises(train.ConfigError, match=r"config\.model\.alpha=0\.0"):  # One line in scripts/train.py.
-    train.validate_config(config, num_devices=1)
+  with pytest.raises(config_checks.ConfigError, match=r"config\.model\.alpha=0\.0"):  # One line in scripts/train.py.
+    config_checks.validate_config(config, num_devices=1)
 
 
 def test_model_config_variants_build():

@@ -32,7 +32,9 @@ import pytest
 
 from configs import synthetic
 from petseg_jax import checkpoint
+from petseg_jax import config_checks
 from petseg_jax import input_pipeline
+from petseg_jax import stopping
 from petseg_jax import train
 from petseg_jax import weights
 from tests import reliability_utils as rel
@@ -217,16 +219,16 @@ def test_sigint_requests_the_same_graceful_stop_as_sigterm():
   """Ctrl-C: the loop's handler records the request (the step finishes and a checkpoint is written, as the
   end-to-end SIGTERM case above shows); the previous handlers come back afterwards."""
   previous = signal.getsignal(signal.SIGINT)
-  with train._graceful_stop() as stop:  # pylint: disable=protected-access
+  with stopping.graceful_stop() as stop:
     os.kill(os.getpid(), signal.SIGINT)
     assert stop.signum == signal.SIGINT  # No KeyboardInterrupt in the middle of a step.
-    os.kill(os.getpid(), train.STOP_SIGNAL)  # An ablation sweep's request: never a second one.
+    os.kill(os.getpid(), stopping.STOP_SIGNAL)  # An ablation sweep's request: never a second one.
     with pytest.raises(KeyboardInterrupt):
       os.kill(os.getpid(), signal.SIGINT)  # A second Ctrl-C aborts at once.
-  with train._graceful_stop() as stop:  # pylint: disable=protected-access
-    os.kill(os.getpid(), train.STOP_SIGNAL)  # The sweep's request first, then the job's scheduler's.
+  with stopping.graceful_stop() as stop:
+    os.kill(os.getpid(), stopping.STOP_SIGNAL)  # The sweep's request first, then the job's scheduler's.
     os.kill(os.getpid(), signal.SIGTERM)
-    assert stop.signum == train.STOP_SIGNAL
+    assert stop.signum == stopping.STOP_SIGNAL
     with pytest.raises(KeyboardInterrupt):
       os.kill(os.getpid(), signal.SIGTERM)
   assert signal.getsignal(signal.SIGINT) is previous
@@ -331,7 +333,7 @@ def test_bad_config_values_fail_before_the_workdir_is_touched(tmp_path):
     with pytest.raises(Exception) as raised:
       train.train_and_evaluate(config, workdir)
     error = raised.value
-    assert isinstance(error, (train.ConfigError, input_pipeline.DataError, weights.WeightsError,
+    assert isinstance(error, (config_checks.ConfigError, input_pipeline.DataError, weights.WeightsError,
                               checkpoint.CheckpointError)), (overrides, repr(error))
     for fragment in fragments:
       assert fragment in str(error), (overrides, fragment, str(error))

@@ -24,14 +24,18 @@ import pytest
 
 from configs import synthetic
 from petseg_jax import checkpoint
+from petseg_jax import config_checks
+from petseg_jax import freezing as freezing_lib
 from petseg_jax import input_pipeline
 from petseg_jax import metric_writer
 from petseg_jax import metrics_log
 from petseg_jax import models
 from petseg_jax import optim
 from petseg_jax import packed
+from petseg_jax import parallel
 from petseg_jax import prediction
 from petseg_jax import provenance
+from petseg_jax import stopping
 from petseg_jax import train
 from petseg_jax import weights
 
@@ -97,10 +101,11 @@ def _flops(lowered) -> float:
 
 def test_frozen_step_does_not_differentiate_the_encoder(initial_state):
   config = tiny_config()
-  (state, layout), batch = train.replicate_state(initial_state), _random_batch(config)
-  rng = train.replicate(jax.random.PRNGKey(0))
-  frozen = _flops(train.pmapped_train_step(config, train.Freezing(encoder=True), layout).lower(state, batch, rng))
-  fine_tune = _flops(train.pmapped_train_step(config, train.Freezing(), layout).lower(state, batch, rng))
+  (state, layout), batch = parallel.replicate_state(initial_state), _random_batch(config)
+  rng = parallel.replicate(jax.random.PRNGKey(0))
+  frozen_step = train.pmapped_train_step(config, freezing_lib.Freezing(encoder=True), layout)
+  frozen = _flops(frozen_step.lower(state, batch, rng))
+  fine_tune = _flops(train.pmapped_train_step(config, freezing_lib.Freezing(), layout).lower(state, batch, rng))
   encoder = models.MobileNetV2Encoder(config.model.alpha)
   image = jnp.zeros(batch["image"].shape[1:])
   # Lowering needs only the variables' shapes (an eager init would dispatch op by op: ~30 s).
@@ -113,15 +118,15 @@ def test_frozen_step_does_not_differentiate_the_encoder(initial_state):
 
 
 def test_a_replicated_state_and_a_stepped_state_share_one_compiled_step(initial_state, caplog):
-  """pmap compiles per input sharding: ``train.replicate`` must shard like the steps' outputs, or every run
+  """pmap compiles per input sharding: ``parallel.replicate`` must shard like the steps' outputs, or every run
   compiles its first training step twice (it did, with flax's default replication axis name). The batches
-  come as the loop feeds them, from ``train.device_batches``."""
+  come as the loop feeds them, from ``parallel.device_batches``."""
   config = tiny_config()
-  (state, layout), rng = train.replicate_state(initial_state), train.replicate(jax.random.PRNGKey(0))
-  step = train.pmapped_train_step(config, train.Freezing(encoder=True), layout)
+  (state, layout), rng = parallel.replicate_state(initial_state), parallel.replicate(jax.random.PRNGKey(0))
+  step = train.pmapped_train_step(config, freezing_lib.Freezing(encoder=True), layout)
   host_batches = [_random_batch(config, seed=i) for i in range(3)]
   with jax.log_compiles(), caplog.at_level(logging.WARNING):
-    for batch in train.device_batches(host_batches):
+    for batch in parallel.device_batches(host_batches):
       assert batch["image"].sharding == state[0].sharding  # Sharded over AXIS like the state.
       state, _ = step(state, batch, rng)
   compiled = [r.getMessage()[:80] for r in caplog.records if r.getMessage().startswith("Compiling ")]
@@ -131,15 +136,15 @@ def test_a_replicated_state_and_a_stepped_state_share_one_compiled_step(initial_
 def test_the_packed_step_is_train_step_on_the_state_tree(initial_state):
   """Packing the state through the pmapped step changes nothing computed."""
   config = tiny_config()
-  batch, rng = _random_batch(config), train.replicate(jax.random.PRNGKey(0))
-  tree_step = jax.pmap(functools.partial(train.train_step, config=config, freezing=train.Freezing()),
-                       axis_name=train.AXIS)
-  expected, expected_metrics = tree_step(train.replicate(initial_state), batch, rng)
-  buffers, layout = train.replicate_state(initial_state, concatenate=True)  # As on accelerators.
+  batch, rng = _random_batch(config), parallel.replicate(jax.random.PRNGKey(0))
+  tree_step = jax.pmap(functools.partial(train.train_step, config=config, freezing=freezing_lib.Freezing()),
+                       axis_name=parallel.AXIS)
+  expected, expected_metrics = tree_step(parallel.replicate(initial_state), batch, rng)
+  buffers, layout = parallel.replicate_state(initial_state, concatenate=True)  # As on accelerators.
   assert len(buffers) == 2  # float32 and int32: ~300 leaves in two arguments.
-  assert train.replicate_state(initial_state)[1].concatenated == (jax.default_backend() != "cpu")
-  stepped, metrics = train.pmapped_train_step(config, train.Freezing(), layout)(buffers, batch, rng)
-  assert _trees_equal(train.host_state(stepped, layout), train.first_replica(expected))
+  assert parallel.replicate_state(initial_state)[1].concatenated == (jax.default_backend() != "cpu")
+  stepped, metrics = train.pmapped_train_step(config, freezing_lib.Freezing(), layout)(buffers, batch, rng)
+  assert _trees_equal(parallel.host_state(stepped, layout), parallel.first_replica(expected))
   assert _trees_equal(metrics, expected_metrics)
 
 
@@ -147,7 +152,7 @@ def test_device_batches_yields_every_batch_in_order_put_ahead():
   host_batches = [{"x": np.full((1, 2), i, np.float32)} for i in range(5)]
   put = []
   source = (put.append(i) or batch for i, batch in enumerate(host_batches))
-  for i, batch in enumerate(train.device_batches(source, ahead=2)):
+  for i, batch in enumerate(parallel.device_batches(source, ahead=2)):
     assert isinstance(batch["x"], jax.Array)
     np.testing.assert_array_equal(np.asarray(batch["x"]), host_batches[i]["x"])
     assert len(put) == min(i + 3, 5)  # Taken from the host iterator two batches ahead of its step.
@@ -157,7 +162,7 @@ def test_device_batches_yields_every_batch_in_order_put_ahead():
 def test_evaluation_sums_every_batch_fetching_each_after_later_steps_are_dispatched(initial_state,
                                                                                     monkeypatch):
   config = tiny_config()
-  state_buffers, state_layout = train.replicate_state(initial_state)
+  state_buffers, state_layout = parallel.replicate_state(initial_state)
   inference_variables, layout = train.pmapped_inference_variables(state_layout)
   buffers = inference_variables(state_buffers)
   p_eval_step = train.pmapped_eval_step(config, train.create_model(config).clone(batch_norm_folded=True), layout)
@@ -168,13 +173,13 @@ def test_evaluation_sums_every_batch_fetching_each_after_later_steps_are_dispatc
   expected = [jax.tree.map(lambda x: np.asarray(x[0]), p_eval_step(buffers, batch)) for batch in batches]
 
   dispatched, fetched_after = [], []
-  first_replica = train.first_replica
-  monkeypatch.setattr(train, "first_replica",
+  first_replica = parallel.first_replica
+  monkeypatch.setattr(parallel, "first_replica",
                       lambda tree: fetched_after.append(len(dispatched)) or first_replica(tree))
   sums = train.evaluation_sums(lambda *args: dispatched.append(1) or p_eval_step(*args), buffers, batches)
 
   # Batch k's sums are read once steps up to k + PREFETCH_BATCHES are dispatched (then the rest at the end).
-  lag = train.PREFETCH_BATCHES
+  lag = parallel.PREFETCH_BATCHES
   assert fetched_after == [min(k + 1 + lag, 5) for k in range(5)]
   np.testing.assert_array_equal(sums["confusion"], sum(e["confusion"].astype(np.int64) for e in expected))
   assert sums["confusion"].dtype == np.int64 and sums["confusion"].sum() == (4 * 8 + 5) * 32 * 32
@@ -212,20 +217,20 @@ def _three_steps_and_an_eval(state, num_devices):
   """Params/stats after 3 train steps and a padded eval batch, on ``num_devices`` devices (global batch 8)."""
   config = tiny_config()
   # The state packed as on accelerators (the CPU's default passes its leaves, as the loop tests do).
-  (replicated, layout), rng = train.replicate_state(state, True), train.replicate(jax.random.PRNGKey(1))
+  (replicated, layout), rng = parallel.replicate_state(state, True), parallel.replicate(jax.random.PRNGKey(1))
   inference_variables, variables_layout = train.pmapped_inference_variables(layout)
-  step = train.pmapped_train_step(config, train.Freezing(encoder=True), layout)
+  step = train.pmapped_train_step(config, freezing_lib.Freezing(encoder=True), layout)
   evaluate = train.pmapped_eval_step(config, train.create_model(config).clone(batch_norm_folded=True),
                                      variables_layout)
   losses, confusions = [], []
-  for batch in train.device_batches(_random_batch(config, num_devices, seed=i) for i in range(3)):
+  for batch in parallel.device_batches(_random_batch(config, num_devices, seed=i) for i in range(3)):
     replicated, m = step(replicated, batch, rng)
     losses.append(float(m["loss"][0]))
     confusions.append(np.asarray(m["confusion"][0]).tolist())
   batch = _random_batch(config, num_devices, seed=7)
   batch["weight"] = np.array([1.0] * 5 + [0.0] * 3, np.float32).reshape(num_devices, -1)  # 3 padding.
   ev = jax.tree.map(lambda x: np.asarray(x[0]).tolist(), evaluate(inference_variables(replicated), batch))
-  final = train.host_state(replicated, layout)
+  final = parallel.host_state(replicated, layout)
   leaves = [np.asarray(x).ravel() for x in jax.tree.leaves((final.params, final.batch_stats))]
   return {"losses": losses, "confusions": confusions, "eval": ev, "variables": np.concatenate(leaves).tolist()}
 
@@ -235,17 +240,16 @@ import json, sys
 sys.path.insert(0, sys.argv[1])
 import jax
 import numpy as np
-from petseg_jax import train
-from petseg_jax import weights
+from petseg_jax import parallel
 from tests.test_train import _state, _three_steps_and_an_eval, tiny_config
 
 assert jax.local_device_count() == 2, jax.local_devices()
 tree = {"a": np.arange(6.0).reshape(2, 3), "n": np.int32(7)}
-replicated = train.replicate(tree)
+replicated = parallel.replicate(tree)
 assert replicated["a"].shape == (2, 2, 3) and replicated["n"].shape == (2,)
 per_device = jax.pmap(lambda x: x + 10.0 * jax.lax.axis_index("i"), axis_name="i")(replicated["a"])
 assert np.array_equal(np.asarray(per_device)[1], tree["a"] + 10)
-assert np.array_equal(train.first_replica(per_device), tree["a"])  # The first device's, not the second's.
+assert np.array_equal(parallel.first_replica(per_device), tree["a"])  # The first device's, not the second's.
 print("RESULT" + json.dumps(_three_steps_and_an_eval(_state(tiny_config()), 2)))
 """
 
@@ -374,7 +378,7 @@ def test_train_means_are_read_after_later_steps_are_dispatched(tmp_path, monkeyp
 
   monkeypatch.setattr(train._TrainMetrics, "flush", recording_flush)
   train.train_and_evaluate(tiny_config(), tmp_path)  # log_every_steps 4; checkpoints and epochs every 8.
-  lag = train.PREFETCH_BATCHES
+  lag = parallel.PREFETCH_BATCHES
   logged = [(through, fetched, dispatched) for through, fetched, dispatched in flushes if through is not None]
   assert logged == [(4, [1, 2, 3, 4], 4 + lag), (8, [5, 6, 7, 8], 8), (12, [9, 10, 11, 12], 12 + lag),
                     (16, [13, 14, 15, 16], 16)]
@@ -431,7 +435,7 @@ def test_the_accelerators_packed_state_path_gives_the_cpu_paths_bits(uninterrupt
 
 def test_freezing_patterns_that_miss_the_encoder_are_refused(tmp_path):
   config = tiny_config(frozen_params=("decoder/up_0/.*",))  # model.freeze_encoder=True.
-  with pytest.raises(train.ConfigError, match=r"frozen_params=\('decoder/up_0/\.\*',\) match no encoder "
+  with pytest.raises(config_checks.ConfigError, match=r"frozen_params=\('decoder/up_0/\.\*',\) match no encoder "
                                                 r"parameter: the encoder would train in full"):
     train.train_and_evaluate(config, tmp_path / "run")
   assert not (tmp_path / "run").exists()  # Refused before the workdir is made.
@@ -442,33 +446,33 @@ FIRST_BLOCKS = ("encoder/(Conv1|bn_Conv1|expanded_conv_.*)/.*",)
 
 def test_freezing_follows_the_patterns_and_the_phase(initial_state):
   variables = initial_state.variables
-  freezing = lambda config, step=0: train.freezing_at(config, variables, step, STEPS_PER_EPOCH)
-  assert freezing(tiny_config()) == train.Freezing(encoder=True)
-  assert freezing(tiny_config(), step=STEPS_PER_EPOCH) == train.Freezing()  # Unfrozen after epoch 1.
-  assert freezing(tiny_config(frozen_params=FIRST_BLOCKS)) == train.Freezing(
+  freezing = lambda config, step=0: freezing_lib.freezing_at(config, variables, step, STEPS_PER_EPOCH)
+  assert freezing(tiny_config()) == freezing_lib.Freezing(encoder=True)
+  assert freezing(tiny_config(), step=STEPS_PER_EPOCH) == freezing_lib.Freezing()  # Unfrozen after epoch 1.
+  assert freezing(tiny_config(frozen_params=FIRST_BLOCKS)) == freezing_lib.Freezing(
       batch_norms=("encoder/bn_Conv1", "encoder/expanded_conv_depthwise_BN", "encoder/expanded_conv_project_BN"))
-  assert freezing(tiny_config(frozen_params=("encoder/.*", "decoder/up_[12]/.*"))) == train.Freezing(
+  assert freezing(tiny_config(frozen_params=("encoder/.*", "decoder/up_[12]/.*"))) == freezing_lib.Freezing(
       encoder=True, batch_norms=("decoder/up_1/bn", "decoder/up_2/bn"))
   # A BatchNorm layer whose own parameters train is not frozen, whatever else is.
-  assert freezing(tiny_config(frozen_params=("encoder/.*/kernel",))) == train.Freezing()
+  assert freezing(tiny_config(frozen_params=("encoder/.*/kernel",))) == freezing_lib.Freezing()
   fine_tuned = tiny_config()
   fine_tuned.model.freeze_encoder = False
-  assert freezing(fine_tuned) == train.Freezing()
-  assert train.Freezing(encoder=True, batch_norms=("decoder/up_1/bn",)).describe() == (
+  assert freezing(fine_tuned) == freezing_lib.Freezing()
+  assert freezing_lib.Freezing(encoder=True, batch_norms=("decoder/up_1/bn",)).describe() == (
       "the encoder frozen; BatchNorm layers decoder/up_1/bn on running statistics")
 
 
 def test_a_batch_norm_layer_frozen_in_part_is_warned_of(initial_state, caplog):
   variables = initial_state.variables
   with caplog.at_level("WARNING"):
-    train.check_freezing(tiny_config(frozen_params=("encoder/(Conv1|bn_Conv1)/.*", "encoder/block_1_.*/scale")),
+    freezing_lib.check_freezing(tiny_config(frozen_params=("encoder/(Conv1|bn_Conv1)/.*", "encoder/block_1_.*/scale")),
                          variables)
   assert ("freeze some but not all parameters of the BatchNorm layers encoder/block_1_depthwise_BN, "
           "encoder/block_1_expand_BN, encoder/block_1_project_BN: those stay fixed") in caplog.text
   assert "bn_Conv1" not in caplog.text
   caplog.clear()
   with caplog.at_level("WARNING"):
-    train.check_freezing(tiny_config(), variables)  # The whole encoder: nothing to say.
+    freezing_lib.check_freezing(tiny_config(), variables)  # The whole encoder: nothing to say.
   assert not caplog.text
 
 
@@ -477,11 +481,11 @@ def test_layers_frozen_by_path_keep_their_parameters_and_batch_norm_statistics()
   moving statistics stay; the rest trains, its statistics move."""
   config = tiny_config(frozen_params=FIRST_BLOCKS + ("decoder/up_1/.*",))
   initial = _state(config)
-  freezing = train.freezing_at(config, initial.variables, 0, STEPS_PER_EPOCH)
-  state, layout = train.replicate_state(initial)
+  freezing = freezing_lib.freezing_at(config, initial.variables, 0, STEPS_PER_EPOCH)
+  state, layout = parallel.replicate_state(initial)
   state, _ = train.pmapped_train_step(config, freezing, layout)(state, _random_batch(config),
-                                                                train.replicate(jax.random.PRNGKey(0)))
-  stepped = train.host_state(state, layout)
+                                                                parallel.replicate(jax.random.PRNGKey(0)))
+  stepped = parallel.host_state(state, layout)
   for collection in ("params", "batch_stats"):
     before, after = (flax.traverse_util.flatten_dict(getattr(s, collection)) for s in (initial, stepped))
     for path in before:
@@ -513,9 +517,9 @@ def test_resume_after_sigterm_is_bit_identical(uninterrupted_run, tmp_path, monk
       yield batch
 
   # Batches are taken from the input PREFETCH_BATCHES steps ahead: the step that finishes next is step 4.
-  stopped = 6 - train.PREFETCH_BATCHES
+  stopped = 6 - parallel.PREFETCH_BATCHES
   monkeypatch.setattr(input_pipeline.TrainInput, "epoch", epoch_with_sigterm)
-  with pytest.raises(train.TrainingInterrupted, match=f"SIGTERM after step {stopped};") as raised:
+  with pytest.raises(stopping.TrainingInterrupted, match=f"SIGTERM after step {stopped};") as raised:
     train.train_and_evaluate(tiny_config(), workdir)
   assert raised.value.signum == signal.SIGTERM
   assert checkpoint.available_steps(workdir) == [stopped]
@@ -834,8 +838,8 @@ def test_initializer_with_given_encoder_skips_its_random_init_and_keeps_the_deco
 def test_bad_loss_and_optimizer_values_are_config_errors(key, value, message):
   """Refused with the other config checks, before a workdir is made (the loss's own check of the class
   weights would raise only when the first step is traced; the others would not raise at all)."""
-  with pytest.raises(train.ConfigError, match=message):
-    train.validate_config(tiny_config(**{key: value}), num_devices=1)
+  with pytest.raises(config_checks.ConfigError, match=message):
+    config_checks.validate_config(tiny_config(**{key: value}), num_devices=1)
 
 
 @pytest.mark.parametrize("section, key, value, message", [
@@ -858,7 +862,7 @@ def test_values_of_the_wrong_type_or_out_of_range_are_named(section, key, value,
   config = tiny_config()
   (config if section is None else config[section])[key] = value
   with pytest.raises(ValueError, match=message):  # ConfigError, DataError for config.data.
-    train.validate_config(config, num_devices=1)
+    config_checks.validate_config(config, num_devices=1)
 
 
 def test_learning_rate_schedules():
@@ -905,10 +909,10 @@ from configs import default
 from petseg_jax import train
 from petseg_jax.data import DataError
 config = default.get_config()
-train.validate_config(config, 1)
+config_checks.validate_config(config, 1)
 config.data.mask_resize = "cubic"
 try:
-  train.validate_config(config, 1)
+  config_checks.validate_config(config, 1)
 except DataError as e:
   print("refused:", e)
 """
