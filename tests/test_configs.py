@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -31,6 +32,24 @@ def test_every_config_defines_the_public_keys(name):
     for part in key.split("."):
       assert part in node, f"configs/{name}.py lacks {key}"
       node = node[part]
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in CONFIG_DIR.glob("*.py") if p.stem != "__init__"))
+def test_configs_with_pretrained_weights_scale_images_as_the_encoder_was_trained(name):
+  """Keras' MobileNetV2 ImageNet weights were trained on images in [-1, 1] (its preprocess_input); "[0,1]",
+  what the tutorial did, stays a config choice, not a shipped default."""
+  config = _config(name)
+  if config.model.encoder_weights or config.model.init_from:
+    assert config.data.input_range == "[-1,1]", f"configs/{name}.py"
+
+
+def test_the_default_scaling_maps_black_and_white_to_minus_one_and_one():
+  from petseg_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  data = _config("default").data
+  white_black = np.stack([np.full((4, 4, 3), 255, np.uint8), np.zeros((4, 4, 3), np.uint8)])
+  images = input_pipeline.preprocess_images(list(white_black), data)
+  np.testing.assert_array_equal(images[0], 1.0)
+  np.testing.assert_array_equal(images[1], -1.0)
 
 
 def _training_macs(config, num_images: int) -> float:

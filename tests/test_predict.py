@@ -93,6 +93,16 @@ def test_masks_are_the_models_prediction_resized_back(workdir, inputs, tmp_path)
   np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "cat_1_mask.png")), expected)
 
 
+def test_resize_mask_is_nearest_neighbour():
+  """Classes are labels, not intensities: a 0 next to a 2 never becomes a 1 (the test above resizes its
+  expected mask with resize_mask itself)."""
+  mask = np.array([[0, 2], [1, 0]], np.int32)
+  np.testing.assert_array_equal(inference.resize_mask(mask, 4, 6), np.repeat(np.repeat(mask, 2, 0), 3, 1))
+  stripes = np.tile(np.array([0, 2], np.uint8), (5, 8))  # 5 x 16, alternating columns.
+  smaller = inference.resize_mask(stripes, 5, 7)
+  assert smaller.shape == (5, 7) and set(np.unique(smaller)) <= {0, 2}
+
+
 def test_a_photo_with_an_exif_orientation_is_predicted_upright(workdir, inputs, tmp_path):
   """A sideways-stored photo (EXIF orientation 6: viewers turn it 90° clockwise) is predicted as viewers show
   it, its trimap turned alike for the triplet; --noupright (upright=False) predicts the stored pixels."""

@@ -899,6 +899,24 @@ def test_unfrozen_group_starts_adam_afresh_at_the_multiplied_rate():
   np.testing.assert_allclose(decayed["w"], -0.01, rtol=1e-5)  # -lr * weight_decay * param.
 
 
+def test_a_group_frozen_for_good_never_moves_even_with_weight_decay():
+  """``freeze_encoder`` without unfreezing: the frozen group's updates are exact zeros, whatever its gradients
+  (a partial freeze gets real ones) and with weight decay, which would shrink it without any gradient."""
+  params = {"encoder": {"w": jnp.ones(3)}, "decoder": {"w": jnp.ones(3)}}
+  labels = optim.param_labels(params, ("encoder/.*",))
+  config = tiny_config(learning_rate=0.1, weight_decay=0.1)
+  tx = optim.create_optimizer(config.train, optax.constant_schedule(0.1), labels, freeze=True,
+                              unfreeze_step=None)
+  opt_state = tx.init(params)
+  grads = {"encoder": {"w": jnp.full(3, 4.0)}, "decoder": {"w": jnp.full(3, 4.0)}}
+  for _ in range(3):
+    updates, opt_state = tx.update(grads, opt_state, params)
+    assert np.array_equal(updates["encoder"]["w"], np.zeros(3))
+    assert np.all(np.asarray(updates["decoder"]["w"]) < 0)
+    params = optax.apply_updates(params, updates)
+  assert np.array_equal(params["encoder"]["w"], np.ones(3))
+
+
 def test_the_model_state_and_config_check_need_no_tensorflow():
   """Accelerator hosts may have JAX and no TensorFlow: the train module, the config check (data settings
   included) and the benchmark's model paths import without it (TensorFlow is imported where data is read)."""
