@@ -32,6 +32,9 @@ def test_hand_computed_confusion_from_predictions_and_logits():
   np.testing.assert_array_equal(cm, EXPECTED)
   # bfloat16 logits: the argmax is the same.
   np.testing.assert_array_equal(metrics.confusion_matrix(logits.astype(jnp.bfloat16), LABELS), EXPECTED)
+  # Rows are the true class, columns the prediction (EXPECTED is symmetric, so it cannot tell).
+  cm = metrics.confusion_matrix(np.array([[2, 2, 0]], np.int32), np.array([[0, 0, 0]], np.int32))
+  assert cm[0, 2] == 2 and cm[2, 0] == 0 and cm[0, 0] == 1
 
 
 def test_hand_computed_metrics_with_absent_class():
