@@ -21,11 +21,31 @@ from petseg_jax import config_files
 from petseg_jax.inference import WorkdirError, load_run_config
 
 
+def _fields_line(config: ml_collections.ConfigDict | None, names: Sequence[str], field: str) -> str:
+  """"config.train has: batch_size, ..." for the section of the override in ``names`` that names ``field``
+  (or of the deepest section that exists), or "" without a config: absl's --helpfull lists no config file's
+  fields."""
+  for name in names:
+    parts = name.lstrip("-").split(".")[1:]  # "--config.train.batchsize" -> ["train", "batchsize"].
+    if field not in parts:
+      continue
+    section, path = config, ["config"]
+    for part in parts[:parts.index(field)]:
+      if not isinstance(section, ml_collections.ConfigDict) or part not in section:
+        break
+      section, path = section[part], path + [part]
+    if isinstance(section, ml_collections.ConfigDict):
+      return f"{'.'.join(path)} has: {', '.join(sorted(section.keys()))}."
+  return ""
+
+
 @contextlib.contextmanager
-def config_override_errors(argv: Sequence[str]) -> Iterator[None]:
+def config_override_errors(argv: Sequence[str], config: ml_collections.ConfigDict | None = None
+                           ) -> Iterator[None]:
   """Turns ml_collections' traceback for a ``--config.x=y`` naming a field the config lacks, or for a
   ``--flagfile`` that cannot be read, into a clear message and exit code 1. Wrap ``config_flags.DEFINE_config_*``
-  in it (they read the arguments and apply overrides already)."""
+  in it (they read the arguments and apply overrides already); ``config`` (by default the defined ``--config``
+  flag's) gives the message the section's fields."""
   try:
     yield
   except flags.CantOpenFlagFileError as e:  # Read as the flag is defined: before absl's parser reports it.
@@ -39,27 +59,40 @@ def config_override_errors(argv: Sequence[str]) -> Iterator[None]:
       error = error.args[0]
     field, _, hint = str(error.args[0] if error.args else error).partition("\n")
     field = field.strip("\"'")
-    print(f"FATAL Flags parsing error: unknown config field {field!r} in "
-          f"{' '.join(names)}. {hint + ' ' if hint else ''}Pass --helpfull to list the --config.* fields.",
-          file=sys.stderr)
+    if config is None and "config" in flags.FLAGS:
+      # A config file's flag has no value while absl parses a --config given apart from its path: read it.
+      config = flags.FLAGS["config"].value
+      spec = config_spec(argv)
+      if config is None and spec is not None:
+        with contextlib.suppress(config_files.ConfigFileError):
+          config = config_files.load_config(spec)
+    fields = _fields_line(config, names, field) or "configs/default.py lists the fields."
+    print(f"FATAL Flags parsing error: unknown config field {field!r} in {' '.join(names)}. "
+          f"{hint + ' ' if hint else ''}{fields}", file=sys.stderr)
     sys.exit(1)
+
+
+def config_spec(argv: Sequence[str]) -> str | None:
+  """The last ``--config`` value in ``argv`` (``--config=X`` or ``--config X``), or None."""
+  spec = None
+  for i, arg in enumerate(argv[1:], 1):
+    name, equals, value = arg.partition("=")
+    if name in ("--config", "-config"):
+      spec = value if equals else (argv[i + 1] if i + 1 < len(argv) else spec)
+  return spec
 
 
 def define_config_file_flag(argv: Sequence[str], default: str | os.PathLike, help_text: str) -> None:
   """``config_flags.DEFINE_config_file("config", default, lock_config=True)`` whose bad input is one message
   and exit code 1: a ``--config`` that is not a config file that loads (``config_files.load_config``: missing,
   a directory, a syntax error, no ``get_config()``), or a ``--config.x=y`` naming a field it lacks."""
-  spec = str(default)
-  for i, arg in enumerate(argv[1:], 1):
-    name, equals, value = arg.partition("=")
-    if name in ("--config", "-config"):
-      spec = value if equals else (argv[i + 1] if i + 1 < len(argv) else spec)
+  spec = config_spec(argv) or str(default)
   try:
-    config_files.load_config(spec)
+    config = config_files.load_config(spec)
   except config_files.ConfigFileError as e:
     print(f"FATAL Flags parsing error: --config={spec}: {e}", file=sys.stderr)
     sys.exit(1)
-  with config_override_errors(argv):  # The default file is read, and overrides applied, right here.
+  with config_override_errors(argv, config):  # The file is read again, and overrides applied, right here.
     config_flags.DEFINE_config_file("config", str(default), help_text, lock_config=True)
 
 
@@ -86,7 +119,7 @@ def define_run_config_flag(argv: Sequence[str], fallback: ml_collections.ConfigD
     error = WorkdirError(str(e))
   except WorkdirError as e:
     error = e
-  with config_override_errors(argv):
+  with config_override_errors(argv, config):
     # A copy: the flag applies the overrides to the config it is given, and the caller keeps the saved one.
     config_flags.DEFINE_config_dict("config", copy.deepcopy(config), "The run's saved config; override "
                                     "fields with --config.section.key=value.", lock_config=True)

@@ -166,6 +166,11 @@ def read_keras_model(model: Any) -> LayerArrays:
   return layers
 
 
+def keras_imagenet_file_name(alpha: float) -> str:
+  """The name of the no-top ImageNet weight file ``keras.applications.MobileNetV2`` downloads (input size 224)."""
+  return f"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_{float(alpha)}_224_no_top.h5"
+
+
 def _keras_mobilenet(alpha: float, weights: str) -> Any:
   """A Keras MobileNetV2 (no top) of ``alpha`` with ``weights`` ("imagenet" or a Keras weight file) loaded."""
   # keras_reference imports Keras: only when Keras itself must read the weights. Weights do not depend on
@@ -190,11 +195,13 @@ def _read_source(source: Any, alpha: float, alpha_setting: str = _CONFIG_ALPHA) 
     try:
       return read_keras_model(_keras_mobilenet(alpha, "imagenet"))
     except Exception as e:  # Keras raises a bare URL/OS error offline.
-      example = "../shared/weights/mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top.h5"
-      way_out = (f"point model.encoder_weights at a Keras weight file (e.g. {example}), at the bundled "
-                 f"converted alpha-0.35 weights ({BUNDLED_ENCODER_WEIGHTS}), or set it to None for a randomly "
-                 "initialised encoder." if from_config else
-                 f"convert a Keras weight file instead of 'imagenet' (e.g. {example}).")
+      # The file keras.applications downloads for this alpha: copied from a machine with network, it works here.
+      example = f"{keras_imagenet_file_name(alpha)}, which keras.applications downloads"
+      bundled = (f", at the bundled converted alpha-0.35 weights ({BUNDLED_ENCODER_WEIGHTS})" if alpha == 0.35
+                 else "")
+      way_out = (f"point model.encoder_weights at a Keras weight file of alpha {alpha} (e.g. {example}){bundled}, "
+                 "or set it to None for a randomly initialised encoder." if from_config else
+                 f"convert a Keras weight file of alpha {alpha} instead of 'imagenet' (e.g. {example}).")
       raise WeightsError(
           f"Could not get the ImageNet MobileNetV2 (alpha={alpha}) weights through keras.applications "
           f"({type(e).__name__}: {e}). Offline, {way_out}") from None

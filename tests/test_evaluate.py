@@ -31,15 +31,16 @@ def cli(workdir, tmp_path_factory):
   unwritable = tmp_path_factory.mktemp("unwritable") / "run"
   shutil.copytree(workdir, unwritable, ignore=shutil.ignore_patterns(inference.EVAL_DIR))
   (unwritable / inference.EVAL_DIR).write_text("not a directory")
-  latest, folder, bad_step, image_size, unwritable_run = trained_run.run_scripts(
+  latest, folder, bad_step, image_size, unwritable_run, typo = trained_run.run_scripts(
       ("evaluate.py", "--workdir", workdir),
       ("evaluate.py", "--workdir", workdir, "--config.data.source=folder",
        f"--config.data.data_dir={input_pipeline.BUNDLED_SAMPLE_DIR}", "--split", "test"),
       ("evaluate.py", f"--workdir={workdir}", "--checkpoint", "3"),
       ("evaluate.py", "--workdir", workdir, "--config.data.image_size=64"),
-      ("evaluate.py", "--workdir", unwritable))
+      ("evaluate.py", "--workdir", unwritable),
+      ("evaluate.py", "--workdir", workdir, "--config.data.sorce=folder"))
   return {"latest": latest, "folder": folder, "bad_step": bad_step, "image_size": image_size,
-          "unwritable": unwritable_run, "unwritable_workdir": unwritable}
+          "unwritable": unwritable_run, "unwritable_workdir": unwritable, "typo": typo}
 
 
 def _last_json(stdout: str) -> dict:
@@ -61,6 +62,11 @@ def _assert_matches_record(summary: dict, record: dict) -> None:
   assert set(summary["iou"]) == set(input_pipeline.CLASS_NAMES)
   for name, value in summary["iou"].items():
     assert value == pytest.approx(record[f"eval_iou_{name}"], abs=1e-6), name
+
+
+def test_an_unknown_override_of_the_runs_config_lists_the_sections_fields(cli):
+  _assert_clean_error(cli["typo"], "unknown config field 'sorce' in --config.data.sorce",
+                      'Did you mean "source"', "config.data has: cache, color_jitter, data_dir,")
 
 
 def test_latest_equals_training_validation_and_writes_confusion(workdir, cli):

@@ -458,6 +458,8 @@ def test_tfds_source_offline_errors(tmp_path, monkeypatch):
   message = str(info.value)
   assert "cannot be reached" in message and "manual_dir" in message and "source=folder" in message
   assert "images.tar.gz" in message and str(tmp_path / "tfds" / "downloads" / "manual") in message
+  # The bundled sample is small: the way out says what batch it takes (the default config's 64 does not).
+  assert "whose 48 training images take --config.train.batch_size=48 or less" in message
   manual = tmp_path / "manual"
   manual.mkdir()
   (manual / "images.tar.gz").write_bytes(b"")

@@ -346,7 +346,7 @@ def test_imagenet_and_missing_file_errors_fit_a_script_caller(monkeypatch):
     raise OSError("URL fetch failure: network unreachable")
 
   monkeypatch.setattr(weights, "_keras_mobilenet", offline)
-  with pytest.raises(weights.WeightsError, match="Offline, convert a Keras weight file instead") as info:
+  with pytest.raises(weights.WeightsError, match="Offline, convert a Keras weight file of alpha 0.35 instead") as info:
     weights.encoder_variables_from_keras("imagenet", 0.35, alpha_setting="--alpha")
   assert "encoder_weights" not in str(info.value) and "None" not in str(info.value)
 
@@ -358,6 +358,11 @@ def test_imagenet_offline_error_names_the_ways_out(monkeypatch):
   monkeypatch.setattr(weights, "_keras_mobilenet", offline)
   with pytest.raises(weights.WeightsError, match="(?s)Offline.*Keras weight file.*bundled.*None"):
     weights.encoder_variables_from_keras("imagenet", 0.35)
+  # Another alpha: its own file's name, and not the bundled alpha-0.35 weights, which it would refuse.
+  with pytest.raises(weights.WeightsError) as info:
+    weights.encoder_variables_from_keras("imagenet", 1.0)
+  assert "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5" in str(info.value)
+  assert "0.35" not in str(info.value)
 
 
 def test_converted_npz_roundtrip_and_alpha_check(tmp_path):

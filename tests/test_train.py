@@ -727,6 +727,10 @@ def test_cli_reports_an_unusable_workdir_and_a_corrupt_metrics_file_without_a_tr
 @pytest.mark.parametrize("args, message", [
     (("--config.train.batchsize=3",), "unknown config field 'batchsize' in --config.train.batchsize"),
     (("--config", "configs/synthetic.py", "--config.train.batchsize=3"), "unknown config field 'batchsize'"),
+    # The section's fields: absl's --helpfull lists no config file's fields.
+    (("--config", "configs/synthetic.py", "--config.train.batchsize=3"), "config.train has: batch_size, "
+     "checkpoint_every_steps, class_weights,"),
+    (("--config.trian.batch_size=3",), "config has: data, model, seed, train."),
     (("--config", "configs/nonexistent.py"), "config file configs/nonexistent.py not found"),
     (("--config=configs",), "config file configs is a directory"),
     (("--config", "{tmp}/not_a_config.py"), "defines no get_config() function"),

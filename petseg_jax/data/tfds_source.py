@@ -48,7 +48,18 @@ def _ways_out(name: str, manual_dir: str, archives: list[str]) -> str:
           f"{manual_dir} (or any folder, and set --config.data.manual_dir=<folder>) and run again; tfds "
           f"prepares {name} from them.\n"
           f"  2. Use an extracted copy instead: --config.data.source=folder --config.data.data_dir=<folder with "
-          f"images/ and annotations/> (e.g. the bundled sample {folder_builder.BUNDLED_SAMPLE_DIR}).")
+          f"images/ and annotations/> (e.g. the bundled sample {folder_builder.BUNDLED_SAMPLE_DIR}"
+          f"{_bundled_train_size()}).")
+
+
+def _bundled_train_size() -> str:
+  """", whose N training images take --config.train.batch_size N or less", for the bundled sample's split."""
+  try:
+    count = len(folder_builder.read_split_list(
+        os.path.join(folder_builder.BUNDLED_SAMPLE_DIR, "annotations", folder_builder.SPLIT_FILES["train"])))
+  except DataError:
+    return ""
+  return f", whose {count} training images take --config.train.batch_size={count} or less"
 
 
 def prepare_official_builder(name: str, *, data_dir: str = "", manual_dir: str = "") -> tfds.core.DatasetBuilder:
