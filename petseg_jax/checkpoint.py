@@ -401,7 +401,7 @@ def check_resume_config(workdir: str | os.PathLike,
     raise CheckpointError(
         f"Cannot resume in {workdir}: it holds checkpoints but no {CONFIG_FILE}, so nothing says which "
         f"configuration trained them. Put the run's {CONFIG_FILE} back, or start a new run in another --workdir "
-        f"(with model.init_from={workdir} to start from its parameters).")
+        f"(with --config.model.init_from={workdir} to start from its parameters).")
   changes = config_changes(workdir, config)
   differing = [f"{key}: saved {changes[key][0]!r}, now {changes[key][1]!r}" for key in RESUME_KEYS
                if key in changes]
@@ -415,7 +415,7 @@ def check_resume_config(workdir: str | os.PathLike,
     reshaped = [key for key in PARAMETER_SHAPE_KEYS if key in changes]
     way_out = (f"Use a new --workdir (its parameters do not fit the new {', '.join(reshaped)}, so "
                "model.init_from cannot start from them)." if reshaped else
-               f"Use a new --workdir, or model.init_from={workdir} to start a new run from its parameters.")
+               f"Use a new --workdir, or --config.model.init_from={workdir} to start a new run from its parameters.")
     raise CheckpointError(
         f"Cannot resume in {workdir}: its checkpoints were trained with a different configuration ("
         + "; ".join(differing) + "). " + way_out)

@@ -20,6 +20,10 @@ from ml_collections import config_flags
 from petseg_jax import config_files
 from petseg_jax.inference import WorkdirError, load_run_config
 
+# The --config flags defined here are the calling script's own (listed by its --helpshort), as ml_collections'
+# are not ml_collections' flags.
+flags.disclaim_key_flags()
+
 
 def _fields_line(config: ml_collections.ConfigDict | None, names: Sequence[str], field: str) -> str:
   """"config.train has: batch_size, ..." for the section of the override in ``names`` that names ``field``

@@ -58,7 +58,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # Config files import their base as `from configs import default`: make the repo root importable.
 sys.path.insert(0, str(REPO_ROOT))
 
-from petseg_jax import freezing as freezing_lib
 from petseg_jax import host  # pylint: disable=g-import-not-at-top
 
 if __name__ == "__main__":  # Before JAX and TensorFlow load: glibc reads its tunables at start-up only.
@@ -72,6 +71,7 @@ import numpy as np
 from petseg_jax import ablation
 from petseg_jax import config_files
 from petseg_jax import files
+from petseg_jax import freezing as freezing_lib
 from petseg_jax.data import settings as data_settings
 from petseg_jax import models
 from petseg_jax.models import layers

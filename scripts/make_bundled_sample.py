@@ -11,10 +11,15 @@ from __future__ import annotations
 
 import collections
 import os
+from pathlib import Path
 import re
 import shutil
+import sys
 
-from absl import app
+# This checkout's package (its assets/ is the default --output), not another installed copy.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 from PIL import Image
 

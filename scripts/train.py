@@ -12,7 +12,6 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from petseg_jax import config_checks
 from petseg_jax import host  # pylint: disable=g-import-not-at-top
 
 if __name__ == "__main__":  # Before JAX and TensorFlow load: glibc reads its tunables at start-up only.
@@ -27,6 +26,7 @@ import tensorflow as tf
 
 from petseg_jax import checkpoint
 from petseg_jax import cli_flags
+from petseg_jax import config_checks
 from petseg_jax import config_files
 from petseg_jax import input_pipeline
 from petseg_jax import metrics_log

@@ -266,7 +266,7 @@ def test_resume_config_check(tmp_path):
     checkpoint.check_resume_config(tmp_path, config)
   config.model.alpha, config.data.image_size = 0.35, 64
   config.seed = 1  # Another seed's data order and dropout from here on: neither seed's run.
-  with pytest.raises(checkpoint.CheckpointError, match=r"seed: saved 0, now 1.*or model\.init_from="):
+  with pytest.raises(checkpoint.CheckpointError, match=r"seed: saved 0, now 1.*or --config\.model\.init_from="):
     checkpoint.check_resume_config(tmp_path, config)
   config.seed = 0
   for key, value in (("source", "folder"), ("train_split", "train[:50%]"), ("shuffle_buffer", 10),

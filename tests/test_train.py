@@ -703,6 +703,12 @@ def _run_cli(*args, env_extra=None, timeout=600):
                         cwd=REPO_ROOT, env=env, timeout=timeout)
 
 
+def test_cli_helpshort_lists_the_config_flag():
+  """--config is the script's own flag (absl files a flag under the module that defines it: cli_flags)."""
+  proc = _run_cli("--helpshort")
+  assert "--config: Training configuration file" in proc.stdout + proc.stderr, proc.stderr[-2000:]
+
+
 def test_cli_reports_an_unusable_workdir_and_a_corrupt_metrics_file_without_a_traceback(
     uninterrupted_run, tmp_path):
   """A --workdir that cannot be created, and a finished run whose metrics.jsonl has a damaged line (the resume
