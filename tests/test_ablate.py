@@ -401,7 +401,9 @@ def test_report_numbers_equal_the_runs_metrics(tiny_sweep):
     assert f"| {trainable / 1e6:.2f}M / {frozen / 1e6:.2f}M / {stats / 1e3:.1f}k |" in md_row
     # One evaluation interval (1 epoch): its rate would be mostly compilation; none is shown.
     assert rows[variant]["images_per_sec_mean"] == "" and f"| – | {trainable / 1e6:.2f}M" in md_row
-    assert float(rows[variant]["wall_time_sec_mean"]) > 0
+    walls = [ablation.read_status(workdir / variant / f"seed_{s}")["wall_time_sec"] for s in (0, 1)]
+    assert float(rows[variant]["wall_time_sec_mean"]) == pytest.approx(np.mean(walls)) and min(walls) > 0
+    assert float(rows[variant]["wall_time_sec_total"]) == pytest.approx(sum(walls))
   assert rows["unknown_key"]["seeds_done"] == "0" and rows["unknown_key"]["eval_miou_mean"] == ""
   assert "no_such_key" in rows["unknown_key"]["errors"]
 
@@ -428,6 +430,19 @@ def test_rerun_skips_finished_runs(tiny_sweep):
   assert len(json.loads((workdir / "sweep.json").read_text())["runs"]) == 8
   with pytest.raises(ablation.SweepError, match="no variant"):
     ablation.run_sweep(SYNTHETIC, tiny_sweep["sweep"], workdir, only=["nope"], in_process=True)
+
+
+def test_a_resumed_runs_wall_time_adds_its_earlier_attempts(tiny_sweep, tmp_path):
+  workdir = tmp_path / "copy"
+  shutil.copytree(tiny_sweep["workdir"], workdir)
+  run = workdir / "flip" / "seed_0"
+  (run / ablation.STATUS_FILE).write_text(json.dumps({"status": "interrupted", "attempts": 1,
+                                                      "wall_time_sec": 1000.0}))
+  results = ablation.run_sweep(SYNTHETIC, tiny_sweep["sweep"], workdir, only=["flip"], in_process=True,
+                               log=lambda _: None)
+  assert [r.status for r in results] == ["done", "skipped"]
+  status = ablation.read_status(run)
+  assert status["attempts"] == 2 and 1000.0 < status["wall_time_sec"] == pytest.approx(results[0].wall_time_sec)
 
 
 def test_changed_variant_is_not_mixed_with_old_runs(tiny_sweep, tmp_path):

@@ -1,6 +1,7 @@
 """Checkpoints: round trip, keep-last-K, best by mIoU, partial writes, NaN refusal, lock, config check."""
 
 import json
+import re
 import os
 from pathlib import Path
 import subprocess
@@ -241,6 +242,28 @@ def test_workdir_lock(tmp_path):
         pass
   with checkpoint.lock_workdir(tmp_path):  # Released: usable again.
     pass
+
+
+# Each setting a resume must not change, with another value: written out here, not read from RESUME_KEYS,
+# so that a key dropped from there is a failure.
+CHANGED_RESUME_SETTINGS = {
+    "seed": 1, "model.num_classes": 4, "model.alpha": 0.35, "model.decoder_filters": (64, 32, 32, 16),
+    "model.freeze_encoder": False, "data.image_size": 96, "data.source": "folder",
+    "data.tfds_name": "oxford_iiit_pet:3.*.*", "data.train_split": "train[:50%]", "data.shuffle_buffer": 10,
+    "data.num_synthetic_train": 64, "train.batch_size": 32, "train.frozen_params": ("encoder/Conv1/.*",),
+    "train.unfreeze_after_epochs": 2,
+}
+
+
+@pytest.mark.parametrize("key", sorted(CHANGED_RESUME_SETTINGS))
+def test_every_setting_of_the_runs_shape_data_or_freezing_refuses_a_resume(tmp_path, key):
+  from configs import default  # pylint: disable=g-import-not-at-top
+  config = default.get_config()
+  checkpoint.write_config(tmp_path, config)
+  section, _, name = key.rpartition(".")
+  (config[section] if section else config)[name] = CHANGED_RESUME_SETTINGS[key]
+  with pytest.raises(checkpoint.CheckpointError, match=rf"{re.escape(key)}: saved"):
+    checkpoint.check_resume_config(tmp_path, config)
 
 
 def test_resume_config_check(tmp_path):

@@ -118,6 +118,35 @@ def test_load_image_decodes_by_content(quirks_folder, pets_sample_dir):
 
 
 
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_turn_upright_is_what_viewers_show_for_every_exif_orientation(orientation):
+  from PIL import ImageOps  # pylint: disable=g-import-not-at-top
+  pixels = np.random.default_rng(orientation).integers(0, 256, (3, 5, 3), dtype=np.uint8)  # Asymmetric.
+  image = Image.fromarray(pixels)
+  exif = image.getexif()
+  exif[decode.EXIF_ORIENTATION_TAG] = orientation
+  image.info["exif"] = exif.tobytes()
+  viewed = np.asarray(ImageOps.exif_transpose(image))
+  np.testing.assert_array_equal(decode.turn_upright(pixels, orientation), viewed)
+  np.testing.assert_array_equal(decode.turn_upright(pixels[..., :1], orientation), viewed[..., :1])  # A trimap.
+
+
+def test_rgb_trimaps_are_read_only_when_gray():
+  def png(array):
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+  trimap = np.random.default_rng(0).integers(1, 4, (4, 6), dtype=np.uint8)
+  gray_rgb = np.repeat(trimap[..., None], 3, axis=-1)
+  np.testing.assert_array_equal(decode.decode_trimap_bytes(png(gray_rgb), "gray.png"), trimap)
+  for channel in (1, 2):  # Any channel that differs makes it a colour image.
+    coloured = gray_rgb.copy()
+    coloured[0, 0, channel] = 3 if trimap[0, 0] != 3 else 1
+    with pytest.raises(ip.DataError, match=r"colour\.png: trimap is a colour \(RGB\) image"):
+      decode.decode_trimap_bytes(png(coloured), "colour.png")
+
+
 def test_16_bit_images_keep_their_top_8_bits_and_32_bit_ones_are_refused(tmp_path):
   import io  # pylint: disable=g-import-not-at-top
   def encoded(array, image_format):
@@ -359,6 +388,10 @@ def test_prepared_folder_is_keyed_by_path_and_content(tmp_path, pets_sample_dir,
       f"{', '.join(stale)}. Runs on the folder as it is now do not use them; delete them once no run started "
       "before the change still reads them."), report
   assert Path(builder_b.data_dir).parent.name not in report and Path(builder_a.data_dir).is_dir()
+  # An image changed in place (same name and list lines) gets a new copy too.
+  changed_trimap = folder_builder.prepare_folder_builder(str(a)).data_dir
+  os.utime(a / "images" / f"{TRAIN_PAIRS[1][0]}.jpg", ns=(1, 10**18))
+  assert folder_builder.prepare_folder_builder(str(a)).data_dir not in (changed_trimap, builder_a.data_dir)
 
 
 @pytest.mark.parametrize("damage", ["truncated", "corrupted", "deleted"])
@@ -657,6 +690,10 @@ def test_training_epochs_are_pure_functions_of_seed_and_epoch():
   assert not np.array_equal(epoch2[0]["image"], list(ip.TrainInput(config, 8, seed=4).epoch(2))[0]["image"])
   with pytest.raises(ip.DataError, match="start_step=6"):
     next(train.epoch(0, start_step=6))
+  # The augmentation follows the epoch too, not only the order: each example's flip, crop and jitter.
+  keys = [ip.epoch_seeds(3, epoch)[1] for epoch in (2, 3)]
+  assert not np.array_equal(ip.flip_table(keys[0], 40), ip.flip_table(keys[1], 40))
+  assert not np.array_equal(ip.seed_table(keys[0], 40), ip.seed_table(keys[1], 40))
 
 
 def test_cache_is_filled_once_and_reused(monkeypatch):
@@ -670,7 +707,9 @@ def test_cache_is_filled_once_and_reused(monkeypatch):
   assert len(first_batches(train.epoch(0), train.steps_per_epoch)) == 4
   assert len(calls) == 39
   for epoch in (1, 2):
-    list(train.epoch(epoch))
+    batches = list(train.epoch(epoch))
+    # Full batches only: the remainder of 7 is dropped (a short batch would not split over the devices).
+    assert len(batches) == 4 and all(batch["image"].shape[0] == 8 for batch in batches)
   assert len(calls) == 39  # Later epochs come from the cache: nothing decoded or drawn again.
   eval_input = ip.EvalInput(config, "test", 4)
   list(eval_input)

@@ -129,6 +129,9 @@ def test_focal_matches_numpy_and_downweights_easy_pixels():
   np.testing.assert_allclose(
       losses.segmentation_loss(logits, labels, loss="focal", focal_gamma=0.5),
       ((1 - pt) ** 0.5 * ce).mean(), rtol=1e-5)
+  for gamma in (1.0, 1.5, 3.0):  # Integer powers take another path than fractional ones.
+    np.testing.assert_allclose(losses.segmentation_loss(logits, labels, loss="focal", focal_gamma=gamma),
+                               ((1 - pt) ** gamma * ce).mean(), rtol=1e-5, err_msg=f"gamma={gamma}")
   assert float(losses.segmentation_loss(logits, labels, loss="focal")) < ce.mean()
 
 

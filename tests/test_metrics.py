@@ -158,6 +158,8 @@ def test_format_metrics_table():
   assert "pixel accuracy" in table and "0.6667" in table
   for name in metrics.CLASS_NAMES:
     assert name in table
+  pet_line = next(line for line in table.splitlines() if line.startswith("pet"))
+  assert pet_line.split() == ["pet", "0.5000", "0.6667"]  # IoU, then Dice.
   border_line = next(line for line in table.splitlines() if line.startswith("border"))
   assert "absent" in border_line
   mean_line = next(line for line in table.splitlines() if line.startswith("mean"))

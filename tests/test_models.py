@@ -365,6 +365,20 @@ def test_imagenet_offline_error_names_the_ways_out(monkeypatch):
   assert "0.35" not in str(info.value)
 
 
+# Keras' MobileNetV2 widths of each ImageNet alpha: Conv1's filters and block_16_project's (0.35 and 0.5
+# share Conv1's 16).
+KERAS_WIDTHS = {0.35: (16, 112), 0.5: (16, 160), 0.75: (24, 240), 1.0: (32, 320), 1.3: (40, 416),
+                1.4: (48, 448)}
+
+
+@pytest.mark.parametrize("alpha", sorted(KERAS_WIDTHS))
+def test_the_alpha_of_keras_weights_is_read_from_their_widths(alpha):
+  first, last = KERAS_WIDTHS[alpha]
+  layers = {"Conv1": {"kernel": np.zeros((3, 3, 3, first))},
+            "block_16_project": {"kernel": np.zeros((1, 1, 6 * last, last))}}
+  assert weights._infer_alpha(layers) == alpha  # pylint: disable=protected-access
+
+
 def test_converted_npz_roundtrip_and_alpha_check(tmp_path):
   variables = _random_variables(MobileNetV2Encoder(0.35), (1, 32, 32, 3), seed=3)
   path = tmp_path / "enc.npz"

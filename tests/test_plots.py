@@ -37,6 +37,13 @@ def test_prediction_triplets_size_and_colours(tmp_path):
   np.testing.assert_array_equal(predicted_centre, np.broadcast_to(plots.PALETTE[2], predicted_centre.shape))
 
 
+def test_model_inputs_are_shown_as_the_pixels_they_came_from():
+  np.testing.assert_array_equal(
+      plots._images_to_uint8(np.array([-1.0, 0.0, 1.0], np.float32), "[-1,1]"), [0, 128, 255])
+  np.testing.assert_array_equal(
+      plots._images_to_uint8(np.array([0.0, 0.5, 1.0], np.float32), "[0,1]"), [0, 128, 255])
+
+
 def test_prediction_triplets_optional_panels_and_errors(tmp_path):
   images, masks = _batch(n=1)
   uint8_images = ((images + 1) * 127.5).astype(np.uint8)

@@ -90,3 +90,26 @@ def test_record_attempt_appends_and_reports_a_change_of_code(tmp_path):
   path.write_text('not json\n{"step": 0}\n')
   with pytest.raises(metrics_log.MetricsFileError, match=f"{path}, line 1"):
     record(24, 64)
+
+
+def test_the_fingerprint_follows_file_names_and_contents(tmp_path):
+  package = tmp_path / "pkg"
+  (package / "sub").mkdir(parents=True)
+  (package / "a.py").write_text("x = 1\n")
+  (package / "sub" / "b.py").write_text("y = 2\n")
+  (package / "notes.txt").write_text("not source")
+  before = provenance.code_fingerprint(package)
+  (package / "notes.txt").write_text("other notes")  # Only *.py counts.
+  assert provenance.code_fingerprint(package) == before
+  (package / "sub" / "b.py").rename(package / "sub" / "c.py")  # The same contents, another module.
+  renamed = provenance.code_fingerprint(package)
+  assert renamed != before
+  (package / "a.py").write_text("x = 2\n")
+  assert provenance.code_fingerprint(package) not in (before, renamed)
+
+
+def test_the_recorded_example_count_is_the_latest_attempts_that_read_data():
+  records = [{"train_examples": 64}, {"train_examples": None}, {"train_examples": 65}, {}]
+  assert provenance.recorded_train_examples(records) == 65  # An import (None) and old records (no key) skipped.
+  assert provenance.recorded_train_examples(records[:2]) == 64
+  assert provenance.recorded_train_examples([{}, {"train_examples": None}]) is None

@@ -934,6 +934,7 @@ def test_the_model_state_and_config_check_need_no_tensorflow():
 import sys
 sys.modules["tensorflow"] = sys.modules["tensorflow_datasets"] = None  # Any import of them fails.
 from configs import default
+from petseg_jax import config_checks
 from petseg_jax import train
 from petseg_jax.data import DataError
 config = default.get_config()
