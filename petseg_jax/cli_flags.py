@@ -20,15 +20,15 @@ from ml_collections import config_flags
 from petseg_jax import config_files
 from petseg_jax.inference import WorkdirError, load_run_config
 
-# The --config flags defined here are the calling script's own (listed by its --helpshort), as ml_collections'
-# are not ml_collections' flags.
+# absl files a flag under the module that defines it: disclaimed, the --config flags defined here are the
+# calling script's own, and its --helpshort lists them.
 flags.disclaim_key_flags()
 
 
 def _fields_line(config: ml_collections.ConfigDict | None, names: Sequence[str], field: str) -> str:
-  """"config.train has: batch_size, ..." for the section of the override in ``names`` that names ``field``
-  (or of the deepest section that exists), or "" without a config: absl's --helpfull lists no config file's
-  fields."""
+  """The line that lists the fields of the section where the override in ``names`` names ``field`` (or of
+  the deepest section there that exists), e.g. 'config.train has: batch_size, ...'; "" without a config.
+  absl's --helpfull lists no config file's fields."""
   for name in names:
     parts = name.lstrip("-").split(".")[1:]  # "--config.train.batchsize" -> ["train", "batchsize"].
     if field not in parts:

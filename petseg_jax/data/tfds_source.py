@@ -53,7 +53,8 @@ def _ways_out(name: str, manual_dir: str, archives: list[str]) -> str:
 
 
 def _bundled_train_size() -> str:
-  """", whose N training images take --config.train.batch_size N or less", for the bundled sample's split."""
+  """What batch the bundled sample's train split takes, as a clause of the way out ("" if unreadable): the
+  default config's batch of 64 is larger than the split."""
   try:
     count = len(folder_builder.read_split_list(
         os.path.join(folder_builder.BUNDLED_SAMPLE_DIR, "annotations", folder_builder.SPLIT_FILES["train"])))
