@@ -50,6 +50,41 @@ def jax_compilation_cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="session", autouse=True)
+def quick_cpu_compiles():
+  """On the CPU, XLA's HLO passes as always but LLVM's code generation at -O0 (JAX's
+  ``jax_disable_most_optimizations``), in-process and in the scripts the tests run: the suite's runs are tiny,
+  so compiling is most of its time, and -O0 takes about a third off each compile (the fine-tuning step of the
+  tests' U-Net: 26 s -> 16 s on a 2-core Zen 3). The programs and their numerics are XLA's as optimized at the
+  HLO level; only the machine code is less tuned. Benchmarks and users' runs keep the default."""
+  if jax.default_backend() != "cpu":
+    yield
+    return
+  old_setting, old_environment = jax.config.read("jax_disable_most_optimizations"), os.environ.get(
+      "JAX_DISABLE_MOST_OPTIMIZATIONS")
+  jax.config.update("jax_disable_most_optimizations", True)
+  os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
+  yield
+  jax.config.update("jax_disable_most_optimizations", old_setting)
+  if old_environment is None:
+    os.environ.pop("JAX_DISABLE_MOST_OPTIMIZATIONS", None)
+  else:
+    os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = old_environment
+
+
+@pytest.fixture
+def default_compiles():
+  """XLA's default optimization for one test about compiler options (``quick_cpu_compiles`` set aside): at -O0
+  LLVM fuses no multiply-adds, so its numbers are not the default build's. The flag is not part of jit's cache
+  key: the in-memory compiled programs are dropped before and after."""
+  old_setting = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", False)
+  jax.clear_caches()
+  yield
+  jax.config.update("jax_disable_most_optimizations", old_setting)
+  jax.clear_caches()
+
+
+@pytest.fixture(scope="session", autouse=True)
 def float32_matmuls_on_accelerators():
   """On a GPU, float32 matmuls and convolutions in float32, not TF32 (JAX's default there): the parity tests'
   tolerances are float32's. Under TF32 10 of the first 26 layer tests failed on an H200; with
@@ -75,3 +110,16 @@ def pets_sample_dir() -> Path:
   if not PETS_SAMPLE_DIR.is_dir():
     pytest.skip(f"shared Oxford-IIIT Pet sample not found beside the repo ({PETS_SAMPLE_DIR})")
   return PETS_SAMPLE_DIR
+
+
+# The longest files, measured with --durations on 2 cores (test_train.py alone is over half of one worker's
+# time). pytest-xdist's --dist loadfile hands whole files to the workers in collection order (with
+# --no-loadscope-reorder; its default orders by number of tests, which sent the 3-test, 5-minute
+# test_readme.py last): longest first, so that no long file starts late while the other worker runs out of work.
+LONGEST_FILES_FIRST = ("test_train.py", "test_models.py", "test_readme.py", "test_benchmark.py",
+                       "test_reliability.py", "test_layers_fast.py", "test_ablate.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+  rank = {name: i for i, name in enumerate(LONGEST_FILES_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # Stable: tests keep their order in a file.

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
+import json
 import os
 import re
 import shlex
@@ -23,6 +24,8 @@ from pathlib import Path
 import pytest
 
 from petseg_jax import ablation
+from petseg_jax import checkpoint
+from petseg_jax import train
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
@@ -109,3 +112,13 @@ def test_every_readme_command_runs(tmp_path):
     failures = list(pool.map(run, independent)) + chain.result()
   failures = [failure for failure in failures if failure]
   assert not failures, "\n\n".join(failures)
+  # The quickstart trained what the README says: the bundled real pets, the alpha-0.35 encoder, its step-2
+  # checkpoint and evaluation, and both figures (the later commands only add to its workdir).
+  quick = tmp_path / "runs" / "quick"
+  saved = json.loads((quick / "config.json").read_text())
+  assert saved["data"]["source"] == "folder" and saved["model"]["alpha"] == 0.35
+  assert checkpoint.available_steps(quick) == [2]
+  (record,) = train.read_metrics(quick)
+  assert record["step"] == 2 and 0 <= record["eval_miou"] <= 1
+  assert (quick / train.FIGURES_DIR / "predictions_step_0000002.png").exists()
+  assert (quick / train.FIGURES_DIR / "training_curves.png").exists()

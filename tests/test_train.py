@@ -760,22 +760,6 @@ def test_cli_config_errors_name_the_key_or_file(tmp_path, args, message):
   assert not (tmp_path / "w").exists()
 
 
-def test_quickstart_cli_short_run(tmp_path):
-  """The embedded default config (real pet images, pretrained encoder), shortened to 3 steps."""
-  workdir = tmp_path / "quick"
-  proc = _run_cli("--workdir", workdir, "--config.train.num_train_steps=3", "--config.train.log_every_steps=1",
-                  "--config.data.eval_split=test[:32]")
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "devices: 1" in proc.stderr
-  saved = json.loads((workdir / "config.json").read_text())
-  assert saved["data"]["source"] == "folder" and saved["model"]["alpha"] == 0.35
-  assert checkpoint.available_steps(workdir) == [3]
-  (record,) = train.read_metrics(workdir)
-  assert record["step"] == 3 and 0 <= record["eval_miou"] <= 1
-  assert (workdir / train.FIGURES_DIR / "predictions_step_0000003.png").exists()
-  assert (workdir / train.FIGURES_DIR / "training_curves.png").exists()
-
-
 # --- learning -------------------------------------------------------------------------------------------
 
 def test_synthetic_training_reaches_high_miou(tmp_path):
@@ -790,7 +774,7 @@ def test_synthetic_training_reaches_high_miou(tmp_path):
 
 # --- initialization -------------------------------------------------------------------------------------
 
-def test_initializer_compiled_faster_gives_the_default_compilations_bits():
+def test_initializer_compiled_faster_gives_the_default_compilations_bits(default_compiles):
   """``train.INIT_COMPILER_OPTIONS`` only makes the initializer compile faster: same values, bit for bit."""
   config = tiny_config()
   model = train.create_model(config)
@@ -799,7 +783,6 @@ def test_initializer_compiled_faster_gives_the_default_compilations_bits():
   default = jax.jit(lambda rng: model.init({"params": rng}, image, train=False))(key)
   fast = train.initialized(key, config.data.image_size, model)
   assert _trees_equal(flax.core.unfreeze(default), fast)
-
 
 
 def test_initializer_with_given_encoder_skips_its_random_init_and_keeps_the_decoders_bits():

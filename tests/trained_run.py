@@ -7,6 +7,7 @@ session-scoped fixture; the run is trained under pytest's session temp dir the f
 
 from __future__ import annotations
 
+import fcntl
 import os
 from pathlib import Path
 import subprocess
@@ -38,10 +39,18 @@ def tiny_config():
 
 
 def trained_workdir(tmp_path_factory) -> Path:
-  """The workdir of ``tiny_config()`` trained to its last step (trained on first use in the session)."""
-  workdir = tmp_path_factory.getbasetemp() / "tiny_trained_run"
-  if not (workdir / train.METRICS_FILE).exists() or len(train.read_metrics(workdir)) < len(STEPS):
-    train.train_and_evaluate(tiny_config(), workdir)
+  """The workdir of ``tiny_config()`` trained to its last step (trained on first use in the session).
+
+  Under pytest-xdist each worker has a temp folder of its own inside the session's: the run goes there, under
+  a file lock, so that the workers' test files share one run rather than train one each."""
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    root = root.parent
+  workdir = root / "tiny_trained_run"
+  with open(root / "tiny_trained_run.lock", "a") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # Released when the file closes.
+    if not (workdir / train.METRICS_FILE).exists() or len(train.read_metrics(workdir)) < len(STEPS):
+      train.train_and_evaluate(tiny_config(), workdir)
   return workdir
 
 
