@@ -10,7 +10,7 @@ import contextlib
 import copy
 import os
 import sys
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from absl import app
 from absl import flags
@@ -18,7 +18,9 @@ import ml_collections
 from ml_collections import config_flags
 
 from petseg_jax import config_files
-from petseg_jax.inference import WorkdirError, load_run_config
+
+if TYPE_CHECKING:
+  from petseg_jax.inference import WorkdirError
 
 # absl files a flag under the module that defines it: disclaimed, the --config flags defined here are the
 # calling script's own, and its --helpshort lists them.
@@ -112,6 +114,9 @@ def define_run_config_flag(argv: Sequence[str], fallback: ml_collections.ConfigD
   Returns:
     ``(saved config or fallback, error or None)``.
   """
+  # Here rather than at the top: the inference code brings TensorFlow (~6 s to import on 2 cores), which
+  # scripts/train.py's flags do not need.
+  from petseg_jax.inference import WorkdirError, load_run_config  # pylint: disable=g-import-not-at-top
   workdir_flag = flags.FlagValues()
   flags.DEFINE_string("workdir", None, "", flag_values=workdir_flag)
   config, error = fallback, None
