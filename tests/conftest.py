@@ -1,7 +1,9 @@
 """Shared pytest fixtures (data). Append new fixtures; keep this file small."""
 
+import contextlib
 import os
 from pathlib import Path
+from typing import Any, Iterator
 
 import jax
 from jax.experimental.compilation_cache import compilation_cache
@@ -24,6 +26,27 @@ def tfds_data_dir(tmp_path_factory):
     os.environ["TFDS_DATA_DIR"] = old
 
 
+@contextlib.contextmanager
+def jax_settings(settings: dict[str, Any], environment: dict[str, str]) -> Iterator[None]:
+  """JAX config ``settings`` in this process and ``environment`` for the scripts the tests run; both restored
+  afterwards."""
+  old_settings = {name: jax.config.values[name] for name in settings}
+  old_environment = {name: os.environ.get(name) for name in environment}
+  for name, value in settings.items():
+    jax.config.update(name, value)
+  os.environ.update(environment)
+  try:
+    yield
+  finally:
+    for name, value in old_settings.items():
+      jax.config.update(name, value)
+    for name, value in old_environment.items():
+      if value is None:
+        os.environ.pop(name, None)
+      else:
+        os.environ[name] = value
+
+
 @pytest.fixture(scope="session", autouse=True)
 def jax_compilation_cache(tmp_path_factory):
   """One persistent compilation cache for the session, in-process and, through the environment, in every
@@ -32,20 +55,9 @@ def jax_compilation_cache(tmp_path_factory):
   settings = {"jax_compilation_cache_dir": path, "jax_persistent_cache_min_compile_time_secs": 0.0,
               "jax_persistent_cache_min_entry_size_bytes": 0}
   environment = {"JAX_COMPILATION_CACHE_DIR": path, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
-  old_settings = {name: getattr(jax.config, name) for name in settings}
-  old_environment = {name: os.environ.get(name) for name in environment}
-  for name, value in settings.items():
-    jax.config.update(name, value)
-  os.environ.update(environment)
-  compilation_cache.reset_cache()
-  yield path
-  for name, value in old_settings.items():
-    jax.config.update(name, value)
-  for name, value in old_environment.items():
-    if value is None:
-      os.environ.pop(name, None)
-    else:
-      os.environ[name] = value
+  with jax_settings(settings, environment):
+    compilation_cache.reset_cache()
+    yield path
   compilation_cache.reset_cache()
 
 
@@ -59,16 +71,8 @@ def quick_cpu_compiles():
   if jax.default_backend() != "cpu":
     yield
     return
-  old_setting, old_environment = jax.config.read("jax_disable_most_optimizations"), os.environ.get(
-      "JAX_DISABLE_MOST_OPTIMIZATIONS")
-  jax.config.update("jax_disable_most_optimizations", True)
-  os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
-  yield
-  jax.config.update("jax_disable_most_optimizations", old_setting)
-  if old_environment is None:
-    os.environ.pop("JAX_DISABLE_MOST_OPTIMIZATIONS", None)
-  else:
-    os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = old_environment
+  with jax_settings({"jax_disable_most_optimizations": True}, {"JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}):
+    yield
 
 
 @pytest.fixture
@@ -76,11 +80,9 @@ def default_compiles():
   """XLA's default optimization for one test about compiler options (``quick_cpu_compiles`` set aside): at -O0
   LLVM fuses no multiply-adds, so its numbers are not the default build's. The flag is not part of jit's cache
   key: the in-memory compiled programs are dropped before and after."""
-  old_setting = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", False)
-  jax.clear_caches()
-  yield
-  jax.config.update("jax_disable_most_optimizations", old_setting)
+  with jax_settings({"jax_disable_most_optimizations": False}, {}):
+    jax.clear_caches()
+    yield
   jax.clear_caches()
 
 
@@ -93,15 +95,8 @@ def float32_matmuls_on_accelerators():
   if jax.default_backend() == "cpu":
     yield
     return
-  old_setting, old_environment = jax.config.jax_default_matmul_precision, os.environ.get("JAX_DEFAULT_MATMUL_PRECISION")
-  jax.config.update("jax_default_matmul_precision", "float32")
-  os.environ["JAX_DEFAULT_MATMUL_PRECISION"] = "float32"
-  yield
-  jax.config.update("jax_default_matmul_precision", old_setting)
-  if old_environment is None:
-    os.environ.pop("JAX_DEFAULT_MATMUL_PRECISION", None)
-  else:
-    os.environ["JAX_DEFAULT_MATMUL_PRECISION"] = old_environment
+  with jax_settings({"jax_default_matmul_precision": "float32"}, {"JAX_DEFAULT_MATMUL_PRECISION": "float32"}):
+    yield
 
 
 @pytest.fixture(scope="session")
