@@ -41,8 +41,9 @@ def tiny_config():
 def trained_workdir(tmp_path_factory) -> Path:
   """The workdir of ``tiny_config()`` trained to its last step (trained on first use in the session).
 
-  Under pytest-xdist each worker has a temp folder of its own inside the session's: the run goes there, under
-  a file lock, so that the workers' test files share one run rather than train one each."""
+  Under pytest-xdist each worker has a temp folder of its own inside the session's: the run goes in the
+  session's folder, under a file lock, so that the workers' test files share one run rather than train one
+  each."""
   root = tmp_path_factory.getbasetemp()
   if os.environ.get("PYTEST_XDIST_WORKER"):
     root = root.parent
