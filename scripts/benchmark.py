@@ -62,6 +62,7 @@ from petseg_jax import host  # pylint: disable=g-import-not-at-top
 
 if __name__ == "__main__":  # Before JAX and TensorFlow load: glibc reads its tunables at start-up only.
   host.restart_with_tunables()
+  host.skip_collection_at_exit()  # ~2 s less at exit, with TensorFlow or JAX loaded.
 
 import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp

@@ -16,6 +16,11 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from petseg_jax import host  # pylint: disable=g-import-not-at-top
+
+if __name__ == "__main__":
+  host.skip_collection_at_exit()  # ~2 s less at exit, with TensorFlow or JAX loaded.
+
 from absl import app, flags  # pylint: disable=g-import-not-at-top
 
 from petseg_jax import weights  # pylint: disable=g-import-not-at-top

@@ -19,6 +19,11 @@ import sys
 # This checkout's package (its assets/ is the default --output), not another installed copy.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from petseg_jax import host  # pylint: disable=g-import-not-at-top
+
+if __name__ == "__main__":
+  host.skip_collection_at_exit()  # ~2 s less at exit, with TensorFlow or JAX loaded.
+
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 from PIL import Image

@@ -16,6 +16,7 @@ from petseg_jax import host  # pylint: disable=g-import-not-at-top
 
 if __name__ == "__main__":  # Before JAX and TensorFlow load: glibc reads its tunables at start-up only.
   host.restart_with_tunables()
+  host.skip_collection_at_exit()  # ~2 s less at exit, with TensorFlow or JAX loaded.
 
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags

@@ -77,3 +77,17 @@ def test_restart_adds_the_tunable_and_keeps_the_arguments():
 @pytest.mark.skipif(not GLIBC, reason="glibc tunables need glibc")
 def test_restart_leaves_a_tunable_the_user_set():
   assert run_restarting("glibc.malloc.hugetlb=0") == ["glibc.malloc.hugetlb=0", "['first', '--second=2']"]
+
+
+def test_the_collector_is_frozen_after_the_other_exit_handlers():
+  """Handlers registered later (absl's, Orbax's, TensorFlow's at import) run first, on a live collector; the
+  freeze comes last, and an output written just before the exit still arrives."""
+  code = ("import atexit, gc\n"
+          "atexit.register(lambda: print('registered before, frozen:', gc.get_freeze_count() > 0))\n"
+          "from petseg_jax import host\n"
+          "host.skip_collection_at_exit()\n"
+          "atexit.register(lambda: print('registered after, frozen:', gc.get_freeze_count() > 0))\n"
+          "print('main done', end='')\n")
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, timeout=60,
+                        check=True)
+  assert proc.stdout.splitlines() == ["main doneregistered after, frozen: False", "registered before, frozen: True"]
