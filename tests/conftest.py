@@ -47,14 +47,26 @@ def jax_settings(settings: dict[str, Any], environment: dict[str, str]) -> Itera
         os.environ[name] = value
 
 
+@pytest.fixture(scope="session")
+def workers_temp_dir(tmp_path_factory) -> Path:
+  """The session's temp folder, shared by all pytest-xdist workers (each worker's own temp folder lies inside
+  it; without xdist, the session's only one)."""
+  root = tmp_path_factory.getbasetemp()
+  return root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+
+
 @pytest.fixture(scope="session", autouse=True)
-def jax_compilation_cache(tmp_path_factory):
+def jax_compilation_cache(workers_temp_dir):
   """One persistent compilation cache for the session, in-process and, through the environment, in every
-  subprocess: the suite's many tiny runs (and its scripts' runs) compile the same programs again and again."""
-  path = str(tmp_path_factory.mktemp("jax_cache"))
-  settings = {"jax_compilation_cache_dir": path, "jax_persistent_cache_min_compile_time_secs": 0.0,
+  subprocess: the suite's many tiny runs (and its scripts' runs) compile the same programs again and again.
+  One for all xdist workers too: the folder's path is part of every entry's key (JAX puts it into the compile
+  options), so the workers' caches in two folders never shared an entry. An entry read while another process
+  still writes it fails to decompress, and JAX compiles the program again (with a warning)."""
+  path = workers_temp_dir / "jax_cache"
+  path.mkdir(exist_ok=True)
+  settings = {"jax_compilation_cache_dir": str(path), "jax_persistent_cache_min_compile_time_secs": 0.0,
               "jax_persistent_cache_min_entry_size_bytes": 0}
-  environment = {"JAX_COMPILATION_CACHE_DIR": path, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+  environment = {"JAX_COMPILATION_CACHE_DIR": str(path), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
   with jax_settings(settings, environment):
     compilation_cache.reset_cache()
     yield path

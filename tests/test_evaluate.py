@@ -19,8 +19,8 @@ from tests import trained_run
 
 
 @pytest.fixture(scope="session")
-def workdir(tmp_path_factory):
-  return trained_run.trained_workdir(tmp_path_factory)
+def workdir(workers_temp_dir):
+  return trained_run.trained_workdir(workers_temp_dir)
 
 
 @pytest.fixture(scope="module")

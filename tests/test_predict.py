@@ -15,8 +15,8 @@ from tests import trained_run
 
 
 @pytest.fixture(scope="session")
-def workdir(tmp_path_factory):
-  return trained_run.trained_workdir(tmp_path_factory)
+def workdir(workers_temp_dir):
+  return trained_run.trained_workdir(workers_temp_dir)
 
 
 def _random_image(rng, height, width, mode="RGB") -> Image.Image:

@@ -38,15 +38,12 @@ def tiny_config():
   return config
 
 
-def trained_workdir(tmp_path_factory) -> Path:
-  """The workdir of ``tiny_config()`` trained to its last step (trained on first use in the session).
+def trained_workdir(root: Path) -> Path:
+  """The workdir of ``tiny_config()`` trained to its last step, in ``root`` (trained on first use).
 
-  Under pytest-xdist each worker has a temp folder of its own inside the session's: the run goes in the
-  session's folder, under a file lock, so that the workers' test files share one run rather than train one
-  each."""
-  root = tmp_path_factory.getbasetemp()
-  if os.environ.get("PYTEST_XDIST_WORKER"):
-    root = root.parent
+  ``root`` is the session's temp folder shared by the pytest-xdist workers (conftest's ``workers_temp_dir``):
+  the run is trained under a file lock there, so that the workers' test files share one run rather than
+  train one each."""
   workdir = root / "tiny_trained_run"
   with open(root / "tiny_trained_run.lock", "a") as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)  # Released when the file closes.
