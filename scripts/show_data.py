@@ -7,8 +7,11 @@ The images are exactly what the model gets (resized, scaled; with --augment the 
 epoch 0). The histogram counts the labels of every pixel of the split (evaluation preprocessing).
 """
 
+from __future__ import annotations
+
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 # Config files import their base as `from configs import default`: make the repo root importable.
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -26,8 +29,9 @@ import numpy as np
 from petseg_jax import cli_flags
 from petseg_jax import config_files
 from petseg_jax import files
-from petseg_jax import input_pipeline
-from petseg_jax import plots
+
+if TYPE_CHECKING:
+  from petseg_jax import input_pipeline
 
 FLAGS = flags.FLAGS
 
@@ -60,6 +64,11 @@ def main(argv):
   output = Path(FLAGS.output)
   if problem := files.folder_problem(output, "--output"):
     sys.exit(problem)
+  # The data pipeline (TensorFlow, ~6 s to import on 2 cores) loads once the flags are good.
+  # pylint: disable=g-import-not-at-top
+  from petseg_jax import input_pipeline
+  from petseg_jax import plots
+  # pylint: enable=g-import-not-at-top
   # The look reads a few batches only: no cache for it to fill in part (TensorFlow warns of a cache left
   # half-filled); the histogram below reads the split through, cached as configured.
   look = data.copy_and_resolve_references()
