@@ -168,6 +168,10 @@ def save_prediction_triplets(
       ax = axes[row, col]
       ax.imshow(panel[row], interpolation="nearest")
       ax.set_title(title)
+      # Hidden axes still make their ticks when the layout places the titles: none to make is the same
+      # picture (pixel for pixel) a quarter sooner, which counts for predict.py's figure per image.
+      ax.set_xticks([])
+      ax.set_yticks([])
       ax.axis("off")
   if num_cols > 1:
     _class_legend(fig, class_names)
