@@ -266,7 +266,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, model: models.UNet, v
   # BatchNorm folded, as the training loop's evaluation and Predictor run the model.
   buffers, layout = parallel.replicate_state(models.fold_batch_norm(variables))
   p_eval_step = train.pmapped_eval_step(config, model.clone(batch_norm_folded=True), layout)
-  sums = train.evaluation_sums(p_eval_step, buffers, eval_input)
+  sums, _ = train.evaluation_sums(p_eval_step, buffers, eval_input)
   return train.eval_metrics(sums), sums["confusion"], eval_input.num_examples
 
 

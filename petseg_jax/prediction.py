@@ -1,7 +1,7 @@
 """Prediction on one device: ``Predictor`` compiles ``model.apply(train=False)`` once, BatchNorm folded.
 
-Used by training (the figures after each evaluation), ``inference`` (the scripts) and the benchmark; the
-evaluation of a whole split runs ``pmap``-ed in ``train`` on the same folded function.
+Used by ``inference`` (the scripts) and the benchmark. The evaluation of a whole split runs ``pmap``-ed in
+``train`` on the same folded function, and the training figures show its class maps.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ class Predictor:
   instead of 190, ~10% faster; BENCHMARKS.md). The variables go to the device once, on accelerators packed
   into one buffer per dtype (``packed``): a call then passes one or two arrays instead of ~270, whose
   per-buffer host work is a large part of a small batch's call on a GPU. Compiled once per model, variable
-  layout and image shape (shared by Predictors of equal layouts, e.g. one per evaluation).
+  layout and image shape (shared by Predictors of equal layouts, e.g. one per checkpoint predicted).
 
   Args:
     model: the U-Net (unfolded).

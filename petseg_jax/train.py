@@ -56,7 +56,6 @@ from petseg_jax import optim
 from petseg_jax import packed
 from petseg_jax import parallel
 from petseg_jax import plots
-from petseg_jax import prediction
 from petseg_jax import provenance
 from petseg_jax import stopping
 from petseg_jax import weights
@@ -244,17 +243,20 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], dropout_rng: jax.
 
 
 def eval_step(variables: dict[str, Any], batch: dict[str, jax.Array], *, model: models.UNet,
-              config: ml_collections.ConfigDict) -> dict[str, jax.Array]:
+              config: ml_collections.ConfigDict) -> tuple[dict[str, jax.Array], jax.Array]:
   """The loss's sums (``losses.loss_sums``; padding examples have weight 0) and the confusion matrix of the
   devices' shards, summed over the devices, of ``model`` in inference mode on ``variables``: evaluation passes
-  them with BatchNorm folded, the function ``prediction.Predictor`` computes (``pmapped_inference_variables``)."""
+  them with BatchNorm folded, the function ``prediction.Predictor`` computes (``pmapped_inference_variables``).
+  Also this shard's class maps (N, H, W), the logits' argmax: what the figures show, so that drawing them
+  compiles no other program.
+  """
   logits = model.apply(variables, batch["image"], train=False)
   weight = batch["weight"]
   # Sums, not the batch's loss: added up over the split they give its exact loss, whatever the batching.
   sums = losses.loss_sums(logits, batch["mask"], **_loss_settings(config), weights=weight)
   sums["confusion"] = metrics_lib.confusion_matrix(logits, batch["mask"], weight,
                                                    num_classes=config.model.num_classes)
-  return lax.psum(sums, parallel.AXIS)
+  return lax.psum(sums, parallel.AXIS), jnp.argmax(logits, axis=-1)
 
 
 def _packed_train_step(buffers: tuple[jax.Array, ...], batch: dict[str, jax.Array], dropout_rng: jax.Array, *,
@@ -305,26 +307,45 @@ def pmapped_eval_step(config: ml_collections.ConfigDict, model: models.UNet, lay
                   axis_name=parallel.AXIS)
 
 
-def evaluation_sums(p_eval_step: Callable, buffers: tuple[jax.Array, ...], eval_input: Any
-                    ) -> dict[str, Any]:
+def evaluation_sums(p_eval_step: Callable, buffers: tuple[jax.Array, ...], eval_input: Any, num_shown: int = 0
+                    ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
   """The summed ``eval_step`` outputs over the whole eval split (``pmapped_eval_step`` on ``buffers``, the
-  replicated packed variables of ``pmapped_inference_variables`` or ``parallel.replicate_state``): "confusion" (int64
-  on the host: no overflow) and the loss's sums (``losses.loss_sums``: "loss_sum", "num_pixels", ..., float64).
+  replicated packed variables of ``pmapped_inference_variables`` or ``parallel.replicate_state``), and examples
+  to show.
 
   Each batch's sums are fetched ``parallel.PREFETCH_BATCHES`` batches after its step is dispatched, so the host never
   waits for the step it just started (fetched at once, every batch's small output cost the devices an idle
   gap between steps), and at most that many steps are queued ahead of the host.
+
+  Returns:
+    The sums: "confusion" (int64 on the host: no overflow) and the loss's sums (``losses.loss_sums``:
+    "loss_sum", "num_pixels", ..., float64). And the first batch's first ``num_shown`` examples, padding
+    left out, as host arrays: "image", "mask" and the predicted "class_map" (empty when ``num_shown`` is 0).
   """
   totals: dict[str, Any] = {}
+  shown: dict[str, np.ndarray] = {}
 
-  def add(out: dict[str, jax.Array]) -> None:
-    for key, value in parallel.first_replica(out).items():
+  def add(sums: dict[str, jax.Array]) -> None:
+    for key, value in parallel.first_replica(sums).items():
       totals[key] = totals.get(key, 0) + np.asarray(value, np.int64 if key == "confusion" else np.float64)
 
-  outputs = (p_eval_step(buffers, batch) for batch in parallel.device_batches(eval_input))
-  for out in parallel.run_ahead(outputs, parallel.PREFETCH_BATCHES):
-    add(out)
-  return totals
+  host_batches = iter(eval_input)
+  first_batch = next(host_batches, None)
+  batches = parallel.device_batches(itertools.chain([] if first_batch is None else [first_batch], host_batches))
+  outputs = (p_eval_step(buffers, batch) for batch in batches)
+  for i, (sums, class_maps) in enumerate(parallel.run_ahead(outputs, parallel.PREFETCH_BATCHES)):
+    add(sums)
+    if i == 0 and num_shown > 0:
+      shown = _examples_shown(first_batch, np.asarray(class_maps), num_shown)
+  return totals, shown
+
+
+def _examples_shown(batch: dict[str, np.ndarray], class_maps: np.ndarray, count: int) -> dict[str, np.ndarray]:
+  """The first ``count`` real examples of a host batch (leading axis: the devices) and their class maps."""
+  flat = lambda x: x.reshape((-1,) + x.shape[2:])
+  real = flat(batch["weight"]) > 0
+  return {key: flat(value)[real][:count]
+          for key, value in (("image", batch["image"]), ("mask", batch["mask"]), ("class_map", class_maps))}
 
 
 def eval_metrics(sums: dict[str, Any]) -> dict[str, Any]:
@@ -335,9 +356,12 @@ def eval_metrics(sums: dict[str, Any]) -> dict[str, Any]:
   return result
 
 
-def evaluate(p_eval_step: Callable, buffers: tuple[jax.Array, ...], eval_input: Any) -> dict[str, Any]:
-  """Loss and ``metrics.compute_metrics`` over the whole eval split (``eval_metrics`` of ``evaluation_sums``)."""
-  return eval_metrics(evaluation_sums(p_eval_step, buffers, eval_input))
+def evaluate(p_eval_step: Callable, buffers: tuple[jax.Array, ...], eval_input: Any, num_shown: int = 0
+             ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+  """Loss and ``metrics.compute_metrics`` over the whole eval split (``eval_metrics`` of ``evaluation_sums``),
+  and ``evaluation_sums``' examples to show."""
+  sums, shown = evaluation_sums(p_eval_step, buffers, eval_input, num_shown)
+  return eval_metrics(sums), shown
 
 
 # --- the loop's bookkeeping ------------------------------------------------------------------------------
@@ -456,7 +480,7 @@ class _Evaluator:
   def __init__(self, config: ml_collections.ConfigDict, workdir: Path, model: models.UNet, eval_input: Any,
                ckpt: checkpoint.Checkpointer, writer: metric_writer.SummaryWriter, learning_rate_fn: optax.Schedule,
                steps_per_epoch: int, start_time: float, layout: packed.Layout):
-    self.config, self.workdir, self.model, self.eval_input = config, workdir, model, eval_input
+    self.config, self.workdir, self.eval_input = config, workdir, eval_input
     self.ckpt, self.writer, self.learning_rate_fn = ckpt, writer, learning_rate_fn
     self.steps_per_epoch, self.start_time, self.layout = steps_per_epoch, start_time, layout
     self.inference_variables, variables_layout = pmapped_inference_variables(layout)
@@ -468,7 +492,8 @@ class _Evaluator:
     """Evaluates the replicated state packed in ``buffers`` (``parallel.replicate_state``) at ``step``;
     ``images_per_sec`` is the training rate since the last evaluation (None when none trained: a redone
     evaluation at resume)."""
-    eval_result = evaluate(self.p_eval_step, self.inference_variables(buffers), self.eval_input)
+    eval_result, shown = evaluate(self.p_eval_step, self.inference_variables(buffers), self.eval_input,
+                                  self.config.train.num_figure_examples)
     # train_steps: how many steps the train_* means cover (fewer than the interval after a resume within it).
     record = {"step": step, "epoch": round(step / self.steps_per_epoch, 3),
               **_flat_record("train", train_result),
@@ -489,22 +514,15 @@ class _Evaluator:
                else key.replace("_", "/", 1) if key.startswith("eval_") else key)
         self.writer.scalar(tag, value, step)
     self.writer.flush()
+    if shown:
+      plots.save_prediction_triplets(shown["image"], shown["mask"], shown["class_map"],
+                                     self.workdir / FIGURES_DIR / f"predictions_step_{step:07d}.png",
+                                     input_range=self.config.data.input_range)
     host = parallel.host_state(buffers, self.layout)
-    if self.config.train.num_figure_examples > 0:
-      self._save_figure(host, self.workdir / FIGURES_DIR / f"predictions_step_{step:07d}.png")
     if self.best_miou is None or eval_result["miou"] > self.best_miou:
       self.best_miou = eval_result["miou"]
       self.ckpt.save_best(host, self.best_miou)
     metrics_log.append_record(self.workdir / METRICS_FILE, record)
-
-  def _save_figure(self, host: TrainState, path: Path) -> None:
-    batch = next(iter(self.eval_input))
-    count = self.config.train.num_figure_examples
-    images = batch["image"].reshape((-1,) + batch["image"].shape[-3:])[:count]
-    masks = batch["mask"].reshape((-1,) + batch["mask"].shape[-2:])[:count]
-    variables = host.variables
-    plots.save_prediction_triplets(images, masks, prediction.predict(self.model, variables, images), path,
-                                   input_range=self.config.data.input_range)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> TrainState:

@@ -170,13 +170,15 @@ def test_evaluation_sums_every_batch_fetching_each_after_later_steps_are_dispatc
   for batch in batches:
     batch["weight"] = np.ones((1, config.train.batch_size), np.float32)
   batches[-1]["weight"][0, 5:] = 0.0  # A padded last batch.
-  expected = [jax.tree.map(lambda x: np.asarray(x[0]), p_eval_step(buffers, batch)) for batch in batches]
+  outputs = [p_eval_step(buffers, batch) for batch in batches]
+  expected = [jax.tree.map(lambda x: np.asarray(x[0]), sums) for sums, _ in outputs]
 
   dispatched, fetched_after = [], []
   first_replica = parallel.first_replica
   monkeypatch.setattr(parallel, "first_replica",
                       lambda tree: fetched_after.append(len(dispatched)) or first_replica(tree))
-  sums = train.evaluation_sums(lambda *args: dispatched.append(1) or p_eval_step(*args), buffers, batches)
+  sums, shown = train.evaluation_sums(lambda *args: dispatched.append(1) or p_eval_step(*args), buffers, batches)
+  assert shown == {}  # None asked for.
 
   # Batch k's sums are read once steps up to k + PREFETCH_BATCHES are dispatched (then the rest at the end).
   lag = parallel.PREFETCH_BATCHES
@@ -188,6 +190,17 @@ def test_evaluation_sums_every_batch_fetching_each_after_later_steps_are_dispatc
   metrics = train.eval_metrics(sums)
   np.testing.assert_allclose(metrics["loss"], sums["loss_sum"] / sums["num_pixels"], rtol=1e-6)
   assert 0 <= metrics["miou"] <= 1
+
+  # The examples the figures show: the first batch's first ones, padding left out, with the eval step's own
+  # class maps, which are the Predictor's (the same folded function, compiled apart: ties may differ).
+  batches[0]["weight"][0, 1] = 0.0
+  _, shown = train.evaluation_sums(p_eval_step, buffers, batches, num_shown=3)
+  real = [0, 2, 3]
+  np.testing.assert_array_equal(shown["image"], batches[0]["image"][0, real])
+  np.testing.assert_array_equal(shown["mask"], batches[0]["mask"][0, real])
+  np.testing.assert_array_equal(shown["class_map"], np.asarray(outputs[0][1])[0, real])
+  predicted = prediction.Predictor(train.create_model(config), initial_state.variables)(shown["image"])
+  assert shown["class_map"].shape == predicted.shape and (shown["class_map"] == predicted).mean() > 0.99
 
 
 def test_predictor_is_model_apply_and_compiles_once_per_layout(initial_state):
@@ -229,7 +242,9 @@ def _three_steps_and_an_eval(state, num_devices):
     confusions.append(np.asarray(m["confusion"][0]).tolist())
   batch = _random_batch(config, num_devices, seed=7)
   batch["weight"] = np.array([1.0] * 5 + [0.0] * 3, np.float32).reshape(num_devices, -1)  # 3 padding.
-  ev = jax.tree.map(lambda x: np.asarray(x[0]).tolist(), evaluate(inference_variables(replicated), batch))
+  sums, class_maps = evaluate(inference_variables(replicated), batch)
+  ev = jax.tree.map(lambda x: np.asarray(x[0]).tolist(), sums)
+  ev["class_maps"] = np.asarray(class_maps).reshape(8, -1).tolist()  # Each device's shard, in the batch's order.
   final = parallel.host_state(replicated, layout)
   leaves = [np.asarray(x).ravel() for x in jax.tree.leaves((final.params, final.batch_stats))]
   return {"losses": losses, "confusions": confusions, "eval": ev, "variables": np.concatenate(leaves).tolist()}
@@ -277,6 +292,7 @@ def test_two_devices_equal_one_device_for_the_same_global_batch(initial_state):
   assert one["eval"]["num_pixels"] == two["eval"]["num_pixels"] == 5 * 32 * 32
   np.testing.assert_allclose(two["eval"]["loss_sum"], one["eval"]["loss_sum"], rtol=1e-5)
   np.testing.assert_array_equal(np.array(two["eval"]["confusion"]).sum(), 5 * 32 * 32)
+  assert (np.array(two["eval"]["class_maps"]) == np.array(one["eval"]["class_maps"])).mean() > 0.99
 
 
 # --- TensorBoard events ---------------------------------------------------------------------------------
