@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import PIL.Image
 import pytest
 
 from configs import synthetic
@@ -33,6 +34,7 @@ from petseg_jax import models
 from petseg_jax import optim
 from petseg_jax import packed
 from petseg_jax import parallel
+from petseg_jax import plots
 from petseg_jax import prediction
 from petseg_jax import provenance
 from petseg_jax import stopping
@@ -349,7 +351,7 @@ def uninterrupted_run(tmp_path_factory):
   return workdir, train.train_and_evaluate(tiny_config(), workdir)
 
 
-def test_run_writes_checkpoints_metrics_figures_and_summaries(uninterrupted_run):
+def test_run_writes_checkpoints_metrics_figures_and_summaries(uninterrupted_run, tmp_path):
   workdir, final = uninterrupted_run
   assert final.step == 2 * STEPS_PER_EPOCH
   assert json.loads((workdir / "config.json").read_text())["data"]["image_size"] == 32
@@ -369,6 +371,15 @@ def test_run_writes_checkpoints_metrics_figures_and_summaries(uninterrupted_run)
   figures = workdir / train.FIGURES_DIR
   assert sorted(p.name for p in figures.iterdir()) == [
       "predictions_step_0000008.png", "predictions_step_0000016.png", "training_curves.png"]
+  # The last figure: the eval split's first examples, their masks and the final model's predictions.
+  config = tiny_config()
+  batch = next(iter(input_pipeline.EvalInput(config.data, config.data.eval_split, config.train.batch_size)))
+  images = batch["image"][:config.train.num_figure_examples]
+  redrawn = plots.save_prediction_triplets(
+      images, batch["mask"][:len(images)],
+      prediction.Predictor(train.create_model(config), final.variables)(images), tmp_path / "redrawn.png")
+  drawn, redrawn = (np.asarray(PIL.Image.open(path)) for path in (figures / "predictions_step_0000016.png", redrawn))
+  assert drawn.shape == redrawn.shape and (drawn != redrawn).any(-1).mean() < 0.001  # Argmax ties may flip.
   # TensorBoard event file with the evaluation scalars.
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   (events,) = workdir.glob("events.out.tfevents.*")
