@@ -518,10 +518,9 @@ class _Evaluator:
       plots.save_prediction_triplets(shown["image"], shown["mask"], shown["class_map"],
                                      self.workdir / FIGURES_DIR / f"predictions_step_{step:07d}.png",
                                      input_range=self.config.data.input_range)
-    host = parallel.host_state(buffers, self.layout)
     if self.best_miou is None or eval_result["miou"] > self.best_miou:
       self.best_miou = eval_result["miou"]
-      self.ckpt.save_best(host, self.best_miou)
+      self.ckpt.save_best(parallel.host_state(buffers, self.layout), self.best_miou)
     metrics_log.append_record(self.workdir / METRICS_FILE, record)
 
 
