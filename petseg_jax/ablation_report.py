@@ -196,14 +196,12 @@ def write_markdown(plan: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], p
 def save_summary_figure(runs: Sequence[Mapping[str, Any]], rows: Sequence[Mapping[str, Any]],
                         path: Path, dpi: int = 100, eval_split: str = "validation") -> Path | None:
   """Bar chart of final mIoU (mean ± std over seeds) and the mIoU curves of every variant, on ``eval_split``."""
-  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
-  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  from petseg_jax import plots  # pylint: disable=g-import-not-at-top  (imports matplotlib)
   rows = [row for row in rows if row["seeds_done"]]
   if not rows:
     return None
   height = max(4.0, 0.35 * len(rows) + 1.5)
-  fig = Figure(figsize=(14.0, height), dpi=dpi, layout="constrained")
-  FigureCanvasAgg(fig)
+  fig = plots.new_figure(14.0, height, dpi)
   bar_ax, curve_ax = fig.subplots(1, 2, width_ratios=[1.0, 1.2])
   names = [row["variant"] for row in rows]
   means = np.array([row["eval_miou_mean"] for row in rows])
@@ -235,10 +233,7 @@ def save_summary_figure(runs: Sequence[Mapping[str, Any]], rows: Sequence[Mappin
   curve_ax.set_title("mIoU during training (mean ± std over seeds)")
   curve_ax.grid(True, alpha=0.3)
   curve_ax.legend(fontsize=7, loc="lower right")
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, dpi=dpi, format="png")
-  fig.clear()
-  return path
+  return plots.save_figure(fig, path)
 
 
 def write_report(sweep_dir: str | os.PathLike) -> dict[str, Path]:

@@ -2,8 +2,8 @@
 
 Figures are drawn on ``matplotlib.figure.Figure`` objects with the Agg canvas directly, never through
 ``pyplot``: nothing needs a display, no global backend is switched for the importing process, and no
-figure is registered with pyplot's figure manager (so none stays open; the cycle collector frees each once it is saved).
-Every ``save_*`` function writes one PNG of ``figsize * dpi`` pixels (no tight bounding box, so sizes are
+figure is registered with pyplot's figure manager (so none stays open; the cycle collector frees each once
+it is saved). Every ``save_*`` function writes one PNG of ``figsize * dpi`` pixels (no tight bounding box, so sizes are
 predictable) and returns its path.
 """
 
@@ -28,13 +28,15 @@ PALETTE = np.array([[255, 127, 14], [31, 119, 180], [255, 221, 0]], np.uint8)
 PathLike = str | os.PathLike
 
 
-def _new_figure(width: float, height: float, dpi: int) -> Figure:
+def new_figure(width: float, height: float, dpi: int) -> Figure:
+  """A ``width`` x ``height`` inch Figure with constrained layout on an Agg canvas (not known to pyplot)."""
   fig = Figure(figsize=(width, height), dpi=dpi, layout="constrained")
   FigureCanvasAgg(fig)
   return fig
 
 
-def _save(fig: Figure, path: PathLike) -> Path:
+def save_figure(fig: Figure, path: PathLike) -> Path:
+  """Writes ``fig`` as a PNG at its own dpi to ``path`` (parent folders created); returns the path."""
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   # Not cleared after: the Figure is unknown to pyplot, so nothing keeps it open, and Python's cycle collector
@@ -163,7 +165,7 @@ def save_prediction_triplets(
 
   num_rows, num_cols = images.shape[0], len(columns)
   legend_inches = 0.4
-  fig = _new_figure(num_cols * panel_inches, num_rows * panel_inches + legend_inches, dpi)
+  fig = new_figure(num_cols * panel_inches, num_rows * panel_inches + legend_inches, dpi)
   axes = fig.subplots(num_rows, num_cols, squeeze=False)
   for row in range(num_rows):
     for col, (title, panel) in enumerate(columns):
@@ -177,7 +179,7 @@ def save_prediction_triplets(
       ax.axis("off")
   if num_cols > 1:
     _class_legend(fig, class_names)
-  return _save(fig, path)
+  return save_figure(fig, path)
 
 
 def save_training_curves(history: Sequence[Mapping[str, Any]], path: PathLike, dpi: int = 100,
@@ -224,7 +226,7 @@ def save_training_curves(history: Sequence[Mapping[str, Any]], path: PathLike, d
         "save_training_curves: no row has any of train_loss, eval_loss, eval_miou, eval_pixel_accuracy, "
         "eval_dice.")
 
-  fig = _new_figure(12.0, 4.5, dpi)
+  fig = new_figure(12.0, 4.5, dpi)
   loss_ax, metric_ax = fig.subplots(1, 2)
   for ax, panel, title, ylabel in (
       (loss_ax, loss_series, f"Training and {evaluation} Loss", "Loss"),
@@ -238,7 +240,7 @@ def save_training_curves(history: Sequence[Mapping[str, Any]], path: PathLike, d
     ax.grid(True, alpha=0.3)
     if ax.lines:
       ax.legend()
-  return _save(fig, path)
+  return save_figure(fig, path)
 
 
 def save_confusion_matrix(
@@ -271,7 +273,7 @@ def save_confusion_matrix(
   fractions = np.divide(cm, row_sums, out=np.zeros_like(cm), where=row_sums > 0)
   values = fractions if normalize else cm
 
-  fig = _new_figure(5.5, 5.0, dpi)
+  fig = new_figure(5.5, 5.0, dpi)
   ax = fig.subplots()
   vmax = 1.0 if normalize else max(float(cm.max()), 1.0)
   image = ax.imshow(values, cmap="Blues", vmin=0.0, vmax=vmax)
@@ -286,4 +288,4 @@ def save_confusion_matrix(
   ax.set_xlabel("Predicted class")
   ax.set_ylabel("True class")
   ax.set_title("Confusion matrix" + (" (row-normalized)" if normalize else " (pixels)"))
-  return _save(fig, path)
+  return save_figure(fig, path)
