@@ -267,7 +267,7 @@ print("RESULT" + json.dumps(out))
 def test_two_devices_compute_the_global_batch_loss_and_gradient():
   """Under pmap with ``axis_name``, the devices' mean loss and gradient are the global batch's; for the
   Dice term they are not without it (the mean of the shards' Dice values is another function)."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  env = dict(os.environ, XLA_FLAGS=os.environ["XLA_FLAGS"] + " --xla_force_host_platform_device_count=2")
   proc = subprocess.run([sys.executable, "-c", _PMAP_LOSS_SCRIPT], capture_output=True, text=True, env=env,
                         cwd=Path(__file__).resolve().parents[1], timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]

@@ -389,7 +389,7 @@ def test_cli_reports_bad_data_and_bad_config_without_a_traceback(tmp_path, child
   victim = sorted((folder / "images").iterdir())[1]
   victim.write_bytes(victim.read_bytes()[:victim.stat().st_size // 2])  # A truncated JPEG.
   env = rel.cli_env(tmp_path)
-  two_devices = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  two_devices = dict(env, XLA_FLAGS=env["XLA_FLAGS"] + " --xla_force_host_platform_device_count=2")
   runs = {
       "truncated": rel.start(rel.train_command(
           tmp_path / "w_data", "--config.data.image_size=32", "--config.data.data_dir=" + str(folder),

@@ -90,6 +90,13 @@ def _trees_equal(a, b) -> bool:
       np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
+def _assert_trees_close(a, b) -> None:
+  """Equal structure, and leaves equal within the suite's code-generation differences (see their use)."""
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=2e-2)
+
+
 def _leaves_changed(a, b) -> list[bool]:
   return [not np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))]
 
@@ -135,19 +142,25 @@ def test_a_replicated_state_and_a_stepped_state_share_one_compiled_step(initial_
   assert len(compiled) == 1, compiled
 
 
-def test_the_packed_step_is_train_step_on_the_state_tree(initial_state):
-  """Packing the state through the pmapped step changes nothing computed."""
+def test_the_packed_step_is_train_step_on_the_state_tree(initial_state, users_xla_options):
+  """Packing the state through the pmapped step changes nothing computed, bit for bit: the fine-tuning step
+  as the suite compiles, the frozen encoder's step as users compile (with the suite's code generation XLA
+  fuses its two programs differently, and 42 of 609 leaves differ by up to 2e-6)."""
   config = tiny_config()
   batch, rng = _random_batch(config), parallel.replicate(jax.random.PRNGKey(0))
-  tree_step = jax.pmap(functools.partial(train.train_step, config=config, freezing=freezing_lib.Freezing()),
-                       axis_name=parallel.AXIS)
-  expected, expected_metrics = tree_step(parallel.replicate(initial_state), batch, rng)
   buffers, layout = parallel.replicate_state(initial_state, concatenate=True)  # As on accelerators.
   assert len(buffers) == 2  # float32 and int32: ~300 leaves in two arguments.
   assert parallel.replicate_state(initial_state)[1].concatenated == (jax.default_backend() != "cpu")
-  stepped, metrics = train.pmapped_train_step(config, freezing_lib.Freezing(), layout)(buffers, batch, rng)
-  assert _trees_equal(parallel.host_state(stepped, layout), parallel.first_replica(expected))
-  assert _trees_equal(metrics, expected_metrics)
+  for freezing, options in ((freezing_lib.Freezing(), {}), (freezing_lib.Freezing(encoder=True), users_xla_options)):
+    tree_step = jax.pmap(functools.partial(train.train_step, config=config, freezing=freezing),
+                         axis_name=parallel.AXIS)
+    state = parallel.replicate(initial_state)
+    expected, expected_metrics = tree_step.lower(state, batch, rng).compile(options)(state, batch, rng)
+    buffers, layout = parallel.replicate_state(initial_state, concatenate=True)  # The step donates them.
+    packed_step = train.pmapped_train_step(config, freezing, layout)
+    stepped, metrics = packed_step.lower(buffers, batch, rng).compile(options)(buffers, batch, rng)
+    assert _trees_equal(parallel.host_state(stepped, layout), parallel.first_replica(expected)), freezing
+    assert _trees_equal(metrics, expected_metrics), freezing
 
 
 def test_device_batches_yields_every_batch_in_order_put_ahead():
@@ -272,7 +285,8 @@ print("RESULT" + json.dumps(_three_steps_and_an_eval(_state(tiny_config()), 2)))
 
 
 def test_two_devices_equal_one_device_for_the_same_global_batch(initial_state):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", TF_CPP_MIN_LOG_LEVEL="2")
+  env = dict(os.environ, XLA_FLAGS=os.environ["XLA_FLAGS"] + " --xla_force_host_platform_device_count=2",
+             TF_CPP_MIN_LOG_LEVEL="2")
   # The two-device run compiles in a child while this process runs the one-device run.
   proc = subprocess.Popen([sys.executable, "-c", _PMAP_SCRIPT, str(REPO_ROOT)], stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True, env=env, cwd=REPO_ROOT)
@@ -438,7 +452,11 @@ def test_train_log_means_cover_the_steps_since_the_last_log_point():
 
 def test_the_accelerators_packed_state_path_gives_the_cpu_paths_bits(uninterrupted_run, tmp_path, monkeypatch):
   """On accelerators the loop keeps the state (and the figures' variables) packed into buffers; on the CPU it
-  passes the leaves. Forced here on the CPU, the packed path trains, evaluates and checkpoints the same."""
+  passes the leaves. Forced here on the CPU, the packed path trains, evaluates and checkpoints the same.
+
+  Bit for bit as users compile (each step program: test_the_packed_step_is_train_step_on_the_state_tree). With
+  the suite's code generation XLA fuses the frozen phase's step differently in the two paths: last bits, which
+  16 Adam steps spread to up to 6e-3 in a parameter (measured); hence the tolerances."""
   pack, layouts = packed.pack, []
 
   def pack_as_on_accelerators(tree, concatenate=None):
@@ -452,11 +470,13 @@ def test_the_accelerators_packed_state_path_gives_the_cpu_paths_bits(uninterrupt
   final = train.train_and_evaluate(tiny_config(), workdir)
   state_layouts = [layout for layout in layouts if len(layout.shapes) == len(jax.tree.leaves(final))]
   assert state_layouts and all(layout.concatenated for layout in state_layouts)
-  for part in ("params", "batch_stats", "opt_state", "step"):
-    assert _trees_equal(getattr(final, part), getattr(reference, part)), part
-  assert train.read_metrics(workdir)[-1]["eval_miou"] == train.read_metrics(reference_dir)[-1]["eval_miou"]
+  for part in ("params", "batch_stats", "opt_state"):
+    _assert_trees_close(getattr(final, part), getattr(reference, part))
+  assert int(final.step) == int(reference.step)
+  np.testing.assert_allclose(train.read_metrics(workdir)[-1]["eval_miou"],
+                             train.read_metrics(reference_dir)[-1]["eval_miou"], atol=2e-3)
   assert checkpoint.available_steps(workdir) == checkpoint.available_steps(reference_dir)
-  assert _trees_equal(checkpoint.restore(workdir, 8, final).params,
+  _assert_trees_close(checkpoint.restore(workdir, 8, final).params,
                       checkpoint.restore(reference_dir, 8, reference).params)
 
 
@@ -807,9 +827,12 @@ def test_initializer_compiled_faster_gives_the_default_compilations_bits(default
   model = train.create_model(config)
   image = jnp.zeros((1, config.data.image_size, config.data.image_size, 3), jnp.float32)
   key = jax.random.PRNGKey(config.seed)
-  default = jax.jit(lambda rng: model.init({"params": rng}, image, train=False))(key)
-  fast = train.initialized(key, config.data.image_size, model)
-  assert _trees_equal(flax.core.unfreeze(default), fast)
+  default = jax.jit(lambda rng: model.init({"params": rng}, image, train=False)).lower(key).compile(
+      default_compiles)(key)
+  # train.initialized's program, compiled with its options and the users' code generation.
+  fast = train._init.lower(model, key, config.data.image_size, None).compile(  # pylint: disable=protected-access
+      {**train.INIT_COMPILER_OPTIONS, **default_compiles})(key, None)
+  assert _trees_equal(flax.core.unfreeze(default), flax.core.unfreeze(fast))
 
 
 def test_initializer_with_given_encoder_skips_its_random_init_and_keeps_the_decoders_bits():
