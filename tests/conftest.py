@@ -18,7 +18,8 @@ import pytest
 # ``users_xla_options`` fixture compiles one program as users do.
 SUITE_XLA_FLAGS = "--xla_cpu_use_fusion_emitters=false"
 USERS_XLA_OPTIONS = {"xla_cpu_use_fusion_emitters": True}
-os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS"), SUITE_XLA_FLAGS]))
+if SUITE_XLA_FLAGS not in os.environ.get("XLA_FLAGS", "").split():  # xdist workers inherit the main process'.
+  os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS"), SUITE_XLA_FLAGS]))
 
 SHARED_DIR = Path(__file__).resolve().parents[1].parent / "shared"
 PETS_SAMPLE_DIR = SHARED_DIR / "data" / "oxford_iiit_pet_sample"
@@ -102,6 +103,13 @@ def quick_cpu_compiles():
 def users_xla_options() -> dict[str, Any]:
   """The compiler options that undo ``SUITE_XLA_FLAGS`` for one program (pass them to ``compile``)."""
   return dict(USERS_XLA_OPTIONS)
+
+
+@pytest.fixture
+def users_xla_environment() -> dict[str, str]:
+  """This process' environment without ``SUITE_XLA_FLAGS``: a script run in it compiles as users do (at -O0)."""
+  flags = [flag for flag in os.environ["XLA_FLAGS"].split() if flag != SUITE_XLA_FLAGS]
+  return dict(os.environ, XLA_FLAGS=" ".join(flags))
 
 
 @pytest.fixture
