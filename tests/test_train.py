@@ -140,15 +140,15 @@ def test_the_packed_step_is_train_step_on_the_state_tree(initial_state, users_xl
   fuses its two programs differently, and 42 of 609 leaves differ by up to 2e-6)."""
   config = tiny_config()
   batch, rng = _random_batch(config), parallel.replicate(jax.random.PRNGKey(0))
-  buffers, layout = parallel.replicate_state(initial_state, concatenate=True)  # As on accelerators.
-  assert len(buffers) == 2  # float32 and int32: ~300 leaves in two arguments.
   assert parallel.replicate_state(initial_state)[1].concatenated == (jax.default_backend() != "cpu")
   for freezing, options in ((freezing_lib.Freezing(), {}), (freezing_lib.Freezing(encoder=True), users_xla_options)):
     tree_step = jax.pmap(functools.partial(train.train_step, config=config, freezing=freezing),
                          axis_name=parallel.AXIS)
     state = parallel.replicate(initial_state)
     expected, expected_metrics = tree_step.lower(state, batch, rng).compile(options)(state, batch, rng)
-    buffers, layout = parallel.replicate_state(initial_state, concatenate=True)  # The step donates them.
+    # As on accelerators; made for each step, which donates them.
+    buffers, layout = parallel.replicate_state(initial_state, concatenate=True)
+    assert len(buffers) == 2  # float32 and int32: ~300 leaves in two arguments.
     packed_step = train.pmapped_train_step(config, freezing, layout)
     stepped, metrics = packed_step.lower(buffers, batch, rng).compile(options)(buffers, batch, rng)
     assert _trees_equal(parallel.host_state(stepped, layout), parallel.first_replica(expected)), freezing
